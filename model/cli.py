@@ -1,0 +1,308 @@
+"""The `charrnn` command line: train, sample, eval, corpus, serve."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("charrnn")
+
+
+def number(kind: type, low: float | None = None, high: float | None = None) -> Callable[[str], Any]:
+    """An argparse type that parses `kind` and names the allowed range when a value is outside it."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if value != value or (low is not None and value < low) or (high is not None and value > high):
+            if high is None:
+                raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line, every flag with help text."""
+    parser = argparse.ArgumentParser(prog="charrnn", description="Character-level RNN: train, sample, evaluate, serve.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(commands)
+    _add_sample(commands)
+    _add_eval(commands)
+    _add_corpus(commands)
+    _add_serve(commands)
+    return parser
+
+
+def _add_train(commands: Any) -> None:
+    from model.config import CELLS, PRESETS
+
+    p = commands.add_parser("train", help="train a model on a corpus", description="Train a model on a corpus.")
+    p.add_argument(
+        "--corpus",
+        required=True,
+        help="a UTF-8 text file, a directory of them, or a corpus name (see `charrnn corpus list`)",
+    )
+    p.add_argument("--out", required=True, type=Path, help="directory for checkpoints, metrics.jsonl and loss.png")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="tiny",
+        help="a named recipe; the flags below override its values (default: tiny)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors exactly where it stopped")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="where encoded corpora are cached (default $CHARRNN_CACHE_DIR or ~/.cache/charrnn)",
+    )
+    net = p.add_argument_group("network")
+    net.add_argument("--cell", choices=CELLS, help="recurrent cell")
+    net.add_argument("--layers", type=number(int, 1, 16), help="stacked recurrent layers (1-16)")
+    net.add_argument("--hidden", type=number(int, 1, 16384), help="hidden units per layer (1-16384)")
+    net.add_argument("--embed", type=number(int, 1, 16384), help="character embedding size (1-16384)")
+    net.add_argument("--dropout", type=number(float, 0.0, 0.95), help="dropout between layers and before the head")
+    opt = p.add_argument_group("training")
+    opt.add_argument("--batch", type=number(int, 1, 65536), help="tracks read side by side (per rank under torchrun)")
+    opt.add_argument("--seq-len", type=number(int, 1, 65536), help="characters per truncated-BPTT window")
+    opt.add_argument("--lr", type=number(float, 1e-8, 10.0), help="peak learning rate of AdamW")
+    opt.add_argument("--min-lr-ratio", type=number(float, 0.0, 1.0), help="final lr as a fraction of the peak")
+    opt.add_argument("--warmup-frac", type=number(float, 0.0, 1.0), help="fraction of the run spent warming up")
+    opt.add_argument("--weight-decay", type=number(float, 0.0, 10.0), help="AdamW weight decay")
+    opt.add_argument("--grad-clip", type=number(float, 0.0), help="gradient-norm clipping (0 turns it off)")
+    opt.add_argument("--max-steps", type=number(int, 1), help="stop after this many steps")
+    opt.add_argument(
+        "--time-budget",
+        type=number(float, 0.1),
+        metavar="SECONDS",
+        help="stop after this many seconds of training, then evaluate and save",
+    )
+    opt.add_argument("--eval-every", type=number(int, 1), help="evaluate and checkpoint every N steps")
+    opt.add_argument(
+        "--eval-max-chars",
+        type=number(int, 256),
+        help="characters of the validation split read by periodic evaluations (the final reads all)",
+    )
+    opt.add_argument("--val-fraction", type=number(float, 0.0, 0.5), help="fraction of the text held out at its end")
+    opt.add_argument("--seed", type=number(int, 0, 2**63 - 1), help="random seed")
+    opt.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
+    opt.add_argument("--nonfinite", choices=("stop", "skip"), help="on a NaN/inf loss: stop the run, or skip the step")
+    opt.add_argument("--log-every", type=number(int, 1), help="write a metrics line every N steps")
+    p.set_defaults(handler=_run_train)
+
+
+def _add_sample(commands: Any) -> None:
+    p = commands.add_parser(
+        "sample", help="generate text from a checkpoint", description="Generate text from a checkpoint."
+    )
+    p.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint, or a run directory (uses best)")
+    p.add_argument("--prompt", default="", help="text to continue (default: empty)")
+    p.add_argument("--length", type=number(int, 1, 1_000_000), default=500, help="characters to generate")
+    p.add_argument("--temperature", type=number(float, 0.0, 5.0), default=0.8, help="0 = greedy, up to 5")
+    p.add_argument("--top-k", type=number(int, 1), help="sample only from the k likeliest characters")
+    p.add_argument("--top-p", type=number(float, 1e-9, 1.0), default=1.0, help="nucleus sampling mass (0, 1]")
+    p.add_argument("--seed", type=number(int, 0, 2**63 - 1), help="random seed; the same seed gives the same text")
+    p.add_argument("--stop", action="append", default=[], help="stop when this string appears (repeatable)")
+    p.add_argument(
+        "--unknown-chars",
+        choices=("error", "drop"),
+        default="error",
+        help="what to do with prompt characters the model does not know",
+    )
+    p.set_defaults(handler=_run_sample)
+
+
+def _add_eval(commands: Any) -> None:
+    p = commands.add_parser(
+        "eval",
+        help="validation loss of a checkpoint on a corpus",
+        description="Loss in nats and bits per character on a corpus.",
+    )
+    p.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint, or a run directory (uses best)")
+    p.add_argument("--corpus", required=True, help="a path or corpus name")
+    p.add_argument(
+        "--split",
+        choices=("val", "all"),
+        default="val",
+        help="val: the held-out end of the text, as in training (default); all: the whole text",
+    )
+    p.add_argument(
+        "--val-fraction", type=number(float, 0.0, 0.5), help="held-out fraction (default: the checkpoint's own)"
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.set_defaults(handler=_run_eval)
+
+
+def _add_corpus(commands: Any) -> None:
+    p = commands.add_parser("corpus", help="list, fetch or describe corpora", description="Named corpora.")
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sub.add_parser("list", help="the named corpora with source and licence")
+    fetch = sub.add_parser("fetch", help="download (or build) a named corpus and verify its checksum")
+    fetch.add_argument("name", help="a corpus name from `charrnn corpus list`")
+    info = sub.add_parser("info", help="size, characters and sha256 of a corpus")
+    info.add_argument("name", help="a corpus name or path")
+    p.set_defaults(handler=_run_corpus)
+
+
+def _add_serve(commands: Any) -> None:
+    p = commands.add_parser(
+        "serve",
+        help="run the HTTP service under Gunicorn",
+        description="Serve every checkpoint in a model directory over HTTP.",
+    )
+    p.add_argument("--model-dir", type=Path, help="directory of checkpoints (default: the shipped default model)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 in Docker)")
+    p.add_argument("--port", type=number(int, 1, 65535), help="port to bind (default 8000)")
+    p.add_argument("--workers", type=number(int, 1, 64), help="Gunicorn worker processes (default 1)")
+    p.set_defaults(handler=_run_serve)
+
+
+# -- handlers -----------------------------------------------------------------------------------------
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from corpora.registry import resolve
+    from model.config import PRESETS, ModelConfig, TrainConfig, split_settings
+    from model.data import load_corpus
+    from model.train import Trainer
+
+    flags = {k: v for k, v in vars(args).items() if v is not None}
+    settings = dict(PRESETS[args.preset])
+    settings.update({k: flags[k] for k in flags if k in _config_keys()})
+    model_settings, train_settings = split_settings(settings)
+    path, name = resolve(args.corpus)
+    corpus = load_corpus(path, cache_dir=args.cache_dir, name=name)
+    model_cfg = ModelConfig(vocab_size=len(corpus.vocab), **model_settings)
+    train_cfg = TrainConfig(**train_settings)
+    trainer = Trainer(
+        model_cfg, train_cfg, corpus, args.out, resume=args.resume, progress=not args.no_progress, preset=args.preset
+    )
+    result = trainer.run()
+    if trainer.dist.is_main:
+        print(
+            f"step {result.step}: val loss {result.val_loss:.4f} nats/char; best {result.best_val_loss:.4f}; "
+            f"checkpoints in {result.out_dir} (stopped by {result.stopped_by})"
+        )
+    return 0
+
+
+def _config_keys() -> frozenset[str]:
+    from model.config import MODEL_KEYS, TRAIN_KEYS
+
+    return MODEL_KEYS | TRAIN_KEYS
+
+
+def checkpoint_path(path: Path) -> Path:
+    """A checkpoint file, or the best one in a run directory."""
+    return path / "best.safetensors" if path.is_dir() else path
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from model.checkpoint import load_checkpoint
+    from model.sampling import SamplingParams, generate
+
+    ckpt = load_checkpoint(checkpoint_path(args.checkpoint))
+    model = ckpt.build_model()
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    generation = generate(
+        model, ckpt.vocab, args.prompt, args.length, params, seed=args.seed, stop=args.stop, unknown=args.unknown_chars
+    )
+    sys.stdout.write(args.prompt)
+    for token in generation:
+        sys.stdout.write(token.char)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    log.info("seed %d, finish reason %s", generation.seed, generation.finish_reason)
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from corpora.registry import resolve
+    from model.checkpoint import load_checkpoint
+    from model.data import load_corpus
+    from model.evaluate import bits_per_char, carried_loss, windowed_loss
+    from model.train import resolve_device
+
+    ckpt = load_checkpoint(checkpoint_path(args.checkpoint))
+    model = ckpt.build_model(resolve_device(args.device))
+    path, name = resolve(args.corpus)
+    corpus = load_corpus(path, vocab=ckpt.vocab, name=name)
+    fraction = args.val_fraction if args.val_fraction is not None else ckpt.meta["train_config"]["val_fraction"]
+    ids = corpus.split(fraction)[1] if args.split == "val" else corpus.ids
+    windowed = windowed_loss(model, ids)
+    print(
+        f"loss: {windowed:.4f} nats/char (windows of 256 from a zero state, {len(ids):,} characters, "
+        f"split {args.split})"
+    )
+    print(f"bits per char: {bits_per_char(windowed):.4f}")
+    print(f"loss with state carried through the split: {carried_loss(model, ids):.4f} nats/char")
+    return 0
+
+
+def _run_corpus(args: argparse.Namespace) -> int:
+    from corpora.registry import fetch, manifest, resolve
+    from model.data import corpus_files, corpus_sha256, scan_characters
+
+    entries = manifest()
+    if args.action == "list":
+        for entry in entries.values():
+            print(f"{entry.name}\n  {entry.description}\n  source: {entry.source}\n  licence: {entry.licence}")
+        return 0
+    if args.action == "fetch":
+        if args.name not in entries:
+            raise ValueError(f"unknown corpus {args.name!r}; known: {', '.join(sorted(entries))}")
+        print(fetch(entries[args.name]))
+        return 0
+    path, name = resolve(args.name)
+    files = corpus_files(path)
+    vocab, n_chars = scan_characters(files)
+    print(
+        f"name: {name}\npath: {path}\nfiles: {len(files)}\ncharacters: {n_chars:,}\n"
+        f"vocabulary: {len(vocab)}\nsha256: {corpus_sha256(files)}"
+    )
+    return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from service.server import serve
+
+    return serve(model_dir=args.model_dir, host=args.host, port=args.port, workers=args.workers)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `charrnn` console script."""
+    from model.checkpoint import CheckpointError
+    from model.config import ConfigError
+    from model.data import CorpusError
+    from model.sampling import SamplingError
+    from model.train import TrainingError
+    from model.vocab import UnknownCharactersError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        print(f"charrnn {args.command}: error: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
+    except (CorpusError, CheckpointError, TrainingError, SamplingError, UnknownCharactersError, ValueError) as exc:
+        print(f"charrnn {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"charrnn {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Frozen configuration dataclasses for the network and for training, and the named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+CELLS = ("rnn", "lstm", "gru")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+def _check_range(field: str, value: float, low: float, high: float | None = None) -> None:
+    if value < low or (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"between {low} and {high}"
+        raise ConfigError(field, f"must be {allowed}, got {value}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the network: embedding -> `layers` recurrent layers -> linear head."""
+
+    vocab_size: int
+    cell: str = "lstm"
+    layers: int = 2
+    hidden: int = 256
+    embed: int = 64
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.cell not in CELLS:
+            raise ConfigError("cell", f"must be one of {', '.join(CELLS)}, got {self.cell!r}")
+        _check_range("vocab_size", self.vocab_size, 1)
+        _check_range("layers", self.layers, 1, 16)
+        _check_range("hidden", self.hidden, 1, 16384)
+        _check_range("embed", self.embed, 1, 16384)
+        _check_range("dropout", self.dropout, 0.0, 0.95)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Build from a checkpoint's JSON; unknown or missing keys are errors."""
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train: data layout, optimiser, schedule, stopping and evaluation."""
+
+    batch: int = 32  # tracks per rank, each a contiguous stretch of the training text
+    seq_len: int = 64  # characters per truncated-BPTT window
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
+    warmup_frac: float = 0.03
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 5.0
+    max_steps: int = 1_000_000
+    time_budget: float | None = None  # seconds of training; the schedule follows whichever ends first
+    eval_every: int = 500
+    eval_max_chars: int = 32_768  # periodic evaluations read this much of the split; the final reads all
+    val_fraction: float = 0.1
+    seed: int = 1337
+    device: str = "auto"
+    nonfinite: str = "stop"  # what a NaN/inf loss does: "stop" the run or "skip" the step
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        _check_range("batch", self.batch, 1, 65536)
+        _check_range("seq_len", self.seq_len, 1, 65536)
+        _check_range("lr", self.lr, 1e-8, 10.0)
+        _check_range("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _check_range("warmup_frac", self.warmup_frac, 0.0, 1.0)
+        _check_range("weight_decay", self.weight_decay, 0.0, 10.0)
+        _check_range("beta1", self.beta1, 0.0, 0.9999)
+        _check_range("beta2", self.beta2, 0.0, 0.99999)
+        _check_range("grad_clip", self.grad_clip, 0.0)
+        _check_range("max_steps", self.max_steps, 1)
+        if self.time_budget is not None:
+            _check_range("time_budget", self.time_budget, 0.1)
+        _check_range("eval_every", self.eval_every, 1)
+        _check_range("eval_max_chars", self.eval_max_chars, 256)
+        _check_range("val_fraction", self.val_fraction, 0.0, 0.5)
+        _check_range("log_every", self.log_every, 1)
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError("device", f"must be auto, cpu or cuda, got {self.device!r}")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ConfigError("nonfinite", f"must be stop or skip, got {self.nonfinite!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return _from_dict(cls, data)
+
+
+def _from_dict(cls: type, data: dict[str, Any]):
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__} must be a JSON object")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"{cls.__name__} has unknown keys: {', '.join(sorted(unknown))}")
+    try:
+        return cls(**data)
+    except TypeError as exc:  # a missing required key
+        raise ValueError(f"{cls.__name__}: {exc}") from None
+
+
+# Named recipes. Model keys go to ModelConfig, the rest to TrainConfig; command-line flags override.
+# How each was chosen is written in README.md ("Training recipes"); bench/quality.py measures them.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Seconds on a laptop: for tests and smoke runs, not for quality.
+    "tiny": dict(
+        cell="lstm",
+        layers=1,
+        hidden=64,
+        embed=16,
+        dropout=0.0,
+        batch=8,
+        seq_len=32,
+        lr=1e-2,
+        max_steps=200,
+        eval_every=100,
+        warmup_frac=0.05,
+    ),
+    # The best validation loss a 2-core CPU reaches in 150 s.
+    "cpu-fast": dict(
+        cell="lstm",
+        layers=1,
+        hidden=512,
+        embed=64,
+        dropout=0.0,
+        batch=32,
+        seq_len=64,
+        lr=3e-3,
+        time_budget=150.0,
+        eval_every=1000,
+        warmup_frac=0.03,
+    ),
+    # The best we reach in <= 60 minutes on the same machine.
+    "shakespeare": dict(
+        cell="lstm",
+        layers=2,
+        hidden=512,
+        embed=64,
+        dropout=0.3,
+        batch=32,
+        seq_len=128,
+        lr=3e-3,
+        time_budget=3600.0,
+        eval_every=1000,
+        warmup_frac=0.03,
+    ),
+}
+
+MODEL_KEYS = frozenset(f.name for f in dataclasses.fields(ModelConfig)) - {"vocab_size"}
+TRAIN_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def split_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a flat mapping of settings into (model keys, training keys); unknown keys raise."""
+    unknown = set(settings) - MODEL_KEYS - TRAIN_KEYS
+    if unknown:
+        raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+    model = {k: v for k, v in settings.items() if k in MODEL_KEYS}
+    train = {k: v for k, v in settings.items() if k in TRAIN_KEYS}
+    return model, train

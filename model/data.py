@@ -1,0 +1,245 @@
+"""Corpora as memory-mapped arrays of character ids, and the batches training reads from them.
+
+A corpus (a UTF-8 file, or a directory of them read in sorted order) is read in streaming passes:
+one to hash it, one to find its characters, one to encode it into a memory-mapped array cached
+under its sha256. Training then reads windows from that array, so a multi-gigabyte corpus trains in
+bounded memory.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from model.atomic import atomic_write
+from model.vocab import UnknownCharactersError, Vocab
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 16 << 20
+
+
+class CorpusError(ValueError):
+    """A corpus cannot be used: missing, empty, not UTF-8, or too short."""
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A corpus encoded once: `ids` is a read-only memory map of character ids."""
+
+    name: str
+    sha256: str
+    vocab: Vocab
+    ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def split(self, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+        """(train, validation): the first 1 - val_fraction of the text, then the rest."""
+        cut = len(self.ids) - int(len(self.ids) * val_fraction)
+        return self.ids[:cut], self.ids[cut:]
+
+
+def corpus_files(path: Path) -> list[Path]:
+    """The files a corpus path stands for: itself, or every non-hidden file below a directory."""
+    if not path.exists():
+        raise CorpusError(f"corpus not found: {path}")
+    if path.is_file():
+        return [path]
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    if not files:
+        raise CorpusError(f"corpus directory has no files: {path}")
+    return files
+
+
+def _read_chunks(files: list[Path]) -> Iterator[bytes]:
+    for file in files:
+        with open(file, "rb") as fh:
+            while chunk := fh.read(CHUNK_BYTES):
+                yield chunk
+
+
+def _decoded_chunks(files: list[Path]) -> Iterator[tuple[bytes, str]]:
+    """(raw bytes, text) per chunk; invalid UTF-8 raises CorpusError naming the file and offset."""
+    for file in files:
+        decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        offset = 0
+        with open(file, "rb") as fh:
+            while True:
+                chunk = fh.read(CHUNK_BYTES)
+                try:
+                    text = decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as exc:
+                    raise CorpusError(f"{file} is not valid UTF-8 (byte {offset + exc.start}: {exc.reason})") from None
+                if text:
+                    yield chunk, text
+                if not chunk:
+                    break
+                offset += len(chunk)
+
+
+def corpus_sha256(files: list[Path]) -> str:
+    """sha256 of the corpus bytes (the files concatenated in order)."""
+    digest = hashlib.sha256()
+    for chunk in _read_chunks(files):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def scan_characters(files: list[Path]) -> tuple[Vocab, int]:
+    """One streaming pass: the corpus's vocabulary and its length in characters."""
+    ascii_counts = np.zeros(128, dtype=np.int64)
+    others: set[str] = set()
+    n_chars = 0
+    for raw, text in _decoded_chunks(files):
+        n_chars += len(text)
+        if raw.isascii() and len(raw) == len(text):
+            ascii_counts += np.bincount(np.frombuffer(raw, dtype=np.uint8), minlength=128)
+        else:
+            others.update(text)
+    chars = others.union(chr(i) for i in np.flatnonzero(ascii_counts))
+    if n_chars == 0:
+        raise CorpusError("corpus is empty")
+    return Vocab(chars), n_chars
+
+
+def _encode_into(files: list[Path], vocab: Vocab, out: np.ndarray) -> None:
+    position = 0
+    for _, text in _decoded_chunks(files):
+        ids = vocab.encode_array(text)
+        out[position : position + len(ids)] = ids
+        position += len(ids)
+    assert position == len(out), "corpus changed while it was being read"
+
+
+def default_cache_dir() -> Path:
+    """Where encoded corpora are cached: $CHARRNN_CACHE_DIR, else ~/.cache/charrnn."""
+    env = os.environ.get("CHARRNN_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "charrnn"
+
+
+def load_corpus(
+    path: str | Path, vocab: Vocab | None = None, cache_dir: Path | None = None, name: str | None = None
+) -> Corpus:
+    """Encode a corpus (or reuse its cached encoding) into a memory-mapped id array.
+
+    With `vocab` given (evaluating a trained model), the corpus must use only its characters.
+    """
+    path = Path(path)
+    files = corpus_files(path)
+    sha = corpus_sha256(files)
+    if sum(f.stat().st_size for f in files) == 0:
+        raise CorpusError(f"corpus is empty: {path}")
+    cache_dir = cache_dir or default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    corpus_name = name or path.stem
+    cached = _load_cached(cache_dir, sha, vocab)
+    if cached is not None:
+        log.info("corpus %s: %d characters (cached encoding)", corpus_name, len(cached[1]))
+        return Corpus(corpus_name, sha, cached[0], cached[1])
+
+    own_vocab, n_chars = scan_characters(files)
+    if vocab is not None:
+        missing = set(own_vocab.chars).difference(vocab.chars)
+        if missing:
+            raise CorpusError(str(UnknownCharactersError(missing)))
+    vocab = vocab or own_vocab
+    stem = f"{sha}.{_vocab_key(vocab)}"
+    ids_path = cache_dir / f"{stem}.ids"
+    # Encode into a temporary memory map, then publish it atomically: a crash leaves no half cache.
+    tmp = ids_path.with_name(f".{ids_path.name}.tmp-{os.getpid()}")
+    try:
+        ids = np.lib.format.open_memmap(tmp, mode="w+", dtype=vocab.id_dtype, shape=(n_chars,))
+        _encode_into(files, vocab, ids)
+        ids.flush()
+        del ids
+        os.replace(tmp, ids_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    with atomic_write(cache_dir / f"{stem}.json") as fh:
+        fh.write(json.dumps({"vocab": vocab.to_json(), "chars": n_chars}).encode())
+    log.info("corpus %s: %d characters, vocabulary %d, encoded to %s", corpus_name, n_chars, len(vocab), ids_path)
+    return Corpus(corpus_name, sha, vocab, np.load(ids_path, mmap_mode="r"))
+
+
+def _vocab_key(vocab: Vocab) -> str:
+    return hashlib.sha256("".join(vocab.chars).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _load_cached(cache_dir: Path, sha: str, vocab: Vocab | None) -> tuple[Vocab, np.ndarray] | None:
+    """A cached encoding of this corpus (with this vocabulary, if one is given), if there is one."""
+    candidates = [cache_dir / f"{sha}.{_vocab_key(vocab)}.json"] if vocab else sorted(cache_dir.glob(f"{sha}.*.json"))
+    for meta_path in candidates:
+        ids_path = meta_path.with_suffix(".ids")
+        try:
+            meta = json.loads(meta_path.read_text())
+            cached_vocab = Vocab.from_json(meta["vocab"])
+            ids = np.load(ids_path, mmap_mode="r")
+        except (OSError, ValueError, KeyError):
+            continue
+        if len(ids) == meta["chars"] and (vocab is None or cached_vocab == vocab):
+            return cached_vocab, ids
+    return None
+
+
+class TrackBatcher:
+    """Truncated-BPTT batches: the text cut into `tracks` contiguous tracks read side by side.
+
+    With 4 tracks and windows of 3 characters, the training text "abcdefghijklmnopqrstuvwxyz"
+    is laid out as (remainder dropped)::
+
+        track 0: a b c | d e f        step 0 reads column block 0 of every track,
+        track 1: g h i | j k l        step 1 block 1, and so on; the recurrent state
+        track 2: m n o | p q r        at the end of block k is the start state of
+        track 3: s t u | v w x        block k+1 (detached), so each track is read as
+                 step 0  step 1       one long sequence. After the last block: a new epoch.
+
+    Targets are the same blocks shifted one character right. Under torchrun, rank r of w owns
+    tracks [r * tracks, (r + 1) * tracks) of a layout cut into tracks * w tracks.
+    """
+
+    def __init__(self, ids: np.ndarray, tracks: int, seq_len: int, rank: int = 0, world: int = 1):
+        track_len = len(ids) // (tracks * world)
+        self.windows = (track_len - 1) // seq_len
+        if self.windows < 1:
+            need = (seq_len + 1) * tracks * world
+            raise CorpusError(
+                f"training text too short for one batch: {len(ids)} characters, "
+                f"need at least {need} (batch x world size x (seq_len + 1)); use a smaller --batch or --seq-len"
+            )
+        layout = ids[: track_len * tracks * world].reshape(tracks * world, track_len)
+        self.tracks = layout[rank * tracks : (rank + 1) * tracks]  # a view: nothing is read yet
+        self.seq_len = seq_len
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(inputs, targets, starts_epoch) for a global step, each (tracks, seq_len) of int64."""
+        window = step % self.windows
+        start = window * self.seq_len
+        block = np.asarray(self.tracks[:, start : start + self.seq_len + 1], dtype=np.int64)
+        return block[:, :-1], block[:, 1:], window == 0
+
+
+def validation_windows(ids: np.ndarray, window: int = 256, limit: int | None = None) -> Iterator[np.ndarray]:
+    """Blocks of window+1 characters (inputs and shifted targets) covering the split.
+
+    With `limit`, about `limit` characters' worth of windows spread evenly over the split.
+    """
+    starts = np.arange(0, max(len(ids) - 1, 0), window)
+    if limit is not None and len(starts) * window > limit:
+        keep = max(1, limit // window)
+        starts = starts[np.linspace(0, len(starts) - 1, keep).round().astype(int)]
+    for start in starts:
+        yield np.asarray(ids[start : start + window + 1], dtype=np.int64)

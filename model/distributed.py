@@ -1,0 +1,68 @@
+"""Data-parallel training under torchrun: gloo on CPU, NCCL on CUDA, via DistributedDataParallel.
+
+Outside torchrun (no WORLD_SIZE in the environment, or 1) everything here is a no-op, so the trainer
+has one code path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only rank 0 writes checkpoints, metrics and the progress bar."""
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls, device: str) -> Distributed:
+        """Join the process group torchrun describes in the environment, if there is one."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        use_cuda = device != "cpu" and torch.cuda.is_available()
+        if use_cuda:
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local_rank)
+            target = torch.device("cuda", local_rank)
+        else:
+            target = torch.device("cpu")
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), target)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module the training step calls: DDP around the model when distributed."""
+        if not self.enabled:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def mean(self, value: torch.Tensor) -> float:
+        """The mean of a scalar over all ranks (the local value when not distributed)."""
+        if self.enabled:
+            value = value.clone()
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            value /= self.world
+        return float(value)
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()

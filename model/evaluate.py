@@ -1,0 +1,65 @@
+"""Validation loss, measured the way the project reports every quality figure.
+
+The convention (nanoGPT's, so figures compare): nats per character on the held-out split, read in
+windows of 256 characters that each start from a zero state. `carried_loss` is the other view: the
+split read as one sequence with the state carried through, as the model reads when it generates.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.data import validation_windows
+from model.network import CharRNN
+
+WINDOW = 256
+
+
+def bits_per_char(nats: float) -> float:
+    """A loss in nats per character, in bits per character."""
+    return nats / math.log(2)
+
+
+@torch.inference_mode()
+def windowed_loss(
+    model: CharRNN, ids: np.ndarray, limit: int | None = None, batch: int = 64, window: int = WINDOW
+) -> float:
+    """Mean next-character loss (nats) over windows of `window` characters, each from a zero state."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    blocks = list(validation_windows(ids, window, limit))
+    # Windows of equal length are batched; the split's last, shorter window goes on its own.
+    for length in sorted({len(b) for b in blocks}):
+        same = [b for b in blocks if len(b) == length]
+        for i in range(0, len(same), batch):
+            block = torch.from_numpy(np.stack(same[i : i + batch])).to(device)  # (batch, window + 1)
+            logits, _ = model(block[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), block[:, 1:].flatten(), reduction="sum")
+            total += float(loss)
+            count += block[:, 1:].numel()
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("validation split is too short to evaluate (needs at least 2 characters)")
+    return total / count
+
+
+@torch.inference_mode()
+def carried_loss(model: CharRNN, ids: np.ndarray, chunk: int = 4096) -> float:
+    """Mean next-character loss (nats) reading the split as one sequence, state carried throughout."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count, state = 0.0, 0, None
+    for start in range(0, len(ids) - 1, chunk):
+        block = torch.from_numpy(np.asarray(ids[start : start + chunk + 1], dtype=np.int64)).to(device)
+        logits, state = model(block[None, :-1], state)
+        total += float(F.cross_entropy(logits[0].float(), block[1:], reduction="sum"))
+        count += len(block) - 1
+    model.train(was_training)
+    return total / max(count, 1)

@@ -1,0 +1,44 @@
+"""The loss-curve PNG written beside the checkpoints (train and validation loss against step)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+from model.atomic import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+def write_loss_curve(metrics_path: Path, png_path: Path) -> None:
+    """Plot metrics.jsonl into a PNG; a plotting failure is logged, never fatal to training."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+    except ImportError:
+        log.warning("matplotlib is not installed: no loss curve")
+        return
+    train, val = [], []
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record.get("train_loss") is not None:
+            train.append((record["step"], record["train_loss"]))
+        if record.get("val_loss") is not None:
+            val.append((record["step"], record["val_loss"]))
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot()
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train (smoothed)", linewidth=1)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation", linewidth=1.5, markersize=3)
+    ax.set(xlabel="step", ylabel="loss (nats/char)", title=png_path.parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    with atomic_write(png_path) as fh:
+        fh.write(buffer.getvalue())

@@ -1,0 +1,351 @@
+"""The trainer: truncated BPTT over a memory-mapped corpus, AdamW, warmup + cosine, safe checkpoints.
+
+Nothing here knows about HTTP. Under torchrun, each rank reads its own tracks of the corpus,
+DistributedDataParallel all-reduces the gradients, and only rank 0 writes files or shows progress.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model import plot
+from model.checkpoint import SUFFIX, load_checkpoint, save_checkpoint
+from model.config import ModelConfig, TrainConfig
+from model.data import Corpus, TrackBatcher
+from model.distributed import Distributed
+from model.evaluate import bits_per_char, windowed_loss
+from model.network import CharRNN, State, detach_state, state_from_tensors, state_tensors
+
+log = logging.getLogger(__name__)
+
+BEST, LAST = "best" + SUFFIX, "last" + SUFFIX
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a resume that does not match); the message says why."""
+
+
+@dataclass
+class TrainResult:
+    """Where a run ended."""
+
+    step: int
+    train_loss: float | None
+    val_loss: float | None
+    best_val_loss: float | None
+    elapsed: float
+    out_dir: Path
+    stopped_by: str  # "max_steps", "time_budget", "interrupt" or "stop_at_step"
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when there is a GPU, else the CPU; asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def learning_rate(cfg: TrainConfig, progress: float) -> float:
+    """Linear warmup over the first `warmup_frac` of the run, then cosine decay to lr * min_lr_ratio."""
+    if progress < cfg.warmup_frac:
+        return cfg.lr * max(progress / cfg.warmup_frac, 0.01)
+    decay = min(1.0, (progress - cfg.warmup_frac) / max(1.0 - cfg.warmup_frac, 1e-9))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * decay)))
+
+
+class Trainer:
+    """Trains one model on one corpus, writing `best`/`last` checkpoints, metrics and a loss plot."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        cfg: TrainConfig,
+        corpus: Corpus,
+        out_dir: str | Path,
+        resume: bool = False,
+        progress: bool = True,
+        preset: str | None = None,
+    ):
+        self.cfg, self.corpus, self.out_dir, self.preset = cfg, corpus, Path(out_dir), preset
+        self.dist = Distributed.from_environment(cfg.device)
+        self.device = self.dist.device if self.dist.enabled else resolve_device(cfg.device)
+        self.show_progress = progress and self.dist.is_main
+        torch.manual_seed(cfg.seed)
+        self.model = CharRNN(model_cfg).to(self.device)
+        self.wrapped: nn.Module = self.dist.wrap(self.model)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
+        )
+        train_ids, self.val_ids = corpus.split(cfg.val_fraction)
+        self.batcher = TrackBatcher(train_ids, cfg.batch, cfg.seq_len, self.dist.rank, self.dist.world)
+        if len(self.val_ids) < 2:
+            raise TrainingError("validation split is empty: use a larger corpus or a larger --val-fraction")
+        self.step, self.elapsed = 0, 0.0
+        self.state: State | None = None
+        self.train_loss: float | None = None
+        self.val_loss: float | None = None
+        self.best_val_loss: float | None = None
+        self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
+        if resume:
+            self._restore()
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self, stop_at_step: int | None = None) -> TrainResult:
+        """Train until max_steps, the time budget, Ctrl-C/SIGTERM or `stop_at_step`; evaluate and save."""
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        cfg, stopped_by = self.cfg, "max_steps"
+        bar = self._progress_bar()
+        chars_per_step = cfg.batch * cfg.seq_len * self.dist.world
+        interrupted = _InterruptFlag()
+        window_start, window_steps = time.perf_counter(), 0
+        with interrupted:
+            while self.step < cfg.max_steps:
+                if stop_at_step is not None and self.step >= stop_at_step:
+                    stopped_by = "stop_at_step"
+                    break
+                if cfg.time_budget is not None and self.elapsed >= cfg.time_budget:
+                    stopped_by = "time_budget"
+                    break
+                if interrupted.flag:
+                    stopped_by = "interrupt"
+                    break
+                tick = time.perf_counter()
+                self._train_step()
+                self.elapsed += time.perf_counter() - tick
+                window_steps += 1
+                if self.step % cfg.log_every == 0:
+                    rate = window_steps * chars_per_step / max(time.perf_counter() - window_start, 1e-9)
+                    self._log_train(rate, bar)
+                    window_start, window_steps = time.perf_counter(), 0
+                if self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                    tick = time.perf_counter()
+                    self._evaluate_and_save(limit=cfg.eval_max_chars)
+                    self.elapsed += time.perf_counter() - tick
+                    window_start = time.perf_counter()
+        if bar is not None:
+            bar.close()
+        self._evaluate_and_save(limit=None)
+        log.info(
+            "stopped by %s at step %d: val loss %.4f nats/char (%.4f bits)",
+            stopped_by,
+            self.step,
+            self.val_loss,
+            bits_per_char(self.val_loss),
+        )
+        self.dist.close()
+        return TrainResult(
+            self.step, self.train_loss, self.val_loss, self.best_val_loss, self.elapsed, self.out_dir, stopped_by
+        )
+
+    def _train_step(self) -> None:
+        cfg = self.cfg
+        x, y, new_epoch = self.batcher.batch(self.step)
+        if new_epoch:
+            self.state = None  # each epoch starts every track from a zero state
+        x = torch.from_numpy(x).to(self.device, non_blocking=True)
+        y = torch.from_numpy(y).to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            logits, state = self.wrapped(x, self.state)  # (batch, seq_len, vocab)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        loss_value = self.dist.mean(loss.detach())
+        if not math.isfinite(loss_value):
+            self._nonfinite(loss_value)
+            self.state = None
+            self.step += 1
+            return
+        self.state = detach_state(state)
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        lr = learning_rate(cfg, self.progress())
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.train_loss = loss_value if self.train_loss is None else 0.9 * self.train_loss + 0.1 * loss_value
+        self.step += 1
+
+    def progress(self) -> float:
+        """How far through the run we are, by steps or by time, whichever is further."""
+        by_steps = self.step / self.cfg.max_steps
+        by_time = self.elapsed / self.cfg.time_budget if self.cfg.time_budget else 0.0
+        return min(1.0, max(by_steps, by_time))
+
+    def _nonfinite(self, value: float) -> None:
+        if self.cfg.nonfinite == "stop":
+            raise TrainingError(
+                f"loss became {value} at step {self.step}; stopping without saving it. "
+                f"The last good checkpoint is in {self.out_dir}. Try a lower --lr, or --nonfinite skip."
+            )
+        log.warning("loss became %s at step %d; skipping the step (--nonfinite skip)", value, self.step)
+
+    # -- evaluation, checkpoints, logs ------------------------------------------------------------
+
+    def _evaluate_and_save(self, limit: int | None) -> None:
+        self.val_loss = windowed_loss(self.model, self.val_ids, limit=limit)
+        improved = self.best_val_loss is None or self.val_loss < self.best_val_loss
+        if improved:
+            self.best_val_loss = self.val_loss
+        if not self.dist.is_main:
+            return
+        read = len(self.val_ids) if limit is None else min(limit, len(self.val_ids))
+        self._write_metrics(
+            {
+                "step": self.step,
+                "val_loss": self.val_loss,
+                "val_bpc": bits_per_char(self.val_loss),
+                "val_chars": read,
+                "elapsed": round(self.elapsed, 3),
+            }
+        )
+        self._save(LAST, training_state=True)
+        if improved:
+            self._save(BEST, training_state=False)
+        plot.write_loss_curve(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
+
+    def _save(self, name: str, training_state: bool) -> None:
+        meta = {
+            "kind": name.removesuffix(SUFFIX),
+            "step": self.step,
+            "train_loss": self.train_loss,
+            "val_loss": self.val_loss,
+            "best_val_loss": self.best_val_loss,
+            "elapsed_s": round(self.elapsed, 3),
+            "corpus": {"name": self.corpus.name, "sha256": self.corpus.sha256, "chars": len(self.corpus)},
+            "train_config": self.cfg.to_dict(),
+            "preset": self.preset,
+            "world_size": self.dist.world,
+            "started_at": self.started_at,
+            "saved_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        meta = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in meta.items()}
+        extra = self._training_state() if training_state else None
+        save_checkpoint(self.out_dir / name, self.model, self.corpus.vocab, meta, extra)
+
+    def _training_state(self) -> dict[str, torch.Tensor]:
+        """Everything beyond the weights that makes a resumed run identical to an unbroken one."""
+        tensors = {"rng.torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        for i, param in enumerate(self.model.parameters()):
+            for key, value in self.optimizer.state.get(param, {}).items():
+                tensors[f"optim.{i}.{key}"] = torch.as_tensor(value)
+        if self.state is not None:
+            for j, tensor in enumerate(state_tensors(self.state)):
+                tensors[f"carry.{j}"] = tensor
+        return tensors
+
+    def _restore(self) -> None:
+        path = self.out_dir / LAST
+        if not path.exists():
+            raise TrainingError(f"--resume: no {LAST} in {self.out_dir} to resume from")
+        ckpt = load_checkpoint(path, with_training_state=True)
+        if ckpt.config != self.model.config:
+            raise TrainingError(f"--resume: {path} holds a {ckpt.config}, but this run asks for {self.model.config}")
+        if ckpt.meta["corpus"]["sha256"] != self.corpus.sha256:
+            raise TrainingError(f"--resume: {path} was trained on a different corpus (sha256 differs)")
+        if ckpt.meta.get("world_size", 1) != self.dist.world:
+            raise TrainingError(
+                f"--resume: {path} was written by {ckpt.meta.get('world_size', 1)} ranks, "
+                f"this run has {self.dist.world}; the data layout would differ"
+            )
+        self.model.load_state_dict(ckpt.weights)
+        self._restore_optimizer(ckpt.extra)
+        torch.set_rng_state(ckpt.extra["rng.torch"])
+        if "rng.cuda" in ckpt.extra and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt.extra["rng.cuda"], self.device)
+        carry = [ckpt.extra[f"carry.{j}"] for j in range(2) if f"carry.{j}" in ckpt.extra]
+        self.state = state_from_tensors([t.to(self.device) for t in carry]) if carry else None
+        meta = ckpt.meta
+        self.step, self.elapsed = meta["step"], meta["elapsed_s"]
+        self.train_loss, self.val_loss, self.best_val_loss = meta["train_loss"], meta["val_loss"], meta["best_val_loss"]
+        self.started_at = meta["started_at"]
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def _restore_optimizer(self, extra: dict[str, torch.Tensor]) -> None:
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for name, tensor in extra.items():
+            if name.startswith("optim."):
+                _, index, key = name.split(".", 2)
+                state.setdefault(int(index), {})[key] = tensor
+        groups = self.optimizer.state_dict()["param_groups"]
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+    def _write_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def _log_train(self, chars_per_s: float, bar: Any) -> None:
+        if not self.dist.is_main:
+            return
+        lr = self.optimizer.param_groups[0]["lr"]
+        self._write_metrics(
+            {
+                "step": self.step,
+                "train_loss": self.train_loss,
+                "lr": lr,
+                "chars_per_s": round(chars_per_s),
+                "elapsed": round(self.elapsed, 3),
+            }
+        )
+        if bar is None:
+            return
+        if self.cfg.time_budget:  # the bar's total follows whichever limit will end the run first
+            steps_by_time = self.step / max(self.elapsed, 1e-9) * self.cfg.time_budget
+            bar.total = int(min(self.cfg.max_steps, max(steps_by_time, self.step)))
+        bar.set_postfix(
+            loss=f"{self.train_loss:.3f}",
+            val=f"{self.val_loss:.3f}" if self.val_loss else "-",
+            chars_s=f"{chars_per_s:,.0f}",
+            refresh=False,
+        )
+        bar.update(self.step - bar.n)
+
+    def _progress_bar(self) -> Any:
+        if not self.show_progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True, smoothing=0.1)
+
+
+class _InterruptFlag:
+    """Turns the first Ctrl-C or SIGTERM into a clean stop (evaluate, save); a second one aborts."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+        log.warning("stopping after this step (signal %d); send it again to abort without saving", signum)
+
+    def __enter__(self) -> _InterruptFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
