@@ -6,6 +6,7 @@ A sample with seed s draws from `torch.Generator().manual_seed(s)` and nothing e
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -73,6 +74,55 @@ def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         return int(torch.argmax(logits))
     probs = filtered_logits(logits.float(), params).softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def choose_rows(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+) -> list[int]:
+    """`choose` for every row of logits (batch, vocab), row i with params[i] and generators[i].
+
+    Gives the ids `choose` gives row by row, with the same draws from each generator, so a row's
+    text does not depend on what else shares the batch. Greedy rows and rows with only a
+    temperature are done together; rows with top-k/top-p go through `choose` one at a time.
+    """
+    ids = [0] * len(params)
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0]
+    plain = [i for i, p in enumerate(params) if p.temperature > 0 and p.top_k is None and p.top_p >= 1.0]
+    if not _exponential_race_is_multinomial():
+        plain = []
+    for i in set(range(len(params))).difference(greedy, plain):
+        ids[i] = choose(logits[i], params[i], generators[i])
+    if greedy:
+        picked = logits[greedy].argmax(-1).tolist()
+        for i, pick in zip(greedy, picked, strict=True):
+            ids[i] = pick
+    if plain:
+        temperatures = torch.tensor([[max(params[i].temperature, 1e-6)] for i in plain])  # (rows, 1)
+        probs = (logits[plain].float() / temperatures).softmax(-1)  # (rows, vocab)
+        race = torch.empty_like(probs)
+        for row, i in enumerate(plain):
+            race[row].exponential_(1, generator=generators[i])
+        picked = (probs / race).argmax(-1).tolist()
+        for i, pick in zip(plain, picked, strict=True):
+            ids[i] = pick
+    return ids
+
+
+@functools.cache
+def _exponential_race_is_multinomial() -> bool:
+    """Whether torch.multinomial(p, 1) draws argmax(p / Exp(1) noise) from its generator, as torch does today.
+
+    `choose_rows` relies on it to draw a batch with one generator per row; should a future torch
+    draw differently, every row goes through `choose` instead (slower, same text).
+    """
+    probs = torch.linspace(0.1, 1.0, 17)
+    probs = probs / probs.sum()
+    for seed in range(32):
+        expected = int(torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)))
+        race = torch.empty_like(probs).exponential_(1, generator=torch.Generator().manual_seed(seed))
+        if int((probs / race).argmax()) != expected:
+            return False
+    return True
 
 
 def start_ids(vocab: Vocab, prompt_ids: list[int]) -> list[int]:

@@ -1,0 +1,383 @@
+"""The generation engine: one scheduler thread steps every running job of a model as one batch.
+
+Request threads call `Engine.submit` and read `Job.chunks`; only the scheduler thread touches the
+network. Each scheduler iteration:
+
+    admit queued jobs (prefill each prompt in one fused call, or take its state from the cache)
+    -> drop cancelled / expired jobs
+    -> draw one character for every running job (row i with job i's own generator)
+    -> publish tokens; jobs that finished leave the batch
+    -> one recurrent step of the whole batch, (batch, 1) ids -> (batch, vocab) logits
+
+Jobs join and leave at any iteration (continuous batching). See docs/ENGINE_INTERFACE.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.network import CharRNN, state_tensors
+from model.sampling import SamplingError, SamplingParams, StopMatcher, Token, choose_rows, prefill, start_ids
+from model.vocab import Vocab
+from service.batch import RecurrentBatch, make_batch
+from service.prompt_cache import PromptCache
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = ("length", "stop", "cancelled", "deadline", "error")
+
+
+class QueueFullError(Exception):
+    """The bounded queue is full; try again after `retry_after` seconds (HTTP 429)."""
+
+    def __init__(self, retry_after: float):
+        self.retry_after = retry_after
+        super().__init__(f"the generation queue is full; retry after {retry_after:.0f} s")
+
+
+class EngineClosedError(Exception):
+    """The engine is shutting down and takes no new jobs (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model the engine serves under `name`."""
+
+    name: str
+    model: CharRNN  # eval mode, CPU
+    vocab: Vocab
+    meta: dict[str, Any]
+    path: Path
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What to generate; the same spec and seed give the same tokens as `model.sampling.generate`."""
+
+    model: str
+    prompt_ids: tuple[int, ...]
+    max_new_chars: int
+    params: SamplingParams
+    seed: int
+    stop: tuple[str, ...] = ()
+    top_logprobs: int = 0
+    timeout: float | None = None  # seconds after submission
+
+
+class Job:
+    """One generation: read `chunks()` as it runs, or wait for `result()`."""
+
+    def __init__(self, spec: JobSpec, wake: threading.Condition):
+        self.id = uuid.uuid4().hex
+        self.spec = spec
+        self.finish_reason: str | None = None
+        self.generated_chars = 0  # characters emitted so far (a matched stop string is not emitted)
+        self.submitted = time.monotonic()
+        self.deadline = None if spec.timeout is None else self.submitted + spec.timeout
+        self._tokens: list[Token] = []
+        self._changed = threading.Condition()
+        self._wake = wake
+        self.cancel_requested = False
+        # Set by the scheduler thread when the job is admitted.
+        self.generator: torch.Generator | None = None
+        self.matcher = StopMatcher(spec.stop)
+        self.left = spec.max_new_chars
+
+    def __repr__(self) -> str:
+        return f"Job({self.id}, {self.finish_reason or 'running'}, {self.generated_chars} chars)"
+
+    def chunks(self, heartbeat: float | None = None) -> Iterator[list[Token]]:
+        """Tokens as soon as they exist, a list at a time; ends when the job finishes.
+
+        With `heartbeat`, an empty list comes whenever that many seconds pass without tokens (a
+        streaming response can write something and so notice a client that has gone).
+        """
+        sent = 0
+        while True:
+            with self._changed:
+                if sent == len(self._tokens) and self.finish_reason is None:
+                    self._changed.wait(heartbeat)
+                chunk = self._tokens[sent:]
+                done = self.finish_reason is not None
+            sent += len(chunk)
+            if chunk or (heartbeat is not None and not done):
+                yield chunk
+            if done and sent == len(self._tokens):
+                return
+
+    def cancel(self) -> None:
+        """Stop generating (idempotent); the batch slot frees within a step."""
+        if not self.cancel_requested and self.finish_reason is None:
+            self.cancel_requested = True
+            with self._wake:
+                self._wake.notify()
+
+    def result(self, timeout: float | None = None) -> tuple[list[Token], str]:
+        """Wait for the end: (all tokens, finish_reason). TimeoutError if `timeout` passes first."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.finish_reason is not None, timeout):
+                raise TimeoutError(f"job {self.id} still running after {timeout} s")
+            return list(self._tokens), self.finish_reason  # type: ignore[return-value]
+
+    def publish(self, tokens: list[Token], finish_reason: str | None = None) -> None:
+        """Scheduler side: append tokens and, if given, finish; wakes every reader."""
+        with self._changed:
+            self._tokens.extend(tokens)
+            self.generated_chars += len(tokens)
+            if finish_reason is not None:
+                self.finish_reason = finish_reason
+            self._changed.notify_all()
+
+
+class Engine:
+    """Owns the models; runs every job on one scheduler thread with continuous batching."""
+
+    def __init__(
+        self,
+        models: dict[str, LoadedModel],
+        *,
+        max_batch: int = 64,
+        max_queue: int = 256,
+        batching: bool = True,
+        prompt_cache_bytes: int = 64 << 20,
+    ):
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        self.models = dict(models)
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.batching = batching
+        self.prompt_cache = PromptCache(prompt_cache_bytes)
+        self._slots = max_batch if batching else 1
+        self._wake = threading.Condition()
+        self._queue: deque[Job] = deque()
+        self._batches: dict[str, RecurrentBatch] = {}
+        self._closing = False
+        self._abort = False
+        self._thread: threading.Thread | None = None
+        self._mean_job_seconds = 1.0
+        self.completed = 0
+
+    @property
+    def queue_depth(self) -> int:
+        """Jobs waiting for a batch slot."""
+        return len(self._queue)
+
+    @property
+    def active(self) -> int:
+        """Jobs being stepped now."""
+        return sum(len(b.jobs) for b in list(self._batches.values()))
+
+    def start(self) -> None:
+        """Start the scheduler thread (idempotent)."""
+        with self._wake:
+            if self._thread is None and not self._closing:
+                self._thread = threading.Thread(target=self._run, name="charrnn-engine", daemon=True)
+                self._thread.start()
+
+    def submit(self, spec: JobSpec) -> Job:
+        """Queue a job; never blocks. QueueFullError, EngineClosedError, KeyError(model), SamplingError."""
+        if spec.model not in self.models:
+            raise KeyError(spec.model)
+        _check_spec(spec, len(self.models[spec.model].vocab))
+        job = Job(spec, self._wake)
+        with self._wake:
+            if self._closing:
+                raise EngineClosedError("the engine is shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFullError(self._retry_after())
+            self._queue.append(job)
+            self._wake.notify()
+        return job
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Take no new jobs, let queued and running ones finish, then stop the thread.
+
+        Whatever is still running after `timeout` seconds is cancelled.
+        """
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                with self._wake:
+                    self._abort = True
+                    self._wake.notify()
+                thread.join()
+        with self._wake:
+            leftover, self._queue = list(self._queue), deque()
+        for job in leftover:  # never started
+            job.publish([], "cancelled")
+
+    def _retry_after(self) -> float:
+        """Seconds until a queue slot is likely free: the queue drains `slots` jobs per mean job time."""
+        return min(60.0, max(1.0, round(len(self._queue) * self._mean_job_seconds / self._slots)))
+
+    # --- the scheduler thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        with torch.inference_mode():
+            while True:
+                admitted = self._next_admissions()
+                if admitted is None:
+                    break
+                for job in admitted:
+                    self._start_job(job)
+                for batch in list(self._batches.values()):
+                    if batch.jobs:
+                        self._advance(batch)
+        for batch in self._batches.values():
+            for job in batch.jobs:
+                job.publish([], "cancelled")
+            batch.keep([])
+
+    def _next_admissions(self) -> list[Job] | None:
+        """Queued jobs that may start now; waits while there is nothing to do; None: stop."""
+        with self._wake:
+            while True:
+                self._sweep_queue()
+                if self._abort or (self._closing and not self._queue and not self.active):
+                    return None
+                free = self._slots - self.active
+                admitted = [self._queue.popleft() for _ in range(min(free, len(self._queue)))]
+                if admitted or self.active:
+                    return admitted
+                self._wake.wait(self._next_queue_deadline())
+
+    def _sweep_queue(self) -> None:
+        """Finish queued jobs that were cancelled or ran out of time while waiting."""
+        if not any(j.cancel_requested or j.deadline is not None for j in self._queue):
+            return
+        now = time.monotonic()
+        waiting = deque()
+        for job in self._queue:
+            reason = _stop_reason(job, now)
+            if reason is None:
+                waiting.append(job)
+            else:
+                job.publish([], reason)
+        self._queue = waiting
+
+    def _next_queue_deadline(self) -> float | None:
+        deadlines = [j.deadline for j in self._queue if j.deadline is not None]
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+
+    def _start_job(self, job: Job) -> None:
+        """Prefill (or take from the cache) and add the job to its model's batch."""
+        loaded = self.models[job.spec.model]
+        try:
+            ids = tuple(start_ids(loaded.vocab, list(job.spec.prompt_ids)))
+            key = (loaded.name, ids)
+            entry = self.prompt_cache.get(key)
+            if entry is None:
+                logits, state = prefill(loaded.model, ids)
+                entry = (logits, tuple(state_tensors(state)))
+                self.prompt_cache.put(key, entry)
+            job.generator = torch.Generator().manual_seed(job.spec.seed)
+            job.admitted = time.monotonic()
+            batch = self._batches.get(loaded.name)
+            if batch is None:
+                batch = self._batches[loaded.name] = make_batch(loaded.model, self.max_batch)
+            batch.add(job, entry[0], entry[1])
+        except Exception:
+            log.exception("job %s failed to start", job.id)
+            job.publish([], "error")
+
+    def _advance(self, batch: RecurrentBatch) -> None:
+        """One character for every job of the batch, then one recurrent step."""
+        try:
+            self._drop_stopped(batch)
+            if not batch.jobs:
+                return
+            vocab = self.models[batch.jobs[0].spec.model].vocab
+            ids = choose_rows(batch.logits, [j.spec.params for j in batch.jobs], [j.generator for j in batch.jobs])
+            logprobs = batch.logits.log_softmax(-1)  # (batch, vocab), before temperature and cut-offs
+            picked = logprobs.gather(1, torch.tensor(ids).unsqueeze(1)).squeeze(1).tolist()
+            running = []
+            for row, job in enumerate(batch.jobs):
+                token = Token(vocab.chars[ids[row]], picked[row], _top(vocab, logprobs[row], job.spec.top_logprobs))
+                if self._emit(job, token):
+                    running.append(row)
+            if len(running) < len(batch.jobs):
+                batch.keep(running)
+            if batch.jobs:
+                batch.step([ids[row] for row in running])
+        except Exception:
+            log.exception("batch step failed; failing its %d jobs", len(batch.jobs))
+            for job in batch.jobs:
+                job.publish([], "error")
+            batch.keep([])
+
+    def _drop_stopped(self, batch: RecurrentBatch) -> None:
+        now = time.monotonic()
+        running = []
+        for row, job in enumerate(batch.jobs):
+            reason = _stop_reason(job, now)
+            if reason is None:
+                running.append(row)
+            else:
+                self._finish(job, [], reason)
+        if len(running) < len(batch.jobs):
+            batch.keep(running)
+
+    def _emit(self, job: Job, token: Token) -> bool:
+        """Pass a token through the job's stop matcher and publish; False when the job has finished."""
+        ready, stopped = job.matcher.push(token)
+        job.left -= 1
+        if stopped:
+            self._finish(job, ready, "stop")
+        elif job.left == 0:
+            self._finish(job, ready + job.matcher.flush(), "length")
+        else:
+            if ready:
+                job.publish(ready)
+            return True
+        return False
+
+    def _finish(self, job: Job, tokens: list[Token], reason: str) -> None:
+        job.publish(tokens, reason)
+        self.completed += 1
+        elapsed = time.monotonic() - getattr(job, "admitted", job.submitted)
+        self._mean_job_seconds += 0.05 * (elapsed - self._mean_job_seconds)
+
+
+def _stop_reason(job: Job, now: float) -> str | None:
+    """ "cancelled" or "deadline" when the job must stop now, else None."""
+    if job.cancel_requested:
+        return "cancelled"
+    if job.deadline is not None and now >= job.deadline:
+        return "deadline"
+    return None
+
+
+def _check_spec(spec: JobSpec, vocab_size: int) -> None:
+    """The checks `model.sampling.generate` makes, so that a bad spec fails at submit, not later."""
+    if spec.max_new_chars < 1:
+        raise SamplingError("max_new_chars", f"must be >= 1, got {spec.max_new_chars}")
+    if any(not s for s in spec.stop):
+        raise SamplingError("stop", "stop strings must be non-empty")
+    if any(not 0 <= i < vocab_size for i in spec.prompt_ids):
+        raise SamplingError("prompt", "holds ids outside the model's vocabulary")
+    if spec.top_logprobs < 0:
+        raise SamplingError("top_logprobs", f"must be >= 0, got {spec.top_logprobs}")
+
+
+def _top(vocab: Vocab, logprobs: torch.Tensor, k: int) -> tuple[tuple[str, float], ...] | None:
+    """The k most likely characters and their log-probabilities, as `model.sampling` reports them."""
+    if not k:
+        return None
+    values, ids = torch.topk(logprobs, min(k, logprobs.numel()))
+    return tuple((vocab.chars[i], v) for v, i in zip(values.tolist(), ids.tolist(), strict=True))
