@@ -198,13 +198,13 @@ def _load_cached(cache_dir: Path, sha: str, vocab: Vocab | None) -> tuple[Vocab,
 class TrackBatcher:
     """Truncated-BPTT batches: the text cut into `tracks` contiguous tracks read side by side.
 
-    With 4 tracks and windows of 3 characters, the training text "abcdefghijklmnopqrstuvwxyz"
-    is laid out as (remainder dropped)::
+    With 4 tracks and windows of 3 characters, a 28-character training text
+    "abcdefghijklmnopqrstuvwxyz01" is laid out as::
 
-        track 0: a b c | d e f        step 0 reads column block 0 of every track,
-        track 1: g h i | j k l        step 1 block 1, and so on; the recurrent state
-        track 2: m n o | p q r        at the end of block k is the start state of
-        track 3: s t u | v w x        block k+1 (detached), so each track is read as
+        track 0: a b c | d e f | g    step 0 reads column block 0 of every track,
+        track 1: h i j | k l m | n    step 1 block 1, and so on; the recurrent state
+        track 2: o p q | r s t | u    at the end of block k is the start state of
+        track 3: v w x | y z 0 | 1    block k+1 (detached), so each track is read as
                  step 0  step 1       one long sequence. After the last block: a new epoch.
 
     Targets are the same blocks shifted one character right. Under torchrun, rank r of w owns

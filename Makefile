@@ -1,0 +1,42 @@
+# The README's commands. `make serve` and `make test` build the virtual environment on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: install serve test lint format bench default-model clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed  ## create .venv and install the project with its test extra
+
+serve: install  ## serve the shipped default model on http://127.0.0.1:8000
+	$(BIN)/charrnn serve
+
+lint: install  ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint  ## lint, then the whole test suite (slow tests included)
+	$(BIN)/python -m pytest
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: install  ## the benchmark scripts (minutes; see README "Benchmarks")
+	$(BIN)/python bench/train_speed.py
+	$(BIN)/python bench/memory.py
+
+default-model: install  ## retrain the shipped default model (60 minutes on 2 CPU cores)
+	$(BIN)/charrnn train --corpus tinyshakespeare --out runs/shakespeare --preset shakespeare
+	$(BIN)/python -m service.default_model runs/shakespeare
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,103 @@
+"""The service's configuration: defaults, then CHARRNN_* environment variables, then a test mapping.
+
+Every setting is a field of `ServiceConfig`; its environment variable is CHARRNN_ + the field name in
+upper case (CHARRNN_MODEL_DIR), and a test mapping uses the upper-case field name (MODEL_DIR).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "CHARRNN_"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+
+
+class ConfigError(ValueError):
+    """A setting has a value the service cannot use; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """What the HTTP service reads at start-up. The README's configuration table lists these."""
+
+    model_dir: Path = DEFAULT_MODEL_DIR  # checkpoints to serve: *.safetensors and */best.safetensors
+    default_model: str | None = None  # served when a request names none; None: "default" if loaded, else first
+    api_keys: tuple[str, ...] = ()  # accepted bearer keys; empty: no authentication
+    max_body_bytes: int = 64 * 1024  # larger request bodies get 413 before they are parsed
+    max_prompt_chars: int = 16_384
+    max_new_chars: int = 2_000  # the largest `max_new_chars` (and /v1 `max_tokens`) a request may ask for
+    max_n: int = 16  # the largest `n` (samples per request)
+    max_batch: int = 64  # generations stepped together by the engine
+    max_queue: int = 256  # generations waiting for a batch slot; beyond this, 429
+    batching: bool = True  # step concurrent generations as one batch
+    request_timeout: float = 300.0  # seconds a generation may run; then it ends with finish_reason "deadline"
+    health_timeout: float = 10.0  # seconds /health waits for its one-character generation
+    torch_threads: int | None = None  # torch intra-op threads; None: left as set by gunicorn.conf.py
+    docs: bool = True  # serve the API docs page at /docs
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_prompt_chars", "max_new_chars", "max_n", "max_batch", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}")
+        for name in ("request_timeout", "health_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ConfigError(f"{ENV_PREFIX}TORCH_THREADS must be >= 1, got {self.torch_threads}")
+        if any(not key for key in self.api_keys):
+            raise ConfigError(f"{ENV_PREFIX}API_KEYS must not contain empty keys")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ServiceConfig)}
+
+
+def load_config(environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> ServiceConfig:
+    """Defaults, then CHARRNN_* variables from `environ`, then `overrides` (upper-case field names)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name in _FIELDS:
+        text = environ.get(ENV_PREFIX + name.upper())
+        if text is not None and text.strip() != "":
+            values[name] = _parse(name, text.strip())
+    for key, value in (overrides or {}).items():
+        name = key.lower()
+        if name in _FIELDS:
+            values[name] = _coerce(name, value)
+    return ServiceConfig(**values)
+
+
+def _parse(name: str, text: str) -> Any:
+    """The value of one environment variable, converted to its field's type."""
+    kind = _FIELDS[name].type
+    try:
+        if "bool" in kind:
+            lowered = text.lower()
+            if lowered not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError("expected true or false")
+            return lowered in ("1", "true", "yes", "on")
+        if "tuple" in kind:
+            return tuple(part.strip() for part in text.split(",") if part.strip())
+        if kind.startswith("int"):
+            return int(text)
+        if kind.startswith("float"):
+            return float(text)
+        if "Path" in kind:
+            return Path(text)
+        return text
+    except ValueError as exc:
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}={text!r}: {exc}") from None
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """A test-mapping value: strings are parsed like environment variables, lists become tuples."""
+    if isinstance(value, str):
+        return _parse(name, value)
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+

@@ -1,0 +1,195 @@
+"""The service's side of generation: a validated request becomes engine jobs, and jobs become answers.
+
+Both /generate and /v1/completions go through here, so they share one meaning for every parameter:
+a request with `n` samples is `n` jobs with seeds seed, seed + 1, ... (docs/ENGINE_INTERFACE.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from flask import current_app
+
+from model.sampling import SamplingError, SamplingParams, Token, random_seed
+from model.vocab import UnknownCharactersError
+from service.config import ServiceConfig
+from service.engine import Engine, EngineClosedError, Job, JobSpec, LoadedModel, QueueFullError
+from service.errors import ApiError
+from service.loading import ModelEntry
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 5.0  # a stream writes at least this often, so a client that has gone is noticed
+
+
+@dataclass
+class Service:
+    """Everything a request needs, kept in `app.extensions["charrnn"]`: config, models, engine, metrics."""
+
+    config: ServiceConfig
+    entries: list[ModelEntry]
+    engine: Engine
+    metrics: Metrics
+    default_model: str
+
+    def model(self, name: str | None, field_name: str = "model") -> LoadedModel:
+        """The loaded model called `name` (the default for None); 422 naming the field otherwise."""
+        name = self.default_model if name is None else name
+        loaded = self.engine.models.get(name)
+        if loaded is None:
+            known = ", ".join(sorted(self.engine.models))
+            raise ApiError(422, "unknown_model", f"no model called {name!r} is loaded; known: {known}", field_name)
+        return loaded
+
+    def close(self) -> None:
+        """Let running generations finish, then stop the engine."""
+        self.engine.close(timeout=self.config.request_timeout)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one prompt of a request asks for: `n` jobs that differ only in their seeds."""
+
+    model: LoadedModel
+    prompt_ids: tuple[int, ...]
+    max_new_chars: int
+    params: SamplingParams
+    seed: int
+    n: int
+    stop: tuple[str, ...] = ()
+    top_logprobs: int = 0
+
+    def specs(self, timeout: float) -> list[JobSpec]:
+        """One JobSpec per sample; sample i draws from seed + i."""
+        return [
+            JobSpec(
+                model=self.model.name,
+                prompt_ids=self.prompt_ids,
+                max_new_chars=self.max_new_chars,
+                params=self.params,
+                seed=self.seed + i,
+                stop=self.stop,
+                top_logprobs=self.top_logprobs,
+                timeout=timeout,
+            )
+            for i in range(self.n)
+        ]
+
+
+def encode_prompt(loaded: LoadedModel, prompt: str, unknown: str, field_name: str = "prompt") -> tuple[int, ...]:
+    """The prompt's character ids; unknown characters are a 422 that names them (unless dropped)."""
+    try:
+        return tuple(loaded.vocab.encode(prompt, unknown=unknown))  # type: ignore[arg-type]
+    except UnknownCharactersError as exc:
+        raise ApiError(422, "unknown_characters", str(exc), field_name) from None
+
+
+def sampling_params(temperature: float, top_k: int | None, top_p: float) -> SamplingParams:
+    """SamplingParams; an out-of-range value is a 422 naming its field."""
+    try:
+        return SamplingParams(temperature=float(temperature), top_k=top_k, top_p=float(top_p))
+    except SamplingError as exc:
+        raise ApiError(422, "invalid_value", str(exc), exc.field) from None
+
+
+def choose_seed(seed: int | None) -> int:
+    """The request's seed, or a fresh one (reported back so the answer can be reproduced)."""
+    return random_seed() if seed is None else seed
+
+
+def new_id(prefix: str = "gen") -> str:
+    """A request id for the answer body."""
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+@dataclass
+class Run:
+    """The jobs of one request, submitted together; cancelled together if anything goes wrong."""
+
+    service: Service
+    jobs: list[Job] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    first_char_at: float | None = None
+
+    def submit(self, plans: list[Plan]) -> None:
+        """Submit every sample of every plan; on 429/503 the ones already queued are cancelled."""
+        engine, timeout = self.service.engine, self.service.config.request_timeout
+        try:
+            for plan in plans:
+                for spec in plan.specs(timeout):
+                    self.jobs.append(engine.submit(spec))
+        except QueueFullError as exc:
+            self.cancel()
+            retry = max(1, round(exc.retry_after))
+            raise ApiError(429, "queue_full", "the server is busy; retry later", headers={"Retry-After": str(retry)})
+        except EngineClosedError:
+            self.cancel()
+            raise ApiError(503, "shutting_down", "the server is shutting down")
+        except SamplingError as exc:
+            self.cancel()
+            raise ApiError(422, "invalid_value", str(exc), exc.field) from None
+
+    def cancel(self) -> None:
+        """Cancel every job (idempotent; finished jobs are unaffected)."""
+        for job in self.jobs:
+            job.cancel()
+
+    def results(self) -> list[tuple[list[Token], str]]:
+        """Wait for every job: (tokens, finish_reason) each; a failed or cancelled job is an error."""
+        try:
+            if self.jobs:
+                next((t for t in self.jobs[0].chunks() if t), None)  # to time the first character
+                if self.jobs[0].generated_chars:
+                    self._record_first_char()
+            results = [job.result() for job in self.jobs]
+        finally:
+            self.cancel()
+        for _, reason in results:
+            _check_finish(reason)
+        self._record_generated()
+        return results
+
+    def stream(self) -> Iterator[tuple[int, list[Token] | None, str | None]]:
+        """(job index, tokens, None) as they come, then (index, None, finish_reason) when each job ends.
+
+        Jobs are read one after another; they run at the same time in the engine, so a later one's
+        tokens are waiting when its turn comes. Empty token lists are heartbeats. Cancels on exit.
+        """
+        try:
+            for index, job in enumerate(self.jobs):
+                for tokens in job.chunks(heartbeat=HEARTBEAT_SECONDS):
+                    if tokens and self.first_char_at is None:
+                        self._record_first_char()
+                    yield index, tokens, None
+                _check_finish(job.finish_reason)
+                yield index, None, job.finish_reason
+            self._record_generated()
+        finally:
+            self.cancel()
+
+    def _record_first_char(self) -> None:
+        self.first_char_at = time.monotonic()
+        model = self.jobs[0].spec.model
+        self.service.metrics.time_to_first_char.labels(model).observe(self.first_char_at - self.started)
+
+    def _record_generated(self) -> None:
+        for job in self.jobs:
+            self.service.metrics.generated_chars.labels(job.spec.model).inc(job.generated_chars)
+
+
+def _check_finish(reason: str | None) -> None:
+    """A job that ended by failing or being cancelled under us becomes the matching API error."""
+    if reason == "error":
+        raise ApiError(500, "internal_error", "generation failed")
+    if reason == "cancelled":
+        raise ApiError(503, "shutting_down", "the generation was cancelled: the server is shutting down")
+
+
+def current_service() -> Service:
+    """The Service of the app answering the current request."""
+    return current_app.extensions["charrnn"]

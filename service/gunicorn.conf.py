@@ -1,0 +1,121 @@
+"""Gunicorn settings for the charrnn service. Run it with:
+
+    gunicorn -c service/gunicorn.conf.py "service.app:create_app()"
+
+Every setting below says why it has its value. Values marked "env" come from CHARRNN_* variables
+(`charrnn serve` sets them from its flags). See ../shared/SERVING_NOTES.md for the background.
+"""
+
+import logging
+import os
+
+# -- where and how many -------------------------------------------------------------------------
+
+# env CHARRNN_HOST / CHARRNN_PORT: the address to listen on. 127.0.0.1 by default, so that a
+# development server is not reachable from the network; the Docker image sets CHARRNN_HOST=0.0.0.0.
+bind = f"{os.environ.get('CHARRNN_HOST', '127.0.0.1')}:{os.environ.get('CHARRNN_PORT', '8000')}"
+
+# env CHARRNN_WORKERS: worker processes. Each holds its own copy of every model and its own engine,
+# which batches concurrent requests, so one worker per 1-2 cores is plenty for a character model.
+workers = int(os.environ.get("CHARRNN_WORKERS", "1"))
+
+# gthread: each worker answers up to `threads` requests at once. A streamed response holds a thread
+# for as long as it runs; the default `sync` worker would serve one request at a time and be killed
+# by the heartbeat timeout in the middle of a long stream.
+worker_class = "gthread"
+
+# env CHARRNN_THREADS: concurrent requests per worker (streams included). Generation itself runs on
+# the engine's one scheduler thread, so threads mostly wait; more of them only cost memory.
+threads = int(os.environ.get("CHARRNN_THREADS", "16"))
+
+# Connections waiting to be accepted before the kernel refuses new ones (Gunicorn's default).
+backlog = 2048
+
+# -- time limits ----------------------------------------------------------------------------------
+
+# With gthread this is a liveness heartbeat between worker and master, not a request limit: a worker
+# silent this long is killed and replaced. Request length is bounded by CHARRNN_REQUEST_TIMEOUT.
+timeout = 60
+
+# env CHARRNN_GRACEFUL_TIMEOUT: after SIGTERM, workers stop accepting connections and get this long
+# to finish the requests (and streams) in flight before they are killed.
+graceful_timeout = int(os.environ.get("CHARRNN_GRACEFUL_TIMEOUT", "30"))
+
+# Seconds an idle keep-alive connection stays open for the next request.
+keepalive = 5
+
+# -- process lifecycle ----------------------------------------------------------------------------
+
+# Never load the app in the master: PyTorch's thread pools do not survive fork(), and a worker forked
+# from a master that used torch can hang at its first inference. Each worker imports and builds the
+# app (and loads the models) itself, after fork.
+preload_app = False
+
+# env CHARRNN_MAX_REQUESTS: restart a worker after this many requests (plus up to 10% jitter, so
+# workers do not restart together), bounding slow leaks. 0 turns it off. A restart is graceful, but
+# reloads the models.
+max_requests = int(os.environ.get("CHARRNN_MAX_REQUESTS", "10000"))
+max_requests_jitter = max_requests // 10
+
+# The heartbeat file lives in memory: in Docker /tmp is an overlay on disk, where heartbeats can stall.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+# Shown by ps/top.
+proc_name = "charrnn"
+
+# -- request limits (Gunicorn's defaults, written out so they are visible) -----------------------
+
+limit_request_line = 4094  # bytes in the request line (method, path, query)
+limit_request_fields = 100  # header fields per request
+limit_request_field_size = 8190  # bytes per header field
+# Body size is limited by the app (CHARRNN_MAX_BODY_BYTES), which answers 413 as JSON.
+
+# -- logging --------------------------------------------------------------------------------------
+
+# env CHARRNN_LOG_LEVEL: Gunicorn's and the app's log level.
+loglevel = os.environ.get("CHARRNN_LOG_LEVEL", "info")
+accesslog = "-"  # access log to stdout
+errorlog = "-"  # errors and the app's own logs to stderr
+# The access log never includes headers, so API keys in `Authorization` are never written.
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
+
+# The app logs through `logging.getLogger(__name__)`; this gives its records the same handler and
+# format as Gunicorn's own (configured once, here, at the entry point).
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "root": {"level": loglevel.upper(), "handlers": ["error_console"]},
+    "loggers": {
+        "gunicorn.error": {"level": loglevel.upper(), "handlers": ["error_console"], "propagate": False},
+        "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
+    },
+}
+
+
+# -- hooks ------------------------------------------------------------------------------------------
+
+
+def _torch_threads() -> int:
+    """Cores this process may use, shared evenly between the workers (at least one each)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // workers)
+
+
+def post_fork(server, worker):
+    """In each new worker, before the app is built: torch threads so workers do not fight over cores."""
+    import torch
+
+    threads = int(os.environ.get("CHARRNN_TORCH_THREADS") or _torch_threads())
+    torch.set_num_threads(threads)
+    server.log.info("worker %s: torch uses %d threads", worker.pid, threads)
+
+
+def worker_exit(server, worker):
+    """When a worker stops (after finishing its requests): let its engine finish and stop."""
+    service = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("charrnn")
+    if service is not None:
+        service.close()
+        logging.getLogger("service").info("worker %s: engine stopped", worker.pid)

@@ -1,0 +1,82 @@
+"""Prometheus metrics, in a registry of the app's own (so that apps built by tests never collide).
+
+Each Gunicorn worker has its own registry: with several workers, a scrape of /metrics sees the
+worker that answered it (the `worker` label on `charrnn_worker_info` says which).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+from flask import Flask, Response, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+FIRST_CHAR_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    """The service's metrics; `render()` is the /metrics body."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "charrnn_http_requests", "HTTP requests answered, by route and status", ["route", "method", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "charrnn_http_request_duration_seconds",
+            "Time from request to the last byte of the answer (streams included)",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge("charrnn_http_requests_in_flight", "Requests being answered now", registry=r)
+        self.time_to_first_char = Histogram(
+            "charrnn_time_to_first_char_seconds",
+            "Time from request to the first generated character",
+            ["model"],
+            buckets=FIRST_CHAR_BUCKETS,
+            registry=r,
+        )
+        self.generated_chars = Counter("charrnn_generated_chars", "Characters generated", ["model"], registry=r)
+        self.queue_depth = Gauge("charrnn_engine_queue_depth", "Generations waiting for a batch slot", registry=r)
+        self.active = Gauge("charrnn_engine_active_generations", "Generations being stepped now", registry=r)
+        self.models = Gauge("charrnn_models", "Checkpoints in the model directory, by load status", ["status"], registry=r)
+        Info("charrnn_worker", "The process answering this scrape", registry=r).info({"worker": str(os.getpid())})
+
+    def watch_engine(self, queue_depth: Callable[[], float], active: Callable[[], float]) -> None:
+        """Read the engine's queue depth and active count at each scrape."""
+        self.queue_depth.set_function(queue_depth)
+        self.active.set_function(active)
+
+    def render(self) -> Response:
+        """The Prometheus text exposition of every metric."""
+        return Response(generate_latest(self.registry), content_type=CONTENT_TYPE_LATEST)
+
+
+def instrument(app: Flask, metrics: Metrics) -> None:
+    """Count every request and time it to its last byte (a stream ends when its iterator closes)."""
+
+    @app.before_request
+    def _start() -> None:
+        g.charrnn_started = time.perf_counter()
+        metrics.in_flight.inc()
+
+    @app.after_request
+    def _finish(response: Response) -> Response:
+        started = g.get("charrnn_started")
+        if started is None:  # before_request never ran (an error before it)
+            return response
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        method, status = request.method, str(response.status_code)
+
+        def done() -> None:
+            metrics.in_flight.dec()
+            metrics.requests.labels(route, method, status).inc()
+            metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+        response.call_on_close(done)
+        return response

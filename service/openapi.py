@@ -1,0 +1,184 @@
+"""The OpenAPI 3.1 document of the service, built from the pydantic schemas and the configured limits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from service import schemas
+from service.config import ServiceConfig
+
+REF = "#/components/schemas/{model}"
+
+NATIVE_ERRORS = {
+    "400": "Malformed JSON (also NaN/Infinity, duplicate keys, nesting too deep)",
+    "401": "Missing or wrong API key (only when keys are configured)",
+    "413": "Request body over the configured limit",
+    "415": "Body not sent as application/json",
+    "422": "A field of the wrong type or range, an unknown field or model, or prompt characters outside the vocabulary",
+    "429": "The generation queue is full; see the Retry-After header",
+    "500": "The server failed; no traceback is included",
+    "503": "Not ready, or shutting down",
+}
+
+GENERATE_EXAMPLE = {"prompt": "ROMEO:", "max_new_chars": 100, "temperature": 0.8, "seed": 42, "stop": ["\n\n"]}
+COMPLETION_EXAMPLE = {"model": "default", "prompt": "ROMEO:", "max_tokens": 100, "temperature": 0.8, "seed": 42}
+
+STREAM_DESCRIPTION = (
+    "With `stream: true`: Server-Sent Events. `event: chunk` with a StreamChunk as data, once per piece of "
+    "text (samples one after another, each tagged with its index); then `event: done` with a StreamDone. "
+    "A failure after the stream began is `event: error` with an ErrorResponse. Lines starting with `:` "
+    "are keep-alive comments."
+)
+
+_MODELS: list[type[BaseModel]] = [
+    schemas.GenerateRequest,
+    schemas.GenerateResponse,
+    schemas.StreamChunk,
+    schemas.StreamDone,
+    schemas.ModelsResponse,
+    schemas.HealthResponse,
+    schemas.ErrorResponse,
+    schemas.CompletionRequest,
+    schemas.CompletionResponse,
+    schemas.OpenAIModelList,
+    schemas.OpenAIErrorResponse,
+]
+
+
+def openapi_document(config: ServiceConfig) -> dict[str, Any]:
+    """The whole document; limits in the request schemas are the ones this server enforces."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "charrnn text generation",
+            "version": "1",
+            "description": "Character-level RNN text generation. Every error answers "
+            '`{"error": {"code", "message", "field"?}}`; under /v1/ errors use OpenAI\'s shape.',
+        },
+        "paths": _paths(),
+        "components": {"schemas": _component_schemas(config), "securitySchemes": _security_schemes()},
+        "security": [{"bearer": []}] if config.api_keys else [],
+    }
+
+
+def _component_schemas(config: ServiceConfig) -> dict[str, Any]:
+    pairs = [(m, "validation" if m.__name__.endswith("Request") else "serialization") for m in _MODELS]
+    _, document = models_json_schema(pairs, ref_template=REF)
+    found = document["$defs"]
+    for name in ("GenerateRequest", "CompletionRequest"):
+        found[name]["properties"]["n"]["maximum"] = config.max_n
+    found["GenerateRequest"]["properties"]["max_new_chars"]["maximum"] = config.max_new_chars
+    found["GenerateRequest"]["properties"]["prompt"]["maxLength"] = config.max_prompt_chars
+    found["CompletionRequest"]["properties"]["max_tokens"]["maximum"] = config.max_new_chars
+    return found
+
+
+def _security_schemes() -> dict[str, Any]:
+    return {"bearer": {"type": "http", "scheme": "bearer", "description": "one of CHARRNN_API_KEYS"}}
+
+
+def _json(name: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": REF.format(model=name)}}}
+
+
+def _errors(codes: list[str], schema: str = "ErrorResponse") -> dict[str, Any]:
+    return {code: {"description": NATIVE_ERRORS[code], "content": _json(schema)} for code in codes}
+
+
+def _paths() -> dict[str, Any]:
+    body_errors = ["400", "401", "413", "415", "422", "429", "500", "503"]
+    open_access: list[dict[str, list[str]]] = []
+    return {
+        "/generate": {
+            "post": {
+                "summary": "Generate text after a prompt",
+                "description": STREAM_DESCRIPTION,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": REF.format(model="GenerateRequest")},
+                            "example": GENERATE_EXAMPLE,
+                        }
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "The samples; or, with `stream`, an event stream",
+                        "content": _json("GenerateResponse") | {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    **_errors(body_errors),
+                },
+            }
+        },
+        "/models": {
+            "get": {
+                "summary": "The checkpoints of the model directory and their load status",
+                "responses": {"200": {"description": "Every checkpoint", "content": _json("ModelsResponse")}}
+                | _errors(["401"]),
+            }
+        },
+        "/health": {
+            "get": {
+                "summary": "Readiness: every loaded model generates one character",
+                "security": open_access,
+                "responses": {
+                    "200": {"description": "Ready", "content": _json("HealthResponse")},
+                    "503": {"description": "Not ready", "content": _json("HealthResponse")},
+                },
+            }
+        },
+        "/health/live": {
+            "get": {
+                "summary": "Liveness: the process answers",
+                "security": open_access,
+                "responses": {"200": {"description": "Alive"}},
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics of the answering worker",
+                "responses": {"200": {"description": "Prometheus text format", "content": {"text/plain": {}}}}
+                | _errors(["401"]),
+            }
+        },
+        "/v1/completions": {
+            "post": {
+                "summary": "OpenAI-compatible completions (max_tokens counts characters)",
+                "description": "With `stream: true`: `data: {CompletionResponse chunk}` events, then `data: [DONE]`.",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": REF.format(model="CompletionRequest")},
+                            "example": COMPLETION_EXAMPLE,
+                        }
+                    },
+                },
+                "responses": {
+                    "200": {"description": "The completion", "content": _json("CompletionResponse")},
+                    **_errors(body_errors, "OpenAIErrorResponse"),
+                },
+            }
+        },
+        "/v1/models": {
+            "get": {
+                "summary": "OpenAI-compatible model list",
+                "responses": {"200": {"description": "The loaded models", "content": _json("OpenAIModelList")}}
+                | _errors(["401"], "OpenAIErrorResponse"),
+            }
+        },
+        "/openapi.json": {
+            "get": {"summary": "This document", "security": open_access, "responses": {"200": {"description": "OK"}}}
+        },
+        "/docs": {
+            "get": {
+                "summary": "A readable page rendering this document",
+                "security": open_access,
+                "responses": {"200": {"description": "HTML"}},
+            }
+        },
+    }

@@ -1,0 +1,13 @@
+"""The HTTP endpoints, one blueprint per concern."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from service.routes import docs, generate, info, openai_api
+
+
+def register_blueprints(app: Flask) -> None:
+    """Attach every blueprint to `app`."""
+    for blueprint in (generate.bp, info.bp, docs.bp, openai_api.bp):
+        app.register_blueprint(blueprint)

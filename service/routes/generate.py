@@ -1,0 +1,93 @@
+"""POST /generate: text from a model, as one JSON answer or as Server-Sent Events."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from flask import Blueprint, Response, jsonify
+
+from model.sampling import Token
+from service.errors import ApiError
+from service.generation import Plan, Run, choose_seed, current_service, encode_prompt, new_id, sampling_params
+from service.schemas import (
+    TOP_LOGPROBS,
+    Alternative,
+    CharLogprob,
+    Choice,
+    GenerateRequest,
+    GenerateResponse,
+    StreamChoiceEnd,
+    StreamChunk,
+    StreamDone,
+    Usage,
+    dump,
+)
+from service.sse import sse_comment, sse_event, sse_response
+from service.validation import parse_json_body, validate
+
+bp = Blueprint("generate", __name__)
+
+
+@bp.post("/generate")
+def generate() -> Response:
+    """Generate `n` samples after a prompt."""
+    service = current_service()
+    body = validate(GenerateRequest, parse_json_body(), service.config)
+    loaded = service.model(body.model)
+    plan = Plan(
+        model=loaded,
+        prompt_ids=encode_prompt(loaded, body.prompt, body.unknown_chars),
+        max_new_chars=body.max_new_chars,
+        params=sampling_params(body.temperature, body.top_k, body.top_p),
+        seed=choose_seed(body.seed),
+        n=body.n,
+        stop=body.stop_strings(),
+        top_logprobs=TOP_LOGPROBS if body.logprobs else 0,
+    )
+    run = Run(service)
+    run.submit([plan])
+    if body.stream:
+        return sse_response(_events(run, plan, new_id(), body.logprobs))
+    choices = [
+        Choice(index=i, text=_text(tokens), finish_reason=reason, logprobs=_logprobs(tokens) if body.logprobs else None)
+        for i, (tokens, reason) in enumerate(run.results())
+    ]
+    answer = GenerateResponse(
+        id=new_id(), model=loaded.name, choices=choices, usage=_usage(run, plan), seed=plan.seed
+    )
+    return jsonify(dump(answer))
+
+
+def _events(run: Run, plan: Plan, answer_id: str, logprobs: bool) -> Iterator[str]:
+    """`event: chunk` per piece of text, `event: done` at the end; `event: error` if generation fails."""
+    finished: list[StreamChoiceEnd] = []
+    try:
+        for index, tokens, reason in run.stream():
+            if reason is not None:
+                finished.append(StreamChoiceEnd(index=index, finish_reason=reason))
+            elif not tokens:
+                yield sse_comment("keep-alive")
+            else:
+                chunk = StreamChunk(index=index, text=_text(tokens), logprobs=_logprobs(tokens) if logprobs else None)
+                yield sse_event(dump(chunk), "chunk")
+        done = StreamDone(id=answer_id, model=plan.model.name, choices=finished, usage=_usage(run, plan), seed=plan.seed)
+        yield sse_event(dump(done), "done")
+    except ApiError as exc:
+        yield sse_event(exc.body(), "error")
+
+
+def _text(tokens: list[Token]) -> str:
+    return "".join(t.char for t in tokens)
+
+
+def _logprobs(tokens: list[Token]) -> list[CharLogprob]:
+    return [
+        CharLogprob(
+            char=t.char, logprob=t.logprob, top=[Alternative(char=c, logprob=lp) for c, lp in (t.top or ())]
+        )
+        for t in tokens
+    ]
+
+
+def _usage(run: Run, plan: Plan) -> Usage:
+    return Usage(prompt_chars=len(plan.prompt_ids), generated_chars=sum(job.generated_chars for job in run.jobs))

@@ -1,0 +1,306 @@
+"""Request and response bodies as pydantic models; they validate requests and generate /openapi.json.
+
+Requests are strict (a string is never read as a number, a bool never as an integer) and forbid
+unknown fields. The limits that are configuration (prompt length, max_new_chars, n) are checked
+against the `ServiceConfig` passed as validation context, so the schema's static bounds are the
+hard ones and /openapi.json reports the configured ones.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
+
+MAX_SEED = 2**63 - 1
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256
+TOP_LOGPROBS = 5  # alternatives per character when /generate is asked for logprobs
+
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+StopStrings = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
+
+
+class StrictModel(BaseModel):
+    """A request body: strict types, no unknown fields, no NaN or infinity."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class ResponseModel(BaseModel):
+    """A response body: exactly these fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_limit(info: ValidationInfo, setting: str, value: int, what: str) -> None:
+    """Raise if `value` is over the configured limit `setting` (when validating with a config)."""
+    config = (info.context or {}).get("config")
+    limit = getattr(config, setting, None)
+    if limit is not None and value > limit:
+        raise ValueError(f"must be at most {limit} {what} on this server, got {value}")
+
+
+class SamplingFields(StrictModel):
+    """The sampling fields shared by /generate and /v1/completions."""
+
+    temperature: float = Field(0.8, ge=0.0, le=5.0, description="0 is greedy (always the likeliest character)")
+    top_k: int | None = Field(None, ge=1, description="sample only from the k likeliest characters; null: all")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling: the smallest set holding this mass")
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="the same request with the same seed gives the same text"
+    )
+    n: int = Field(1, ge=1, le=16, description="independent samples; sample i uses seed + i")
+    unknown_chars: Literal["error", "drop"] = Field(
+        "error", description="prompt characters the model does not know: reject the request, or drop them"
+    )
+
+    @field_validator("n")
+    @classmethod
+    def _n_limit(cls, value: int, info: ValidationInfo) -> int:
+        _check_limit(info, "max_n", value, "samples")
+        return value
+
+
+class GenerateRequest(SamplingFields):
+    """POST /generate."""
+
+    prompt: str = Field("", description="text to continue; may be empty")
+    max_new_chars: int = Field(200, ge=1, description="characters to generate at most")
+    stop: StopString | StopStrings = Field(
+        default_factory=list, description="up to 4 strings; generation ends when one appears (it is not returned)"
+    )
+    model: str | None = Field(None, description="a name from GET /models; null: the default model")
+    logprobs: bool = Field(False, description="per generated character, its log-probability and 5 alternatives")
+    stream: bool = Field(False, description="answer with Server-Sent Events as the characters are generated")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_limit(cls, value: str, info: ValidationInfo) -> str:
+        _check_limit(info, "max_prompt_chars", len(value), "characters")
+        return value
+
+    @field_validator("max_new_chars")
+    @classmethod
+    def _max_new_chars_limit(cls, value: int, info: ValidationInfo) -> int:
+        _check_limit(info, "max_new_chars", value, "characters")
+        return value
+
+    def stop_strings(self) -> tuple[str, ...]:
+        """`stop` as a tuple, whether it was given as one string or a list."""
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+# -- /generate responses --------------------------------------------------------------------------------
+
+
+class Alternative(ResponseModel):
+    char: str
+    logprob: float
+
+
+class CharLogprob(ResponseModel):
+    """One generated character, its log-probability under the model, and the likeliest alternatives."""
+
+    char: str
+    logprob: float
+    top: list[Alternative]
+
+
+FinishReason = Literal["length", "stop", "deadline"]
+
+
+class Choice(ResponseModel):
+    index: int
+    text: str
+    finish_reason: FinishReason = Field(
+        description="length: max_new_chars reached; stop: a stop string appeared; deadline: the server's time limit"
+    )
+    logprobs: list[CharLogprob] | None = Field(None, description="present when the request asked for logprobs")
+
+
+class Usage(ResponseModel):
+    prompt_chars: int
+    generated_chars: int
+
+
+class GenerateResponse(ResponseModel):
+    """The answer of POST /generate (without `stream`)."""
+
+    id: str
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    seed: int = Field(description="the seed of sample 0; send it back to reproduce this answer")
+
+
+class StreamChunk(ResponseModel):
+    """`event: chunk`: characters of one sample, as soon as they are generated."""
+
+    index: int
+    text: str
+    logprobs: list[CharLogprob] | None = None
+
+
+class StreamChoiceEnd(ResponseModel):
+    index: int
+    finish_reason: FinishReason
+
+
+class StreamDone(ResponseModel):
+    """`event: done`: the last event of a stream."""
+
+    id: str
+    model: str
+    choices: list[StreamChoiceEnd]
+    usage: Usage
+    seed: int
+
+
+# -- other native endpoints ---------------------------------------------------------------------------
+
+
+class ModelInfo(ResponseModel):
+    """One checkpoint of the model directory; the network's fields are absent when it failed to load."""
+
+    name: str
+    file: str
+    status: Literal["loaded", "failed"]
+    error: str | None = None
+    cell: str | None = None
+    layers: int | None = None
+    hidden: int | None = None
+    embed: int | None = None
+    vocab_size: int | None = None
+    parameters: int | None = None
+    steps: int | None = None
+    val_loss: float | None = Field(None, description="validation loss in nats per character")
+    corpus: str | None = None
+
+
+class ModelsResponse(ResponseModel):
+    default: str
+    models: list[ModelInfo]
+
+
+class HealthResponse(ResponseModel):
+    status: Literal["ok", "unavailable"]
+    models: dict[str, str] = Field(description="per loaded model: ok, or why a one-character generation failed")
+    queue_depth: int
+    active: int
+
+
+class ErrorDetail(ResponseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorResponse(ResponseModel):
+    """Every native error."""
+
+    error: ErrorDetail
+
+
+# -- OpenAI-compatible ----------------------------------------------------------------------------------
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions, as OpenAI's legacy completions API; `max_tokens` counts characters."""
+
+    model: str | None = None
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=16)] = ""
+    max_tokens: int = Field(16, ge=1, description="characters to generate at most")
+    temperature: float = Field(1.0, ge=0.0, le=5.0)
+    stop: StopString | StopStrings | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS, description="alternatives per character")
+    echo: bool = Field(False, description="return the prompt before the generated text")
+    user: str | None = Field(None, description="accepted and ignored")
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="accepted only as 0")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="accepted only as 0")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_limit(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
+        for prompt in [value] if isinstance(value, str) else value:
+            _check_limit(info, "max_prompt_chars", len(prompt), "characters")
+        return value
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _max_tokens_limit(cls, value: int, info: ValidationInfo) -> int:
+        _check_limit(info, "max_new_chars", value, "characters")
+        return value
+
+    def prompts(self) -> list[str]:
+        """`prompt` as a list."""
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class OpenAILogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: OpenAILogprobs | None = None
+    finish_reason: Literal["length", "stop"] | None = None
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage | None = None
+    system_fingerprint: str | None = None
+
+
+class OpenAIModel(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "charrnn"
+
+
+class OpenAIModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorResponse(BaseModel):
+    error: OpenAIErrorDetail
+
+
+def dump(model: BaseModel) -> dict[str, Any]:
+    """A response model as JSON-ready data, optional fields left out when unset."""
+    return model.model_dump(mode="json", exclude_none=True)

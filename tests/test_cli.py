@@ -1,0 +1,91 @@
+from pathlib import Path
+
+import pytest
+
+from model.cli import main
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_sample_prints_prompt_and_continuation_reproducibly(trained_run: Path, capsys) -> None:
+    code, first, _ = run(capsys, "sample", str(trained_run), "--prompt", "The ", "--length", "40", "--seed", "7")
+    assert code == 0 and first.startswith("The ") and len(first) == len("The ") + 40 + 1
+    _, second, _ = run(capsys, "sample", str(trained_run / "best.safetensors"), "--prompt", "The ", "--length", "40",
+                       "--seed", "7")
+    assert first == second
+
+
+def test_eval_prints_nats_then_bits_then_carried(trained_run: Path, text_file: Path, capsys) -> None:
+    code, out, _ = run(capsys, "eval", str(trained_run), "--corpus", str(text_file))
+    lines = out.splitlines()
+    assert code == 0
+    assert lines[0].startswith("loss: ") and "nats/char" in lines[0]
+    assert lines[1].startswith("bits per char: ")
+    assert "state carried" in lines[2]
+    code, out_all, _ = run(capsys, "eval", str(trained_run), "--corpus", str(text_file), "--split", "all")
+    assert code == 0 and "split all" in out_all
+
+
+def test_train_from_the_command_line(text_file: Path, tmp_path: Path, capsys) -> None:
+    code, out, _ = run(capsys, "train", "--corpus", str(text_file), "--out", str(tmp_path / "run"), "--max-steps",
+                       "20", "--no-progress", "--cell", "gru", "--hidden", "32")
+    assert code == 0 and "step 20" in out
+    assert (tmp_path / "run" / "best.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "corpus not found"), (b"", "empty"), (b"\xff\xfe\x00bad", "not valid UTF-8"),
+     (b"short text", "too short for one batch")],
+    ids=["missing", "empty", "not-utf8", "too-short"],
+)
+def test_bad_corpora_fail_with_a_message(tmp_path: Path, capsys, content: bytes | None, message: str) -> None:
+    path = tmp_path / "corpus.txt"
+    if content is not None:
+        path.write_bytes(content)
+    code, _, err = run(capsys, "train", "--corpus", str(path), "--out", str(tmp_path / "out"), "--no-progress")
+    assert code == 1
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--hidden", "0"], "argument --hidden: must be between 1 and 16384, got 0"),
+        (["--lr", "abc"], "argument --lr: expected a number, got 'abc'"),
+        (["--dropout", "2"], "argument --dropout: must be between 0.0 and 0.95"),
+        (["--cell", "transformer"], "argument --cell: invalid choice"),
+        (["--preset", "huge"], "argument --preset: invalid choice"),
+        (["--device", "tpu"], "--device: must be auto, cpu or cuda"),
+    ],
+)
+def test_bad_flags_name_the_flag_and_the_allowed_range(text_file: Path, tmp_path: Path, capsys, argv, message) -> None:
+    code, _, err = run(capsys, "train", "--corpus", str(text_file), "--out", str(tmp_path / "o"), "--no-progress", *argv)
+    assert code in (1, 2)
+    assert message in err
+
+
+def test_sample_refuses_a_bad_checkpoint_and_unknown_prompt_characters(trained_run: Path, tmp_path: Path,
+                                                                        capsys) -> None:
+    bogus = tmp_path / "bogus.safetensors"
+    bogus.write_bytes(b"\x80\x04not really")
+    code, _, err = run(capsys, "sample", str(bogus))
+    assert code == 1 and "pickle" in err
+    code, _, err = run(capsys, "sample", str(trained_run), "--prompt", "東京")
+    assert code == 1 and "'東'" in err
+    code, _, err = run(capsys, "sample", str(trained_run), "--temperature", "9")
+    assert code == 2 and "--temperature" in err
+
+
+def test_corpus_list_and_info(capsys, text_file: Path) -> None:
+    code, out, _ = run(capsys, "corpus", "list")
+    assert code == 0 and "tinyshakespeare" in out and "python-stdlib" in out and "licence" in out
+    code, out, _ = run(capsys, "corpus", "info", str(text_file))
+    assert code == 0 and "characters: 40,000" in out and "sha256: " in out

@@ -1,0 +1,121 @@
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.checkpoint import load_checkpoint
+from model.data import load_corpus
+from model.train import LAST, Trainer, TrainingError, learning_rate
+from tests.conftest import tiny_configs
+
+
+def test_training_writes_checkpoints_metrics_and_a_loss_curve(trained_run: Path) -> None:
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"best.safetensors", "last.safetensors", "metrics.jsonl", "loss.png"} <= names
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in r for r in records) and any("chars_per_s" in r for r in records)
+    best = load_checkpoint(trained_run / "best.safetensors")
+    last = load_checkpoint(trained_run / "last.safetensors", with_training_state=True)
+    assert last.meta["step"] == 150 and "rng.torch" in last.extra
+    assert best.meta["val_loss"] == min(r["val_loss"] for r in records if "val_loss" in r)
+    assert best.meta["corpus"]["sha256"] == last.meta["corpus"]["sha256"]
+    assert (trained_run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_learns_a_small_text_well_below_uniform(trained_run: Path) -> None:
+    best = load_checkpoint(trained_run / "best.safetensors")
+    assert best.meta["val_loss"] < math.log(best.config.vocab_size) - 1.0
+
+
+def test_overfits_a_tiny_text(tmp_path: Path) -> None:
+    path = tmp_path / "t.txt"
+    path.write_text("hello world, hello char rnn. " * 40)
+    corpus = load_corpus(path, cache_dir=tmp_path / "cache")
+    model_cfg, cfg = tiny_configs(len(corpus.vocab), max_steps=300, batch=4, seq_len=16, eval_every=300,
+                                  val_fraction=0.1)
+    result = Trainer(model_cfg, cfg, corpus, tmp_path / "run", progress=False).run()
+    assert result.train_loss < 0.3
+
+
+def test_warmup_then_cosine_schedule() -> None:
+    _, cfg = tiny_configs(10, lr=1.0, warmup_frac=0.1, min_lr_ratio=0.1)
+    assert learning_rate(cfg, 0.05) == pytest.approx(0.5)
+    assert learning_rate(cfg, 0.1) == pytest.approx(1.0)
+    assert learning_rate(cfg, 0.55) == pytest.approx(0.55)
+    assert learning_rate(cfg, 1.0) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_resumed_run_is_identical_to_an_unbroken_one(text_file: Path, tmp_path: Path, cell: str) -> None:
+    corpus = load_corpus(text_file, cache_dir=tmp_path / "cache")
+    model_cfg, cfg = tiny_configs(len(corpus.vocab), cell=cell, max_steps=40, eval_every=15, dropout=0.2, layers=2)
+    whole = Trainer(model_cfg, cfg, corpus, tmp_path / "whole", progress=False).run()
+    first = Trainer(model_cfg, cfg, corpus, tmp_path / "broken", progress=False).run(stop_at_step=22)
+    assert first.step == 22
+    second = Trainer(model_cfg, cfg, corpus, tmp_path / "broken", resume=True, progress=False).run()
+    assert second.step == whole.step == 40
+    assert second.train_loss == whole.train_loss and second.val_loss == whole.val_loss
+    a = load_checkpoint(tmp_path / "whole" / LAST, with_training_state=True)
+    b = load_checkpoint(tmp_path / "broken" / LAST, with_training_state=True)
+    for name, tensor in a.weights.items():
+        assert torch.equal(tensor, b.weights[name]), name
+    for name, tensor in a.extra.items():
+        assert torch.equal(tensor, b.extra[name]), name
+
+
+def test_time_budget_stops_cleanly_and_saves(text_file: Path, tmp_path: Path) -> None:
+    corpus = load_corpus(text_file, cache_dir=tmp_path / "cache")
+    model_cfg, cfg = tiny_configs(len(corpus.vocab), max_steps=10**6, time_budget=1.0, eval_every=10**6)
+    result = Trainer(model_cfg, cfg, corpus, tmp_path / "run", progress=False).run()
+    assert result.stopped_by == "time_budget"
+    assert load_checkpoint(tmp_path / "run" / "best.safetensors").meta["step"] == result.step
+
+
+def test_nonfinite_loss_stops_without_writing_a_bad_checkpoint(
+    text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    corpus = load_corpus(text_file, cache_dir=tmp_path / "cache")
+    model_cfg, cfg = tiny_configs(len(corpus.vocab), max_steps=30, eval_every=10)
+    trainer = Trainer(model_cfg, cfg, corpus, tmp_path / "run", progress=False)
+    trainer.run(stop_at_step=10)
+    good = (tmp_path / "run" / LAST).read_bytes()
+    forward = trainer.model.forward
+
+    def poisoned(ids, state=None):
+        logits, state = forward(ids, state)
+        return logits * float("nan"), state
+
+    monkeypatch.setattr(trainer.model, "forward", poisoned)
+    with pytest.raises(TrainingError, match="loss became nan at step 10"):
+        trainer.run()
+    assert (tmp_path / "run" / LAST).read_bytes() == good
+
+
+def test_nonfinite_skip_keeps_training(text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    corpus = load_corpus(text_file, cache_dir=tmp_path / "cache")
+    model_cfg, cfg = tiny_configs(len(corpus.vocab), max_steps=20, eval_every=100, nonfinite="skip")
+    trainer = Trainer(model_cfg, cfg, corpus, tmp_path / "run", progress=False)
+    forward, calls = trainer.model.forward, []
+
+    def sometimes_nan(ids, state=None):
+        calls.append(1)
+        logits, state = forward(ids, state)
+        return (logits * float("inf") if len(calls) == 5 else logits), state
+
+    monkeypatch.setattr(trainer.model, "forward", sometimes_nan)
+    result = trainer.run()
+    assert result.step == 20 and math.isfinite(result.val_loss)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_resume_refuses_a_different_model(text_file: Path, tmp_path: Path) -> None:
+    corpus = load_corpus(text_file, cache_dir=tmp_path / "cache")
+    model_cfg, cfg = tiny_configs(len(corpus.vocab), max_steps=5, eval_every=100)
+    Trainer(model_cfg, cfg, corpus, tmp_path / "run", progress=False).run()
+    other_cfg, _ = tiny_configs(len(corpus.vocab), hidden=32)
+    with pytest.raises(TrainingError, match="--resume"):
+        Trainer(other_cfg, cfg, corpus, tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(TrainingError, match="no last.safetensors"):
+        Trainer(model_cfg, cfg, corpus, tmp_path / "empty", resume=True, progress=False)
