@@ -93,6 +93,11 @@ def _add_train(commands: Any) -> None:
         type=number(int, 256),
         help="characters of the validation split read by periodic evaluations (the final reads all)",
     )
+    opt.add_argument(
+        "--final-eval-max-chars",
+        type=number(int, 256),
+        help="characters of the validation split read by the final evaluation",
+    )
     opt.add_argument("--val-fraction", type=number(float, 0.0, 0.5), help="fraction of the text held out at its end")
     opt.add_argument("--seed", type=number(int, 0, 2**63 - 1), help="random seed")
     opt.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")

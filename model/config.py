@@ -69,7 +69,8 @@ class TrainConfig:
     max_steps: int = 1_000_000
     time_budget: float | None = None  # seconds of training; the schedule follows whichever ends first
     eval_every: int = 500
-    eval_max_chars: int = 32_768  # periodic evaluations read this much of the split; the final reads all
+    eval_max_chars: int = 131_072  # periodic evaluations read about this much of the split, spread evenly
+    final_eval_max_chars: int = 8_388_608  # the final evaluation too (all of Tiny Shakespeare's split)
     val_fraction: float = 0.1
     seed: int = 1337
     device: str = "auto"
@@ -91,6 +92,7 @@ class TrainConfig:
             _check_range("time_budget", self.time_budget, 0.1)
         _check_range("eval_every", self.eval_every, 1)
         _check_range("eval_max_chars", self.eval_max_chars, 256)
+        _check_range("final_eval_max_chars", self.final_eval_max_chars, 256)
         _check_range("val_fraction", self.val_fraction, 0.0, 0.5)
         _check_range("log_every", self.log_every, 1)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

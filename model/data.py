@@ -116,15 +116,6 @@ def scan_characters(files: list[Path]) -> tuple[Vocab, int]:
     return Vocab(chars), n_chars
 
 
-def _encode_into(files: list[Path], vocab: Vocab, out: np.ndarray) -> None:
-    position = 0
-    for _, text in _decoded_chunks(files):
-        ids = vocab.encode_array(text)
-        out[position : position + len(ids)] = ids
-        position += len(ids)
-    assert position == len(out), "corpus changed while it was being read"
-
-
 def default_cache_dir() -> Path:
     """Where encoded corpora are cached: $CHARRNN_CACHE_DIR, else ~/.cache/charrnn."""
     env = os.environ.get("CHARRNN_CACHE_DIR")
@@ -158,21 +149,22 @@ def load_corpus(
             raise CorpusError(str(UnknownCharactersError(missing)))
     vocab = vocab or own_vocab
     stem = f"{sha}.{_vocab_key(vocab)}"
-    ids_path = cache_dir / f"{stem}.ids"
-    # Encode into a temporary memory map, then publish it atomically: a crash leaves no half cache.
-    tmp = ids_path.with_name(f".{ids_path.name}.tmp-{os.getpid()}")
-    try:
-        ids = np.lib.format.open_memmap(tmp, mode="w+", dtype=vocab.id_dtype, shape=(n_chars,))
-        _encode_into(files, vocab, ids)
-        ids.flush()
-        del ids
-        os.replace(tmp, ids_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # Plain writes, not a writable memory map: the encoded pages go to the page cache instead of
+    # this process's resident set, so encoding a multi-GB corpus keeps RSS flat.
+    with atomic_write(cache_dir / f"{stem}.ids") as fh:
+        for _, text in _decoded_chunks(files):
+            fh.write(vocab.encode_array(text).tobytes())
     with atomic_write(cache_dir / f"{stem}.json") as fh:
-        fh.write(json.dumps({"vocab": vocab.to_json(), "chars": n_chars}).encode())
-    log.info("corpus %s: %d characters, vocabulary %d, encoded to %s", corpus_name, n_chars, len(vocab), ids_path)
-    return Corpus(corpus_name, sha, vocab, np.load(ids_path, mmap_mode="r"))
+        fh.write(json.dumps({"vocab": vocab.to_json(), "chars": n_chars, "dtype": vocab.id_dtype.name}).encode())
+    log.info("corpus %s: %d characters, vocabulary %d, cached as %s.ids", corpus_name, n_chars, len(vocab), stem)
+    return Corpus(corpus_name, sha, vocab, _open_ids(cache_dir / f"{stem}.ids", vocab.id_dtype, n_chars))
+
+
+def _open_ids(path: Path, dtype: np.dtype, n_chars: int) -> np.ndarray:
+    """The cached ids as a read-only memory map; a size mismatch (a damaged cache) raises ValueError."""
+    if path.stat().st_size != n_chars * dtype.itemsize:
+        raise ValueError(f"{path} has the wrong size")
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n_chars,))
 
 
 def _vocab_key(vocab: Vocab) -> str:
@@ -187,10 +179,10 @@ def _load_cached(cache_dir: Path, sha: str, vocab: Vocab | None) -> tuple[Vocab,
         try:
             meta = json.loads(meta_path.read_text())
             cached_vocab = Vocab.from_json(meta["vocab"])
-            ids = np.load(ids_path, mmap_mode="r")
-        except (OSError, ValueError, KeyError):
+            ids = _open_ids(ids_path, cached_vocab.id_dtype, meta["chars"])
+        except (OSError, ValueError, KeyError, TypeError):
             continue
-        if len(ids) == meta["chars"] and (vocab is None or cached_vocab == vocab):
+        if vocab is None or cached_vocab == vocab:
             return cached_vocab, ids
     return None
 
@@ -233,7 +225,7 @@ class TrackBatcher:
 
 
 def validation_windows(ids: np.ndarray, window: int = 256, limit: int | None = None) -> Iterator[np.ndarray]:
-    """Blocks of window+1 characters (inputs and shifted targets) covering the split.
+    """Blocks of window+1 characters (inputs and shifted targets) covering the split, read lazily.
 
     With `limit`, about `limit` characters' worth of windows spread evenly over the split.
     """

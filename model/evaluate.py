@@ -8,6 +8,7 @@ split read as one sequence with the state carried through, as the model reads wh
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -33,20 +34,30 @@ def windowed_loss(
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    blocks = list(validation_windows(ids, window, limit))
-    # Windows of equal length are batched; the split's last, shorter window goes on its own.
-    for length in sorted({len(b) for b in blocks}):
-        same = [b for b in blocks if len(b) == length]
-        for i in range(0, len(same), batch):
-            block = torch.from_numpy(np.stack(same[i : i + batch])).to(device)  # (batch, window + 1)
-            logits, _ = model(block[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), block[:, 1:].flatten(), reduction="sum")
-            total += float(loss)
-            count += block[:, 1:].numel()
+    for blocks in _batches(validation_windows(ids, window, limit), batch):
+        block = torch.from_numpy(np.stack(blocks)).to(device)  # (batch, window + 1)
+        logits, _ = model(block[:, :-1])
+        total += float(F.cross_entropy(logits.flatten(0, 1).float(), block[:, 1:].flatten(), reduction="sum"))
+        count += block[:, 1:].numel()
     model.train(was_training)
     if count == 0:
         raise ValueError("validation split is too short to evaluate (needs at least 2 characters)")
     return total / count
+
+
+def _batches(blocks: Iterator[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
+    """Group equal-length blocks as they stream in; the split's last, shorter block goes alone."""
+    pending: list[np.ndarray] = []
+    for block in blocks:
+        if pending and len(block) != len(pending[0]):
+            yield pending
+            pending = []
+        pending.append(block)
+        if len(pending) == size:
+            yield pending
+            pending = []
+    if pending:
+        yield pending
 
 
 @torch.inference_mode()

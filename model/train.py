@@ -140,7 +140,7 @@ class Trainer:
                     window_start = time.perf_counter()
         if bar is not None:
             bar.close()
-        self._evaluate_and_save(limit=None)
+        self._evaluate_and_save(limit=cfg.final_eval_max_chars)
         log.info(
             "stopped by %s at step %d: val loss %.4f nats/char (%.4f bits)",
             stopped_by,
@@ -197,14 +197,14 @@ class Trainer:
 
     # -- evaluation, checkpoints, logs ------------------------------------------------------------
 
-    def _evaluate_and_save(self, limit: int | None) -> None:
+    def _evaluate_and_save(self, limit: int) -> None:
         self.val_loss = windowed_loss(self.model, self.val_ids, limit=limit)
         improved = self.best_val_loss is None or self.val_loss < self.best_val_loss
         if improved:
             self.best_val_loss = self.val_loss
         if not self.dist.is_main:
             return
-        read = len(self.val_ids) if limit is None else min(limit, len(self.val_ids))
+        read = min(limit, len(self.val_ids))
         self._write_metrics(
             {
                 "step": self.step,

@@ -129,8 +129,20 @@ def _duplicate(header: dict) -> bytes:
         (lambda d: _with_header(d, lambda h: b"[" * 100_000), "not valid JSON"),
         (lambda d: _with_header(d, lambda h: json.dumps(h).replace("0", "NaN", 1).encode()), "not valid JSON"),
     ],
-    ids=["zero-bytes", "truncated-half", "truncated-header", "absurd-header", "wrong-version", "vocab-vs-weights",
-         "shape-vs-config", "overlapping-offsets", "duplicate-names", "foreign-safetensors", "nested-json", "nan"],
+    ids=[
+        "zero-bytes",
+        "truncated-half",
+        "truncated-header",
+        "absurd-header",
+        "wrong-version",
+        "vocab-vs-weights",
+        "shape-vs-config",
+        "overlapping-offsets",
+        "duplicate-names",
+        "foreign-safetensors",
+        "nested-json",
+        "nan",
+    ],
 )
 def test_invalid_files_are_refused_with_a_specific_message(tmp_path: Path, corrupt, message: str) -> None:
     path = tmp_path / "bad.safetensors"

@@ -17,8 +17,9 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def test_sample_prints_prompt_and_continuation_reproducibly(trained_run: Path, capsys) -> None:
     code, first, _ = run(capsys, "sample", str(trained_run), "--prompt", "The ", "--length", "40", "--seed", "7")
     assert code == 0 and first.startswith("The ") and len(first) == len("The ") + 40 + 1
-    _, second, _ = run(capsys, "sample", str(trained_run / "best.safetensors"), "--prompt", "The ", "--length", "40",
-                       "--seed", "7")
+    _, second, _ = run(
+        capsys, "sample", str(trained_run / "best.safetensors"), "--prompt", "The ", "--length", "40", "--seed", "7"
+    )
     assert first == second
 
 
@@ -34,16 +35,33 @@ def test_eval_prints_nats_then_bits_then_carried(trained_run: Path, text_file: P
 
 
 def test_train_from_the_command_line(text_file: Path, tmp_path: Path, capsys) -> None:
-    code, out, _ = run(capsys, "train", "--corpus", str(text_file), "--out", str(tmp_path / "run"), "--max-steps",
-                       "20", "--no-progress", "--cell", "gru", "--hidden", "32")
+    code, out, _ = run(
+        capsys,
+        "train",
+        "--corpus",
+        str(text_file),
+        "--out",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "20",
+        "--no-progress",
+        "--cell",
+        "gru",
+        "--hidden",
+        "32",
+    )
     assert code == 0 and "step 20" in out
     assert (tmp_path / "run" / "best.safetensors").exists()
 
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(None, "corpus not found"), (b"", "empty"), (b"\xff\xfe\x00bad", "not valid UTF-8"),
-     (b"short text", "too short for one batch")],
+    [
+        (None, "corpus not found"),
+        (b"", "empty"),
+        (b"\xff\xfe\x00bad", "not valid UTF-8"),
+        (b"short text", "too short for one batch"),
+    ],
     ids=["missing", "empty", "not-utf8", "too-short"],
 )
 def test_bad_corpora_fail_with_a_message(tmp_path: Path, capsys, content: bytes | None, message: str) -> None:
@@ -67,13 +85,16 @@ def test_bad_corpora_fail_with_a_message(tmp_path: Path, capsys, content: bytes 
     ],
 )
 def test_bad_flags_name_the_flag_and_the_allowed_range(text_file: Path, tmp_path: Path, capsys, argv, message) -> None:
-    code, _, err = run(capsys, "train", "--corpus", str(text_file), "--out", str(tmp_path / "o"), "--no-progress", *argv)
+    code, _, err = run(
+        capsys, "train", "--corpus", str(text_file), "--out", str(tmp_path / "o"), "--no-progress", *argv
+    )
     assert code in (1, 2)
     assert message in err
 
 
-def test_sample_refuses_a_bad_checkpoint_and_unknown_prompt_characters(trained_run: Path, tmp_path: Path,
-                                                                        capsys) -> None:
+def test_sample_refuses_a_bad_checkpoint_and_unknown_prompt_characters(
+    trained_run: Path, tmp_path: Path, capsys
+) -> None:
     bogus = tmp_path / "bogus.safetensors"
     bogus.write_bytes(b"\x80\x04not really")
     code, _, err = run(capsys, "sample", str(bogus))

@@ -17,8 +17,9 @@ def test_manifest_lists_source_licence_and_checksum() -> None:
 
 def test_a_local_copy_is_used_only_if_its_checksum_matches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     body = b"First Citizen:\nBefore we proceed any further, hear me speak.\n"
-    entry = registry.CorpusEntry("demo", "d", "http://127.0.0.1:9/none", "PD", hashlib.sha256(body).hexdigest(), None,
-                                 ())
+    entry = registry.CorpusEntry(
+        "demo", "d", "http://127.0.0.1:9/none", "PD", hashlib.sha256(body).hexdigest(), None, ()
+    )
     monkeypatch.setenv("CHARRNN_DATA_DIR", str(tmp_path / "data"))
     copy = tmp_path / "copy.txt"
     copy.write_bytes(body)
@@ -44,8 +45,9 @@ def test_download_is_verified(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
             return False
 
     good = b"good text\n"
-    entry = registry.CorpusEntry("demo", "d", "http://example.invalid/x", "PD", hashlib.sha256(good).hexdigest(),
-                                 None, ())
+    entry = registry.CorpusEntry(
+        "demo", "d", "http://example.invalid/x", "PD", hashlib.sha256(good).hexdigest(), None, ()
+    )
     monkeypatch.setenv("CHARRNN_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setattr(registry.urllib.request, "urlopen", lambda url, timeout: Response(b"evil text\n"))
     with pytest.raises(CorpusError, match="sha256"):

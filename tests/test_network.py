@@ -43,8 +43,13 @@ def test_zero_state_matches_no_state() -> None:
 
 @pytest.mark.parametrize(
     ("field", "kwargs"),
-    [("cell", {"cell": "transformer"}), ("layers", {"layers": 0}), ("hidden", {"hidden": -1}),
-     ("dropout", {"dropout": 1.5}), ("vocab_size", {"vocab_size": 0})],
+    [
+        ("cell", {"cell": "transformer"}),
+        ("layers", {"layers": 0}),
+        ("hidden", {"hidden": -1}),
+        ("dropout", {"dropout": 1.5}),
+        ("vocab_size", {"vocab_size": 0}),
+    ],
 )
 def test_bad_config_values_name_the_field(field: str, kwargs: dict) -> None:
     with pytest.raises(ConfigError) as info:

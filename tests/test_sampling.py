@@ -83,8 +83,13 @@ def test_top_k_and_top_p_cut_the_distribution() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"temperature": -0.1}, "temperature"), ({"temperature": 5.1}, "temperature"), ({"top_k": 0}, "top_k"),
-     ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p")],
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": 5.1}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+    ],
 )
 def test_bad_parameters_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(SamplingError) as info:

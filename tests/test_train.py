@@ -33,8 +33,9 @@ def test_overfits_a_tiny_text(tmp_path: Path) -> None:
     path = tmp_path / "t.txt"
     path.write_text("hello world, hello char rnn. " * 40)
     corpus = load_corpus(path, cache_dir=tmp_path / "cache")
-    model_cfg, cfg = tiny_configs(len(corpus.vocab), max_steps=300, batch=4, seq_len=16, eval_every=300,
-                                  val_fraction=0.1)
+    model_cfg, cfg = tiny_configs(
+        len(corpus.vocab), max_steps=300, batch=4, seq_len=16, eval_every=300, val_fraction=0.1
+    )
     result = Trainer(model_cfg, cfg, corpus, tmp_path / "run", progress=False).run()
     assert result.train_loss < 0.3
 
@@ -117,5 +118,5 @@ def test_resume_refuses_a_different_model(text_file: Path, tmp_path: Path) -> No
     other_cfg, _ = tiny_configs(len(corpus.vocab), hidden=32)
     with pytest.raises(TrainingError, match="--resume"):
         Trainer(other_cfg, cfg, corpus, tmp_path / "run", resume=True, progress=False)
-    with pytest.raises(TrainingError, match="no last.safetensors"):
+    with pytest.raises(TrainingError, match=r"no last\.safetensors"):
         Trainer(model_cfg, cfg, corpus, tmp_path / "empty", resume=True, progress=False)
