@@ -42,7 +42,11 @@ def require_api_keys(app: Flask, keys: tuple[str, ...]) -> None:
             return
         key = presented_key()
         if key is None:
-            raise ApiError(401, "unauthorized", "an API key is required: send `Authorization: Bearer KEY`",
-                           headers={"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401,
+                "unauthorized",
+                "an API key is required: send `Authorization: Bearer KEY`",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         if not key_matches(key, keys):
             raise ApiError(401, "unauthorized", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})

@@ -65,8 +65,13 @@ class Client:
             for event, data in _parse_sse(response):
                 if event == "error":
                     error = data.get("error", {})
-                    raise ClientError(response.status_code, error.get("code", "error"), error.get("message", ""),
-                                      error.get("field"), data)
+                    raise ClientError(
+                        response.status_code,
+                        error.get("code", "error"),
+                        error.get("message", ""),
+                        error.get("field"),
+                        data,
+                    )
                 yield event, data
 
     def models(self) -> dict[str, Any]:

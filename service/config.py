@@ -100,4 +100,3 @@ def _coerce(name: str, value: Any) -> Any:
     if isinstance(value, list):
         return tuple(value)
     return value
-

@@ -24,7 +24,10 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "charrnn_http_requests", "HTTP requests answered, by route and status", ["route", "method", "status"], registry=r
+            "charrnn_http_requests",
+            "HTTP requests answered, by route and status",
+            ["route", "method", "status"],
+            registry=r,
         )
         self.latency = Histogram(
             "charrnn_http_request_duration_seconds",
@@ -44,7 +47,9 @@ class Metrics:
         self.generated_chars = Counter("charrnn_generated_chars", "Characters generated", ["model"], registry=r)
         self.queue_depth = Gauge("charrnn_engine_queue_depth", "Generations waiting for a batch slot", registry=r)
         self.active = Gauge("charrnn_engine_active_generations", "Generations being stepped now", registry=r)
-        self.models = Gauge("charrnn_models", "Checkpoints in the model directory, by load status", ["status"], registry=r)
+        self.models = Gauge(
+            "charrnn_models", "Checkpoints in the model directory, by load status", ["status"], registry=r
+        )
         Info("charrnn_worker", "The process answering this scrape", registry=r).info({"worker": str(os.getpid())})
 
     def watch_engine(self, queue_depth: Callable[[], float], active: Callable[[], float]) -> None:

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
 
 MAX_SEED = 2**63 - 1
 MAX_STOP_STRINGS = 4
@@ -18,7 +26,18 @@ MAX_STOP_CHARS = 256
 TOP_LOGPROBS = 5  # alternatives per character when /generate is asked for logprobs
 
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
-StopStrings = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
+StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
+PromptList = Annotated[list[str], Field(min_length=1, max_length=16)]
+
+
+def _listed(value: Any) -> Any:
+    """One string stands for a list of one (so that errors name list items, never union branches)."""
+    return [value] if isinstance(value, str) else value
+
+
+# A string or a list of strings, validated as the list.
+StopStrings = Annotated[StopList, BeforeValidator(_listed, json_schema_input_type=StopString | StopList)]
+Prompts = Annotated[PromptList, BeforeValidator(_listed, json_schema_input_type=str | PromptList)]
 
 
 class StrictModel(BaseModel):
@@ -67,7 +86,7 @@ class GenerateRequest(SamplingFields):
 
     prompt: str = Field("", description="text to continue; may be empty")
     max_new_chars: int = Field(200, ge=1, description="characters to generate at most")
-    stop: StopString | StopStrings = Field(
+    stop: StopStrings = Field(
         default_factory=list, description="up to 4 strings; generation ends when one appears (it is not returned)"
     )
     model: str | None = Field(None, description="a name from GET /models; null: the default model")
@@ -88,7 +107,7 @@ class GenerateRequest(SamplingFields):
 
     def stop_strings(self) -> tuple[str, ...]:
         """`stop` as a tuple, whether it was given as one string or a list."""
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return tuple(self.stop)
 
 
 # -- /generate responses --------------------------------------------------------------------------------
@@ -213,10 +232,10 @@ class CompletionRequest(SamplingFields):
     """POST /v1/completions, as OpenAI's legacy completions API; `max_tokens` counts characters."""
 
     model: str | None = None
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=16)] = ""
+    prompt: Prompts = Field(default_factory=lambda: [""], description="a string, or a list of up to 16")
     max_tokens: int = Field(16, ge=1, description="characters to generate at most")
     temperature: float = Field(1.0, ge=0.0, le=5.0)
-    stop: StopString | StopStrings | None = None
+    stop: StopStrings | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS, description="alternatives per character")
@@ -227,8 +246,8 @@ class CompletionRequest(SamplingFields):
 
     @field_validator("prompt")
     @classmethod
-    def _prompt_limit(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
-        for prompt in [value] if isinstance(value, str) else value:
+    def _prompt_limit(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        for prompt in value:
             _check_limit(info, "max_prompt_chars", len(prompt), "characters")
         return value
 
@@ -240,12 +259,11 @@ class CompletionRequest(SamplingFields):
 
     def prompts(self) -> list[str]:
         """`prompt` as a list."""
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+        return list(self.prompt)
 
     def stop_strings(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        """`stop` as a tuple (empty for None)."""
+        return tuple(self.stop or ())
 
 
 class OpenAILogprobs(BaseModel):

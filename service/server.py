@@ -19,7 +19,9 @@ def gunicorn_command() -> list[str]:
     return [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), APP]
 
 
-def serve(model_dir: Path | None = None, host: str | None = None, port: int | None = None, workers: int | None = None) -> int:
+def serve(
+    model_dir: Path | None = None, host: str | None = None, port: int | None = None, workers: int | None = None
+) -> int:
     """Replace this process with Gunicorn; flags left as None keep the CHARRNN_* environment or defaults."""
     settings = {"CHARRNN_MODEL_DIR": model_dir, "CHARRNN_HOST": host, "CHARRNN_PORT": port, "CHARRNN_WORKERS": workers}
     env = dict(os.environ) | {name: str(value) for name, value in settings.items() if value is not None}

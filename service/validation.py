@@ -1,9 +1,9 @@
 """Reading a request body: JSON only, strictly parsed, then validated by a pydantic model.
 
-    415  the body is not declared as JSON
-    413  the body is over the configured limit (Werkzeug refuses it while reading, before parsing)
-    400  not valid JSON: malformed, NaN/Infinity, duplicate keys, nested too deeply, not UTF-8
-    422  valid JSON that the schema refuses: wrong type, out of range, unknown field
+415  the body is not declared as JSON
+413  the body is over the configured limit (Werkzeug refuses it while reading, before parsing)
+400  not valid JSON: malformed, NaN/Infinity, duplicate keys, nested too deeply, not UTF-8
+422  valid JSON that the schema refuses: wrong type, out of range, unknown field
 """
 
 from __future__ import annotations
@@ -80,6 +80,12 @@ def _as_api_error(exc: ValidationError) -> ApiError:
         return ApiError(422, "unknown_field", f"unknown field {field!r}", field)
     if first["type"] == "model_type":
         return ApiError(422, "invalid_body", "the body must be a JSON object")
-    messages = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:5]]
+    messages = [f"{_location(e['loc'])}: {e['msg']}" for e in errors[:5]]
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return ApiError(422, "invalid_value", "; ".join(messages) + more, field)
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as a reader writes it: `stop[2]`, `stream_options.include_usage`."""
+    text = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    return text or "body"

@@ -52,9 +52,7 @@ def generate() -> Response:
         Choice(index=i, text=_text(tokens), finish_reason=reason, logprobs=_logprobs(tokens) if body.logprobs else None)
         for i, (tokens, reason) in enumerate(run.results())
     ]
-    answer = GenerateResponse(
-        id=new_id(), model=loaded.name, choices=choices, usage=_usage(run, plan), seed=plan.seed
-    )
+    answer = GenerateResponse(id=new_id(), model=loaded.name, choices=choices, usage=_usage(run, plan), seed=plan.seed)
     return jsonify(dump(answer))
 
 
@@ -70,7 +68,9 @@ def _events(run: Run, plan: Plan, answer_id: str, logprobs: bool) -> Iterator[st
             else:
                 chunk = StreamChunk(index=index, text=_text(tokens), logprobs=_logprobs(tokens) if logprobs else None)
                 yield sse_event(dump(chunk), "chunk")
-        done = StreamDone(id=answer_id, model=plan.model.name, choices=finished, usage=_usage(run, plan), seed=plan.seed)
+        done = StreamDone(
+            id=answer_id, model=plan.model.name, choices=finished, usage=_usage(run, plan), seed=plan.seed
+        )
         yield sse_event(dump(done), "done")
     except ApiError as exc:
         yield sse_event(exc.body(), "error")
@@ -82,9 +82,7 @@ def _text(tokens: list[Token]) -> str:
 
 def _logprobs(tokens: list[Token]) -> list[CharLogprob]:
     return [
-        CharLogprob(
-            char=t.char, logprob=t.logprob, top=[Alternative(char=c, logprob=lp) for c, lp in (t.top or ())]
-        )
+        CharLogprob(char=t.char, logprob=t.logprob, top=[Alternative(char=c, logprob=lp) for c, lp in (t.top or ())])
         for t in tokens
     ]
 

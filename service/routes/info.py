@@ -54,7 +54,7 @@ def metrics() -> Response:
 
 
 def _generates_one_char(service: Service, name: str) -> str:
-    """"ok", or why a one-character greedy generation did not work."""
+    """ "ok", or why a one-character greedy generation did not work."""
     timeout = service.config.health_timeout
     spec = JobSpec(model=name, prompt_ids=(), max_new_chars=1, params=GREEDY, seed=0, timeout=timeout)
     try:
