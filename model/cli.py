@@ -66,6 +66,11 @@ def _add_train(commands: Any) -> None:
         type=Path,
         help="where encoded corpora are cached (default $CHARRNN_CACHE_DIR or ~/.cache/charrnn)",
     )
+    p.add_argument(
+        "--threads",
+        type=number(int, 1, 1024),
+        help="CPU threads for torch (default: torch's choice); 1 is faster on a machine busy with other work",
+    )
     net = p.add_argument_group("network")
     net.add_argument("--cell", choices=CELLS, help="recurrent cell")
     net.add_argument("--layers", type=number(int, 1, 16), help="stacked recurrent layers (1-16)")
@@ -181,6 +186,14 @@ def _run_train(args: argparse.Namespace) -> int:
     from model.data import load_corpus
     from model.train import Trainer
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     flags = {k: v for k, v in vars(args).items() if v is not None}
     settings = dict(PRESETS[args.preset])
     settings.update({k: flags[k] for k in flags if k in _config_keys()})

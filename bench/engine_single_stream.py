@@ -1,0 +1,154 @@
+"""One stream's characters/s: the engine against a plain eager loop and a lean loop, in one process.
+
+    python bench/engine_single_stream.py [--hidden 256 512] [--chars 3000] [--runs 7] [--threads 1]
+
+The three are run in turn, `--runs` times each, and the medians compared (the machine is shared, so
+single timings vary several-fold; ratios within one run are what mean something):
+
+- eager: the model module one character at a time (nn.LSTM step, softmax, multinomial), as a
+  first sampler would be written;
+- lean:  the loop the engine issue describes: the embedding folded into layer 0's input weights as a
+  (vocab, 4 x hidden) table, one addmm per layer plus the gate arithmetic, the temperature folded
+  into the head, multinomial;
+- engine: one job through `service.engine.Engine` (prompt prefill, sampling, tokens, stop matching,
+  publishing to the reading thread included), read as a stream by a second thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from model.config import ModelConfig
+from model.network import CharRNN
+from model.sampling import SamplingParams
+from model.vocab import Vocab
+from service.engine import Engine, JobSpec, LoadedModel
+
+VOCAB = Vocab([chr(c) for c in range(58, 123)])  # 65 characters, as many as tinyshakespeare has
+TEMPERATURE = 0.8
+
+
+def build_model(hidden: int, layers: int, cell: str) -> CharRNN:
+    """A randomly initialised model (speed does not depend on the weights' values)."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=len(VOCAB), cell=cell, layers=layers, hidden=hidden, embed=64)
+    return CharRNN(config).eval()
+
+
+@torch.inference_mode()
+def eager_loop(model: CharRNN, chars: int) -> None:
+    """The model module one character at a time."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.zeros(1, 1, dtype=torch.long)
+    state = None
+    for _ in range(chars):
+        logits, state = model(x, state)
+        probs = (logits[0, -1] / TEMPERATURE).softmax(-1)
+        x = torch.multinomial(probs, 1, generator=generator).view(1, 1)
+
+
+def lean_loop(model: CharRNN) -> Callable[[int], None]:
+    """The issue's lean loop, weights prepared once: returns run(chars)."""
+    cfg, rnn = model.config, model.rnn
+    assert cfg.cell == "lstm"
+    with torch.no_grad():
+        table = model.embed.weight @ rnn.weight_ih_l0.T + rnn.bias_ih_l0 + rnn.bias_hh_l0  # (vocab, 4 hidden)
+        w_hh0 = rnn.weight_hh_l0.T.contiguous()
+        upper = [
+            (
+                torch.cat([getattr(rnn, f"weight_ih_l{i}"), getattr(rnn, f"weight_hh_l{i}")], 1).T.contiguous(),
+                (getattr(rnn, f"bias_ih_l{i}") + getattr(rnn, f"bias_hh_l{i}")).unsqueeze(0),
+            )
+            for i in range(1, cfg.layers)
+        ]
+        head_w = (model.head.weight / TEMPERATURE).T.contiguous()
+        head_b = (model.head.bias / TEMPERATURE).unsqueeze(0)
+
+    def cell(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        i, f, g, o = gates.chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+    @torch.inference_mode()
+    def run(chars: int) -> None:
+        generator = torch.Generator().manual_seed(0)
+        hs = [torch.zeros(1, cfg.hidden) for _ in range(cfg.layers)]
+        cs = [torch.zeros(1, cfg.hidden) for _ in range(cfg.layers)]
+        idx = 0
+        for _ in range(chars):
+            hs[0], cs[0] = cell(torch.addmm(table[idx : idx + 1], hs[0], w_hh0), cs[0])
+            for layer, (w, b) in enumerate(upper, start=1):
+                gates = torch.addmm(b, torch.cat([hs[layer - 1], hs[layer]], 1), w)
+                hs[layer], cs[layer] = cell(gates, cs[layer])
+            probs = torch.addmm(head_b, hs[-1], head_w).softmax(-1)
+            idx = int(torch.multinomial(probs[0], 1, generator=generator))
+
+    return run
+
+
+def engine_run(engine: Engine, chars: int) -> None:
+    """One job, read as a stream."""
+    spec = JobSpec("bench", tuple(VOCAB.encode("The")), chars, SamplingParams(temperature=TEMPERATURE), seed=0)
+    for _ in engine.submit(spec).chunks():
+        pass
+
+
+def measure(run: Callable[[], None], chars: int) -> float:
+    """Characters per second of one run."""
+    start = time.perf_counter()
+    run()
+    return chars / (time.perf_counter() - start)
+
+
+def bench_size(hidden: int, args: argparse.Namespace) -> dict[str, float]:
+    """Median characters/s of each loop at this size."""
+    model = build_model(hidden, args.layers, "lstm")
+    engine = Engine({"bench": LoadedModel("bench", model, VOCAB, {}, Path("memory"))}, prompt_cache_bytes=0)
+    engine.start()
+    lean = lean_loop(model)
+    runs: dict[str, Callable[[], None]] = {
+        "eager": lambda: eager_loop(model, args.eager_chars),
+        "lean": lambda: lean(args.chars),
+        "engine": lambda: engine_run(engine, args.chars),
+    }
+    chars = {"eager": args.eager_chars, "lean": args.chars, "engine": args.chars}
+    for run in runs.values():  # warm-up
+        run()
+    speeds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.runs):
+        for name, run in runs.items():
+            speeds[name].append(measure(run, chars[name]))
+    engine.close()
+    return {name: statistics.median(values) for name, values in speeds.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[256, 512], help="hidden sizes to measure")
+    parser.add_argument("--layers", type=int, default=2, help="recurrent layers (LSTM)")
+    parser.add_argument("--chars", type=int, default=3000, help="characters per run of the lean loop and engine")
+    parser.add_argument("--eager-chars", type=int, default=1000, help="characters per run of the eager loop")
+    parser.add_argument("--runs", type=int, default=7, help="runs of each loop; medians are reported")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for every loop")
+    args = parser.parse_args()
+    if args.runs < 1 or args.chars < 1 or args.eager_chars < 1:
+        parser.error("--runs, --chars and --eager-chars must be >= 1")
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.layers}-layer LSTM, medians of {args.runs} runs")
+    print(f"{'hidden':>6} {'eager c/s':>10} {'lean c/s':>10} {'engine c/s':>11} {'x eager':>8} {'x lean':>7}")
+    for hidden in args.hidden:
+        m = bench_size(hidden, args)
+        print(
+            f"{hidden:>6} {m['eager']:>10.0f} {m['lean']:>10.0f} {m['engine']:>11.0f}"
+            f" {m['engine'] / m['eager']:>8.2f} {m['engine'] / m['lean']:>7.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
