@@ -63,6 +63,11 @@ worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 # Shown by ps/top.
 proc_name = "charrnn"
 
+# Gunicorn >= 25.1 opens a control socket (for `gunicornc`) at one fixed path per user, which two
+# servers on one machine would share; we manage the process with signals instead. Older versions
+# ignore this setting.
+control_socket_disable = True
+
 # -- request limits (Gunicorn's defaults, written out so they are visible) -----------------------
 
 limit_request_line = 4094  # bytes in the request line (method, path, query)

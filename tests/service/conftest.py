@@ -134,15 +134,30 @@ def start_gunicorn(model_dir: Path, log_path: Path, **env: str) -> GunicornServe
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
+            process.wait()
             raise RuntimeError(f"gunicorn exited with {process.returncode}:\n{server.log()}")
         try:
             if requests.get(server.url + "/health", timeout=5).status_code == 200:
                 return server
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or the worker is still booting
             pass
         time.sleep(0.2)
     server.stop(signal.SIGKILL)
     raise RuntimeError(f"gunicorn did not become healthy:\n{server.log()}")
+
+
+@pytest.fixture
+def start_server(model_dir: Path, tmp_path: Path) -> Iterator[Callable[..., GunicornServer]]:
+    """Starts Gunicorn servers for one test (CHARRNN_* overrides as keywords); kills any still running after it."""
+    servers: list[GunicornServer] = []
+
+    def start(**env: str) -> GunicornServer:
+        servers.append(start_gunicorn(model_dir, tmp_path / f"server-{len(servers)}.log", **env))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop(signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

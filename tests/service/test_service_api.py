@@ -84,7 +84,9 @@ def test_text_matches_the_sampling_module_for_the_same_seed(client: FlaskClient,
     ckpt = load_checkpoint(model_dir / "tiny.safetensors")
     params = SamplingParams(temperature=0.9, top_k=5, top_p=0.9)
     expected = "".join(t.char for t in generate(ckpt.build_model(), ckpt.vocab, "the", 30, params, seed=11))
-    answer = ok(client, {"prompt": "the", "max_new_chars": 30, "temperature": 0.9, "top_k": 5, "top_p": 0.9, "seed": 11})
+    answer = ok(
+        client, {"prompt": "the", "max_new_chars": 30, "temperature": 0.9, "top_k": 5, "top_p": 0.9, "seed": 11}
+    )
     assert answer["choices"][0]["text"] == expected
 
 
@@ -196,7 +198,7 @@ def test_a_stream_sends_chunks_then_a_done_event(client: FlaskClient) -> None:
 def test_a_stream_of_n_samples_tags_each_chunk_with_its_index(client: FlaskClient) -> None:
     events = stream(client, SEEDED | {"n": 2})
     texts = ["", ""]
-    for name, data in events[:-1]:
+    for _, data in events[:-1]:
         texts[data["index"]] += data["text"]
     assert texts == [c["text"] for c in ok(client, SEEDED | {"n": 2})["choices"]]
     assert [c["index"] for c in events[-1][1]["choices"]] == [0, 1]
@@ -427,7 +429,7 @@ def test_metrics_count_requests_characters_and_first_character_latency(client: F
 def test_each_app_has_its_own_metrics(make_app: Callable[..., Flask]) -> None:
     first, second = make_app().test_client(), make_app().test_client()
     ok(first, SEEDED)
-    assert "route=\"/generate\"" not in second.get("/metrics").get_data(as_text=True)
+    assert 'route="/generate"' not in second.get("/metrics").get_data(as_text=True)
 
 
 def test_openapi_describes_every_endpoint_with_the_configured_limits(make_app: Callable[..., Flask]) -> None:
@@ -438,7 +440,9 @@ def test_openapi_describes_every_endpoint_with_the_configured_limits(make_app: C
     assert request["properties"]["max_new_chars"]["maximum"] == 123
     assert request["properties"]["n"]["maximum"] == 4
     assert request["additionalProperties"] is False
-    assert {"400", "401", "413", "415", "422", "429", "500", "503"} <= doc["paths"]["/generate"]["post"]["responses"].keys()
+    assert {"400", "401", "413", "415", "422", "429", "500", "503"} <= doc["paths"]["/generate"]["post"][
+        "responses"
+    ].keys()
     refs = {m for m in json.dumps(doc).split('"$ref": "')[1:]}
     for ref in refs:
         assert ref.split('"')[0].removeprefix("#/components/schemas/") in doc["components"]["schemas"]

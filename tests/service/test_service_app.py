@@ -68,18 +68,18 @@ def test_a_model_called_default_is_the_default(model_dir: Path, tmp_path: Path) 
 
 
 def test_an_empty_model_dir_refuses_to_start_and_says_how_to_fix_it(tmp_path: Path) -> None:
-    with pytest.raises(StartupError, match="no checkpoints.*CHARRNN_MODEL_DIR"):
+    with pytest.raises(StartupError, match=r"no checkpoints.*CHARRNN_MODEL_DIR"):
         create_app({"MODEL_DIR": tmp_path})
 
 
 def test_a_missing_model_dir_refuses_to_start(tmp_path: Path) -> None:
-    with pytest.raises(StartupError, match="does not exist.*CHARRNN_MODEL_DIR"):
+    with pytest.raises(StartupError, match=r"does not exist.*CHARRNN_MODEL_DIR"):
         create_app({"MODEL_DIR": tmp_path / "nowhere"})
 
 
 def test_a_model_dir_where_nothing_loads_refuses_to_start(tmp_path: Path) -> None:
     (tmp_path / "bad.safetensors").write_bytes(b"\x80\x04 pickled")
-    with pytest.raises(StartupError, match="none of the checkpoints.*bad: .*pickle"):
+    with pytest.raises(StartupError, match=r"none of the checkpoints.*bad: .*pickle"):
         create_app({"MODEL_DIR": tmp_path})
 
 
@@ -116,7 +116,7 @@ def test_a_bad_setting_fails_naming_its_variable(env: dict[str, str], named: str
 
 
 def test_serve_checks_the_model_dir_before_starting_gunicorn(tmp_path: Path, model_dir: Path) -> None:
-    with pytest.raises(ValueError, match="no checkpoints.*--model-dir"):
+    with pytest.raises(ValueError, match=r"no checkpoints.*--model-dir"):
         check_model_dir(tmp_path)
     check_model_dir(model_dir)
 

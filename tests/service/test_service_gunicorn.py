@@ -1,0 +1,149 @@
+"""End to end: a real Gunicorn process (the Dockerfile's command) driven by service/client.py."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import requests
+
+from model.checkpoint import load_checkpoint
+from model.sampling import SamplingParams, generate
+from service.client import Client, ClientError
+
+if TYPE_CHECKING:
+    from conftest import GunicornServer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def api(gunicorn_server: GunicornServer) -> Client:
+    return Client(gunicorn_server.url)
+
+
+def expected_text(model_dir: Path, prompt: str, length: int, seed: int, temperature: float = 0.8) -> str:
+    """What `charrnn sample --seed` would print for this request."""
+    ckpt = load_checkpoint(model_dir / "tiny.safetensors")
+    tokens = generate(
+        ckpt.build_model(), ckpt.vocab, prompt, length, SamplingParams(temperature=temperature), seed=seed
+    )
+    return "".join(t.char for t in tokens)
+
+
+def test_generate_over_http(api: Client, model_dir: Path) -> None:
+    answer = api.generate("the cat", max_new_chars=50, seed=3)
+    assert answer["choices"][0]["text"] == expected_text(model_dir, "the cat", 50, seed=3)
+    assert answer["usage"] == {"prompt_chars": 7, "generated_chars": 50}
+
+
+def test_stream_over_http_yields_the_same_text(api: Client) -> None:
+    pieces = list(api.stream("the cat", max_new_chars=80, seed=5))
+    assert len(pieces) > 1
+    assert "".join(pieces) == api.generate("the cat", max_new_chars=80, seed=5)["choices"][0]["text"]
+
+
+def test_the_stream_ends_with_a_done_event(api: Client) -> None:
+    events = list(api.events("the", max_new_chars=20, seed=1, n=2))
+    assert events[-1][0] == "done"
+    assert [c["finish_reason"] for c in events[-1][1]["choices"]] == ["length", "length"]
+
+
+def test_concurrent_requests_each_get_their_own_seeded_text(api: Client) -> None:
+    seeds = list(range(100, 112))
+    sequential = {s: api.generate("a dog", max_new_chars=60, seed=s)["choices"][0]["text"] for s in seeds}
+
+    def one(seed: int) -> tuple[int, str]:
+        if seed % 2:
+            return seed, "".join(api.stream("a dog", max_new_chars=60, seed=seed))
+        return seed, api.generate("a dog", max_new_chars=60, seed=seed)["choices"][0]["text"]
+
+    with ThreadPoolExecutor(max_workers=len(seeds)) as pool:
+        concurrent = dict(pool.map(one, seeds))
+    assert concurrent == sequential
+
+
+def test_errors_arrive_as_client_errors_with_the_json_body(api: Client) -> None:
+    with pytest.raises(ClientError) as caught:
+        api.generate("the", temperature=9)
+    assert caught.value.status == 422 and caught.value.code == "invalid_value" and caught.value.field == "temperature"
+    with pytest.raises(ClientError) as caught:
+        list(api.stream("QQQ"))
+    assert caught.value.status == 422 and caught.value.code == "unknown_characters"
+
+
+def test_models_and_health_over_http(api: Client) -> None:
+    assert api.models()["models"][0]["name"] == "tiny"
+    assert api.health()["status"] == "ok"
+
+
+def test_a_body_over_the_limit_is_413_from_gunicorn(gunicorn_server: GunicornServer) -> None:
+    body = b'{"prompt": "' + b"a" * 70_000 + b'"}'
+    response = requests.post(
+        gunicorn_server.url + "/generate", data=body, headers={"Content-Type": "application/json"}, timeout=30
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "payload_too_large"
+
+
+@pytest.mark.parametrize("raw", [b'{"temperature": NaN}', b"[" * 10_000 + b"]" * 10_000])
+def test_non_json_numbers_and_deep_nesting_are_400_from_gunicorn(gunicorn_server: GunicornServer, raw: bytes) -> None:
+    response = requests.post(
+        gunicorn_server.url + "/generate", data=raw, headers={"Content-Type": "application/json"}, timeout=30
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_json"
+
+
+def test_no_answer_is_a_client_error_too() -> None:
+    with pytest.raises(ClientError) as caught:
+        Client("http://127.0.0.1:1", timeout=5).health()
+    assert caught.value.status is None and caught.value.code == "connection_error"
+
+
+def test_sigterm_lets_streams_in_flight_finish(model_dir: Path, start_server: Callable[..., GunicornServer]) -> None:
+    server = start_server()
+    api = Client(server.url)
+    seeds, length = [1, 2, 3], 1500
+    started = [threading.Event() for _ in seeds]
+    signalled = threading.Event()
+    results: dict[int, tuple[str, dict]] = {}
+
+    def consume(i: int) -> None:
+        text, done = "", {}
+        for event, data in api.events("the", max_new_chars=length, seed=seeds[i]):
+            if event == "chunk":
+                text += data["text"]
+                if not started[i].is_set():
+                    started[i].set()
+                    signalled.wait(30)  # read nothing more until the server has been told to stop
+            else:
+                done = data
+        results[i] = (text, done)
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(len(seeds))]
+    try:
+        for thread in threads:
+            thread.start()
+        for event in started:
+            assert event.wait(60), server.log()
+        server.process.send_signal(signal.SIGTERM)
+        signalled.set()
+        for thread in threads:
+            thread.join(90)
+        assert server.process.wait(60) == 0
+    finally:
+        signalled.set()
+        server.stop(signal.SIGKILL)
+    for i, seed in enumerate(seeds):
+        text, done = results[i]
+        assert done["choices"][0]["finish_reason"] == "length"
+        assert text == expected_text(model_dir, "the", length, seed=seed)
+    assert "engine stopped" in server.log()
+    with pytest.raises(ClientError):
+        Client(server.url, timeout=5).health()
