@@ -34,9 +34,12 @@ bench: install  ## the benchmark scripts (minutes; see README "Benchmarks")
 	$(BIN)/python bench/train_speed.py
 	$(BIN)/python bench/memory.py
 
-default-model: install  ## retrain the shipped default model (60 minutes on 2 CPU cores)
-	$(BIN)/charrnn train --corpus tinyshakespeare --out runs/shakespeare --preset shakespeare
-	$(BIN)/python -m service.default_model runs/shakespeare
+DEFAULT_MODEL_COMMAND := charrnn train --corpus tinyshakespeare --out runs/shakespeare --preset shakespeare --threads 1
+
+default-model: install  ## retrain the shipped default model (60 minutes on 2 CPU cores), then export it
+	$(BIN)/$(DEFAULT_MODEL_COMMAND)
+	$(BIN)/charrnn export runs/shakespeare --half --corpus tinyshakespeare \
+	    --out service/default_model/shakespeare.safetensors --command "$(DEFAULT_MODEL_COMMAND)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(commands)
     _add_eval(commands)
     _add_corpus(commands)
+    _add_export(commands)
     _add_serve(commands)
     return parser
 
@@ -162,6 +163,20 @@ def _add_corpus(commands: Any) -> None:
     info = sub.add_parser("info", help="size, characters and sha256 of a corpus")
     info.add_argument("name", help="a corpus name or path")
     p.set_defaults(handler=_run_corpus)
+
+
+def _add_export(commands: Any) -> None:
+    p = commands.add_parser(
+        "export",
+        help="write a checkpoint for serving (weights only, optionally float16) with a model card",
+        description="Export a checkpoint for serving, with a model card (NAME.card.json) beside it.",
+    )
+    p.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint, or a run directory (uses best)")
+    p.add_argument("--out", required=True, type=Path, help="the file to write, e.g. models/NAME.safetensors")
+    p.add_argument("--half", action="store_true", help="store float16 weights (half the size)")
+    p.add_argument("--corpus", help="measure validation loss on this corpus (path or name) for the card")
+    p.add_argument("--command", help="the command that trained the model, recorded in the card")
+    p.set_defaults(handler=_run_export)
 
 
 def _add_serve(commands: Any) -> None:
@@ -291,6 +306,27 @@ def _run_corpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_export(args: argparse.Namespace) -> int:
+    from corpora.registry import resolve
+    from model.checkpoint import load_checkpoint
+    from model.data import load_corpus
+    from model.export import card_path, export
+
+    source = checkpoint_path(args.checkpoint)
+    corpus = None
+    if args.corpus:
+        path, name = resolve(args.corpus)
+        corpus = load_corpus(path, vocab=load_checkpoint(source).vocab, name=name)
+    card = export(source, args.out, args.half, corpus, args.command)
+    print(f"wrote {args.out} ({card['file_bytes']:,} bytes) and {card_path(args.out)}")
+    if "validation" in card:
+        print(
+            f"validation loss {card['validation']['loss']:.4f} nats/char "
+            f"(float32 weights: {card['validation']['loss_float32']:.4f})"
+        )
+    return 0
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     from service.server import serve
 
@@ -314,7 +350,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except ConfigError as exc:
         print(f"charrnn {args.command}: error: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
-    except (CorpusError, CheckpointError, TrainingError, SamplingError, UnknownCharactersError, ValueError) as exc:
+    except (
+        CorpusError,
+        CheckpointError,
+        TrainingError,
+        SamplingError,
+        UnknownCharactersError,
+        ValueError,
+        OSError,
+    ) as exc:
         print(f"charrnn {args.command}: error: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         print(f"charrnn {args.command}: interrupted", file=sys.stderr)

@@ -110,3 +110,32 @@ def test_corpus_list_and_info(capsys, text_file: Path) -> None:
     assert code == 0 and "tinyshakespeare" in out and "python-stdlib" in out and "licence" in out
     code, out, _ = run(capsys, "corpus", "info", str(text_file))
     assert code == 0 and "characters: 40,000" in out and "sha256: " in out
+
+
+def test_export_writes_half_precision_weights_and_a_model_card(
+    trained_run: Path, text_file: Path, tmp_path: Path, capsys
+) -> None:
+    import json
+
+    from model.checkpoint import load_checkpoint
+
+    out = tmp_path / "models" / "demo.safetensors"
+    code, stdout, _ = run(
+        capsys,
+        "export",
+        str(trained_run),
+        "--out",
+        str(out),
+        "--half",
+        "--corpus",
+        str(text_file),
+        "--command",
+        "charrnn train --preset tiny",
+    )
+    assert code == 0 and "validation loss" in stdout
+    card = json.loads((tmp_path / "models" / "demo.card.json").read_text())
+    assert card["weights"] == "float16" and card["command"] == "charrnn train --preset tiny"
+    assert abs(card["validation"]["loss"] - card["validation"]["loss_float32"]) < 0.005
+    assert card["sample"]["text"].startswith("ROMEO:") and card["corpus"]["sha256"]
+    assert out.stat().st_size < (trained_run / "best.safetensors").stat().st_size
+    assert load_checkpoint(out).meta["half"] is True

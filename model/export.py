@@ -1,0 +1,75 @@
+"""Export a trained checkpoint for serving: weights only (optionally half precision) and a model card.
+
+The model card (JSON beside the checkpoint) records how the model was made and what it measures: the
+training command, corpus and sha256, steps, wall time, validation loss of the exported weights in the
+project's convention (and of the float32 weights, so the cost of half precision is visible), a sample.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.atomic import atomic_write
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.data import Corpus
+from model.evaluate import bits_per_char, windowed_loss
+from model.sampling import SamplingParams, generate
+
+SAMPLE = {"prompt": "ROMEO:\n", "length": 400, "temperature": 0.8, "seed": 1}
+
+
+def card_path(checkpoint: Path) -> Path:
+    """Where a checkpoint's model card lives: NAME.card.json beside NAME.safetensors."""
+    return checkpoint.with_name(checkpoint.name.removesuffix(".safetensors") + ".card.json")
+
+
+def export(source: Path, out: Path, half: bool, corpus: Corpus | None, command: str | None) -> dict[str, Any]:
+    """Write `out` (weights only) and its model card; returns the card."""
+    ckpt = load_checkpoint(source)
+    model = ckpt.build_model()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {k: v for k, v in ckpt.meta.items() if k not in ("format_version", "model_config", "vocab", "torch_version")}
+    save_checkpoint(out, model, ckpt.vocab, {**meta, "exported_from": source.name, "half": half}, half=half)
+    exported = load_checkpoint(out)
+    card: dict[str, Any] = {
+        "name": out.name.removesuffix(".safetensors"),
+        "command": command,
+        "preset": ckpt.meta.get("preset"),
+        "model_config": ckpt.config.to_dict(),
+        "parameters": model.num_parameters(),
+        "weights": "float16" if half else "float32",
+        "file_bytes": out.stat().st_size,
+        "corpus": ckpt.meta.get("corpus"),
+        "steps": ckpt.meta.get("step"),
+        "train_seconds": ckpt.meta.get("elapsed_s"),
+        "train_config": ckpt.meta.get("train_config"),
+        "torch_version": torch.__version__,
+        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    if corpus is not None:
+        val = corpus.split(ckpt.meta["train_config"]["val_fraction"])[1]
+        full, stored = windowed_loss(model, val), windowed_loss(exported.build_model(), val)
+        card["validation"] = {
+            "convention": "nats/char on the last 10% of the corpus, windows of 256 characters from a zero state",
+            "loss": round(stored, 4),
+            "bits_per_char": round(bits_per_char(stored), 4),
+            "loss_float32": round(full, 4),
+            "chars": len(val),
+        }
+    tokens = generate(
+        exported.build_model(),
+        exported.vocab,
+        SAMPLE["prompt"],
+        SAMPLE["length"],
+        SamplingParams(temperature=SAMPLE["temperature"]),
+        seed=SAMPLE["seed"],
+    )
+    card["sample"] = {**SAMPLE, "text": SAMPLE["prompt"] + "".join(t.char for t in tokens)}
+    with atomic_write(card_path(out)) as fh:
+        fh.write((json.dumps(card, indent=2, ensure_ascii=False) + "\n").encode())
+    return card
