@@ -85,11 +85,11 @@ def choose_rows(
     text does not depend on what else shares the batch. Greedy rows and rows with only a
     temperature are done together; rows with top-k/top-p go through `choose` one at a time.
     """
+    if len(params) == 1:  # one stream: no gathering of rows
+        return [_choose_one(logits[0], params[0], generators[0])]
     ids = [0] * len(params)
     greedy = [i for i, p in enumerate(params) if p.temperature == 0]
-    plain = [i for i, p in enumerate(params) if p.temperature > 0 and p.top_k is None and p.top_p >= 1.0]
-    if not _exponential_race_is_multinomial():
-        plain = []
+    plain = [i for i, p in enumerate(params) if _is_plain(p)]
     for i in set(range(len(params))).difference(greedy, plain):
         ids[i] = choose(logits[i], params[i], generators[i])
     if greedy:
@@ -97,8 +97,9 @@ def choose_rows(
         for i, pick in zip(greedy, picked, strict=True):
             ids[i] = pick
     if plain:
+        rows = logits if len(plain) == len(params) else logits[plain]
         temperatures = torch.tensor([[max(params[i].temperature, 1e-6)] for i in plain])  # (rows, 1)
-        probs = (logits[plain].float() / temperatures).softmax(-1)  # (rows, vocab)
+        probs = (rows.float() / temperatures).softmax(-1)  # (rows, vocab)
         race = torch.empty_like(probs)
         for row, i in enumerate(plain):
             race[row].exponential_(1, generator=generators[i])
@@ -106,6 +107,21 @@ def choose_rows(
         for i, pick in zip(plain, picked, strict=True):
             ids[i] = pick
     return ids
+
+
+def _is_plain(params: SamplingParams) -> bool:
+    """A temperature and nothing else, drawn the way multinomial draws (see `choose_rows`)."""
+    return (
+        params.temperature > 0 and params.top_k is None and params.top_p >= 1.0 and _exponential_race_is_multinomial()
+    )
+
+
+def _choose_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """`choose` for one row (vocab,), without multinomial's argument checks where they cannot fail."""
+    if not _is_plain(params):
+        return choose(logits, params, generator)
+    probs = (logits.float() / max(params.temperature, 1e-6)).softmax(-1)
+    return int((probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax())
 
 
 @functools.cache

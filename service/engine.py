@@ -35,6 +35,10 @@ from service.prompt_cache import PromptCache
 log = logging.getLogger(__name__)
 
 FINISH_REASONS = ("length", "stop", "cancelled", "deadline", "error")
+# Readers are woken at most this often while a job runs (and at once for its first and last
+# tokens): a woken thread takes the GIL from the scheduler, and a reader woken per character
+# would slow every stream down for no one's benefit.
+WAKE_INTERVAL = 0.002
 
 
 class QueueFullError(Exception):
@@ -87,6 +91,7 @@ class Job:
         self._tokens: list[Token] = []
         self._changed = threading.Condition()
         self._wake = wake
+        self._woken = 0.0
         self.cancel_requested = False
         # Set by the scheduler thread when the job is admitted.
         self.generator: torch.Generator | None = None
@@ -132,11 +137,16 @@ class Job:
     def publish(self, tokens: list[Token], finish_reason: str | None = None) -> None:
         """Scheduler side: append tokens and, if given, finish; wakes every reader."""
         with self._changed:
+            if self.finish_reason is not None:
+                return  # finished already (a failing step fails its whole batch)
             self._tokens.extend(tokens)
             self.generated_chars += len(tokens)
             if finish_reason is not None:
                 self.finish_reason = finish_reason
-            self._changed.notify_all()
+            now = time.monotonic()
+            if finish_reason is not None or now - self._woken >= WAKE_INTERVAL:
+                self._woken = now
+                self._changed.notify_all()
 
 
 class Engine:
@@ -165,6 +175,7 @@ class Engine:
         self._closing = False
         self._abort = False
         self._thread: threading.Thread | None = None
+        self._active = 0  # jobs in batches; written by the scheduler thread only
         self._mean_job_seconds = 1.0
         self.completed = 0
 
@@ -176,7 +187,7 @@ class Engine:
     @property
     def active(self) -> int:
         """Jobs being stepped now."""
-        return sum(len(b.jobs) for b in list(self._batches.values()))
+        return self._active
 
     def start(self) -> None:
         """Start the scheduler thread (idempotent)."""
@@ -236,9 +247,10 @@ class Engine:
                     break
                 for job in admitted:
                     self._start_job(job)
-                for batch in list(self._batches.values()):
+                for batch in self._batches.values():
                     if batch.jobs:
                         self._advance(batch)
+                self._active = sum(len(b.jobs) for b in self._batches.values())
         for batch in self._batches.values():
             for job in batch.jobs:
                 job.publish([], "cancelled")
@@ -246,14 +258,16 @@ class Engine:
 
     def _next_admissions(self) -> list[Job] | None:
         """Queued jobs that may start now; waits while there is nothing to do; None: stop."""
+        if not self._queue and self._active and not self._closing:
+            return []  # the common case, without taking the lock
         with self._wake:
             while True:
                 self._sweep_queue()
-                if self._abort or (self._closing and not self._queue and not self.active):
+                if self._abort or (self._closing and not self._queue and not self._active):
                     return None
-                free = self._slots - self.active
+                free = self._slots - self._active
                 admitted = [self._queue.popleft() for _ in range(min(free, len(self._queue)))]
-                if admitted or self.active:
+                if admitted or self._active:
                     return admitted
                 self._wake.wait(self._next_queue_deadline())
 
@@ -292,6 +306,7 @@ class Engine:
             if batch is None:
                 batch = self._batches[loaded.name] = make_batch(loaded.model, self.max_batch)
             batch.add(job, entry[0], entry[1])
+            self._active += 1
         except Exception:
             log.exception("job %s failed to start", job.id)
             job.publish([], "error")
@@ -305,7 +320,7 @@ class Engine:
             vocab = self.models[batch.jobs[0].spec.model].vocab
             ids = choose_rows(batch.logits, [j.spec.params for j in batch.jobs], [j.generator for j in batch.jobs])
             logprobs = batch.logits.log_softmax(-1)  # (batch, vocab), before temperature and cut-offs
-            picked = logprobs.gather(1, torch.tensor(ids).unsqueeze(1)).squeeze(1).tolist()
+            picked = _picked(logprobs, ids)
             running = []
             for row, job in enumerate(batch.jobs):
                 token = Token(vocab.chars[ids[row]], picked[row], _top(vocab, logprobs[row], job.spec.top_logprobs))
@@ -317,6 +332,7 @@ class Engine:
                 batch.step([ids[row] for row in running])
         except Exception:
             log.exception("batch step failed; failing its %d jobs", len(batch.jobs))
+            self._active -= len(batch.jobs)
             for job in batch.jobs:
                 job.publish([], "error")
             batch.keep([])
@@ -348,6 +364,7 @@ class Engine:
         return False
 
     def _finish(self, job: Job, tokens: list[Token], reason: str) -> None:
+        self._active -= 1  # before readers can see the job finished
         job.publish(tokens, reason)
         self.completed += 1
         elapsed = time.monotonic() - getattr(job, "admitted", job.submitted)
@@ -373,6 +390,13 @@ def _check_spec(spec: JobSpec, vocab_size: int) -> None:
         raise SamplingError("prompt", "holds ids outside the model's vocabulary")
     if spec.top_logprobs < 0:
         raise SamplingError("top_logprobs", f"must be >= 0, got {spec.top_logprobs}")
+
+
+def _picked(logprobs: torch.Tensor, ids: list[int]) -> list[float]:
+    """logprobs[row, ids[row]] for every row, as floats."""
+    if len(ids) == 1:
+        return [logprobs[0].tolist()[ids[0]]]
+    return logprobs.gather(1, torch.tensor(ids).unsqueeze(1)).squeeze(1).tolist()
 
 
 def _top(vocab: Vocab, logprobs: torch.Tensor, k: int) -> tuple[tuple[str, float], ...] | None:
