@@ -89,10 +89,17 @@ def encode_prompt(loaded: LoadedModel, prompt: str, unknown: str, field_name: st
         raise ApiError(422, "unknown_characters", str(exc), field_name) from None
 
 
+# model.sampling compares top_p with float32 probabilities, where a top_p below ~1e-45 rounds to 0
+# and cuts every character (NaN probabilities). Any top_p below the likeliest character's probability
+# (>= 1/vocabulary size) keeps exactly that one character, so raising tiny values to this floor
+# changes no answer.
+MIN_TOP_P = 1e-30
+
+
 def sampling_params(temperature: float, top_k: int | None, top_p: float) -> SamplingParams:
     """SamplingParams; an out-of-range value is a 422 naming its field."""
     try:
-        return SamplingParams(temperature=float(temperature), top_k=top_k, top_p=float(top_p))
+        return SamplingParams(temperature=float(temperature), top_k=top_k, top_p=max(float(top_p), MIN_TOP_P))
     except SamplingError as exc:
         raise ApiError(422, "invalid_value", str(exc), exc.field) from None
 

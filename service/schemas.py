@@ -18,6 +18,7 @@ from pydantic import (
     StringConstraints,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 MAX_SEED = 2**63 - 1
@@ -60,6 +61,14 @@ def _check_limit(info: ValidationInfo, setting: str, value: int, what: str) -> N
         raise ValueError(f"must be at most {limit} {what} on this server, got {value}")
 
 
+def _capped_default(data: Any, info: ValidationInfo, field: str, default: int) -> Any:
+    """Fill a missing length field with its default, lowered to the server's limit if that is smaller."""
+    config = (info.context or {}).get("config")
+    if isinstance(data, dict) and field not in data and config is not None:
+        return data | {field: min(default, config.max_new_chars)}
+    return data
+
+
 class SamplingFields(StrictModel):
     """The sampling fields shared by /generate and /v1/completions."""
 
@@ -85,13 +94,20 @@ class GenerateRequest(SamplingFields):
     """POST /generate."""
 
     prompt: str = Field("", description="text to continue; may be empty")
-    max_new_chars: int = Field(200, ge=1, description="characters to generate at most")
+    max_new_chars: int = Field(
+        200, ge=1, description="characters to generate at most (default 200, or the server's limit if lower)"
+    )
     stop: StopStrings = Field(
         default_factory=list, description="up to 4 strings; generation ends when one appears (it is not returned)"
     )
     model: str | None = Field(None, description="a name from GET /models; null: the default model")
     logprobs: bool = Field(False, description="per generated character, its log-probability and 5 alternatives")
     stream: bool = Field(False, description="answer with Server-Sent Events as the characters are generated")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_length(cls, data: Any, info: ValidationInfo) -> Any:
+        return _capped_default(data, info, "max_new_chars", 200)
 
     @field_validator("prompt")
     @classmethod
@@ -243,6 +259,11 @@ class CompletionRequest(SamplingFields):
     user: str | None = Field(None, description="accepted and ignored")
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="accepted only as 0")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="accepted only as 0")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_length(cls, data: Any, info: ValidationInfo) -> Any:
+        return _capped_default(data, info, "max_tokens", 16)
 
     @field_validator("prompt")
     @classmethod

@@ -455,3 +455,27 @@ def test_the_docs_page_loads_nothing_from_the_internet(client: FlaskClient) -> N
             text = asset.get_data(as_text=True)
         assert "http://" not in text and "https://" not in text
         assert "<script" not in text or 'src="static/' in text  # scripts only from this server
+
+
+def test_the_default_length_is_lowered_to_a_smaller_configured_limit(make_app: Callable[..., Flask]) -> None:
+    client = make_app(MAX_NEW_CHARS=30).test_client()
+    assert len(ok(client, {"prompt": "the"})["choices"][0]["text"]) == 30
+
+
+@pytest.mark.parametrize("top_p", [1e-300, 5e-324, 1e-40])
+def test_a_tiny_top_p_keeps_only_the_likeliest_character(client: FlaskClient, top_p: float) -> None:
+    body = {"prompt": "the", "max_new_chars": 30, "seed": 3, "temperature": 2.0}
+    answer = ok(client, body | {"top_p": top_p, "n": 2})
+    assert answer["choices"][0]["text"] == ok(client, body | {"top_k": 1})["choices"][0]["text"]
+
+
+def test_closing_a_stream_cancels_its_generations(app: Flask, monkeypatch) -> None:
+    engine = app.extensions["charrnn"].engine
+    jobs = []
+    real_submit = engine.submit
+    monkeypatch.setattr(engine, "submit", lambda spec: jobs.append(real_submit(spec)) or jobs[-1])
+    response = app.test_client().post("/generate", json=SEEDED | {"max_new_chars": 2000, "n": 2, "stream": True})
+    first = next(iter(response.response))
+    assert first.startswith(b"event: chunk")
+    response.close()  # what the WSGI server does when the client has gone
+    assert [job.result()[1] for job in jobs] == ["cancelled", "cancelled"]
