@@ -61,15 +61,16 @@ def export(source: Path, out: Path, half: bool, corpus: Corpus | None, command: 
             "loss_float32": round(full, 4),
             "chars": len(val),
         }
+    prompt = "".join(c for c in SAMPLE["prompt"] if c in exported.vocab)  # a code corpus may lack "R", ":"
     tokens = generate(
         exported.build_model(),
         exported.vocab,
-        SAMPLE["prompt"],
+        prompt,
         SAMPLE["length"],
         SamplingParams(temperature=SAMPLE["temperature"]),
         seed=SAMPLE["seed"],
     )
-    card["sample"] = {**SAMPLE, "text": SAMPLE["prompt"] + "".join(t.char for t in tokens)}
+    card["sample"] = {**SAMPLE, "prompt": prompt, "text": prompt + "".join(t.char for t in tokens)}
     with atomic_write(card_path(out)) as fh:
         fh.write((json.dumps(card, indent=2, ensure_ascii=False) + "\n").encode())
     return card
