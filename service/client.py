@@ -46,6 +46,8 @@ class Client:
 
     def generate(self, prompt: str = "", **params: Any) -> dict[str, Any]:
         """POST /generate; the parsed answer (`choices`, `usage`, `seed`, ...). Parameters as the API names them."""
+        if params.get("stream"):
+            raise TypeError("generate() returns one answer; use stream() or events() to stream")
         response = self._request("POST", "/generate", json={"prompt": prompt, **params})
         return response.json()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 from flask import Blueprint, Response, jsonify
@@ -24,6 +25,8 @@ from service.schemas import (
 )
 from service.sse import sse_comment, sse_event, sse_response
 from service.validation import parse_json_body, validate
+
+log = logging.getLogger(__name__)
 
 bp = Blueprint("generate", __name__)
 
@@ -74,6 +77,9 @@ def _events(run: Run, plan: Plan, answer_id: str, logprobs: bool) -> Iterator[st
         yield sse_event(dump(done), "done")
     except ApiError as exc:
         yield sse_event(exc.body(), "error")
+    except Exception:  # the status line has gone out: report the failure in the stream itself
+        log.exception("stream %s failed", answer_id)
+        yield sse_event(ApiError(500, "internal_error", "generation failed").body(), "error")
 
 
 def _text(tokens: list[Token]) -> str:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 
@@ -25,6 +26,8 @@ from service.schemas import (
 )
 from service.sse import sse_comment, sse_event, sse_response
 from service.validation import parse_json_body, validate
+
+log = logging.getLogger(__name__)
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -104,6 +107,9 @@ def _events(
         yield sse_event("[DONE]")
     except ApiError as exc:
         yield sse_event(exc.openai_body())
+    except Exception:  # the status line has gone out: report the failure in the stream itself
+        log.exception("stream %s failed", head["id"])
+        yield sse_event(ApiError(500, "internal_error", "generation failed").openai_body())
 
 
 def _finish_reason(reason: str) -> str:

@@ -49,7 +49,7 @@ function schemaTable(schema) {
 }
 
 function curlExample(method, path, example, secured) {
-  const auth = secured ? " -H 'Authorization: Bearer $KEY'" : "";
+  const auth = secured ? ' -H "Authorization: Bearer $CHARRNN_KEY"' : "";
   const body = example ? ` -H 'Content-Type: application/json' -d '${JSON.stringify(example)}'` : "";
   return `curl -X ${method.toUpperCase()} ${location.origin}${path}${auth}${body}`;
 }

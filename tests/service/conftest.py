@@ -113,9 +113,9 @@ class GunicornServer:
             return self.process.wait()
 
 
-def start_gunicorn(model_dir: Path, log_path: Path, **env: str) -> GunicornServer:
-    """Start Gunicorn with the Dockerfile's command and wait until /health answers 200."""
-    port = free_port()
+def start_gunicorn(model_dir: Path, log_path: Path, command: list[str] | None = None, **env: str) -> GunicornServer:
+    """Start Gunicorn (by default with the Dockerfile's command) and wait until /health answers 200."""
+    port = int(env.pop("CHARRNN_PORT", 0)) or free_port()
     environment = os.environ | {
         "CHARRNN_MODEL_DIR": str(model_dir),
         "CHARRNN_HOST": "127.0.0.1",
@@ -125,8 +125,9 @@ def start_gunicorn(model_dir: Path, log_path: Path, **env: str) -> GunicornServe
         "CHARRNN_GRACEFUL_TIMEOUT": "20",
         **env,
     }
-    executable = Path(sys.executable).with_name("gunicorn")
-    command = [str(executable) if executable.exists() else "gunicorn", *GUNICORN_COMMAND[1:]]
+    if command is None:
+        executable = Path(sys.executable).with_name("gunicorn")
+        command = [str(executable) if executable.exists() else "gunicorn", *GUNICORN_COMMAND[1:]]
     log_file = open(log_path, "wb")  # noqa: SIM115 -- handed to the child process, closed with it
     process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=log_file, stderr=subprocess.STDOUT)
     log_file.close()
@@ -151,8 +152,8 @@ def start_server(model_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Guni
     """Starts Gunicorn servers for one test (CHARRNN_* overrides as keywords); kills any still running after it."""
     servers: list[GunicornServer] = []
 
-    def start(**env: str) -> GunicornServer:
-        servers.append(start_gunicorn(model_dir, tmp_path / f"server-{len(servers)}.log", **env))
+    def start(command: list[str] | None = None, **env: str) -> GunicornServer:
+        servers.append(start_gunicorn(model_dir, tmp_path / f"server-{len(servers)}.log", command, **env))
         return servers[-1]
 
     yield start

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import socket
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +20,14 @@ from service.client import Client, ClientError
 
 if TYPE_CHECKING:
     from conftest import GunicornServer
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
 
 pytestmark = pytest.mark.slow
 
@@ -147,3 +157,12 @@ def test_sigterm_lets_streams_in_flight_finish(model_dir: Path, start_server: Ca
     assert "engine stopped" in server.log()
     with pytest.raises(ClientError):
         Client(server.url, timeout=5).health()
+
+
+def test_charrnn_serve_runs_the_service(model_dir: Path, start_server: Callable[..., GunicornServer]) -> None:
+    # The flags win over the environment the fixture sets (its CHARRNN_MODEL_DIR points elsewhere).
+    port = free_port()
+    command = [sys.executable, "-m", "model.cli", "serve", "--model-dir", str(model_dir), "--port", str(port)]
+    server = start_server(command, CHARRNN_MODEL_DIR="/nonexistent", CHARRNN_PORT=str(port))
+    assert Client(server.url).generate("the", max_new_chars=5)["usage"]["generated_chars"] == 5
+    assert server.stop() == 0
