@@ -8,6 +8,7 @@ python bench/memory.py [--gigabytes 1.0] [--keep DIR]
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,8 +79,9 @@ def main() -> None:
         if not corpus.exists() or corpus.stat().st_size < args.gigabytes * 1e9:
             write_text(corpus, int(args.gigabytes * 1e9), block=16 << 20)
         print(f"corpus: {corpus.stat().st_size / 1e9:.2f} GB generated in {time.perf_counter() - start:.0f} s")
-        for label in ("first run (encodes the corpus)", "second run (cached encoding)"):
-            peak, wall = train_once(corpus, root / "run", root / "cache")
+        for run, label in enumerate(("first run (encodes the corpus)", "second run (cached encoding)")):
+            shutil.rmtree(root / f"run{run}", ignore_errors=True)
+            peak, wall = train_once(corpus, root / f"run{run}", root / "cache")
             verdict = "OK" if peak < LIMIT_GB else "OVER"
             print(f"{label}: peak RSS {peak:.2f} GB ({verdict}: limit {LIMIT_GB} GB), {wall:.0f} s wall")
 

@@ -102,6 +102,11 @@ class Trainer:
         self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
         if resume:
             self._restore()
+        elif (self.out_dir / LAST).exists() or (self.out_dir / BEST).exists():
+            raise TrainingError(
+                f"{self.out_dir} already holds a training run; pass --resume to continue it, "
+                "or choose another --out (nothing there is overwritten)"
+            )
 
     # -- the loop -------------------------------------------------------------------------------
 

@@ -118,5 +118,7 @@ def test_resume_refuses_a_different_model(text_file: Path, tmp_path: Path) -> No
     other_cfg, _ = tiny_configs(len(corpus.vocab), hidden=32)
     with pytest.raises(TrainingError, match="--resume"):
         Trainer(other_cfg, cfg, corpus, tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(TrainingError, match="already holds a training run"):
+        Trainer(model_cfg, cfg, corpus, tmp_path / "run", progress=False)
     with pytest.raises(TrainingError, match=r"no last\.safetensors"):
         Trainer(model_cfg, cfg, corpus, tmp_path / "empty", resume=True, progress=False)
