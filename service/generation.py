@@ -155,10 +155,9 @@ class Run:
                     self._record_first_char()
             results = [job.result() for job in self.jobs]
         finally:
-            self.cancel()
+            self._end()
         for _, reason in results:
             _check_finish(reason)
-        self._record_generated()
         return results
 
     def stream(self) -> Iterator[tuple[int, list[Token] | None, str | None]]:
@@ -175,16 +174,17 @@ class Run:
                     yield index, tokens, None
                 _check_finish(job.finish_reason)
                 yield index, None, job.finish_reason
-            self._record_generated()
         finally:
-            self.cancel()
+            self._end()
 
     def _record_first_char(self) -> None:
         self.first_char_at = time.monotonic()
         model = self.jobs[0].spec.model
         self.service.metrics.time_to_first_char.labels(model).observe(self.first_char_at - self.started)
 
-    def _record_generated(self) -> None:
+    def _end(self) -> None:
+        """Cancel whatever still runs (a client gone, an error) and count the characters generated."""
+        self.cancel()
         for job in self.jobs:
             self.service.metrics.generated_chars.labels(job.spec.model).inc(job.generated_chars)
 

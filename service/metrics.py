@@ -39,7 +39,7 @@ class Metrics:
         self.in_flight = Gauge("charrnn_http_requests_in_flight", "Requests being answered now", registry=r)
         self.time_to_first_char = Histogram(
             "charrnn_time_to_first_char_seconds",
-            "Time from request to the first generated character",
+            "Time from a request's submission to the engine to its first generated character",
             ["model"],
             buckets=FIRST_CHAR_BUCKETS,
             registry=r,

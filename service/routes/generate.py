@@ -50,7 +50,9 @@ def generate() -> Response:
     run = Run(service)
     run.submit([plan])
     if body.stream:
-        return sse_response(_events(run, plan, new_id(), body.logprobs))
+        response = sse_response(_events(run, plan, new_id(), body.logprobs))
+        response.call_on_close(run.cancel)  # also when the client leaves before the first event
+        return response
     choices = [
         Choice(index=i, text=_text(tokens), finish_reason=reason, logprobs=_logprobs(tokens) if body.logprobs else None)
         for i, (tokens, reason) in enumerate(run.results())

@@ -68,7 +68,9 @@ def completions() -> Response:
     prefixes = [prompt if body.echo else "" for prompt in body.prompts() for _ in range(body.n)]
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return sse_response(_events(run, plans, head, prefixes, body.logprobs, include_usage))
+        response = sse_response(_events(run, plans, head, prefixes, body.logprobs, include_usage))
+        response.call_on_close(run.cancel)  # also when the client leaves before the first event
+        return response
     choices = [
         CompletionChoice(
             index=i,

@@ -479,3 +479,13 @@ def test_closing_a_stream_cancels_its_generations(app: Flask, monkeypatch) -> No
     assert first.startswith(b"event: chunk")
     response.close()  # what the WSGI server does when the client has gone
     assert [job.result()[1] for job in jobs] == ["cancelled", "cancelled"]
+
+
+def test_a_stream_closed_before_its_first_event_is_cancelled_too(app: Flask, monkeypatch) -> None:
+    engine = app.extensions["charrnn"].engine
+    jobs = []
+    real_submit = engine.submit
+    monkeypatch.setattr(engine, "submit", lambda spec: jobs.append(real_submit(spec)) or jobs[-1])
+    response = app.test_client().post("/generate", json=SEEDED | {"max_new_chars": 2000, "stream": True})
+    response.close()
+    assert jobs[0].result()[1] == "cancelled"
