@@ -8,12 +8,17 @@ steps; `step` feeds one character id per row through the network:
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from model.network import CharRNN, state_from_tensors, state_tensors
+from model.sampling import SamplingParams, choose, choose_rows
+from service import native_lstm
+
+NATIVE_MAX_ROWS = 4  # the C kernel steps batches up to this size; MKL's GEMM is faster beyond
 
 
 class RecurrentBatch:
@@ -39,6 +44,14 @@ class RecurrentBatch:
         index = torch.tensor(rows, dtype=torch.long)
         self.logits = self.logits.index_select(0, index)
         self.state = [s.index_select(1, index) for s in self.state]
+
+    def sample(self, params: list[SamplingParams], generators: list[torch.Generator]) -> tuple[list[int], list[float]]:
+        """One id per row, drawn as `model.sampling.choose` draws, and its log-probability under the model."""
+        ids = choose_rows(self.logits, params, generators)
+        logprobs = self.logits.log_softmax(-1)  # (batch, vocab), before temperature and cut-offs
+        if len(ids) == 1:
+            return ids, [logprobs[0].tolist()[ids[0]]]
+        return ids, logprobs.gather(1, torch.tensor(ids).unsqueeze(1)).squeeze(1).tolist()
 
     def step(self, ids: list[int]) -> None:
         """Feed one id per row; logits and state move on by one character."""
@@ -157,8 +170,64 @@ class FastLSTMBatch(RecurrentBatch):
         return views
 
 
-def make_batch(model: CharRNN, capacity: int) -> RecurrentBatch:
+class NativeLSTMBatch(FastLSTMBatch):
+    """FastLSTMBatch whose small batches are stepped, and whose plain draws are made, by the C kernel.
+
+    Same buffers and weight layouts as the parent (see service/native_lstm.py); batches larger than
+    NATIVE_MAX_ROWS go through the parent's PyTorch step.
+    """
+
+    def __init__(self, model: CharRNN, capacity: int, lib: Any):
+        super().__init__(model, capacity)
+        if model.config.layers > native_lstm.MAX_LAYERS:
+            raise ValueError("too many layers for the native kernel")
+        self.lib = lib
+        self.noise = torch.zeros(capacity, model.config.vocab_size)
+        self._ids_np = self.ids.numpy()
+        self._logprob = ctypes.c_float()
+        net = native_lstm.Net(layers=model.config.layers, hidden=model.config.hidden)
+        net.vocab, net.capacity = model.config.vocab_size, capacity
+        net.table, net.head_w, net.head_b = self.table.data_ptr(), self.head_w.data_ptr(), self.head_b.data_ptr()
+        for layer, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            net.w[layer] = w.data_ptr()
+            net.b[layer] = 0 if b is None else b.data_ptr()
+        net.hs, net.cs, net.gates, net.logits = (t.data_ptr() for t in (self.hs, self.cs, self.gates, self.out))
+        self.net = ctypes.byref(net)
+        self._net = net  # keeps the struct alive; the tensors it points into are attributes of self
+
+    def sample(self, params: list[SamplingParams], generators: list[torch.Generator]) -> tuple[list[int], list[float]]:
+        n, vocab = len(params), self.model.config.vocab_size
+        ids, logprobs = [0] * n, [0.0] * n
+        for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
+            if p.temperature > 0 and p.top_k is None and p.top_p >= 1.0:
+                noise = self.noise[row].exponential_(1, generator=generator)  # multinomial's own draw
+                ids[row] = self.lib.charrnn_draw(
+                    self.out.data_ptr() + 4 * row * vocab,
+                    vocab,
+                    max(p.temperature, 1e-6),
+                    noise.data_ptr(),
+                    ctypes.byref(self._logprob),
+                )
+                logprobs[row] = self._logprob.value
+            else:
+                ids[row] = choose(self.out[row], p, generator)
+                logprobs[row] = self.out[row].log_softmax(-1)[ids[row]].item()
+        return ids, logprobs
+
+    def step(self, ids: list[int]) -> None:
+        n = len(ids)
+        if n > NATIVE_MAX_ROWS:
+            super().step(ids)
+            return
+        self._ids_np[:n] = ids
+        self.lib.charrnn_lstm_step(self.net, n, self.ids.data_ptr())
+
+
+def make_batch(model: CharRNN, capacity: int, native: bool = True) -> RecurrentBatch:
     """The batch implementation for this model: the lean LSTM step where it applies, else the module's."""
-    if model.config.cell == "lstm":
-        return FastLSTMBatch(model, capacity)
-    return RecurrentBatch(model, capacity)
+    if model.config.cell != "lstm":
+        return RecurrentBatch(model, capacity)
+    lib = native_lstm.load() if native else None
+    if lib is not None and model.config.layers <= native_lstm.MAX_LAYERS:
+        return NativeLSTMBatch(model, capacity, lib)
+    return FastLSTMBatch(model, capacity)

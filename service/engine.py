@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from model.network import CharRNN, state_tensors
-from model.sampling import SamplingError, SamplingParams, StopMatcher, Token, choose_rows, prefill, start_ids
+from model.sampling import SamplingError, SamplingParams, StopMatcher, Token, prefill, start_ids
 from model.vocab import Vocab
 from service.batch import RecurrentBatch, make_batch
 from service.prompt_cache import PromptCache
@@ -160,6 +160,7 @@ class Engine:
         max_queue: int = 256,
         batching: bool = True,
         prompt_cache_bytes: int = 64 << 20,
+        native: bool = True,
     ):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
@@ -168,6 +169,7 @@ class Engine:
         self.max_queue = max_queue
         self.batching = batching
         self.prompt_cache = PromptCache(prompt_cache_bytes)
+        self.native = native  # step small LSTM batches with the C kernel when it can be built
         self._slots = max_batch if batching else 1
         self._wake = threading.Condition()
         self._queue: deque[Job] = deque()
@@ -304,7 +306,7 @@ class Engine:
             job.admitted = time.monotonic()
             batch = self._batches.get(loaded.name)
             if batch is None:
-                batch = self._batches[loaded.name] = make_batch(loaded.model, self.max_batch)
+                batch = self._batches[loaded.name] = make_batch(loaded.model, self.max_batch, self.native)
             batch.add(job, entry[0], entry[1])
             self._active += 1
         except Exception:
@@ -318,12 +320,11 @@ class Engine:
             if not batch.jobs:
                 return
             vocab = self.models[batch.jobs[0].spec.model].vocab
-            ids = choose_rows(batch.logits, [j.spec.params for j in batch.jobs], [j.generator for j in batch.jobs])
-            logprobs = batch.logits.log_softmax(-1)  # (batch, vocab), before temperature and cut-offs
-            picked = _picked(logprobs, ids)
+            ids, picked = batch.sample([j.spec.params for j in batch.jobs], [j.generator for j in batch.jobs])
             running = []
             for row, job in enumerate(batch.jobs):
-                token = Token(vocab.chars[ids[row]], picked[row], _top(vocab, logprobs[row], job.spec.top_logprobs))
+                top = _top(vocab, batch.logits[row], job.spec.top_logprobs)
+                token = Token(vocab.chars[ids[row]], picked[row], top)
                 if self._emit(job, token):
                     running.append(row)
             if len(running) < len(batch.jobs):
@@ -392,16 +393,10 @@ def _check_spec(spec: JobSpec, vocab_size: int) -> None:
         raise SamplingError("top_logprobs", f"must be >= 0, got {spec.top_logprobs}")
 
 
-def _picked(logprobs: torch.Tensor, ids: list[int]) -> list[float]:
-    """logprobs[row, ids[row]] for every row, as floats."""
-    if len(ids) == 1:
-        return [logprobs[0].tolist()[ids[0]]]
-    return logprobs.gather(1, torch.tensor(ids).unsqueeze(1)).squeeze(1).tolist()
-
-
-def _top(vocab: Vocab, logprobs: torch.Tensor, k: int) -> tuple[tuple[str, float], ...] | None:
+def _top(vocab: Vocab, logits: torch.Tensor, k: int) -> tuple[tuple[str, float], ...] | None:
     """The k most likely characters and their log-probabilities, as `model.sampling` reports them."""
     if not k:
         return None
+    logprobs = logits.log_softmax(-1)
     values, ids = torch.topk(logprobs, min(k, logprobs.numel()))
     return tuple((vocab.chars[i], v) for v, i in zip(values.tolist(), ids.tolist(), strict=True))

@@ -89,9 +89,10 @@ def mixed_specs(loaded: LoadedModel, count: int) -> list[JobSpec]:
     ]
 
 
-@pytest.mark.parametrize("batching", [True, False])
-def test_jobs_give_the_same_text_as_generate(loaded: LoadedModel, batching: bool) -> None:
-    engine = Engine({loaded.name: loaded}, max_batch=6, batching=batching)
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize("batching", [True, False], ids=["batched", "unbatched"])
+def test_jobs_give_the_same_text_as_generate(loaded: LoadedModel, batching: bool, native: bool) -> None:
+    engine = Engine({loaded.name: loaded}, max_batch=6, batching=batching, native=native)
     engine.start()
     specs = mixed_specs(loaded, 15)
     jobs = [engine.submit(s) for s in specs]  # more jobs than slots: some wait, then join mid-batch

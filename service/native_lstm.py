@@ -1,0 +1,219 @@
+"""A small C kernel for the LSTM step and the draw of one character, for batches of a few rows.
+
+Why: one stream's step is a handful of matrix-vector products and some gate arithmetic; in PyTorch
+each of its ~25 operations costs microseconds of Python and dispatcher overhead, which for one row
+is as much as the arithmetic itself, and MKL's one-row sgemm reads the weights slower than the
+machine can. One C call does a whole step (and one the draw), with the GIL released.
+
+The C source below is compiled on first use with the system's C compiler (`cc`, -O3, AVX2/FMA when
+the CPU has them) into a cache directory, keyed by a hash of source and flags; if there is no
+compiler, or `CHARRNN_NATIVE=0`, `load()` returns None and the engine uses its PyTorch step.
+
+Numerics: float32 throughout, like the model; sums run in another order than MKL's and exp is a
+polynomial (Cephes expf, ~1 ulp), so results equal the PyTorch step's to float rounding, not bit for
+bit (see docs/ENGINE_INTERFACE.md on what that means for the text).
+
+Layouts (row-major float32; gate columns reordered to i, f, o, g):
+    table (vocab, 4H)   layer 0's input projection, embedding and both biases folded in
+    w[0]  (H, 4H)       layer 0's recurrent weights; w[l] (2H, 4H) = [W_ih_l; W_hh_l] for l >= 1
+    b[l]  (4H,)         b_ih_l + b_hh_l for l >= 1
+    hs    (capacity, layers * H)   every layer's h, side by side in a row
+    cs    (layers, capacity, H)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef struct {
+    int layers, hidden, vocab, capacity;
+    const float *table, *head_w, *head_b;
+    const float *w[16], *b[16];
+    float *hs, *cs, *gates, *logits;
+} Net;
+
+/* Cephes expf: range reduction by ln 2, a degree-6 polynomial; branch-free so loops vectorize. */
+static inline float exp_(float x) {
+    x = fminf(fmaxf(x, -87.3f), 88.7f);
+    float fx = floorf(x * 1.44269504088896341f + 0.5f);
+    x -= fx * 0.693359375f;
+    x -= fx * -2.12194440e-4f;
+    float z = x * x;
+    float y = ((((1.9875691500e-4f * x + 1.3981999507e-3f) * x + 8.3334519073e-3f) * x + 4.1665795894e-2f) * x
+               + 1.6666665459e-1f) * x + 5.0000001201e-1f;
+    y = y * z + x + 1.0f;
+    union { int32_t i; float f; } scale;
+    scale.i = ((int32_t)fx + 127) << 23;
+    return y * scale.f;
+}
+
+static inline float sigmoid_(float x) { return 1.0f / (1.0f + exp_(-x)); }
+static inline float tanh_(float x) { return 2.0f / (1.0f + exp_(-2.0f * x)) - 1.0f; }
+
+/* y (n, N) += x (n, K; row stride ldx) @ W (K, N): four rows of W per pass, each row of y stays in L1. */
+static void matmul_acc(int n, int K, int N, const float *x, int ldx, const float *W, float *y) {
+    int k = 0;
+    for (; k + 4 <= K; k += 4) {
+        const float *w0 = W + (size_t)k * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
+        for (int r = 0; r < n; r++) {
+            const float *xr = x + (size_t)r * ldx + k;
+            const float a0 = xr[0], a1 = xr[1], a2 = xr[2], a3 = xr[3];
+            float *restrict yr = y + (size_t)r * N;
+            for (int j = 0; j < N; j++) yr[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j];
+        }
+    }
+    for (; k < K; k++) {
+        const float *w0 = W + (size_t)k * N;
+        for (int r = 0; r < n; r++) {
+            const float a0 = x[(size_t)r * ldx + k];
+            float *restrict yr = y + (size_t)r * N;
+            for (int j = 0; j < N; j++) yr[j] += a0 * w0[j];
+        }
+    }
+}
+
+/* gates (n, 4H) in order i, f, o, g -> new c (in place) and h (written at h, row stride ldh). */
+static void lstm_gates(int n, int H, const float *gates, float *c, float *h, int ldh) {
+    for (int r = 0; r < n; r++) {
+        const float *g = gates + (size_t)r * 4 * H;
+        float *restrict cr = c + (size_t)r * H;
+        float *restrict hr = h + (size_t)r * ldh;
+        for (int j = 0; j < H; j++) {
+            float i = sigmoid_(g[j]), f = sigmoid_(g[H + j]), o = sigmoid_(g[2 * H + j]), t = tanh_(g[3 * H + j]);
+            float cn = f * cr[j] + i * t;
+            cr[j] = cn;
+            hr[j] = o * tanh_(cn);
+        }
+    }
+}
+
+/* One step of n rows: ids (n,) -> logits (n, vocab); hs and cs move on by one character. */
+void charrnn_lstm_step(const Net *net, int n, const int64_t *ids) {
+    const int H = net->hidden, L = net->layers, G = 4 * H, ld = L * H;
+    for (int r = 0; r < n; r++) memcpy(net->gates + (size_t)r * G, net->table + (size_t)ids[r] * G, G * sizeof(float));
+    matmul_acc(n, H, G, net->hs, ld, net->w[0], net->gates);
+    lstm_gates(n, H, net->gates, net->cs, net->hs, ld);
+    for (int l = 1; l < L; l++) {
+        for (int r = 0; r < n; r++) memcpy(net->gates + (size_t)r * G, net->b[l], G * sizeof(float));
+        matmul_acc(n, 2 * H, G, net->hs + (size_t)(l - 1) * H, ld, net->w[l], net->gates);
+        lstm_gates(n, H, net->gates, net->cs + (size_t)l * net->capacity * H, net->hs + (size_t)l * H, ld);
+    }
+    for (int r = 0; r < n; r++) memcpy(net->logits + (size_t)r * net->vocab, net->head_b, net->vocab * sizeof(float));
+    matmul_acc(n, H, net->vocab, net->hs + (size_t)(L - 1) * H, ld, net->head_w, net->logits);
+}
+
+/* The draw torch.multinomial(softmax(z / t), 1) makes from exponential noise q:
+   argmax(softmax(z / t) / q). Returns the id; *logprob = log_softmax(z)[id]. */
+int64_t charrnn_draw(const float *z, int V, float temperature, const float *q, float *logprob) {
+    float m = -INFINITY, mz = -INFINITY;
+    for (int j = 0; j < V; j++) { float s = z[j] / temperature; m = s > m ? s : m; mz = z[j] > mz ? z[j] : mz; }
+    float sum = 0.0f, sumz = 0.0f;
+    for (int j = 0; j < V; j++) { sum += exp_(z[j] / temperature - m); sumz += exp_(z[j] - mz); }
+    int64_t best = 0;
+    float best_ratio = -1.0f;
+    for (int j = 0; j < V; j++) {
+        float ratio = (exp_(z[j] / temperature - m) / sum) / q[j];
+        if (ratio > best_ratio) { best_ratio = ratio; best = j; }
+    }
+    *logprob = z[best] - mz - logf(sumz);
+    return best;
+}
+"""
+
+
+class Net(ctypes.Structure):
+    """Mirror of the C struct: shapes and the addresses of every buffer a step reads or writes."""
+
+    _fields_ = [
+        ("layers", ctypes.c_int),
+        ("hidden", ctypes.c_int),
+        ("vocab", ctypes.c_int),
+        ("capacity", ctypes.c_int),
+        ("table", ctypes.c_void_p),
+        ("head_w", ctypes.c_void_p),
+        ("head_b", ctypes.c_void_p),
+        ("w", ctypes.c_void_p * 16),
+        ("b", ctypes.c_void_p * 16),
+        ("hs", ctypes.c_void_p),
+        ("cs", ctypes.c_void_p),
+        ("gates", ctypes.c_void_p),
+        ("logits", ctypes.c_void_p),
+    ]
+
+
+MAX_LAYERS = 16
+_library: ctypes.CDLL | None = None
+_tried = False
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel (built on first use), or None where it cannot be built or is switched off."""
+    global _library, _tried
+    if _tried:
+        return _library
+    _tried = True
+    if os.environ.get("CHARRNN_NATIVE", "1") == "0":
+        return None
+    try:
+        _library = _bind(ctypes.CDLL(str(_build())))
+    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+        log.warning("native LSTM kernel unavailable, using the PyTorch step: %s", exc)
+    return _library
+
+
+def _flags() -> list[str]:
+    simd = ["-mavx2", "-mfma"] if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else []
+    return ["-O3", "-fPIC", "-shared", "-fno-math-errno", *simd]
+
+
+def _build() -> Path:
+    """Compile SOURCE into the cache (once per source and flags); concurrent builders are harmless."""
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc) on PATH")
+    flags = _flags()
+    digest = hashlib.sha256((SOURCE + " ".join(flags)).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("CHARRNN_KERNEL_DIR") or Path.home() / ".cache" / "charrnn" / "kernels")
+    target = cache / f"lstm_step_{digest}.so"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        src = Path(tmp) / "lstm_step.c"
+        src.write_text(SOURCE)
+        out = Path(tmp) / target.name
+        subprocess.run(
+            [compiler, *flags, "-o", str(out), str(src), "-lm"], check=True, capture_output=True, timeout=120
+        )
+        os.replace(out, target)  # atomic: another worker sees the old state or the whole file
+    return target
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    lib.charrnn_lstm_step.argtypes = [ctypes.POINTER(Net), ctypes.c_int, ctypes.c_void_p]
+    lib.charrnn_lstm_step.restype = None
+    lib.charrnn_draw.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_float,
+        ctypes.c_void_p,
+        ctypes.POINTER(ctypes.c_float),
+    ]
+    lib.charrnn_draw.restype = ctypes.c_int64
+    return lib
