@@ -8,6 +8,8 @@ Every setting below says why it has its value. Values marked "env" come from CHA
 
 import logging
 import os
+import shutil
+import tempfile
 
 # -- where and how many -------------------------------------------------------------------------
 
@@ -60,6 +62,13 @@ max_requests_jitter = max_requests // 10
 # The heartbeat file lives in memory: in Docker /tmp is an overlay on disk, where heartbeats can stall.
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
+# env PROMETHEUS_MULTIPROC_DIR: with several workers, each writes its metrics to files in this
+# directory and any worker's /metrics answers the sum over all (prometheus-client multiprocess mode).
+# Made here (in memory when /dev/shm exists) unless given; emptied at start, since old files would count.
+_own_metrics_dir = workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _own_metrics_dir:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="charrnn-metrics-", dir=worker_tmp_dir)
+
 # Shown by ps/top.
 proc_name = "charrnn"
 
@@ -107,6 +116,29 @@ def _torch_threads() -> int:
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     return max(1, cores // workers)
+
+
+def on_starting(server):
+    """In the master, before any worker: no metrics left over from an earlier run."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory and os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if name.endswith(".db"):
+                os.remove(os.path.join(directory, name))
+
+
+def on_exit(server):
+    """In the master, at the very end: remove the metrics directory if this file made it."""
+    if _own_metrics_dir:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+
+
+def child_exit(server, worker):
+    """In the master, when a worker has exited: its live gauges (in flight, queue) stop counting."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
 
 
 def post_fork(server, worker):

@@ -1,7 +1,8 @@
 """Prometheus metrics, in a registry of the app's own (so that apps built by tests never collide).
 
-Each Gunicorn worker has its own registry: with several workers, a scrape of /metrics sees the
-worker that answered it (the `worker` label on `charrnn_worker_info` says which).
+With several Gunicorn workers, service/gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR: every worker
+then writes its values to files there, and whichever worker answers /metrics reports the sum over
+all of them (prometheus-client's multiprocess mode). With one worker, values stay in memory.
 """
 
 from __future__ import annotations
@@ -11,7 +12,18 @@ import time
 from collections.abc import Callable
 
 from flask import Flask, Response, g, request
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+    multiprocess,
+)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 FIRST_CHAR_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -36,7 +48,9 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.in_flight = Gauge("charrnn_http_requests_in_flight", "Requests being answered now", registry=r)
+        self.in_flight = Gauge(
+            "charrnn_http_requests_in_flight", "Requests being answered now", registry=r, multiprocess_mode="livesum"
+        )
         self.time_to_first_char = Histogram(
             "charrnn_time_to_first_char_seconds",
             "Time from a request's submission to the engine to its first generated character",
@@ -45,21 +59,51 @@ class Metrics:
             registry=r,
         )
         self.generated_chars = Counter("charrnn_generated_chars", "Characters generated", ["model"], registry=r)
-        self.queue_depth = Gauge("charrnn_engine_queue_depth", "Generations waiting for a batch slot", registry=r)
-        self.active = Gauge("charrnn_engine_active_generations", "Generations being stepped now", registry=r)
-        self.models = Gauge(
-            "charrnn_models", "Checkpoints in the model directory, by load status", ["status"], registry=r
+        self.queue_depth = Gauge(
+            "charrnn_engine_queue_depth",
+            "Generations waiting for a batch slot",
+            registry=r,
+            multiprocess_mode="livesum",
         )
-        Info("charrnn_worker", "The process answering this scrape", registry=r).info({"worker": str(os.getpid())})
+        self.active = Gauge(
+            "charrnn_engine_active_generations",
+            "Generations being stepped now",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.models = Gauge(
+            "charrnn_models",
+            "Checkpoints in the model directory, by load status",
+            ["status"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
+        if not self.multiprocess:  # Info metrics do not work in multiprocess mode
+            Info("charrnn_worker", "The process answering this scrape", registry=r).info({"worker": str(os.getpid())})
+        self._engine_readings: tuple[Callable[[], float], Callable[[], float]] | None = None
 
     def watch_engine(self, queue_depth: Callable[[], float], active: Callable[[], float]) -> None:
-        """Read the engine's queue depth and active count at each scrape."""
-        self.queue_depth.set_function(queue_depth)
-        self.active.set_function(active)
+        """Report the engine's queue depth and active count (read at each scrape, or after each request)."""
+        self._engine_readings = (queue_depth, active)
+        if not self.multiprocess:
+            self.queue_depth.set_function(queue_depth)
+            self.active.set_function(active)
+
+    def refresh(self) -> None:
+        """In multiprocess mode, write the engine's current readings (other workers' are as of their last request)."""
+        if self.multiprocess and self._engine_readings is not None:
+            self.queue_depth.set(self._engine_readings[0]())
+            self.active.set(self._engine_readings[1]())
 
     def render(self) -> Response:
-        """The Prometheus text exposition of every metric."""
-        return Response(generate_latest(self.registry), content_type=CONTENT_TYPE_LATEST)
+        """The Prometheus text exposition of every metric (of every worker, in multiprocess mode)."""
+        registry = self.registry
+        if self.multiprocess:
+            self.refresh()
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 
 
 def instrument(app: Flask, metrics: Metrics) -> None:
@@ -82,6 +126,7 @@ def instrument(app: Flask, metrics: Metrics) -> None:
             metrics.in_flight.dec()
             metrics.requests.labels(route, method, status).inc()
             metrics.latency.labels(route).observe(time.perf_counter() - started)
+            metrics.refresh()
 
         response.call_on_close(done)
         return response

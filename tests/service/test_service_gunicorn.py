@@ -166,3 +166,16 @@ def test_charrnn_serve_runs_the_service(model_dir: Path, start_server: Callable[
     server = start_server(command, CHARRNN_MODEL_DIR="/nonexistent", CHARRNN_PORT=str(port))
     assert Client(server.url).generate("the", max_new_chars=5)["usage"]["generated_chars"] == 5
     assert server.stop() == 0
+
+
+def test_with_two_workers_metrics_add_up_over_both(start_server: Callable[..., GunicornServer]) -> None:
+    server = start_server(CHARRNN_WORKERS="2")
+    api = Client(server.url)
+    for seed in range(8):
+        api.generate("the", max_new_chars=5, seed=seed)
+    for _ in range(4):  # whichever worker answers the scrape, it reports the sum over both
+        text = requests.get(server.url + "/metrics", timeout=30).text
+        assert 'charrnn_http_requests_total{method="POST",route="/generate",status="200"} 8.0' in text
+        assert 'charrnn_generated_chars_total{model="tiny"} 40.0' in text
+        assert "\ncharrnn_http_requests_in_flight 1.0" in text  # the scrape itself
+    assert server.stop() == 0
