@@ -9,6 +9,7 @@ steps; `step` feeds one character id per row through the network:
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +19,8 @@ from model.network import CharRNN, state_from_tensors, state_tensors
 from model.sampling import SamplingParams, choose, choose_rows
 from service import native_lstm
 
-NATIVE_MAX_ROWS = 4  # the C kernel steps batches up to this size; MKL's GEMM is faster beyond
+NATIVE_MAX_ROWS = 24  # the C kernel steps batches up to this size; MKL's GEMM is faster beyond
+NOISE_FLOATS = 4096  # per job, exponential noise drawn ahead (see Noise)
 
 
 class RecurrentBatch:
@@ -170,6 +172,42 @@ class FastLSTMBatch(RecurrentBatch):
         return views
 
 
+class Noise:
+    """One job's exponential noise for `multinomial`-style draws, drawn from its generator ahead of use.
+
+    Drawing k rows at once takes from the generator exactly what k one-row draws take in turn
+    (checked by `block_draws_are_sequential`; if a torch version differs, a block is one row), so
+    the text is the same; one call per k characters instead of one per character.
+    """
+
+    def __init__(self, vocab: int, generator: torch.Generator):
+        rows = max(1, NOISE_FLOATS // vocab) if block_draws_are_sequential() else 1
+        self.block = torch.empty(rows, vocab)  # (rows, vocab)
+        self.generator = generator
+        self.row_bytes = vocab * self.block.element_size()
+        self.next = rows
+
+    def pointer(self) -> int:
+        """Address of the next unused row of noise."""
+        if self.next == len(self.block):
+            self.block.exponential_(1, generator=self.generator)
+            self.next = 0
+        self.next += 1
+        return self.block.data_ptr() + (self.next - 1) * self.row_bytes
+
+
+@functools.cache
+def block_draws_are_sequential() -> bool:
+    """Whether exponential_ on (k, vocab) draws what k exponential_ calls on (vocab,) draw in turn."""
+    for vocab in (1, 7, 65, 300):
+        one = torch.Generator().manual_seed(vocab)
+        rows = torch.stack([torch.empty(vocab).exponential_(1, generator=one) for _ in range(5)])
+        block = torch.empty(5, vocab).exponential_(1, generator=torch.Generator().manual_seed(vocab))
+        if not torch.equal(rows, block):
+            return False
+    return True
+
+
 class NativeLSTMBatch(FastLSTMBatch):
     """FastLSTMBatch whose small batches are stepped, and whose plain draws are made, by the C kernel.
 
@@ -182,9 +220,13 @@ class NativeLSTMBatch(FastLSTMBatch):
         if model.config.layers > native_lstm.MAX_LAYERS:
             raise ValueError("too many layers for the native kernel")
         self.lib = lib
-        self.noise = torch.zeros(capacity, model.config.vocab_size)
+        self.noises: list[Noise | None] = []  # per row; None: the row is not a plain-temperature draw
+        self.temperatures = torch.zeros(capacity)  # > 0 marks the rows the kernel draws
+        self.noise_pointers = (ctypes.c_void_p * capacity)()
+        self.drawn = torch.zeros(capacity, dtype=torch.long)
+        self.drawn_logprobs = torch.zeros(capacity)
         self._ids_np = self.ids.numpy()
-        self._logprob = ctypes.c_float()
+        self._temperatures_np = self.temperatures.numpy()
         net = native_lstm.Net(layers=model.config.layers, hidden=model.config.hidden)
         net.vocab, net.capacity = model.config.vocab_size, capacity
         net.table, net.head_w, net.head_b = self.table.data_ptr(), self.head_w.data_ptr(), self.head_b.data_ptr()
@@ -195,22 +237,36 @@ class NativeLSTMBatch(FastLSTMBatch):
         self.net = ctypes.byref(net)
         self._net = net  # keeps the struct alive; the tensors it points into are attributes of self
 
+    def add(self, job: Any, logits: torch.Tensor, state: Sequence[torch.Tensor]) -> None:
+        super().add(job, logits, state)
+        p = job.spec.params
+        plain = p.temperature > 0 and p.top_k is None and p.top_p >= 1.0
+        self.noises.append(Noise(self.model.config.vocab_size, job.generator) if plain else None)
+        self._temperatures_np[len(self.jobs) - 1] = max(p.temperature, 1e-6) if plain else 0.0
+
+    def keep(self, rows: list[int]) -> None:
+        super().keep(rows)
+        self.noises = [self.noises[r] for r in rows]
+        self._temperatures_np[: len(rows)] = self._temperatures_np[rows]
+
     def sample(self, params: list[SamplingParams], generators: list[torch.Generator]) -> tuple[list[int], list[float]]:
-        n, vocab = len(params), self.model.config.vocab_size
-        ids, logprobs = [0] * n, [0.0] * n
-        for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
-            if p.temperature > 0 and p.top_k is None and p.top_p >= 1.0:
-                noise = self.noise[row].exponential_(1, generator=generator)  # multinomial's own draw
-                ids[row] = self.lib.charrnn_draw(
-                    self.out.data_ptr() + 4 * row * vocab,
-                    vocab,
-                    max(p.temperature, 1e-6),
-                    noise.data_ptr(),
-                    ctypes.byref(self._logprob),
-                )
-                logprobs[row] = self._logprob.value
-            else:
-                ids[row] = choose(self.out[row], p, generator)
+        n = len(params)
+        for row, noise in enumerate(self.noises):
+            if noise is not None:
+                self.noise_pointers[row] = noise.pointer()
+        self.lib.charrnn_draw_rows(
+            n,
+            self.model.config.vocab_size,
+            self.out.data_ptr(),
+            self.temperatures.data_ptr(),
+            self.noise_pointers,
+            self.drawn.data_ptr(),
+            self.drawn_logprobs.data_ptr(),
+        )
+        ids, logprobs = self.drawn[:n].tolist(), self.drawn_logprobs[:n].tolist()
+        for row, noise in enumerate(self.noises):
+            if noise is None:  # greedy, top-k or top-p: exactly as model.sampling does it
+                ids[row] = choose(self.out[row], params[row], generators[row])
                 logprobs[row] = self.out[row].log_softmax(-1)[ids[row]].item()
         return ids, logprobs
 

@@ -89,9 +89,12 @@ class Job:
         self.submitted = time.monotonic()
         self.deadline = None if spec.timeout is None else self.submitted + spec.timeout
         self._tokens: list[Token] = []
-        self._changed = threading.Condition()
+        # An RLock, because Condition checks ownership of one in C but of a plain Lock in Python.
+        self._lock = threading.RLock()  # taken directly where no waiting is involved
+        self._changed = threading.Condition(self._lock)
         self._wake = wake
         self._woken = 0.0
+        self._waiting = 0  # readers blocked in chunks() or result(); no one to wake: no notify
         self.cancel_requested = False
         # Set by the scheduler thread when the job is admitted.
         self.generator: torch.Generator | None = None
@@ -111,7 +114,9 @@ class Job:
         while True:
             with self._changed:
                 if sent == len(self._tokens) and self.finish_reason is None:
+                    self._waiting += 1
                     self._changed.wait(heartbeat)
+                    self._waiting -= 1
                 chunk = self._tokens[sent:]
                 done = self.finish_reason is not None
             sent += len(chunk)
@@ -130,19 +135,24 @@ class Job:
     def result(self, timeout: float | None = None) -> tuple[list[Token], str]:
         """Wait for the end: (all tokens, finish_reason). TimeoutError if `timeout` passes first."""
         with self._changed:
-            if not self._changed.wait_for(lambda: self.finish_reason is not None, timeout):
+            self._waiting += 1
+            finished = self._changed.wait_for(lambda: self.finish_reason is not None, timeout)
+            self._waiting -= 1
+            if not finished:
                 raise TimeoutError(f"job {self.id} still running after {timeout} s")
             return list(self._tokens), self.finish_reason  # type: ignore[return-value]
 
     def publish(self, tokens: list[Token], finish_reason: str | None = None) -> None:
         """Scheduler side: append tokens and, if given, finish; wakes every reader."""
-        with self._changed:
+        with self._lock:
             if self.finish_reason is not None:
                 return  # finished already (a failing step fails its whole batch)
             self._tokens.extend(tokens)
             self.generated_chars += len(tokens)
             if finish_reason is not None:
                 self.finish_reason = finish_reason
+            if not self._waiting:
+                return
             now = time.monotonic()
             if finish_reason is not None or now - self._woken >= WAKE_INTERVAL:
                 self._woken = now
@@ -323,7 +333,7 @@ class Engine:
             ids, picked = batch.sample([j.spec.params for j in batch.jobs], [j.generator for j in batch.jobs])
             running = []
             for row, job in enumerate(batch.jobs):
-                top = _top(vocab, batch.logits[row], job.spec.top_logprobs)
+                top = _top(vocab, batch.logits[row], job.spec.top_logprobs) if job.spec.top_logprobs else None
                 token = Token(vocab.chars[ids[row]], picked[row], top)
                 if self._emit(job, token):
                     running.append(row)
@@ -339,6 +349,8 @@ class Engine:
             batch.keep([])
 
     def _drop_stopped(self, batch: RecurrentBatch) -> None:
+        if not any(job.cancel_requested or job.deadline is not None for job in batch.jobs):
+            return
         now = time.monotonic()
         running = []
         for row, job in enumerate(batch.jobs):

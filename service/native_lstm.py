@@ -134,6 +134,13 @@ int64_t charrnn_draw(const float *z, int V, float temperature, const float *q, f
     *logprob = z[best] - mz - logf(sumz);
     return best;
 }
+
+/* charrnn_draw for each row r of logits (n, V) whose temperature is > 0, with noise[r] (V,). */
+void charrnn_draw_rows(int n, int V, const float *logits, const float *temps, const float *const *noise,
+                       int64_t *ids, float *logprobs) {
+    for (int r = 0; r < n; r++)
+        if (temps[r] > 0) ids[r] = charrnn_draw(logits + (size_t)r * V, V, temps[r], noise[r], logprobs + r);
+}
 """
 
 
@@ -216,4 +223,6 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         ctypes.POINTER(ctypes.c_float),
     ]
     lib.charrnn_draw.restype = ctypes.c_int64
+    lib.charrnn_draw_rows.argtypes = [ctypes.c_int, ctypes.c_int, *[ctypes.c_void_p] * 5]
+    lib.charrnn_draw_rows.restype = None
     return lib

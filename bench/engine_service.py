@@ -1,0 +1,193 @@
+"""Many streams through the real service: Gunicorn (1 worker), loopback, batching on and off.
+
+    python bench/engine_service.py [--clients 1 8 32 128] [--seconds 10] [--hidden 256] [--model-dir DIR]
+
+For each setting of batching, one `charrnn serve`-style Gunicorn is started; for each number of
+clients, that many streaming clients (asyncio, one connection per request) post
+{"prompt", "max_new_chars", "stream": true} to /generate back to back for `--seconds`. Printed per
+row: total characters/s (from each answer's final `usage`), the ratio to 1 client with batching on,
+and the time to the first character (p50, p99). Requests still running at the end are cut off and
+their characters not counted. Without --model-dir, a randomly initialised 2-layer LSTM of --hidden
+units is written to a temporary model directory (speed does not depend on the weights' values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from model.checkpoint import save_checkpoint
+from model.config import ModelConfig
+from model.network import CharRNN
+from model.vocab import Vocab
+from service.server import gunicorn_command
+
+PROMPTS = ["The ", "Once upon a time", "KING:\n", "What is it"]
+
+
+@dataclass
+class Tally:
+    """What the clients of one run saw."""
+
+    chars: int = 0
+    requests: int = 0
+    errors: int = 0
+    first_char: list[float] = field(default_factory=list)  # seconds from sending to the first chunk event
+
+
+def write_model(model_dir: Path, hidden: int) -> None:
+    """A random 2-layer LSTM checkpoint over printable ASCII."""
+    torch.manual_seed(0)
+    vocab = Vocab([chr(c) for c in range(32, 127)] + ["\n"])
+    model = CharRNN(ModelConfig(vocab_size=len(vocab), cell="lstm", layers=2, hidden=hidden, embed=64))
+    save_checkpoint(model_dir / "bench.safetensors", model, vocab, {"step": 0})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_dir: Path, port: int, batching: bool, threads: int) -> subprocess.Popen:
+    """Gunicorn with the service's own config, as `charrnn serve` runs it; returns once /health is 200."""
+    env = dict(
+        os.environ,
+        CHARRNN_MODEL_DIR=str(model_dir),
+        CHARRNN_PORT=str(port),
+        CHARRNN_WORKERS="1",
+        CHARRNN_THREADS=str(threads),
+        CHARRNN_BATCHING="true" if batching else "false",
+        CHARRNN_MAX_BATCH="128",
+        CHARRNN_MAX_QUEUE="1024",
+        CHARRNN_MAX_REQUESTS="0",
+    )
+    server = subprocess.Popen(gunicorn_command(), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.returncode}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            if r.status == 200:
+                return server
+        time.sleep(0.5)
+    server.kill()
+    raise RuntimeError("the server did not become ready in 120 s")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+async def one_request(port: int, body: bytes, tally: Tally) -> None:
+    """POST /generate (HTTP/1.0, so the event stream is the raw body) and read the stream to its end."""
+    sent = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = (
+        "POST /generate HTTP/1.0\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    writer.write(head.encode() + body)
+    await writer.drain()
+    data, first = b"", None
+    try:
+        while chunk := await reader.read(65536):
+            data += chunk
+            if first is None and b"event: chunk" in data:
+                first = time.perf_counter() - sent
+    finally:
+        writer.close()
+    done = data.rfind(b"event: done\ndata: ")
+    if done < 0 or first is None:
+        tally.errors += 1
+        return
+    usage = json.loads(data[done + len(b"event: done\ndata: ") :].split(b"\n", 1)[0])["usage"]
+    tally.chars += usage["generated_chars"]
+    tally.requests += 1
+    tally.first_char.append(first)
+
+
+async def client(port: int, index: int, max_new_chars: int, stop_at: float, tally: Tally) -> None:
+    """Requests back to back until `stop_at`."""
+    n = 0
+    while time.perf_counter() < stop_at:
+        prompt = PROMPTS[(index + n) % len(PROMPTS)]
+        body = json.dumps({"prompt": prompt, "max_new_chars": max_new_chars, "stream": True}).encode()
+        n += 1
+        remaining = stop_at - time.perf_counter()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(one_request(port, body, tally), timeout=max(remaining, 0.001))
+
+
+async def run_clients(port: int, clients: int, seconds: float, max_new_chars: int) -> tuple[Tally, float]:
+    tally = Tally()
+    start = time.perf_counter()
+    await asyncio.gather(*(client(port, i, max_new_chars, start + seconds, tally) for i in range(clients)))
+    return tally, time.perf_counter() - start
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 128], help="concurrent clients per run")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each run")
+    parser.add_argument("--max-new-chars", type=int, default=200, help="characters each request asks for")
+    parser.add_argument("--hidden", type=int, default=256, help="hidden units of the generated model")
+    parser.add_argument("--model-dir", type=Path, help="serve these checkpoints instead of a generated model")
+    args = parser.parse_args()
+    if min(args.clients) < 1 or args.seconds <= 0 or args.max_new_chars < 1:
+        parser.error("--clients, --seconds and --max-new-chars must be positive")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model_dir or Path(tmp)
+        if args.model_dir is None:
+            write_model(model_dir, args.hidden)
+        print(f"Gunicorn 1 worker, loopback, {args.seconds:.0f} s per run, {args.max_new_chars} chars per request")
+        print(
+            f"{'batching':>8} {'clients':>7} {'chars/s':>9} {'x 1 client':>10} {'requests':>8} {'errors':>6}"
+            f" {'ttfc p50 ms':>11} {'ttfc p99 ms':>11}"
+        )
+        base = None
+        for batching in (True, False):
+            port = free_port()
+            server = start_server(model_dir, port, batching, threads=max(args.clients) + 16)
+            try:
+                for clients in args.clients:
+                    tally, elapsed = asyncio.run(run_clients(port, clients, args.seconds, args.max_new_chars))
+                    speed = tally.chars / elapsed
+                    base = base or speed
+                    p50, p99 = (1000 * percentile(tally.first_char, q) for q in (0.5, 0.99))
+                    print(
+                        f"{'on' if batching else 'off':>8} {clients:>7} {speed:>9.0f} {speed / base:>10.2f}"
+                        f" {tally.requests:>8} {tally.errors:>6} {p50:>11.1f} {p99:>11.1f}",
+                        flush=True,
+                    )
+            finally:
+                stop_server(server)
+
+
+if __name__ == "__main__":
+    main()
