@@ -46,20 +46,32 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         torch.set_num_threads(config.torch_threads)
     entries = _load_entries(config)
     loaded = {e.name: e.loaded for e in entries if e.loaded is not None}
-    engine = Engine(loaded, max_batch=config.max_batch, max_queue=config.max_queue, batching=config.batching)
-    metrics = Metrics()
-    metrics.watch_engine(lambda: engine.queue_depth, lambda: engine.active)
-    metrics.models.labels("loaded").set(len(loaded))
-    metrics.models.labels("failed").set(len(entries) - len(loaded))
-    service = Service(config, entries, engine, metrics, _default_model(config, loaded))
+    engine = Engine(
+        loaded,
+        max_batch=config.max_batch,
+        max_queue=config.max_queue,
+        batching=config.batching,
+        prompt_cache_bytes=config.prompt_cache_bytes,
+    )
+    service = Service(config, entries, engine, _metrics(engine, entries), _default_model(config, loaded))
     app.extensions["charrnn"] = service
-    instrument(app, metrics)
+    instrument(app, service.metrics)
     require_api_keys(app, config.api_keys)
     register_error_handlers(app)
     register_blueprints(app)
     engine.start()
     log.info("serving %s (default %s) from %s", ", ".join(loaded), service.default_model, config.model_dir)
     return app
+
+
+def _metrics(engine: Engine, entries: list[ModelEntry]) -> Metrics:
+    """The app's metrics, watching `engine` and counting the checkpoints that loaded and failed."""
+    metrics = Metrics()
+    metrics.watch_engine(lambda: engine.queue_depth, lambda: engine.active)
+    loaded = sum(1 for e in entries if e.loaded is not None)
+    metrics.models.labels("loaded").set(loaded)
+    metrics.models.labels("failed").set(len(entries) - loaded)
+    return metrics
 
 
 def _load_entries(config: ServiceConfig) -> list[ModelEntry]:

@@ -35,6 +35,7 @@ class ServiceConfig:
     max_batch: int = 64  # generations stepped together by the engine
     max_queue: int = 256  # generations waiting for a batch slot; beyond this, 429
     batching: bool = True  # step concurrent generations as one batch
+    prompt_cache_bytes: int = 64 << 20  # memory for the recurrent states of recently seen prompts (0: off)
     request_timeout: float = 300.0  # seconds a generation may run; then it ends with finish_reason "deadline"
     health_timeout: float = 10.0  # seconds /health waits for its one-character generation
     torch_threads: int | None = None  # torch intra-op threads; None: left as set by gunicorn.conf.py
@@ -44,6 +45,8 @@ class ServiceConfig:
         for name in ("max_body_bytes", "max_prompt_chars", "max_new_chars", "max_n", "max_batch", "max_queue"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}")
+        if self.prompt_cache_bytes < 0:
+            raise ConfigError(f"{ENV_PREFIX}PROMPT_CACHE_BYTES must be >= 0, got {self.prompt_cache_bytes}")
         for name in ("request_timeout", "health_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")

@@ -132,18 +132,26 @@ def start_gunicorn(model_dir: Path, log_path: Path, command: list[str] | None = 
     process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=log_file, stderr=subprocess.STDOUT)
     log_file.close()
     server = GunicornServer(process, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + 120
+    try:
+        wait_until_healthy(server, timeout=120)
+    except BaseException:  # never leave a server running behind a failed start
+        server.stop(signal.SIGKILL)
+        raise
+    return server
+
+
+def wait_until_healthy(server: GunicornServer, timeout: float) -> None:
+    """Poll /health until it answers 200; RuntimeError with the server's log if it exits or never does."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            process.wait()
-            raise RuntimeError(f"gunicorn exited with {process.returncode}:\n{server.log()}")
+        if server.process.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with {server.process.returncode}:\n{server.log()}")
         try:
             if requests.get(server.url + "/health", timeout=5).status_code == 200:
-                return server
+                return
         except requests.RequestException:  # not listening yet, or the worker is still booting
             pass
         time.sleep(0.2)
-    server.stop(signal.SIGKILL)
     raise RuntimeError(f"gunicorn did not become healthy:\n{server.log()}")
 
 
