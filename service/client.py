@@ -63,18 +63,20 @@ class Client:
         An `error` event raises ClientError.
         """
         response = self._request("POST", "/generate", json={"prompt": prompt, **params, "stream": True}, stream=True)
+        finished = False
         with response:
-            for event, data in _parse_sse(response):
-                if event == "error":
-                    error = data.get("error", {})
-                    raise ClientError(
-                        response.status_code,
-                        error.get("code", "error"),
-                        error.get("message", ""),
-                        error.get("field"),
-                        data,
-                    )
-                yield event, data
+            try:
+                for event, data in _parse_sse(response):
+                    if event == "error":
+                        error = data.get("error", {})
+                        code, message = error.get("code", "error"), error.get("message", "")
+                        raise ClientError(response.status_code, code, message, error.get("field"), data)
+                    finished = event == "done"
+                    yield event, data
+            except requests.RequestException as exc:
+                raise ClientError(None, "connection_error", f"the stream broke off: {exc}") from exc
+        if not finished:
+            raise ClientError(response.status_code, "incomplete_stream", "the stream ended without a done event")
 
     def models(self) -> dict[str, Any]:
         """GET /models."""
@@ -87,6 +89,12 @@ class Client:
     def close(self) -> None:
         """Close the connection pool."""
         self.session.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         try:

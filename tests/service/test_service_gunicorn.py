@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,8 +34,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def api(gunicorn_server: GunicornServer) -> Client:
-    return Client(gunicorn_server.url)
+def api(gunicorn_server: GunicornServer) -> Iterator[Client]:
+    with Client(gunicorn_server.url) as client:
+        yield client
 
 
 def expected_text(model_dir: Path, prompt: str, length: int, seed: int, temperature: float = 0.8) -> str:
@@ -181,3 +183,17 @@ def test_with_two_workers_metrics_add_up_over_both(start_server: Callable[..., G
         assert 'charrnn_generated_chars_total{model="tiny"} 40.0' in text
         assert "\ncharrnn_http_requests_in_flight 1.0" in text  # the scrape itself
     assert server.stop() == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker through /proc (Linux)")
+def test_a_stream_cut_off_by_a_dying_server_is_a_client_error(start_server: Callable[..., GunicornServer]) -> None:
+    server = start_server(CHARRNN_MAX_NEW_CHARS="20000")
+    events = Client(server.url).events("the", max_new_chars=20_000)
+    assert next(events)[0] == "chunk"
+    master = server.process.pid
+    (worker,) = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    os.kill(int(worker), signal.SIGKILL)  # the worker answering the stream dies mid-stream
+    with pytest.raises(ClientError) as caught:
+        for _ in events:
+            pass
+    assert caught.value.code in ("connection_error", "incomplete_stream")
