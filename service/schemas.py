@@ -262,7 +262,10 @@ class CompletionRequest(SamplingFields):
 
     @model_validator(mode="before")
     @classmethod
-    def _default_length(cls, data: Any, info: ValidationInfo) -> Any:
+    def _defaults(cls, data: Any, info: ValidationInfo) -> Any:
+        """As in OpenAI's API, null stands for the default; max_tokens defaults to 16 (or the limit)."""
+        if isinstance(data, dict):
+            data = {key: value for key, value in data.items() if value is not None}
         return _capped_default(data, info, "max_tokens", 16)
 
     @field_validator("prompt")

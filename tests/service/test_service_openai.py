@@ -165,3 +165,9 @@ def test_malformed_json_and_missing_keys_use_the_openai_shape(make_app: Callable
     )
     assert response.status_code == 400 and response.json["error"]["code"] == "invalid_json"
     assert response.json["error"]["type"] == "invalid_request_error"
+
+
+def test_null_fields_take_their_defaults_as_in_openai(client: FlaskClient) -> None:
+    body = {"prompt": "the", "max_tokens": None, "temperature": None, "n": None, "stop": None, "logprobs": None}
+    (choice,) = complete(client, body).json["choices"]
+    assert len(choice["text"]) == 16 and choice["logprobs"] is None
