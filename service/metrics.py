@@ -123,6 +123,7 @@ def instrument(app: Flask, metrics: Metrics) -> None:
         method, status = request.method, str(response.status_code)
 
         def done() -> None:
+            """When the last byte has gone (or the client has): count and time the request."""
             metrics.in_flight.dec()
             metrics.requests.labels(route, method, status).inc()
             metrics.latency.labels(route).observe(time.perf_counter() - started)

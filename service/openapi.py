@@ -88,32 +88,39 @@ def _errors(codes: list[str], schema: str = "ErrorResponse") -> dict[str, Any]:
     return {code: {"description": NATIVE_ERRORS[code], "content": _json(schema)} for code in codes}
 
 
+BODY_ERRORS = ["400", "401", "413", "415", "422", "429", "500", "503"]
+OPEN: list[dict[str, list[str]]] = []  # `security` of the endpoints that need no key
+
+
 def _paths() -> dict[str, Any]:
-    body_errors = ["400", "401", "413", "415", "422", "429", "500", "503"]
-    open_access: list[dict[str, list[str]]] = []
+    """Every endpoint, by path."""
+    return _generate_path() | _info_paths() | _openai_paths() | _docs_paths()
+
+
+def _body(schema: str, example: dict[str, Any]) -> dict[str, Any]:
+    content = {"schema": {"$ref": REF.format(model=schema)}, "example": example}
+    return {"required": True, "content": {"application/json": content}}
+
+
+def _generate_path() -> dict[str, Any]:
+    ok = {
+        "description": "The samples; or, with `stream`, an event stream",
+        "content": _json("GenerateResponse") | {"text/event-stream": {"schema": {"type": "string"}}},
+    }
     return {
         "/generate": {
             "post": {
                 "summary": "Generate text after a prompt",
                 "description": STREAM_DESCRIPTION,
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {"$ref": REF.format(model="GenerateRequest")},
-                            "example": GENERATE_EXAMPLE,
-                        }
-                    },
-                },
-                "responses": {
-                    "200": {
-                        "description": "The samples; or, with `stream`, an event stream",
-                        "content": _json("GenerateResponse") | {"text/event-stream": {"schema": {"type": "string"}}},
-                    },
-                    **_errors(body_errors),
-                },
+                "requestBody": _body("GenerateRequest", GENERATE_EXAMPLE),
+                "responses": {"200": ok, **_errors(BODY_ERRORS)},
             }
-        },
+        }
+    }
+
+
+def _info_paths() -> dict[str, Any]:
+    return {
         "/models": {
             "get": {
                 "summary": "The checkpoints of the model directory and their load status",
@@ -124,7 +131,7 @@ def _paths() -> dict[str, Any]:
         "/health": {
             "get": {
                 "summary": "Readiness: every loaded model generates one character",
-                "security": open_access,
+                "security": OPEN,
                 "responses": {
                     "200": {"description": "Ready", "content": _json("HealthResponse")},
                     "503": {"description": "Not ready", "content": _json("HealthResponse")},
@@ -134,33 +141,30 @@ def _paths() -> dict[str, Any]:
         "/health/live": {
             "get": {
                 "summary": "Liveness: the process answers",
-                "security": open_access,
+                "security": OPEN,
                 "responses": {"200": {"description": "Alive"}},
             }
         },
         "/metrics": {
             "get": {
-                "summary": "Prometheus metrics of the answering worker",
+                "summary": "Prometheus metrics (summed over all workers)",
                 "responses": {"200": {"description": "Prometheus text format", "content": {"text/plain": {}}}}
                 | _errors(["401"]),
             }
         },
+    }
+
+
+def _openai_paths() -> dict[str, Any]:
+    return {
         "/v1/completions": {
             "post": {
                 "summary": "OpenAI-compatible completions (max_tokens counts characters)",
                 "description": "With `stream: true`: `data: {CompletionResponse chunk}` events, then `data: [DONE]`.",
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {"$ref": REF.format(model="CompletionRequest")},
-                            "example": COMPLETION_EXAMPLE,
-                        }
-                    },
-                },
+                "requestBody": _body("CompletionRequest", COMPLETION_EXAMPLE),
                 "responses": {
                     "200": {"description": "The completion", "content": _json("CompletionResponse")},
-                    **_errors(body_errors, "OpenAIErrorResponse"),
+                    **_errors(BODY_ERRORS, "OpenAIErrorResponse"),
                 },
             }
         },
@@ -171,13 +175,18 @@ def _paths() -> dict[str, Any]:
                 | _errors(["401"], "OpenAIErrorResponse"),
             }
         },
+    }
+
+
+def _docs_paths() -> dict[str, Any]:
+    return {
         "/openapi.json": {
-            "get": {"summary": "This document", "security": open_access, "responses": {"200": {"description": "OK"}}}
+            "get": {"summary": "This document", "security": OPEN, "responses": {"200": {"description": "OK"}}}
         },
         "/docs": {
             "get": {
                 "summary": "A readable page rendering this document",
-                "security": open_access,
+                "security": OPEN,
                 "responses": {"200": {"description": "HTML"}},
             }
         },

@@ -130,6 +130,8 @@ class GenerateRequest(SamplingFields):
 
 
 class Alternative(ResponseModel):
+    """One of the likeliest characters at a position, with its log-probability."""
+
     char: str
     logprob: float
 
@@ -146,6 +148,8 @@ FinishReason = Literal["length", "stop", "deadline"]
 
 
 class Choice(ResponseModel):
+    """One sample of a /generate answer."""
+
     index: int
     text: str
     finish_reason: FinishReason = Field(
@@ -155,6 +159,8 @@ class Choice(ResponseModel):
 
 
 class Usage(ResponseModel):
+    """Characters read (the prompt, after dropping unknown ones) and generated (all samples)."""
+
     prompt_chars: int
     generated_chars: int
 
@@ -178,6 +184,8 @@ class StreamChunk(ResponseModel):
 
 
 class StreamChoiceEnd(ResponseModel):
+    """How one sample of a stream ended."""
+
     index: int
     finish_reason: FinishReason
 
@@ -214,11 +222,15 @@ class ModelInfo(ResponseModel):
 
 
 class ModelsResponse(ResponseModel):
+    """GET /models: the default model's name and every checkpoint found."""
+
     default: str
     models: list[ModelInfo]
 
 
 class HealthResponse(ResponseModel):
+    """GET /health: readiness, per-model checks, and the engine's load."""
+
     status: Literal["ok", "unavailable"]
     models: dict[str, str] = Field(description="per loaded model: ok, or why a one-character generation failed")
     queue_depth: int
@@ -226,6 +238,8 @@ class HealthResponse(ResponseModel):
 
 
 class ErrorDetail(ResponseModel):
+    """A machine-readable code, a message for people, and the request field at fault if any."""
+
     code: str
     message: str
     field: str | None = None
@@ -241,6 +255,8 @@ class ErrorResponse(ResponseModel):
 
 
 class StreamOptions(StrictModel):
+    """OpenAI's stream options: `include_usage` adds a last chunk with the usage."""
+
     include_usage: bool = False
 
 
@@ -291,6 +307,8 @@ class CompletionRequest(SamplingFields):
 
 
 class OpenAILogprobs(BaseModel):
+    """OpenAI's legacy logprobs object; a token is one character."""
+
     tokens: list[str]
     token_logprobs: list[float]
     top_logprobs: list[dict[str, float]] | None
@@ -298,6 +316,8 @@ class OpenAILogprobs(BaseModel):
 
 
 class CompletionChoice(BaseModel):
+    """One choice of a completion (choice index = prompt index * n + sample)."""
+
     index: int
     text: str
     logprobs: OpenAILogprobs | None = None
@@ -305,12 +325,16 @@ class CompletionChoice(BaseModel):
 
 
 class CompletionUsage(BaseModel):
+    """Tokens are characters."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
 class CompletionResponse(BaseModel):
+    """POST /v1/completions answer, and each chunk of its stream."""
+
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
@@ -321,6 +345,8 @@ class CompletionResponse(BaseModel):
 
 
 class OpenAIModel(BaseModel):
+    """A loaded model, as OpenAI describes one."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
@@ -328,11 +354,15 @@ class OpenAIModel(BaseModel):
 
 
 class OpenAIModelList(BaseModel):
+    """GET /v1/models."""
+
     object: Literal["list"] = "list"
     data: list[OpenAIModel]
 
 
 class OpenAIErrorDetail(BaseModel):
+    """OpenAI's error fields: `param` names the request field at fault, `code` is this service's code."""
+
     message: str
     type: str
     param: str | None = None
@@ -340,6 +370,8 @@ class OpenAIErrorDetail(BaseModel):
 
 
 class OpenAIErrorResponse(BaseModel):
+    """Every error under /v1/."""
+
     error: OpenAIErrorDetail
 
 
