@@ -12,7 +12,7 @@ from flask import Flask, request
 from service.errors import ApiError
 
 # Endpoints that answer without a key: probes and the API's own description.
-OPEN_ENDPOINTS = frozenset({"info.health", "info.live", "docs.openapi", "docs.page", "static"})
+OPEN_ENDPOINTS = frozenset({"info.health", "info.live", "docs.index", "docs.openapi", "docs.page", "static"})
 
 
 def presented_key() -> str | None:

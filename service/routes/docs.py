@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify, redirect
 
 from service.errors import ApiError
 from service.generation import current_service
 from service.openapi import openapi_document
 
 bp = Blueprint("docs", __name__)
+
+
+@bp.get("/")
+def index() -> Response:
+    """The root leads to the API docs page."""
+    return redirect("docs")
 
 
 @bp.get("/openapi.json")

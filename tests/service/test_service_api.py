@@ -345,6 +345,7 @@ def test_health_and_the_api_description_stay_open(keyed: FlaskClient) -> None:
     assert keyed.get("/health").status_code == 200
     assert keyed.get("/health/live").status_code == 200
     assert keyed.get("/openapi.json").status_code == 200
+    assert keyed.get("/").headers["Location"].endswith("docs")
     with keyed.get("/docs") as page:
         assert page.status_code == 200
 
