@@ -27,8 +27,10 @@ workers = int(os.environ.get("CHARRNN_WORKERS", "1"))
 worker_class = "gthread"
 
 # env CHARRNN_THREADS: concurrent requests per worker (streams included). Generation itself runs on
-# the engine's one scheduler thread, so threads mostly wait; more of them only cost memory.
-threads = int(os.environ.get("CHARRNN_THREADS", "16"))
+# the engine's one scheduler thread, which steps up to CHARRNN_MAX_BATCH generations together, so the
+# threads mostly wait; by default there are as many as the batch has rows, so that concurrent
+# requests can fill it. Requests beyond this wait in the listen backlog.
+threads = int(os.environ.get("CHARRNN_THREADS") or os.environ.get("CHARRNN_MAX_BATCH") or "64")
 
 # Connections waiting to be accepted before the kernel refuses new ones (Gunicorn's default).
 backlog = 2048
@@ -54,9 +56,9 @@ keepalive = 5
 preload_app = False
 
 # env CHARRNN_MAX_REQUESTS: restart a worker after this many requests (plus up to 10% jitter, so
-# workers do not restart together), bounding slow leaks. 0 turns it off. A restart is graceful, but
-# reloads the models.
-max_requests = int(os.environ.get("CHARRNN_MAX_REQUESTS", "10000"))
+# workers do not restart together), to bound slow memory leaks. Off (0) by default: no leak is
+# known, and a restart reloads the models, which stalls a single worker's requests for seconds.
+max_requests = int(os.environ.get("CHARRNN_MAX_REQUESTS", "0"))
 max_requests_jitter = max_requests // 10
 
 # The heartbeat file lives in memory: in Docker /tmp is an overlay on disk, where heartbeats can stall.

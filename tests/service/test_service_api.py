@@ -490,3 +490,9 @@ def test_a_stream_closed_before_its_first_event_is_cancelled_too(app: Flask, mon
     response = app.test_client().post("/generate", json=SEEDED | {"max_new_chars": 2000, "stream": True})
     response.close()
     assert jobs[0].result()[1] == "cancelled"
+
+
+def test_the_docs_page_can_be_turned_off(make_app: Callable[..., Flask]) -> None:
+    client = make_app(DOCS="false").test_client()
+    error(client.get("/docs"), 404, "not_found")
+    assert client.get("/openapi.json").status_code == 200
