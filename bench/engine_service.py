@@ -6,8 +6,8 @@ For each setting of batching, one `charrnn serve`-style Gunicorn is started; for
 clients, that many streaming clients (asyncio, one connection per request) post
 {"prompt", "max_new_chars", "stream": true} to /generate back to back for `--seconds`. Printed per
 row: total characters/s (from each answer's final `usage`), the ratio to 1 client with batching on,
-and the time to the first character (p50, p99). Requests still running at the end are cut off and
-their characters not counted. Without --model-dir, a randomly initialised 2-layer LSTM of --hidden
+and the time to the first character (p50, p99). Requests still running at the end are cut off; the
+characters they delivered by then count. Without --model-dir, a randomly initialised 2-layer LSTM of --hidden
 units is written to a temporary model directory (speed does not depend on the weights' values).
 """
 
@@ -46,6 +46,7 @@ class Tally:
     requests: int = 0
     errors: int = 0
     first_char: list[float] = field(default_factory=list)  # seconds from sending to the first chunk event
+    # requests: answers read to their `done` event; errors: answers without one (cut off at the end included)
 
 
 def write_model(model_dir: Path, hidden: int) -> None:
@@ -62,7 +63,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, port: int, batching: bool, threads: int) -> subprocess.Popen:
+def start_server(model_dir: Path, port: int, batching: bool, threads: int, torch_threads: int) -> subprocess.Popen:
     """Gunicorn with the service's own config, as `charrnn serve` runs it; returns once /health is 200."""
     env = dict(
         os.environ,
@@ -74,6 +75,7 @@ def start_server(model_dir: Path, port: int, batching: bool, threads: int) -> su
         CHARRNN_MAX_BATCH="128",
         CHARRNN_MAX_QUEUE="1024",
         CHARRNN_MAX_REQUESTS="0",
+        CHARRNN_TORCH_THREADS=str(torch_threads),
     )
     server = subprocess.Popen(gunicorn_command(), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -98,7 +100,7 @@ def stop_server(server: subprocess.Popen) -> None:
 
 
 async def one_request(port: int, body: bytes, tally: Tally) -> None:
-    """POST /generate (HTTP/1.0, so the event stream is the raw body) and read the stream to its end."""
+    """POST /generate (HTTP/1.0, so the event stream is the raw body); count characters as they arrive."""
     sent = time.perf_counter()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     head = (
@@ -107,22 +109,23 @@ async def one_request(port: int, body: bytes, tally: Tally) -> None:
     )
     writer.write(head.encode() + body)
     await writer.drain()
-    data, first = b"", None
+    pending, first, done = b"", None, False
     try:
         while chunk := await reader.read(65536):
-            data += chunk
-            if first is None and b"event: chunk" in data:
-                first = time.perf_counter() - sent
+            *events, pending = (pending + chunk).split(b"\n\n")
+            for event in events:
+                if event.startswith(b"event: chunk\ndata: "):
+                    tally.chars += len(json.loads(event[len(b"event: chunk\ndata: ") :])["text"])
+                    if first is None:
+                        first = time.perf_counter() - sent
+                        tally.first_char.append(first)
+                done = done or event.startswith(b"event: done")
     finally:
         writer.close()
-    done = data.rfind(b"event: done\ndata: ")
-    if done < 0 or first is None:
+    if done:
+        tally.requests += 1
+    else:
         tally.errors += 1
-        return
-    usage = json.loads(data[done + len(b"event: done\ndata: ") :].split(b"\n", 1)[0])["usage"]
-    tally.chars += usage["generated_chars"]
-    tally.requests += 1
-    tally.first_char.append(first)
 
 
 async def client(port: int, index: int, max_new_chars: int, stop_at: float, tally: Tally) -> None:
@@ -158,6 +161,9 @@ def main() -> None:
     parser.add_argument("--max-new-chars", type=int, default=200, help="characters each request asks for")
     parser.add_argument("--hidden", type=int, default=256, help="hidden units of the generated model")
     parser.add_argument("--model-dir", type=Path, help="serve these checkpoints instead of a generated model")
+    parser.add_argument(
+        "--torch-threads", type=int, default=1, help="torch threads of the worker (CHARRNN_TORCH_THREADS)"
+    )
     args = parser.parse_args()
     if min(args.clients) < 1 or args.seconds <= 0 or args.max_new_chars < 1:
         parser.error("--clients, --seconds and --max-new-chars must be positive")
@@ -165,7 +171,10 @@ def main() -> None:
         model_dir = args.model_dir or Path(tmp)
         if args.model_dir is None:
             write_model(model_dir, args.hidden)
-        print(f"Gunicorn 1 worker, loopback, {args.seconds:.0f} s per run, {args.max_new_chars} chars per request")
+        print(
+            f"Gunicorn 1 worker ({args.torch_threads} torch thread(s)), loopback, {args.seconds:.0f} s per run,"
+            f" {args.max_new_chars} chars per request"
+        )
         print(
             f"{'batching':>8} {'clients':>7} {'chars/s':>9} {'x 1 client':>10} {'requests':>8} {'errors':>6}"
             f" {'ttfc p50 ms':>11} {'ttfc p99 ms':>11}"
@@ -173,7 +182,7 @@ def main() -> None:
         base = None
         for batching in (True, False):
             port = free_port()
-            server = start_server(model_dir, port, batching, threads=max(args.clients) + 16)
+            server = start_server(model_dir, port, batching, max(args.clients) + 16, args.torch_threads)
             try:
                 for clients in args.clients:
                     tally, elapsed = asyncio.run(run_clients(port, clients, args.seconds, args.max_new_chars))

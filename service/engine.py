@@ -38,7 +38,7 @@ FINISH_REASONS = ("length", "stop", "cancelled", "deadline", "error")
 # Readers are woken at most this often while a job runs (and at once for its first and last
 # tokens): a woken thread takes the GIL from the scheduler, and a reader woken per character
 # would slow every stream down for no one's benefit.
-WAKE_INTERVAL = 0.002
+WAKE_INTERVAL = 0.01
 
 
 class QueueFullError(Exception):
