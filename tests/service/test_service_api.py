@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -496,3 +497,16 @@ def test_the_docs_page_can_be_turned_off(make_app: Callable[..., Flask]) -> None
     client = make_app(DOCS="false").test_client()
     error(client.get("/docs"), 404, "not_found")
     assert client.get("/openapi.json").status_code == 200
+
+
+def test_a_request_larger_than_the_queue_is_429(make_app: Callable[..., Flask]) -> None:
+    app = make_app(MAX_QUEUE=1, MAX_BATCH=1)
+    response = post(app.test_client(), SEEDED | {"n": 16, "max_new_chars": 2000})
+    error(response, 429, "queue_full")
+    assert int(response.headers["Retry-After"]) >= 1
+    engine = app.extensions["charrnn"].engine
+    for _ in range(600):  # what was queued was cancelled: the engine empties (within a few steps)
+        if engine.queue_depth == 0 and engine.active == 0:
+            break
+        time.sleep(0.05)
+    assert ok(app.test_client(), SEEDED)["choices"]
