@@ -54,7 +54,7 @@ def test_the_openai_package_streams_a_completion(openai_client: openai.OpenAI) -
     stream = openai_client.completions.create(model="tiny", prompt="the", max_tokens=40, seed=9, stream=True)
     chunks = list(stream)
     text = "".join(c.choices[0].text for c in chunks if c.choices)
-    assert len(chunks) > 2 and chunks[-1].choices[0].finish_reason == "length"
+    assert len(chunks) >= 2 and chunks[-1].choices[0].finish_reason == "length"  # text, then the end
     whole = openai_client.completions.create(model="tiny", prompt="the", max_tokens=40, seed=9)
     assert text == whole.choices[0].text
 
