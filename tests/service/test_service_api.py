@@ -471,24 +471,26 @@ def test_a_tiny_top_p_keeps_only_the_likeliest_character(client: FlaskClient, to
     assert answer["choices"][0]["text"] == ok(client, body | {"top_k": 1})["choices"][0]["text"]
 
 
-def test_closing_a_stream_cancels_its_generations(app: Flask, monkeypatch) -> None:
+def test_closing_a_stream_cancels_its_generations(make_app: Callable[..., Flask], monkeypatch) -> None:
+    app = make_app(MAX_NEW_CHARS=100_000)  # far more than can be generated before the close
     engine = app.extensions["charrnn"].engine
     jobs = []
     real_submit = engine.submit
     monkeypatch.setattr(engine, "submit", lambda spec: jobs.append(real_submit(spec)) or jobs[-1])
-    response = app.test_client().post("/generate", json=SEEDED | {"max_new_chars": 2000, "n": 2, "stream": True})
+    response = app.test_client().post("/generate", json=SEEDED | {"max_new_chars": 100_000, "n": 2, "stream": True})
     first = next(iter(response.response))
     assert first.startswith(b"event: chunk")
     response.close()  # what the WSGI server does when the client has gone
     assert [job.result()[1] for job in jobs] == ["cancelled", "cancelled"]
 
 
-def test_a_stream_closed_before_its_first_event_is_cancelled_too(app: Flask, monkeypatch) -> None:
+def test_a_stream_closed_before_its_first_event_is_cancelled_too(make_app: Callable[..., Flask], monkeypatch) -> None:
+    app = make_app(MAX_NEW_CHARS=100_000)
     engine = app.extensions["charrnn"].engine
     jobs = []
     real_submit = engine.submit
     monkeypatch.setattr(engine, "submit", lambda spec: jobs.append(real_submit(spec)) or jobs[-1])
-    response = app.test_client().post("/generate", json=SEEDED | {"max_new_chars": 2000, "stream": True})
+    response = app.test_client().post("/generate", json=SEEDED | {"max_new_chars": 100_000, "stream": True})
     response.close()
     assert jobs[0].result()[1] == "cancelled"
 

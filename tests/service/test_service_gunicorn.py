@@ -120,8 +120,8 @@ def test_no_answer_is_a_client_error_too() -> None:
 def test_sigterm_lets_streams_in_flight_finish(start_server: Callable[..., GunicornServer]) -> None:
     # Long streams whose client stops reading after the first chunk: the server's writes block, so
     # the streams are still in flight when SIGTERM arrives.
-    length = 20_000
-    server = start_server(CHARRNN_MAX_NEW_CHARS=str(length))
+    length = 60_000
+    server = start_server(CHARRNN_MAX_NEW_CHARS=str(length), CHARRNN_GRACEFUL_TIMEOUT="120")
     api = Client(server.url)
     started = [threading.Event() for _ in range(3)]
     signalled = threading.Event()
@@ -148,7 +148,7 @@ def test_sigterm_lets_streams_in_flight_finish(start_server: Callable[..., Gunic
         server.process.send_signal(signal.SIGTERM)
         signalled.set()
         for thread in threads:
-            thread.join(90)
+            thread.join(150)
         assert server.process.wait(60) == 0
     finally:
         signalled.set()
@@ -187,8 +187,8 @@ def test_with_two_workers_metrics_add_up_over_both(start_server: Callable[..., G
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker through /proc (Linux)")
 def test_a_stream_cut_off_by_a_dying_server_is_a_client_error(start_server: Callable[..., GunicornServer]) -> None:
-    server = start_server(CHARRNN_MAX_NEW_CHARS="20000")
-    events = Client(server.url).events("the", max_new_chars=20_000)
+    server = start_server(CHARRNN_MAX_NEW_CHARS="1000000")  # far more than the socket buffers hold
+    events = Client(server.url).events("the", max_new_chars=1_000_000)
     assert next(events)[0] == "chunk"
     master = server.process.pid
     (worker,) = Path(f"/proc/{master}/task/{master}/children").read_text().split()
