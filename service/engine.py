@@ -364,7 +364,7 @@ class Engine:
 
     def _emit(self, job: Job, token: Token) -> bool:
         """Pass a token through the job's stop matcher and publish; False when the job has finished."""
-        ready, stopped = job.matcher.push(token)
+        ready, stopped = job.matcher.push(token) if job.spec.stop else ([token], False)
         job.left -= 1
         if stopped:
             self._finish(job, ready, "stop")
