@@ -24,28 +24,30 @@ NOISE_FLOATS = 4096  # per job, exponential noise drawn ahead (see Noise)
 
 
 class RecurrentBatch:
-    """Rows of recurrent state and next-character logits, one per job, stepped by the model itself."""
+    """Rows of recurrent state and next-character logits, one per job (what every kind of batch offers).
+
+    `logits` is (batch, vocab); `state` is a list of (layers, batch, hidden) tensors, (h,) or (h, c).
+    """
+
+    logits: torch.Tensor
+    state: list[torch.Tensor]
 
     def __init__(self, model: CharRNN, capacity: int):
         self.model = model
         self.capacity = capacity
         self.jobs: list[Any] = []
-        cfg = model.config
-        self.state = [torch.zeros(cfg.layers, 0, cfg.hidden) for _ in range(2 if cfg.cell == "lstm" else 1)]
-        self.logits = torch.zeros(0, cfg.vocab_size)  # (batch, vocab)
 
     def add(self, job: Any, logits: torch.Tensor, state: Sequence[torch.Tensor]) -> None:
         """A new row: its logits (vocab,) and state tensors (layers, 1, hidden), copied in."""
-        self.jobs.append(job)
-        self.logits = torch.cat([self.logits, logits.unsqueeze(0)])
-        self.state = [torch.cat([mine, theirs], dim=1) for mine, theirs in zip(self.state, state, strict=True)]
+        raise NotImplementedError
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows, in this order."""
-        self.jobs = [self.jobs[r] for r in rows]
-        index = torch.tensor(rows, dtype=torch.long)
-        self.logits = self.logits.index_select(0, index)
-        self.state = [s.index_select(1, index) for s in self.state]
+        raise NotImplementedError
+
+    def step(self, ids: list[int]) -> None:
+        """Feed one id per row; logits and state move on by one character."""
+        raise NotImplementedError
 
     def sample(self, params: list[SamplingParams], generators: list[torch.Generator]) -> tuple[list[int], list[float]]:
         """One id per row, drawn as `model.sampling.choose` draws, and its log-probability under the model."""
@@ -55,8 +57,28 @@ class RecurrentBatch:
             return ids, [logprobs[0].tolist()[ids[0]]]
         return ids, logprobs.gather(1, torch.tensor(ids).unsqueeze(1)).squeeze(1).tolist()
 
+
+class ModuleBatch(RecurrentBatch):
+    """A batch stepped by the model module itself (any cell)."""
+
+    def __init__(self, model: CharRNN, capacity: int):
+        super().__init__(model, capacity)
+        cfg = model.config
+        self.state = [torch.zeros(cfg.layers, 0, cfg.hidden) for _ in range(2 if cfg.cell == "lstm" else 1)]
+        self.logits = torch.zeros(0, cfg.vocab_size)
+
+    def add(self, job: Any, logits: torch.Tensor, state: Sequence[torch.Tensor]) -> None:
+        self.jobs.append(job)
+        self.logits = torch.cat([self.logits, logits.unsqueeze(0)])
+        self.state = [torch.cat([mine, theirs], dim=1) for mine, theirs in zip(self.state, state, strict=True)]
+
+    def keep(self, rows: list[int]) -> None:
+        self.jobs = [self.jobs[r] for r in rows]
+        index = torch.tensor(rows, dtype=torch.long)
+        self.logits = self.logits.index_select(0, index)
+        self.state = [s.index_select(1, index) for s in self.state]
+
     def step(self, ids: list[int]) -> None:
-        """Feed one id per row; logits and state move on by one character."""
         x = torch.tensor(ids, dtype=torch.long).unsqueeze(1)  # (batch, 1)
         out, state = self.model(x, state_from_tensors(self.state))
         self.logits = out[:, -1]
@@ -107,21 +129,13 @@ class FastLSTMBatch(RecurrentBatch):
         self._views: dict[int, tuple] = {}
 
     @property
-    def state(self) -> list[torch.Tensor]:  # (layers, batch, hidden) each, as the module has it
+    def state(self) -> list[torch.Tensor]:  # type: ignore[override]  # views, (layers, batch, hidden) each
         n, cfg = len(self.jobs), self.model.config
         return [self.hs[:n].view(n, cfg.layers, cfg.hidden).transpose(0, 1), self.cs[:, :n]]
 
-    @state.setter
-    def state(self, value: list[torch.Tensor]) -> None:  # only the base class's empty start comes here
-        pass
-
     @property
-    def logits(self) -> torch.Tensor:
+    def logits(self) -> torch.Tensor:  # type: ignore[override]  # a view, (batch, vocab)
         return self.out[: len(self.jobs)]
-
-    @logits.setter
-    def logits(self, value: torch.Tensor) -> None:
-        pass
 
     def add(self, job: Any, logits: torch.Tensor, state: Sequence[torch.Tensor]) -> None:
         row, hidden = len(self.jobs), self.model.config.hidden
@@ -282,7 +296,7 @@ class NativeLSTMBatch(FastLSTMBatch):
 def make_batch(model: CharRNN, capacity: int, native: bool = True) -> RecurrentBatch:
     """The batch implementation for this model: the lean LSTM step where it applies, else the module's."""
     if model.config.cell != "lstm":
-        return RecurrentBatch(model, capacity)
+        return ModuleBatch(model, capacity)
     lib = native_lstm.load() if native else None
     if lib is not None and model.config.layers <= native_lstm.MAX_LAYERS:
         return NativeLSTMBatch(model, capacity, lib)

@@ -96,7 +96,8 @@ class Job:
         self._woken = 0.0
         self._waiting = 0  # readers blocked in chunks() or result(); no one to wake: no notify
         self.cancel_requested = False
-        # Set by the scheduler thread when the job is admitted.
+        # Set and used by the scheduler thread only.
+        self.admitted: float | None = None  # time.monotonic() when it joined a batch
         self.generator: torch.Generator | None = None
         self.matcher = StopMatcher(spec.stop)
         self.left = spec.max_new_chars
@@ -310,7 +311,8 @@ class Engine:
             entry = self.prompt_cache.get(key)
             if entry is None:
                 logits, state = prefill(loaded.model, ids)
-                entry = (logits, tuple(state_tensors(state)))
+                # clone: the logits are a view of the whole prompt's (1, time, vocab) output
+                entry = (logits.clone(), tuple(state_tensors(state)))
                 self.prompt_cache.put(key, entry)
             job.generator = torch.Generator().manual_seed(job.spec.seed)
             job.admitted = time.monotonic()
@@ -380,7 +382,7 @@ class Engine:
         self._active -= 1  # before readers can see the job finished
         job.publish(tokens, reason)
         self.completed += 1
-        elapsed = time.monotonic() - getattr(job, "admitted", job.submitted)
+        elapsed = time.monotonic() - (job.admitted or job.submitted)
         self._mean_job_seconds += 0.05 * (elapsed - self._mean_job_seconds)
 
 

@@ -11,7 +11,7 @@ from model.config import ModelConfig
 from model.network import CharRNN, state_tensors
 from model.sampling import SamplingParams, prefill
 from service import native_lstm
-from service.batch import FastLSTMBatch, NativeLSTMBatch, Noise, RecurrentBatch, block_draws_are_sequential
+from service.batch import FastLSTMBatch, ModuleBatch, NativeLSTMBatch, Noise, RecurrentBatch, block_draws_are_sequential
 
 needs_kernel = pytest.mark.skipif(native_lstm.load() is None, reason="no C compiler for the native kernel")
 
@@ -42,7 +42,7 @@ def fill(batch: RecurrentBatch, model: CharRNN, rows: int) -> None:
 def test_batched_steps_match_the_module(kind: type, rows: int) -> None:
     model = odd_model()
     batch = kind(model, 32, native_lstm.load()) if kind is NativeLSTMBatch else kind(model, 32)
-    reference = RecurrentBatch(model, 32)
+    reference = ModuleBatch(model, 32)
     fill(batch, model, rows)
     fill(reference, model, rows)
     with torch.inference_mode():
