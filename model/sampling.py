@@ -63,6 +63,7 @@ def filtered_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         # Drop a character once the mass before it already reaches top_p; the first always stays.
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
+        drop_sorted[..., 0] = False  # even when top_p underflows to 0 in float32
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

@@ -31,6 +31,7 @@ from model.network import CharRNN, State, detach_state, state_from_tensors, stat
 log = logging.getLogger(__name__)
 
 BEST, LAST = "best" + SUFFIX, "last" + SUFFIX
+PLOT_INTERVAL_S = 30.0
 
 
 class TrainingError(RuntimeError):
@@ -100,6 +101,7 @@ class Trainer:
         self.val_loss: float | None = None
         self.best_val_loss: float | None = None
         self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
+        self._plotted_at = float("-inf")
         if resume:
             self._restore()
         elif (self.out_dir / LAST).exists() or (self.out_dir / BEST).exists():
@@ -145,7 +147,7 @@ class Trainer:
                     window_start = time.perf_counter()
         if bar is not None:
             bar.close()
-        self._evaluate_and_save(limit=cfg.final_eval_max_chars)
+        self._evaluate_and_save(limit=cfg.final_eval_max_chars, final=True)
         log.info(
             "stopped by %s at step %d: val loss %.4f nats/char (%.4f bits)",
             stopped_by,
@@ -202,7 +204,7 @@ class Trainer:
 
     # -- evaluation, checkpoints, logs ------------------------------------------------------------
 
-    def _evaluate_and_save(self, limit: int) -> None:
+    def _evaluate_and_save(self, limit: int, final: bool = False) -> None:
         self.val_loss = windowed_loss(self.model, self.val_ids, limit=limit)
         improved = self.best_val_loss is None or self.val_loss < self.best_val_loss
         if improved:
@@ -222,7 +224,9 @@ class Trainer:
         self._save(LAST, training_state=True)
         if improved:
             self._save(BEST, training_state=False)
-        plot.write_loss_curve(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
+        if final or time.monotonic() - self._plotted_at >= PLOT_INTERVAL_S:  # a PNG costs ~0.3 s: not every eval
+            plot.write_loss_curve(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
+            self._plotted_at = time.monotonic()
 
     def _save(self, name: str, training_state: bool) -> None:
         meta = {
