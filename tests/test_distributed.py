@@ -12,8 +12,9 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-FLAGS = ["--preset", "tiny", "--max-steps", "12", "--eval-every", "6", "--log-every", "1", "--seq-len", "16",
-         "--no-progress", "--threads", "1", "--seed", "5"]
+FLAGS = (
+    "--preset tiny --max-steps 12 --eval-every 6 --log-every 1 --seq-len 16 --no-progress --threads 1 --seed 5".split()
+)
 
 
 def free_port() -> int:
@@ -31,15 +32,50 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(text_file: 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     subprocess.run(
-        [torchrun, "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-         str(free_port()), "-m", "model.cli", "train", "--corpus", str(text_file), "--out", str(tmp_path / "ddp"),
-         "--batch", "4", *FLAGS],
-        check=True, env=env, capture_output=True, timeout=240,
+        [
+            torchrun,
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "model.cli",
+            "train",
+            "--corpus",
+            str(text_file),
+            "--out",
+            str(tmp_path / "ddp"),
+            "--batch",
+            "4",
+            *FLAGS,
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=240,
     )
     subprocess.run(
-        [sys.executable, "-m", "model.cli", "train", "--corpus", str(text_file), "--out", str(tmp_path / "single"),
-         "--batch", "8", *FLAGS],
-        check=True, env=env, capture_output=True, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "model.cli",
+            "train",
+            "--corpus",
+            str(text_file),
+            "--out",
+            str(tmp_path / "single"),
+            "--batch",
+            "8",
+            *FLAGS,
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=240,
     )
     ddp, single = losses(tmp_path / "ddp"), losses(tmp_path / "single")
     assert len(ddp) == len(single) == 12
