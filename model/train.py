@@ -245,7 +245,15 @@ class Trainer:
         }
         meta = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in meta.items()}
         extra = self._training_state() if training_state else None
-        save_checkpoint(self.out_dir / name, self.model, self.corpus.vocab, meta, extra)
+        path = self.out_dir / name
+        try:
+            save_checkpoint(path, self.model, self.corpus.vocab, meta, extra)
+        except OSError as exc:  # a full disk, a lost permission: the previous file is intact (atomic_write)
+            reason = exc.strerror or str(exc)
+            raise TrainingError(
+                f"could not save {path} at step {self.step}: {reason}; the previous {name} is intact"
+                " (free some space or fix the directory's permissions, then --resume)"
+            ) from exc
 
     def _training_state(self) -> dict[str, torch.Tensor]:
         """Everything beyond the weights that makes a resumed run identical to an unbroken one."""

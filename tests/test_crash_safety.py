@@ -1,5 +1,6 @@
 """SIGKILL at random moments while checkpoints are being written: the newest complete one always loads."""
 
+import errno
 import os
 import random
 import signal
@@ -10,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from model.atomic import TMP_MARKER
 from model.checkpoint import load_checkpoint
-from model.train import LAST
+from model.cli import main
+from model.train import BEST, LAST
 
 pytestmark = pytest.mark.slow
 
@@ -69,3 +72,37 @@ def test_training_killed_during_saves_resumes_from_the_last_good_checkpoint(text
     result = subprocess.run([*base, "--resume"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert load_checkpoint(out / LAST).meta["step"] == 80
+
+
+def _fail_with(error: OSError):
+    def fail(*args: object, **kwargs: object) -> None:
+        raise error
+
+    return fail
+
+
+@pytest.mark.parametrize(
+    ("target", "error", "reason"),
+    [
+        ("os.fsync", OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+        ("model.atomic.open", PermissionError(errno.EACCES, "Permission denied"), "Permission denied"),
+    ],
+    ids=["disk-full", "permission-denied"],
+)
+def test_a_failed_save_is_a_clear_error_and_keeps_the_previous_checkpoint(
+    text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, target: str, error: OSError, reason: str
+) -> None:
+    out = tmp_path / "run"
+    flags = "--preset tiny --eval-every 10 --eval-max-chars 256 --threads 1 --no-progress".split()
+    argv = ["train", "--corpus", str(text_file), "--out", str(out), *flags]
+    assert main([*argv, "--max-steps", "10"]) == 0
+    before = {name: (out / name).read_bytes() for name in (LAST, BEST)}
+    monkeypatch.setattr(target, _fail_with(error), raising=target.startswith("os."))
+    assert main([*argv, "--max-steps", "20", "--resume"]) == 1
+    monkeypatch.undo()
+    message = capsys.readouterr().err
+    assert f"charrnn train: error: could not save {out}" in message
+    assert reason in message and "is intact" in message
+    assert {name: (out / name).read_bytes() for name in (LAST, BEST)} == before
+    assert load_checkpoint(out / LAST).meta["step"] == 10
+    assert not [p.name for p in out.iterdir() if TMP_MARKER in p.name]
