@@ -32,6 +32,7 @@ class ServiceConfig:
     max_prompt_chars: int = 16_384
     max_new_chars: int = 2_000  # the largest `max_new_chars` (and /v1 `max_tokens`) a request may ask for
     max_n: int = 16  # the largest `n` (samples per request)
+    max_inspect_chars: int = 2_000  # the longest text POST /inspect reads
     max_batch: int = 64  # generations stepped together by the engine
     max_queue: int = 256  # generations waiting for a batch slot; beyond this, 429
     batching: bool = True  # step concurrent generations as one batch
@@ -42,7 +43,8 @@ class ServiceConfig:
     docs: bool = True  # serve the API docs page at /docs
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_prompt_chars", "max_new_chars", "max_n", "max_batch", "max_queue"):
+        limits = ("max_body_bytes", "max_prompt_chars", "max_new_chars", "max_n", "max_inspect_chars")
+        for name in (*limits, "max_batch", "max_queue"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}")
         if self.prompt_cache_bytes < 0:

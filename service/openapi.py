@@ -23,8 +23,18 @@ NATIVE_ERRORS = {
     "503": "Not ready, or shutting down",
 }
 
+INSPECT_429 = "All of this worker's inspection slots are taken; see the Retry-After header"
+
 GENERATE_EXAMPLE = {"prompt": "ROMEO:", "max_new_chars": 100, "temperature": 0.8, "seed": 42, "stop": ["\n\n"]}
+INSPECT_EXAMPLE = {"text": 'He said "to be (or not) to be".\nAnd left.', "layer": 0}
 COMPLETION_EXAMPLE = {"model": "default", "prompt": "ROMEO:", "max_tokens": 100, "temperature": 0.8, "seed": 42}
+
+INSPECT_DESCRIPTION = (
+    "The model reads the text from a zero state. For the chosen layer the answer holds, after each character, "
+    "every cell's activation (tanh of the cell state for an LSTM, the hidden state for a GRU or RNN), and for "
+    "each simple feature of the text (inside quotes, first character of a line, inside brackets, position in "
+    "the line) the cells whose activations follow it best, by absolute Pearson correlation over the text."
+)
 
 STREAM_DESCRIPTION = (
     "With `stream: true`: Server-Sent Events. `event: chunk` with a StreamChunk as data, once per piece of "
@@ -38,6 +48,8 @@ _MODELS: list[type[BaseModel]] = [
     schemas.GenerateResponse,
     schemas.StreamChunk,
     schemas.StreamDone,
+    schemas.InspectRequest,
+    schemas.InspectResponse,
     schemas.ModelsResponse,
     schemas.HealthResponse,
     schemas.ErrorResponse,
@@ -73,6 +85,7 @@ def _component_schemas(config: ServiceConfig) -> dict[str, Any]:
     found["GenerateRequest"]["properties"]["max_new_chars"]["maximum"] = config.max_new_chars
     found["GenerateRequest"]["properties"]["prompt"]["maxLength"] = config.max_prompt_chars
     found["CompletionRequest"]["properties"]["max_tokens"]["maximum"] = config.max_new_chars
+    found["InspectRequest"]["properties"]["text"]["maxLength"] = config.max_inspect_chars
     return found
 
 
@@ -94,7 +107,7 @@ OPEN: list[dict[str, list[str]]] = []  # `security` of the endpoints that need n
 
 def _paths() -> dict[str, Any]:
     """Every endpoint, by path."""
-    return _generate_path() | _info_paths() | _openai_paths() | _docs_paths()
+    return _generate_path() | _inspect_path() | _info_paths() | _openai_paths() | _docs_paths()
 
 
 def _body(schema: str, example: dict[str, Any]) -> dict[str, Any]:
@@ -114,6 +127,21 @@ def _generate_path() -> dict[str, Any]:
                 "description": STREAM_DESCRIPTION,
                 "requestBody": _body("GenerateRequest", GENERATE_EXAMPLE),
                 "responses": {"200": ok, **_errors(BODY_ERRORS)},
+            }
+        }
+    }
+
+
+def _inspect_path() -> dict[str, Any]:
+    errors = _errors(BODY_ERRORS)
+    errors["429"] = errors["429"] | {"description": INSPECT_429}
+    return {
+        "/inspect": {
+            "post": {
+                "summary": "Look inside: a recurrent layer's cell activations per character of a text",
+                "description": INSPECT_DESCRIPTION,
+                "requestBody": _body("InspectRequest", INSPECT_EXAMPLE),
+                "responses": {"200": {"description": "The activations", "content": _json("InspectResponse")}, **errors},
             }
         }
     }

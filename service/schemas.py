@@ -200,6 +200,62 @@ class StreamDone(ResponseModel):
     seed: int
 
 
+# -- /inspect ------------------------------------------------------------------------------------------
+
+
+class InspectRequest(StrictModel):
+    """POST /inspect."""
+
+    text: str = Field(min_length=1, description="the text the model reads, from a zero state")
+    model: str | None = Field(None, description="a name from GET /models; null: the default model")
+    layer: int | None = Field(None, ge=0, le=15, description="recurrent layer, 0 = the lowest; null: the top one")
+    unknown_chars: Literal["error", "drop"] = Field(
+        "error", description="characters the model does not know: reject the request, or drop them"
+    )
+
+    @field_validator("text")
+    @classmethod
+    def _text_limit(cls, value: str, info: ValidationInfo) -> str:
+        _check_limit(info, "max_inspect_chars", len(value), "characters")
+        return value
+
+
+class CellCorrelation(ResponseModel):
+    """A cell and the Pearson correlation of its activations with a feature, over the text."""
+
+    cell: int
+    correlation: float = Field(ge=-1.0, le=1.0)
+
+
+class FeatureCells(ResponseModel):
+    """A simple feature of the text and the cells whose activity best follows it."""
+
+    name: str = Field(description="in_double_quotes, in_single_quotes, line_start, in_brackets or position_in_line")
+    description: str
+    values: list[int] = Field(description="the feature at each character, once that character has been read")
+    cells: list[CellCorrelation] = Field(
+        description="up to 5 cells by absolute correlation, strongest first; empty when the feature is constant"
+    )
+
+
+class InspectResponse(ResponseModel):
+    """The answer of POST /inspect: one layer's cells, character by character."""
+
+    model: str
+    cell: Literal["lstm", "gru", "rnn"] = Field(description="the model's recurrent cell type")
+    layer: int
+    layers: int
+    hidden: int = Field(description="cells in the layer")
+    quantity: Literal["tanh(c)", "h"] = Field(
+        description="what a value is: tanh of an LSTM's cell state, or the hidden state of a GRU or RNN"
+    )
+    chars: list[str] = Field(description="the characters read (unknown ones dropped if asked)")
+    activations: list[list[float]] = Field(
+        description="activations[i][j]: cell j after reading character i, in [-1, 1], rounded to 3 decimals"
+    )
+    features: list[FeatureCells]
+
+
 # -- other native endpoints ---------------------------------------------------------------------------
 
 
@@ -260,8 +316,19 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
+def _null_means_default(schema: dict[str, Any]) -> None:
+    """Document that every field may be null (it then takes its default), as the validator below reads it."""
+    for name, field in schema.get("properties", {}).items():
+        variants = field.get("anyOf", [field])
+        if not any(variant.get("type") == "null" for variant in variants):
+            keep = {key: field.pop(key) for key in ("title", "description", "default") if key in field}
+            schema["properties"][name] = {"anyOf": [field, {"type": "null"}], **keep}
+
+
 class CompletionRequest(SamplingFields):
     """POST /v1/completions, as OpenAI's legacy completions API; `max_tokens` counts characters."""
+
+    model_config = ConfigDict(json_schema_extra=_null_means_default)
 
     model: str | None = None
     prompt: Prompts = Field(default_factory=lambda: [""], description="a string, or a list of up to 16")
@@ -281,7 +348,8 @@ class CompletionRequest(SamplingFields):
     def _defaults(cls, data: Any, info: ValidationInfo) -> Any:
         """As in OpenAI's API, null stands for the default; max_tokens defaults to 16 (or the limit)."""
         if isinstance(data, dict):
-            data = {key: value for key, value in data.items() if value is not None}
+            # Only known fields: an unknown one stays, null or not, so that it is refused.
+            data = {key: value for key, value in data.items() if value is not None or key not in cls.model_fields}
         return _capped_default(data, info, "max_tokens", 16)
 
     @field_validator("prompt")

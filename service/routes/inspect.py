@@ -1,0 +1,107 @@
+"""POST /inspect: the activations of one recurrent layer's cells per character of a text, and the cells
+that best follow simple features of it (inside quotes, line start, inside brackets, position in line).
+
+An inspection runs in the request's thread, outside the engine's queue, so a worker runs at most
+INSPECT_SLOTS of them at a time; one more is a 429, as a full generation queue is.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+from flask import Blueprint, Response, current_app, jsonify
+from flask.blueprints import BlueprintSetupState
+
+from service.activations import QUANTITIES, cell_activations
+from service.engine import LoadedModel
+from service.errors import ApiError
+from service.generation import current_service, encode_prompt
+from service.schemas import CellCorrelation, FeatureCells, InspectRequest, InspectResponse, dump
+from service.text_features import FEATURES, top_cells
+from service.validation import parse_json_body, validate
+
+bp = Blueprint("inspect", __name__)
+
+INSPECT_SLOTS = 2  # inspections one worker runs at the same time
+TOP_CELLS = 5  # cells listed per feature
+DECIMALS = 3  # activations and correlations are rounded to this, to keep the answer small
+_SLOTS_KEY = "charrnn.inspect_slots"
+
+
+@bp.record_once
+def _make_slots(state: BlueprintSetupState) -> None:
+    state.app.extensions[_SLOTS_KEY] = threading.BoundedSemaphore(INSPECT_SLOTS)
+
+
+@bp.post("/inspect")
+def inspect() -> Response:
+    """The chosen layer's cells after each character of `text`, and the cells that follow each feature."""
+    service = current_service()
+    body = validate(InspectRequest, parse_json_body(), service.config)
+    loaded = service.model(body.model)
+    layer = _layer(loaded, body.layer)
+    ids = encode_prompt(loaded, body.text, body.unknown_chars, field_name="text")
+    if not ids:
+        raise ApiError(422, "invalid_value", "none of the text's characters is in the model's vocabulary", "text")
+    with _slot():
+        values = np.round(cell_activations(loaded.model, ids, layer).astype(np.float64), DECIMALS)  # (time, cells)
+    chars = [loaded.vocab.chars[i] for i in ids]
+    config = loaded.model.config
+    answer = InspectResponse(
+        model=loaded.name,
+        cell=config.cell,
+        layer=layer,
+        layers=config.layers,
+        hidden=config.hidden,
+        quantity=QUANTITIES[config.cell],
+        chars=chars,
+        activations=values.tolist(),
+        features=_features("".join(chars), values),
+    )
+    return jsonify(dump(answer))
+
+
+def _layer(loaded: LoadedModel, layer: int | None) -> int:
+    """The requested layer, the top one for None; 422 naming the field if the model has no such layer."""
+    layers = loaded.model.config.layers
+    if layer is None:
+        return layers - 1
+    if layer >= layers:
+        count = f"{layers} layer" + ("s" if layers > 1 else "")
+        raise ApiError(
+            422, "invalid_value", f"model {loaded.name!r} has {count}: layer must be 0 to {layers - 1}", "layer"
+        )
+    return layer
+
+
+def _features(text: str, values: np.ndarray) -> list[FeatureCells]:
+    """Every feature of `text` with its best-following cells, from the activations as answered."""
+    found = []
+    for feature in FEATURES:
+        series = feature.compute(text)
+        cells = top_cells(values, np.asarray(series), TOP_CELLS)
+        found.append(
+            FeatureCells(
+                name=feature.name,
+                description=feature.description,
+                values=series,
+                cells=[CellCorrelation(cell=cell, correlation=round(r, DECIMALS)) for cell, r in cells],
+            )
+        )
+    return found
+
+
+@contextmanager
+def _slot() -> Iterator[None]:
+    """Hold one of the worker's inspection slots; 429 with Retry-After when all are taken."""
+    slots: threading.BoundedSemaphore = current_app.extensions[_SLOTS_KEY]
+    if not slots.acquire(blocking=False):
+        message = "the server is busy with other inspections; retry later"
+        raise ApiError(429, "busy", message, headers={"Retry-After": "1"})
+    try:
+        yield
+    finally:
+        slots.release()
