@@ -208,6 +208,13 @@ def _openai_paths() -> dict[str, Any]:
 
 def _docs_paths() -> dict[str, Any]:
     return {
+        "/": {
+            "get": {
+                "summary": "The playground: a page to generate text, see its probabilities and look inside the cells",
+                "security": OPEN,
+                "responses": {"200": {"description": "HTML"}},
+            }
+        },
         "/openapi.json": {
             "get": {"summary": "This document", "security": OPEN, "responses": {"200": {"description": "OK"}}}
         },

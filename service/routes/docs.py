@@ -1,8 +1,9 @@
-"""The API's description: GET /openapi.json, and /docs, a page that renders it (no external assets)."""
+"""The pages: the playground at GET /, the API's description at GET /openapi.json, and /docs, a page that
+renders it. Neither page loads anything from another server."""
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify, redirect
+from flask import Blueprint, Response, current_app, jsonify
 
 from service.errors import ApiError
 from service.generation import current_service
@@ -10,11 +11,13 @@ from service.openapi import openapi_document
 
 bp = Blueprint("docs", __name__)
 
+CONTENT_SECURITY_POLICY = "default-src 'self'"  # scripts, styles and requests only from this server
+
 
 @bp.get("/")
 def index() -> Response:
-    """The root leads to the API docs page."""
-    return redirect("docs")
+    """The playground page; it calls /models, /generate and /inspect of this server."""
+    return _page("playground.html")
 
 
 @bp.get("/openapi.json")
@@ -28,6 +31,11 @@ def page() -> Response:
     """The API docs page; it reads /openapi.json from this server."""
     if not current_service().config.docs:
         raise ApiError(404, "not_found", "the docs page is turned off (CHARRNN_DOCS=false)")
-    response = current_app.send_static_file("docs.html")
-    response.headers["Content-Security-Policy"] = "default-src 'self'"
+    return _page("docs.html")
+
+
+def _page(name: str) -> Response:
+    """A page from service/static/, allowed to load and call only this server."""
+    response = current_app.send_static_file(name)
+    response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
     return response

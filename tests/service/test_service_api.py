@@ -346,9 +346,9 @@ def test_health_and_the_api_description_stay_open(keyed: FlaskClient) -> None:
     assert keyed.get("/health").status_code == 200
     assert keyed.get("/health/live").status_code == 200
     assert keyed.get("/openapi.json").status_code == 200
-    assert keyed.get("/").headers["Location"].endswith("docs")
-    with keyed.get("/docs") as page:
-        assert page.status_code == 200
+    for path in ("/", "/docs", "/static/playground.js"):
+        with keyed.get(path) as page:
+            assert page.status_code == 200, path
 
 
 # -- overload, shutdown, failures -----------------------------------------------------------------------
@@ -450,8 +450,9 @@ def test_openapi_describes_every_endpoint_with_the_configured_limits(make_app: C
         assert ref.split('"')[0].removeprefix("#/components/schemas/") in doc["components"]["schemas"]
 
 
-def test_the_docs_page_loads_nothing_from_the_internet(client: FlaskClient) -> None:
-    for path in ("/docs", "/static/docs.js", "/static/docs.css"):
+def test_the_docs_page_and_the_playground_load_nothing_from_the_internet(client: FlaskClient) -> None:
+    pages = ("/docs", "/static/docs.js", "/static/docs.css", "/", "/static/playground.js", "/static/playground.css")
+    for path in pages:
         with client.get(path) as asset:
             assert asset.status_code == 200
             text = asset.get_data(as_text=True)
@@ -493,6 +494,16 @@ def test_a_stream_closed_before_its_first_event_is_cancelled_too(make_app: Calla
     response = app.test_client().post("/generate", json=SEEDED | {"max_new_chars": 100_000, "stream": True})
     response.close()
     assert jobs[0].result()[1] == "cancelled"
+
+
+def test_the_root_is_the_playground_and_links_to_the_docs_page(client: FlaskClient) -> None:
+    with client.get("/") as page:
+        assert page.status_code == 200 and page.mimetype == "text/html"
+        assert page.headers["Content-Security-Policy"] == "default-src 'self'"
+        html = page.get_data(as_text=True)
+    assert 'href="docs"' in html and 'src="static/playground.js"' in html
+    with client.get("/docs") as docs:
+        assert 'href="./"' in docs.get_data(as_text=True)
 
 
 def test_the_docs_page_can_be_turned_off(make_app: Callable[..., Flask]) -> None:

@@ -1,0 +1,555 @@
+// The playground: generate text from this server (streamed), colour it by probability, and look inside
+// the recurrent cells. Plain script, no build; it calls only this server: models, generate, inspect.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+
+const page = {
+  models: new Map(), // name -> its entry of GET /models
+  modelsProblem: false, // whether the message shown is about listing the models
+  controller: null, // the AbortController of the generation in flight
+  tokens: [], // generated characters: {char, logprob?, top?}
+  withLogprobs: false, // whether the last generation asked for them
+  inspection: null, // the last POST /inspect answer
+  maxInspectChars: null,
+};
+
+// The request fields the server may name in an error, and the control that sets each.
+const FIELD_CONTROLS = {
+  prompt: "prompt", model: "model", temperature: "temperature", top_k: "top-k", top_p: "top-p",
+  max_new_chars: "max-new-chars", seed: "seed", stop: "stop", text: "inspect-text", layer: "layer",
+};
+
+// -- talking to the server ---------------------------------------------------------------------------
+
+function requestHeaders() {
+  const headers = { "Content-Type": "application/json" };
+  const key = $("api-key").value.trim();
+  if (key) headers.Authorization = `Bearer ${key}`;
+  return headers;
+}
+
+function getJson(path) {
+  return fetch(path, { headers: requestHeaders() });
+}
+
+function postJson(path, body, signal) {
+  return fetch(path, { method: "POST", headers: requestHeaders(), body: JSON.stringify(body), signal });
+}
+
+// A sentence for people about a 4xx/5xx answer, and the request field at fault if the server named one.
+async function explain(response) {
+  let error = {};
+  try {
+    error = (await response.json()).error || {};
+  } catch (_) { /* a body that is not ours: the status says enough */ }
+  const detail = error.message || response.statusText || "no details";
+  const field = error.field || null;
+  switch (response.status) {
+    case 401:
+      return {
+        field: "api-key",
+        text: $("api-key").value.trim()
+          ? `The server refused the API key (${detail}). Check the "API key" field.`
+          : `This server needs an API key: enter it in the "API key" field. (${detail})`,
+      };
+    case 413:
+      return { field, text: `The request is larger than this server accepts (${detail}).` };
+    case 422: {
+      const hint = error.code === "unknown_characters" ? ` Tick "Skip characters the model does not know" to leave them out.` : "";
+      return { field, text: `The server refused a value: ${detail}.${hint}` };
+    }
+    case 429: {
+      const retry = response.headers.get("Retry-After");
+      const why = error.code === "queue_full" ? ": its generation queue is full" : "";
+      return { field, text: `The server is busy${why}. Try again ${retry ? `in ${retry} s` : "in a moment"}.` };
+    }
+    case 503:
+      return { field, text: `The server is not ready or is shutting down (${detail}).` };
+    default:
+      return { field, text: `The server answered ${response.status}: ${detail}.` };
+  }
+}
+
+function showError(where, problem) {
+  $(where).textContent = problem ? problem.text : "";
+  const control = problem && problem.field && $(FIELD_CONTROLS[problem.field] || problem.field);
+  if (control) control.setAttribute("aria-invalid", "true");
+}
+
+function clearErrors(where, form) {
+  showError(where, null);
+  for (const control of $(form).querySelectorAll("[aria-invalid]")) control.removeAttribute("aria-invalid");
+}
+
+// Calls onEvent(name, data) for each Server-Sent Event of a fetch response; keep-alive comments skipped.
+async function readEvents(response, onEvent) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let name = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) name = line.slice(6).trim();
+        else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+      }
+      if (data.length) onEvent(name, JSON.parse(data.join("\n")));
+    }
+  }
+}
+
+// -- models and limits -------------------------------------------------------------------------------
+
+async function loadModels() {
+  let response;
+  try {
+    response = await getJson("models");
+  } catch (error) {
+    showModelsProblem({ text: `Could not reach the server: ${error.message}.` });
+    return;
+  }
+  if (!response.ok) {
+    showModelsProblem(await explain(response));
+    return;
+  }
+  const listing = await response.json();
+  page.models = new Map(listing.models.filter((m) => m.status === "loaded").map((m) => [m.name, m]));
+  const select = $("model");
+  const chosen = select.value || listing.default;
+  select.replaceChildren();
+  for (const [name, info] of page.models) {
+    const label = `${name}${name === listing.default ? " (default)" : ""}, ${info.cell} ${info.layers}×${info.hidden}`;
+    select.append(new Option(label, name, false, name === chosen));
+  }
+  if (page.modelsProblem) clearErrors("error", "generate-form");
+  page.modelsProblem = false;
+  fillLayers();
+}
+
+function showModelsProblem(problem) {
+  page.modelsProblem = true;
+  showError("error", { ...problem, text: `Could not list the models. ${problem.text}` });
+}
+
+// The largest lengths this server accepts, from its API description (open to all).
+async function loadLimits() {
+  try {
+    const doc = await (await fetch("openapi.json")).json();
+    const schemas = doc.components.schemas;
+    const maxChars = schemas.GenerateRequest.properties.max_new_chars.maximum;
+    if (maxChars) $("max-new-chars").max = String(maxChars);
+    page.maxInspectChars = schemas.InspectRequest.properties.text.maxLength || null;
+  } catch (_) { /* the server checks the limits anyway */ }
+}
+
+function fillLayers() {
+  const info = page.models.get($("model").value);
+  const select = $("layer");
+  select.replaceChildren();
+  const layers = info ? info.layers : 1;
+  for (let layer = layers - 1; layer >= 0; layer -= 1) {
+    const where = layer === layers - 1 ? "top" : layer === 0 ? "lowest" : "";
+    select.append(new Option(`${layer + 1} of ${layers}${where ? ` (${where})` : ""}`, String(layer)));
+  }
+}
+
+// -- generation --------------------------------------------------------------------------------------
+
+// The value of a number field: undefined when empty; a problem naming the field when it is not a number.
+function numberField(id, label) {
+  const input = $(id);
+  if (input.validity.badInput) throw { field: id, text: `${label}: enter a number.` };
+  const text = input.value.trim();
+  if (text === "") return undefined;
+  // Seeds can exceed what a JavaScript number holds exactly: send the digits as typed.
+  if (/^\d{16,}$/.test(text) && JSON.rawJSON) return JSON.rawJSON(text);
+  return Number(text);
+}
+
+function unknownChars() {
+  return $("drop-unknown").checked ? "drop" : "error";
+}
+
+function stopStrings() {
+  return $("stop").value.split("\n").filter((line) => line !== "")
+    .map((line) => line.replace(/\\(n|t|\\)/g, (_, c) => ({ n: "\n", t: "\t", "\\": "\\" })[c]));
+}
+
+function generateBody() {
+  const body = { prompt: $("prompt").value, stream: true, logprobs: $("colour").checked, unknown_chars: unknownChars() };
+  if ($("model").value) body.model = $("model").value;
+  const numbers = {
+    temperature: ["temperature", "Temperature"], top_k: ["top-k", "Top-k"], top_p: ["top-p", "Top-p"],
+    max_new_chars: ["max-new-chars", "Maximum characters"],
+  };
+  if (!$("random-seed").checked) numbers.seed = ["seed", "Seed"];
+  for (const [name, [id, label]] of Object.entries(numbers)) {
+    const value = numberField(id, label);
+    if (value !== undefined) body[name] = value;
+  }
+  const stop = stopStrings();
+  if (stop.length) body.stop = stop;
+  return body;
+}
+
+function setRunning(running) {
+  $("generate").disabled = running;
+  $("stop-button").disabled = !running;
+  $("output").setAttribute("aria-busy", String(running));
+}
+
+function resetOutput(prompt) {
+  page.tokens = [];
+  $("prompt-echo").textContent = prompt;
+  $("generated").replaceChildren();
+  $("count").textContent = "";
+  hideCharInfo();
+}
+
+async function generate(event) {
+  event.preventDefault();
+  if (page.controller) return;
+  clearErrors("error", "generate-form");
+  let body;
+  try {
+    body = generateBody();
+  } catch (problem) {
+    showError("error", problem);
+    return;
+  }
+  resetOutput(body.prompt);
+  page.withLogprobs = body.logprobs;
+  showProbabilities();
+  page.controller = new AbortController();
+  setRunning(true);
+  $("status").textContent = "Generating…";
+  try {
+    await streamInto(body, page.controller.signal);
+  } catch (error) {
+    if (error.name === "AbortError") {
+      $("status").textContent = `Stopped after ${page.tokens.length} characters.`;
+    } else {
+      showError("error", { text: `The generation failed: ${error.message}.` });
+      $("status").textContent = "Failed.";
+    }
+  } finally {
+    page.controller = null;
+    setRunning(false);
+  }
+}
+
+async function streamInto(body, signal) {
+  const response = await postJson("generate", body, signal);
+  if (!response.ok) {
+    showError("error", await explain(response));
+    $("status").textContent = "Not generated: see the message above.";
+    return;
+  }
+  let finished = false;
+  await readEvents(response, (name, data) => {
+    if (name === "chunk") appendTokens(data);
+    else if (name === "done") finished = finish(data);
+    else if (name === "error") {
+      showError("error", { text: `The generation failed: ${data.error.message}.` });
+      finished = true;
+    }
+  });
+  if (!finished) {
+    showError("error", { text: "The stream ended early: the server closed the connection." });
+    $("status").textContent = `Cut off after ${page.tokens.length} characters.`;
+  }
+}
+
+function appendTokens(chunk) {
+  const tokens = chunk.logprobs || Array.from(chunk.text, (char) => ({ char }));
+  const start = page.tokens.length;
+  page.tokens.push(...tokens);
+  const target = $("generated");
+  if (coloured()) target.append(...tokens.map((token, i) => probabilitySpan(token, start + i)));
+  else target.append(chunk.text);
+  $("count").textContent = `${page.tokens.length} characters`;
+}
+
+const FINISH = { length: "reached the maximum length", stop: "met a stop string", deadline: "hit the server's time limit" };
+
+function finish(done) {
+  const reason = done.choices.length ? done.choices[0].finish_reason : "length";
+  $("status").textContent = `Done: ${page.tokens.length} characters, ${FINISH[reason] || reason}; seed ${done.seed}.`;
+  if ($("random-seed").checked) $("seed").value = String(done.seed); // untick "Random seed" to reuse it
+  return true;
+}
+
+function stopGenerating() {
+  if (page.controller) page.controller.abort();
+}
+
+// -- probability colours -----------------------------------------------------------------------------
+
+function coloured() {
+  return $("colour").checked && page.withLogprobs;
+}
+
+// Red for unlikely, through yellow, to green for likely; always light, so dark text stays readable.
+function probabilityColour(p) {
+  return `hsl(${Math.round(120 * Math.min(1, Math.max(0, p)))}, 75%, 80%)`;
+}
+
+function visible(char) {
+  return { "\n": "↵", " ": "␣", "\t": "⇥" }[char] || char;
+}
+
+function charSpan(char) {
+  const span = document.createElement("span");
+  span.className = char === "\n" ? "char newline" : "char"; // the stylesheet shows a line break as ↵
+  span.tabIndex = -1;
+  span.textContent = char;
+  return span;
+}
+
+function probabilitySpan(token, index) {
+  const span = charSpan(token.char);
+  span.dataset.index = String(index);
+  span.style.backgroundColor = probabilityColour(Math.exp(token.logprob));
+  return span;
+}
+
+function showProbabilities() {
+  $("probability-legend").hidden = !coloured();
+  const target = $("generated");
+  hideCharInfo();
+  if (coloured()) target.replaceChildren(...page.tokens.map(probabilitySpan));
+  else target.replaceChildren(page.tokens.map((t) => t.char).join(""));
+}
+
+function toggleColours() {
+  if ($("colour").checked && !page.withLogprobs && page.tokens.length) {
+    $("status").textContent = "Generate again to see the probabilities: this text was generated without them.";
+  }
+  showProbabilities();
+}
+
+function probabilityInfo(token) {
+  const table = document.createElement("table");
+  for (const alternative of token.top) {
+    const row = table.insertRow();
+    if (alternative.char === token.char) row.className = "chosen";
+    row.insertCell().textContent = JSON.stringify(alternative.char);
+    row.insertCell().textContent = `${(100 * Math.exp(alternative.logprob)).toFixed(1)} %`;
+  }
+  const head = document.createElement("div");
+  head.textContent = `${JSON.stringify(token.char)}: ${(100 * Math.exp(token.logprob)).toFixed(1)} %; the likeliest were`;
+  return [head, table];
+}
+
+// -- the tooltip shared by both coloured texts --------------------------------------------------------
+
+function showCharInfo(span, content) {
+  const box = $("char-info");
+  box.replaceChildren(...content);
+  box.hidden = false;
+  const rect = span.getBoundingClientRect();
+  box.style.left = `${window.scrollX + rect.left}px`;
+  box.style.top = `${window.scrollY + rect.bottom + 4}px`;
+  span.setAttribute("aria-describedby", "char-info");
+}
+
+function hideCharInfo() {
+  $("char-info").hidden = true;
+  for (const span of document.querySelectorAll("[aria-describedby='char-info']")) span.removeAttribute("aria-describedby");
+}
+
+function infoFor(span) {
+  const index = Number(span.dataset.index);
+  if (span.closest("#generated")) return page.tokens[index] && page.tokens[index].top ? probabilityInfo(page.tokens[index]) : null;
+  if (span.closest("#inspect-output")) return activationInfo(index);
+  return null;
+}
+
+function onCharEvent(event) {
+  const span = event.target.closest && event.target.closest(".char");
+  if (!span) return;
+  const content = infoFor(span);
+  if (content) showCharInfo(span, content);
+}
+
+// Arrow keys step through the characters of a coloured text: one tab stop for the whole text.
+function stepThroughChars(event) {
+  const text = event.currentTarget;
+  const spans = text.querySelectorAll(".char");
+  if (!spans.length) return;
+  const current = document.activeElement.closest(".char");
+  let index = current ? Array.prototype.indexOf.call(spans, current) : -1;
+  if (event.key === "ArrowRight") index = Math.min(spans.length - 1, index + 1);
+  else if (event.key === "ArrowLeft") index = Math.max(0, index - 1);
+  else if (event.key === "Home") index = 0;
+  else if (event.key === "End") index = spans.length - 1;
+  else if (event.key === "Escape") { hideCharInfo(); return; }
+  else return;
+  event.preventDefault();
+  spans[index].focus();
+}
+
+// -- look inside -------------------------------------------------------------------------------------
+
+// Blue for negative, white for 0, red for positive; never darker than 66 % lightness (dark text stays readable).
+function activationColour(value) {
+  const v = Math.max(-1, Math.min(1, value));
+  return `hsl(${v >= 0 ? 4 : 212}, 85%, ${Math.round(100 - 34 * Math.abs(v))}%)`;
+}
+
+function useGeneratedText() {
+  let text = $("prompt-echo").textContent + page.tokens.map((t) => t.char).join("");
+  if (page.maxInspectChars && text.length > page.maxInspectChars) {
+    text = text.slice(0, page.maxInspectChars);
+    $("inspect-status").textContent = `The text was cut to the first ${page.maxInspectChars} characters, this server's limit.`;
+  }
+  $("inspect-text").value = text;
+}
+
+async function inspect(event) {
+  event.preventDefault();
+  clearErrors("inspect-error", "inspect-form");
+  const body = { text: $("inspect-text").value, unknown_chars: unknownChars() };
+  if ($("model").value) body.model = $("model").value;
+  if ($("layer").value !== "") body.layer = Number($("layer").value);
+  $("inspect-button").disabled = true;
+  $("inspect-status").textContent = "Reading the text…";
+  try {
+    const response = await postJson("inspect", body);
+    if (!response.ok) {
+      showError("inspect-error", await explain(response));
+      $("inspect-status").textContent = "";
+      return;
+    }
+    showInspection(await response.json());
+  } catch (error) {
+    showError("inspect-error", { text: `Could not look inside: ${error.message}.` });
+    $("inspect-status").textContent = "";
+  } finally {
+    $("inspect-button").disabled = false;
+  }
+}
+
+function showInspection(answer) {
+  page.inspection = answer;
+  const what = answer.quantity === "tanh(c)" ? "tanh of the cell state c" : "the hidden state h";
+  $("inspect-summary").textContent = `${answer.model}: ${answer.cell.toUpperCase()} layer ${answer.layer + 1} of ` +
+    `${answer.layers}, ${answer.hidden} cells, each value ${what}, after each of ${answer.chars.length} characters.`;
+  $("inspect-status").textContent = `Read ${answer.chars.length} characters.`;
+  const cell = $("cell");
+  cell.max = String(answer.hidden - 1);
+  $("cell-help").textContent = `0 to ${answer.hidden - 1}`;
+  const best = answer.features.find((f) => f.cells.length);
+  cell.value = String(best ? best.cells[0].cell : Math.min(Number(cell.value) || 0, answer.hidden - 1));
+  const text = $("inspect-output");
+  text.replaceChildren(...answer.chars.map((char, i) => {
+    const span = charSpan(char);
+    span.dataset.index = String(i);
+    return span;
+  }));
+  fillFeatures(answer.features);
+  $("inspect-result").hidden = false;
+  colourByCell();
+}
+
+function fillFeatures(features) {
+  const body = $("features").tBodies[0];
+  body.replaceChildren();
+  for (const feature of features) {
+    const row = body.insertRow();
+    const head = document.createElement("th");
+    head.scope = "row";
+    head.textContent = feature.description;
+    row.append(head);
+    const cells = row.insertCell();
+    if (!feature.cells.length) cells.textContent = "does not vary in this text";
+    for (const { cell, correlation } of feature.cells) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.dataset.cell = String(cell);
+      button.textContent = `cell ${cell} (r = ${correlation.toFixed(2)})`;
+      button.addEventListener("click", () => { $("cell").value = String(cell); colourByCell(); });
+      cells.append(button);
+    }
+  }
+}
+
+function chosenCell() {
+  const answer = page.inspection;
+  const cell = Math.trunc(Number($("cell").value));
+  return Number.isFinite(cell) && cell >= 0 && cell < answer.hidden ? cell : null;
+}
+
+function colourByCell() {
+  if (!page.inspection) return;
+  const cell = chosenCell();
+  $("cell").setAttribute("aria-invalid", String(cell === null));
+  if (cell === null) return;
+  const rows = page.inspection.activations;
+  $("inspect-output").querySelectorAll(".char").forEach((span, i) => {
+    span.style.backgroundColor = activationColour(rows[i][cell]);
+  });
+  for (const button of $("features").querySelectorAll("button")) {
+    button.setAttribute("aria-pressed", String(Number(button.dataset.cell) === cell));
+  }
+  hideCharInfo();
+}
+
+function activationInfo(index) {
+  const cell = chosenCell();
+  if (cell === null || !page.inspection) return null;
+  const char = page.inspection.chars[index];
+  const value = page.inspection.activations[index][cell];
+  const line = document.createElement("div");
+  line.textContent = `${JSON.stringify(char)}: cell ${cell} = ${value.toFixed(3)}`;
+  return [line];
+}
+
+// -- wiring ------------------------------------------------------------------------------------------
+
+function paintLegends() {
+  for (const swatch of document.querySelectorAll("[data-probability]")) {
+    swatch.style.backgroundColor = probabilityColour(Number(swatch.dataset.probability));
+  }
+  for (const swatch of document.querySelectorAll("[data-activation]")) {
+    swatch.style.backgroundColor = activationColour(Number(swatch.dataset.activation));
+  }
+}
+
+function start() {
+  $("generate-form").addEventListener("submit", generate);
+  $("stop-button").addEventListener("click", stopGenerating);
+  $("prompt").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) $("generate-form").requestSubmit();
+  });
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && page.controller) stopGenerating();
+  });
+  $("random-seed").addEventListener("change", () => { $("seed").disabled = $("random-seed").checked; });
+  $("colour").addEventListener("change", toggleColours);
+  $("api-key").addEventListener("change", loadModels);
+  $("model").addEventListener("change", fillLayers);
+  $("use-output").addEventListener("click", useGeneratedText);
+  $("inspect-form").addEventListener("submit", inspect);
+  $("cell").addEventListener("input", colourByCell);
+  for (const text of [$("output"), $("inspect-output")]) {
+    text.addEventListener("mouseover", onCharEvent);
+    text.addEventListener("focusin", onCharEvent);
+    text.addEventListener("mouseleave", hideCharInfo);
+    text.addEventListener("focusout", hideCharInfo);
+    text.addEventListener("keydown", stepThroughChars);
+  }
+  paintLegends();
+  loadLimits();
+  loadModels();
+}
+
+start();
