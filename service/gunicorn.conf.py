@@ -37,9 +37,10 @@ backlog = 2048
 
 # -- time limits ----------------------------------------------------------------------------------
 
-# With gthread this is a liveness heartbeat between worker and master, not a request limit: a worker
-# silent this long is killed and replaced. Request length is bounded by CHARRNN_REQUEST_TIMEOUT.
-timeout = 60
+# env CHARRNN_WORKER_TIMEOUT: with gthread this is a liveness heartbeat between worker and master, not
+# a request limit (a stream may last far longer): a worker silent this long is killed and replaced.
+# Request length is bounded by CHARRNN_REQUEST_TIMEOUT.
+timeout = int(os.environ.get("CHARRNN_WORKER_TIMEOUT", "60"))
 
 # env CHARRNN_GRACEFUL_TIMEOUT: after SIGTERM, workers stop accepting connections and get this long
 # to finish the requests (and streams) in flight before they are killed.

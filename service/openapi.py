@@ -97,6 +97,33 @@ def _json(name: str) -> dict[str, Any]:
     return {"application/json": {"schema": {"$ref": REF.format(model=name)}}}
 
 
+def _json_text(name: str) -> dict[str, Any]:
+    """A string holding a JSON document of schema `name` (an event's data field)."""
+    return {"type": "string", "contentMediaType": "application/json", "contentSchema": {"$ref": REF.format(model=name)}}
+
+
+def _event_stream(events: dict[str, str]) -> dict[str, Any]:
+    """Server-Sent Events whose `data` is JSON of a schema chosen by the event's name.
+
+    `schema` describes one event (an object with `event` and `data`), as OpenAPI 3.2's `itemSchema`
+    does and as tools read `schema` of a sequential media type before 3.2.
+    """
+    one_event = {
+        "type": "object",
+        "required": ["event", "data"],
+        "oneOf": [
+            {"properties": {"event": {"const": name}, "data": _json_text(schema)}} for name, schema in events.items()
+        ],
+    }
+    return {"text/event-stream": {"schema": one_event}}
+
+
+def _openai_event_stream() -> dict[str, Any]:
+    """OpenAI's stream: unnamed events whose data is a completion chunk or an error, then `[DONE]`."""
+    data = {"anyOf": [_json_text("CompletionResponse"), _json_text("OpenAIErrorResponse"), {"const": "[DONE]"}]}
+    return {"text/event-stream": {"schema": {"type": "object", "required": ["data"], "properties": {"data": data}}}}
+
+
 def _errors(codes: list[str], schema: str = "ErrorResponse") -> dict[str, Any]:
     return {code: {"description": NATIVE_ERRORS[code], "content": _json(schema)} for code in codes}
 
@@ -118,7 +145,8 @@ def _body(schema: str, example: dict[str, Any]) -> dict[str, Any]:
 def _generate_path() -> dict[str, Any]:
     ok = {
         "description": "The samples; or, with `stream`, an event stream",
-        "content": _json("GenerateResponse") | {"text/event-stream": {"schema": {"type": "string"}}},
+        "content": _json("GenerateResponse")
+        | _event_stream({"chunk": "StreamChunk", "done": "StreamDone", "error": "ErrorResponse"}),
     }
     return {
         "/generate": {
@@ -191,7 +219,10 @@ def _openai_paths() -> dict[str, Any]:
                 "description": "With `stream: true`: `data: {CompletionResponse chunk}` events, then `data: [DONE]`.",
                 "requestBody": _body("CompletionRequest", COMPLETION_EXAMPLE),
                 "responses": {
-                    "200": {"description": "The completion", "content": _json("CompletionResponse")},
+                    "200": {
+                        "description": "The completion; or, with `stream`, an event stream",
+                        "content": _json("CompletionResponse") | _openai_event_stream(),
+                    },
                     **_errors(BODY_ERRORS, "OpenAIErrorResponse"),
                 },
             }
