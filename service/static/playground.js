@@ -273,8 +273,11 @@ function appendTokens(chunk) {
   const start = page.tokens.length;
   page.tokens.push(...tokens);
   const target = $("generated");
+  const box = $("output");
+  const following = box.scrollTop + box.clientHeight >= box.scrollHeight - 4; // keep the newest text in view
   if (coloured()) target.append(...tokens.map((token, i) => probabilitySpan(token, start + i)));
   else target.append(chunk.text);
+  if (following) box.scrollTop = box.scrollHeight;
   $("count").textContent = `${page.tokens.length} characters`;
 }
 
