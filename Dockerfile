@@ -53,7 +53,8 @@ COPY --chown=root:root corpora ./corpora
 VOLUME ["/models", "/data"]
 USER 10001:10001
 EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('CHARRNN_PORT', '8000'), timeout=4)"]
+# /health waits up to CHARRNN_HEALTH_TIMEOUT (10 s) for its one-character generation: allow more.
+HEALTHCHECK --interval=30s --timeout=15s --start-period=60s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('CHARRNN_PORT', '8000'), timeout=12)"]
 # Gunicorn with the project's config (gthread workers, models loaded in each worker after fork).
 CMD ["gunicorn", "-c", "service/gunicorn.conf.py", "service.app:create_app()"]

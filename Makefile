@@ -3,14 +3,17 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
+# PyTorch's CPU-only wheels (about 190 MB); PyPI's torch is the CUDA build (several GB). For a GPU
+# machine: make TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: install serve test lint format bench default-model clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
-	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
+	# torch first, pinned, from the CPU index: PyPI's (or an unpinned) torch is a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION) --index-url $(TORCH_INDEX_URL)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 

@@ -122,7 +122,7 @@ def _from_dict(cls: type, data: dict[str, Any]):
 
 
 # Named recipes. Model keys go to ModelConfig, the rest to TrainConfig; command-line flags override.
-# How each was chosen is written in README.md ("Training recipes"); bench/quality.py measures them.
+# What each reaches is in README.md ("Benchmarks"); bench/quality.py measures cpu-fast against its baseline.
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on a laptop: for tests and smoke runs, not for quality.
     "tiny": dict(

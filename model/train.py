@@ -165,8 +165,11 @@ class Trainer:
         x, y, new_epoch = self.batcher.batch(self.step)
         if new_epoch:
             self.state = None  # each epoch starts every track from a zero state
-        x = torch.from_numpy(x).to(self.device, non_blocking=True)
-        y = torch.from_numpy(y).to(self.device, non_blocking=True)
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
+        if self.device.type == "cuda":  # page-locked host memory: the copies overlap the GPU's work
+            x, y = x.pin_memory(), y.pin_memory()
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             logits, state = self.wrapped(x, self.state)  # (batch, seq_len, vocab)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())

@@ -3,7 +3,7 @@
     gunicorn -c service/gunicorn.conf.py "service.app:create_app()"
 
 Every setting below says why it has its value. Values marked "env" come from CHARRNN_* variables
-(`charrnn serve` sets them from its flags). See ../shared/SERVING_NOTES.md for the background.
+(`charrnn serve` sets them from its flags).
 """
 
 import logging

@@ -42,6 +42,8 @@ def test_train_from_the_command_line(text_file: Path, tmp_path: Path, capsys) ->
         str(text_file),
         "--out",
         str(tmp_path / "run"),
+        "--preset",
+        "tiny",
         "--max-steps",
         "20",
         "--no-progress",

@@ -7,7 +7,7 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.data import load_corpus
-from model.train import LAST, Trainer, TrainingError, learning_rate
+from model.train import BEST, LAST, Trainer, TrainingError, learning_rate
 from tests.conftest import tiny_configs
 
 
@@ -82,6 +82,7 @@ def test_nonfinite_loss_stops_without_writing_a_bad_checkpoint(
     trainer = Trainer(model_cfg, cfg, corpus, tmp_path / "run", progress=False)
     trainer.run(stop_at_step=10)
     good = (tmp_path / "run" / LAST).read_bytes()
+    best = (tmp_path / "run" / BEST).read_bytes()
     forward = trainer.model.forward
 
     def poisoned(ids, state=None):
@@ -92,6 +93,7 @@ def test_nonfinite_loss_stops_without_writing_a_bad_checkpoint(
     with pytest.raises(TrainingError, match="loss became nan at step 10"):
         trainer.run()
     assert (tmp_path / "run" / LAST).read_bytes() == good
+    assert (tmp_path / "run" / BEST).read_bytes() == best  # never marked best either
 
 
 def test_nonfinite_skip_keeps_training(text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
