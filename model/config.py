@@ -152,17 +152,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         eval_every=1000,
         warmup_frac=0.03,
     ),
-    # The best we reach in <= 60 minutes on the same machine.
+    # The shipped default model: 45 minutes on 2 CPU threads (within the 60 the issue allows). Training here is
+    # step-bound (a 60 s run reaches 2.56-2.61 after ~430 steps), so windows of 64 (twice the steps of 128),
+    # light dropout (the model underfits in this budget) and a moderate learning rate.
     "shakespeare": dict(
         cell="lstm",
         layers=2,
         hidden=512,
         embed=64,
-        dropout=0.25,
+        dropout=0.1,
         batch=32,
-        seq_len=128,
-        lr=3e-3,
-        time_budget=3600.0,
+        seq_len=64,
+        lr=2e-3,
+        time_budget=2700.0,
         eval_every=1000,
         warmup_frac=0.03,
     ),
