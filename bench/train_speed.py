@@ -8,6 +8,7 @@ matmul FLOP/s measured here. Usage: python bench/train_speed.py [--hidden 512 --
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/NAME.py`
 
 from bench._common import median, write_text
 from model.config import ModelConfig, TrainConfig
