@@ -63,22 +63,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, port: int, batching: bool, threads: int, torch_threads: int) -> subprocess.Popen:
-    """Gunicorn with the service's own config, as `charrnn serve` runs it; returns once /health is 200."""
-    env = dict(
-        os.environ,
-        CHARRNN_MODEL_DIR=str(model_dir),
-        CHARRNN_PORT=str(port),
-        CHARRNN_WORKERS="1",
-        CHARRNN_THREADS=str(threads),
-        CHARRNN_BATCHING="true" if batching else "false",
-        CHARRNN_MAX_BATCH="128",
-        CHARRNN_MAX_QUEUE="1024",
-        CHARRNN_MAX_REQUESTS="0",
-        CHARRNN_TORCH_THREADS=str(torch_threads),
-    )
+def start_gunicorn(model_dir: Path, port: int, **settings: str) -> subprocess.Popen:
+    """Gunicorn (1 worker) with the service's own config, as `charrnn serve` runs it, and CHARRNN_*
+    settings (`max_batch="16"` sets CHARRNN_MAX_BATCH); returns once /health answers 200."""
+    env = os.environ | {"CHARRNN_MODEL_DIR": str(model_dir), "CHARRNN_PORT": str(port), "CHARRNN_WORKERS": "1"}
+    env |= {f"CHARRNN_{name.upper()}": value for name, value in settings.items()}
     server = subprocess.Popen(gunicorn_command(), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise RuntimeError(f"the server exited with {server.returncode}")
@@ -87,7 +78,21 @@ def start_server(model_dir: Path, port: int, batching: bool, threads: int, torch
                 return server
         time.sleep(0.5)
     server.kill()
-    raise RuntimeError("the server did not become ready in 120 s")
+    raise RuntimeError("the server did not become ready in 180 s")
+
+
+def start_server(model_dir: Path, port: int, batching: bool, threads: int, torch_threads: int) -> subprocess.Popen:
+    """The service as this bench measures it: batching on or off, room for every client."""
+    return start_gunicorn(
+        model_dir,
+        port,
+        threads=str(threads),
+        batching="true" if batching else "false",
+        max_batch="128",
+        max_queue="1024",
+        max_requests="0",
+        torch_threads=str(torch_threads),
+    )
 
 
 def stop_server(server: subprocess.Popen) -> None:

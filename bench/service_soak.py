@@ -19,42 +19,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
 import random
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine_service import free_port, percentile, stop_server, write_model
-from service.server import gunicorn_command
+from bench.engine_service import free_port, percentile, start_gunicorn, stop_server, write_model
 
 PROMPTS = ["The ", "Once upon a time", "KING:\n", "What is it", ""]
-
-
-def start(model_dir: Path, port: int, **settings: str) -> subprocess.Popen:
-    """Gunicorn (1 worker) with CHARRNN_* settings; returns once /health answers 200."""
-    env = os.environ | {"CHARRNN_MODEL_DIR": str(model_dir), "CHARRNN_PORT": str(port), "CHARRNN_WORKERS": "1"}
-    env |= {f"CHARRNN_{name.upper()}": value for name, value in settings.items()}
-    server = subprocess.Popen(gunicorn_command(), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited with {server.returncode}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-            if r.status == 200:
-                return server
-        time.sleep(0.5)
-    server.kill()
-    raise RuntimeError("the server did not become ready in 180 s")
 
 
 def worker_rss_mb(server: subprocess.Popen) -> float:
@@ -188,7 +167,7 @@ def main() -> None:
         print(f"model dir {model_dir}, torch threads {args.torch_threads}")
 
         port = free_port()
-        server = start(model_dir, port, torch_threads=str(args.torch_threads))
+        server = start_gunicorn(model_dir, port, torch_threads=str(args.torch_threads))
         try:
             print(f"\n-- memory over {args.requests} requests")
             asyncio.run(soak(port, server, args.requests))
@@ -197,7 +176,7 @@ def main() -> None:
 
         port = free_port()
         capacity = {"max_batch": "16", "max_queue": "16", "threads": "256", "torch_threads": str(args.torch_threads)}
-        server = start(model_dir, port, **capacity)
+        server = start_gunicorn(model_dir, port, **capacity)
         try:
             print(f"\n-- overload: capacity 32 generations (batch 16 + queue 16), {args.overload_seconds:.0f} s at 4x")
             rss_before = worker_rss_mb(server)
