@@ -35,18 +35,13 @@ class CharRNN(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # Small head weights and a zero bias make the first prediction close to uniform,
-        # so the initial loss is close to ln(vocab_size).
-        nn.init.normal_(self.embed.weight, std=0.1)
+        # Small head weights and a zero bias make the first prediction close to uniform, so the initial
+        # loss is close to ln(vocab_size). The embedding (N(0, 1)) and the recurrent layers keep PyTorch's
+        # defaults: measured on tinyshakespeare (1x512 LSTM, 60 s, the same loop), an embedding drawn with
+        # std 0.1 (val 2.43) or a forget-gate bias of 1 (2.21) trained far slower than the defaults (1.92),
+        # and this short-budget, step-bound regime is where the presets live.
         nn.init.normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)
-        if self.config.cell == "lstm":
-            # Forget-gate bias of 1 (Jozefowicz et al. 2015): gradients survive long windows early on.
-            hidden = self.config.hidden
-            for name, param in self.rnn.named_parameters():
-                if name.startswith("bias_ih"):
-                    with torch.no_grad():
-                        param[hidden : 2 * hidden].fill_(1.0)
 
     def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """ids (batch, time) -> logits (batch, time, vocab) and the state after the last step."""
