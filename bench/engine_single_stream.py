@@ -11,12 +11,17 @@ single timings vary several-fold; ratios within one run are what mean something)
   (vocab, 4 x hidden) table, one addmm per layer plus the gate arithmetic, the temperature folded
   into the head, multinomial;
 - engine: one job through `service.engine.Engine` (prompt prefill, sampling, tokens, stop matching,
-  publishing to the reading thread included), read as a stream by a second thread.
+  publishing to the reading thread included), read as a stream by a second thread;
+- engine f16: the same with the weights rounded to float16, as `charrnn export --half` stores them
+  (and the shipped default model is stored): the C kernel then reads them as float16, half the bytes.
+  What rounding costs in validation loss is measured by `charrnn export --half` (the default model:
+  nothing to 4 decimals).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -34,11 +39,17 @@ VOCAB = Vocab([chr(c) for c in range(58, 123)])  # 65 characters, as many as tin
 TEMPERATURE = 0.8
 
 
-def build_model(hidden: int, layers: int, cell: str) -> CharRNN:
-    """A randomly initialised model (speed does not depend on the weights' values)."""
+def build_model(hidden: int, layers: int, cell: str, half: bool = False) -> CharRNN:
+    """A randomly initialised model (speed does not depend on the weights' values), its weights
+    rounded to float16 values with `half` (what loading a float16 checkpoint gives)."""
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=len(VOCAB), cell=cell, layers=layers, hidden=hidden, embed=64)
-    return CharRNN(config).eval()
+    model = CharRNN(config).eval()
+    if half:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.copy_(param.half().float())
+    return model
 
 
 @torch.inference_mode()
@@ -109,22 +120,27 @@ def measure(run: Callable[[], None], chars: int) -> float:
 def bench_size(hidden: int, args: argparse.Namespace) -> dict[str, float]:
     """Median characters/s of each loop at this size."""
     model = build_model(hidden, args.layers, "lstm")
-    engine = Engine({"bench": LoadedModel("bench", model, VOCAB, {}, Path("memory"))}, prompt_cache_bytes=0)
-    engine.start()
+    engines = {
+        name: Engine({"bench": LoadedModel("bench", m, VOCAB, {}, Path("memory"))}, prompt_cache_bytes=0)
+        for name, m in (("engine", model), ("engine f16", build_model(hidden, args.layers, "lstm", half=True)))
+    }
+    for engine in engines.values():
+        engine.start()
     lean = lean_loop(model)
     runs: dict[str, Callable[[], None]] = {
         "eager": lambda: eager_loop(model, args.eager_chars),
         "lean": lambda: lean(args.chars),
-        "engine": lambda: engine_run(engine, args.chars),
+        **{name: functools.partial(engine_run, engine, args.chars) for name, engine in engines.items()},
     }
-    chars = {"eager": args.eager_chars, "lean": args.chars, "engine": args.chars}
+    chars = {"eager": args.eager_chars} | {name: args.chars for name in runs if name != "eager"}
     for run in runs.values():  # warm-up
         run()
     speeds: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.runs):
         for name, run in runs.items():
             speeds[name].append(measure(run, chars[name]))
-    engine.close()
+    for engine in engines.values():
+        engine.close()
     return {name: statistics.median(values) for name, values in speeds.items()}
 
 
@@ -141,12 +157,16 @@ def main() -> None:
         parser.error("--runs, --chars and --eager-chars must be >= 1")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.layers}-layer LSTM, medians of {args.runs} runs")
-    print(f"{'hidden':>6} {'eager c/s':>10} {'lean c/s':>10} {'engine c/s':>11} {'x eager':>8} {'x lean':>7}")
+    print(
+        f"{'hidden':>6} {'eager c/s':>10} {'lean c/s':>10} {'engine c/s':>11} {'x eager':>8} {'x lean':>7}"
+        f" {'engine f16 c/s':>15} {'x eager':>8} {'x lean':>7}"
+    )
     for hidden in args.hidden:
         m = bench_size(hidden, args)
         print(
             f"{hidden:>6} {m['eager']:>10.0f} {m['lean']:>10.0f} {m['engine']:>11.0f}"
             f" {m['engine'] / m['eager']:>8.2f} {m['engine'] / m['lean']:>7.2f}"
+            f" {m['engine f16']:>15.0f} {m['engine f16'] / m['eager']:>8.2f} {m['engine f16'] / m['lean']:>7.2f}"
         )
 
 

@@ -244,9 +244,12 @@ class NativeLSTMBatch(FastLSTMBatch):
         net = native_lstm.Net(layers=model.config.layers, hidden=model.config.hidden)
         net.vocab, net.capacity = model.config.vocab_size, capacity
         net.table, net.head_w, net.head_b = self.table.data_ptr(), self.head_w.data_ptr(), self.head_b.data_ptr()
-        for layer, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+        # float16 copies of the weights that are float16 values (see native_lstm: exact, half the bytes)
+        self.weights_half = [w.half() if _exact_in_half(w) else None for w in self.weights]
+        for layer, (w, b, wh) in enumerate(zip(self.weights, self.biases, self.weights_half, strict=True)):
             net.w[layer] = w.data_ptr()
             net.b[layer] = 0 if b is None else b.data_ptr()
+            net.wh[layer] = 0 if wh is None else wh.data_ptr()
         net.hs, net.cs, net.gates, net.logits = (t.data_ptr() for t in (self.hs, self.cs, self.gates, self.out))
         self.net = ctypes.byref(net)
         self._net = net  # keeps the struct alive; the tensors it points into are attributes of self
@@ -291,6 +294,11 @@ class NativeLSTMBatch(FastLSTMBatch):
             return
         self._ids_np[:n] = ids
         self.lib.charrnn_lstm_step(self.net, n, self.ids.data_ptr())
+
+
+def _exact_in_half(weights: torch.Tensor) -> bool:
+    """Whether every value is a float16 value (a checkpoint stored in float16 loads as such)."""
+    return bool(torch.equal(weights.half().float(), weights))
 
 
 def make_batch(model: CharRNN, capacity: int, native: bool = True) -> RecurrentBatch:

@@ -13,9 +13,16 @@ Numerics: float32 throughout, like the model; sums run in another order than MKL
 polynomial (Cephes expf, ~1 ulp), so results equal the PyTorch step's to float rounding, not bit for
 bit (see docs/ENGINE_INTERFACE.md on what that means for the text).
 
+Weights stored as float16 (a checkpoint written by `charrnn export --half`, like the shipped default
+model) are read as float16: every such weight converts back to the same float32, so nothing changes
+but the bytes read per step, which halve. One stream's step is matrix-vector products, bound by
+reading the weights (at hidden 512, 12 MB of float32 per character), so this is what makes it faster.
+Arithmetic stays float32.
+
 Layouts (row-major float32; gate columns reordered to i, f, o, g):
     table (vocab, 4H)   layer 0's input projection, embedding and both biases folded in
     w[0]  (H, 4H)       layer 0's recurrent weights; w[l] (2H, 4H) = [W_ih_l; W_hh_l] for l >= 1
+    wh[l]               w[l] as float16 (uint16 bits), or NULL
     b[l]  (4H,)         b_ih_l + b_hh_l for l >= 1
     hs    (capacity, layers * H)   every layer's h, side by side in a row
     cs    (layers, capacity, H)
@@ -40,12 +47,16 @@ SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 typedef struct {
     int layers, hidden, vocab, capacity;
     const float *table, *head_w, *head_b;
     const float *w[16], *b[16];
     float *hs, *cs, *gates, *logits;
+    const uint16_t *wh[16];  /* float16 copies of w[l] read instead of them; NULL: read w[l] */
 } Net;
 
 /* Cephes expf: range reduction by ln 2, a degree-6 polynomial; branch-free so loops vectorize. */
@@ -88,6 +99,75 @@ static void matmul_acc(int n, int K, int N, const float *x, int ldx, const float
     }
 }
 
+static inline float half_to_float(uint16_t h) {
+#if defined(__F16C__) && defined(__FMA__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, bits;
+    if (e == 0x1f) bits = sign | 0x7f800000u | (m << 13);      /* inf, nan */
+    else if (e) bits = sign | ((e + 112) << 23) | (m << 13);   /* normal */
+    else if (!m) bits = sign;                                  /* zero */
+    else {                                                     /* subnormal: normalise */
+        e = 113;
+        while (!(m & 0x400)) { m <<= 1; e--; }
+        bits = sign | (e << 23) | ((m & 0x3ff) << 13);
+    }
+    union { uint32_t u; float f; } v = { bits };
+    return v.f;
+#endif
+}
+
+float charrnn_half_to_float(uint16_t h) { return half_to_float(h); }  /* for the tests */
+
+/* matmul_acc with float16 weights: each 8-column slice of four weight rows is converted once and
+   used for every row of x. Half the bytes of W per step, and W's reads are what bound one stream. */
+static void matmul_acc_h(int n, int K, int N, const float *x, int ldx, const uint16_t *W, float *y) {
+    int k = 0;
+    for (; k + 4 <= K; k += 4) {
+        const uint16_t *w0 = W + (size_t)k * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
+        int j = 0;
+#if defined(__F16C__) && defined(__FMA__)
+        for (; j + 8 <= N; j += 8) {
+            const __m256 v0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w0 + j)));
+            const __m256 v1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w1 + j)));
+            const __m256 v2 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w2 + j)));
+            const __m256 v3 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w3 + j)));
+            for (int r = 0; r < n; r++) {
+                const float *xr = x + (size_t)r * ldx + k;
+                float *yr = y + (size_t)r * N + j;
+                __m256 acc = _mm256_loadu_ps(yr);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(xr[0]), v0, acc);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(xr[1]), v1, acc);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(xr[2]), v2, acc);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(xr[3]), v3, acc);
+                _mm256_storeu_ps(yr, acc);
+            }
+        }
+#endif
+        for (; j < N; j++) {
+            const float a0 = half_to_float(w0[j]), a1 = half_to_float(w1[j]);
+            const float a2 = half_to_float(w2[j]), a3 = half_to_float(w3[j]);
+            for (int r = 0; r < n; r++) {
+                const float *xr = x + (size_t)r * ldx + k;
+                y[(size_t)r * N + j] += xr[0] * a0 + xr[1] * a1 + xr[2] * a2 + xr[3] * a3;
+            }
+        }
+    }
+    for (; k < K; k++) {
+        const uint16_t *w0 = W + (size_t)k * N;
+        for (int j = 0; j < N; j++) {
+            const float a0 = half_to_float(w0[j]);
+            for (int r = 0; r < n; r++) y[(size_t)r * N + j] += x[(size_t)r * ldx + k] * a0;
+        }
+    }
+}
+
+/* y (n, 4H) += x @ layer l's recurrent weights, in whichever precision the net holds them. */
+static void recurrent_acc(const Net *net, int l, int n, int K, const float *x, int ldx, float *y) {
+    if (net->wh[l]) matmul_acc_h(n, K, 4 * net->hidden, x, ldx, net->wh[l], y);
+    else matmul_acc(n, K, 4 * net->hidden, x, ldx, net->w[l], y);
+}
+
 /* gates (n, 4H) in order i, f, o, g -> new c (in place) and h (written at h, row stride ldh). */
 static void lstm_gates(int n, int H, const float *gates, float *c, float *h, int ldh) {
     for (int r = 0; r < n; r++) {
@@ -107,11 +187,11 @@ static void lstm_gates(int n, int H, const float *gates, float *c, float *h, int
 void charrnn_lstm_step(const Net *net, int n, const int64_t *ids) {
     const int H = net->hidden, L = net->layers, G = 4 * H, ld = L * H;
     for (int r = 0; r < n; r++) memcpy(net->gates + (size_t)r * G, net->table + (size_t)ids[r] * G, G * sizeof(float));
-    matmul_acc(n, H, G, net->hs, ld, net->w[0], net->gates);
+    recurrent_acc(net, 0, n, H, net->hs, ld, net->gates);
     lstm_gates(n, H, net->gates, net->cs, net->hs, ld);
     for (int l = 1; l < L; l++) {
         for (int r = 0; r < n; r++) memcpy(net->gates + (size_t)r * G, net->b[l], G * sizeof(float));
-        matmul_acc(n, 2 * H, G, net->hs + (size_t)(l - 1) * H, ld, net->w[l], net->gates);
+        recurrent_acc(net, l, n, 2 * H, net->hs + (size_t)(l - 1) * H, ld, net->gates);
         lstm_gates(n, H, net->gates, net->cs + (size_t)l * net->capacity * H, net->hs + (size_t)l * H, ld);
     }
     for (int r = 0; r < n; r++) memcpy(net->logits + (size_t)r * net->vocab, net->head_b, net->vocab * sizeof(float));
@@ -161,6 +241,7 @@ class Net(ctypes.Structure):
         ("cs", ctypes.c_void_p),
         ("gates", ctypes.c_void_p),
         ("logits", ctypes.c_void_p),
+        ("wh", ctypes.c_void_p * 16),
     ]
 
 
@@ -185,7 +266,7 @@ def load() -> ctypes.CDLL | None:
 
 
 def _flags() -> list[str]:
-    simd = ["-mavx2", "-mfma"] if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else []
+    simd = ["-mavx2", "-mfma", "-mf16c"] if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else []
     return ["-O3", "-fPIC", "-shared", "-fno-math-errno", *simd]
 
 
@@ -225,4 +306,6 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.charrnn_draw.restype = ctypes.c_int64
     lib.charrnn_draw_rows.argtypes = [ctypes.c_int, ctypes.c_int, *[ctypes.c_void_p] * 5]
     lib.charrnn_draw_rows.restype = None
+    lib.charrnn_half_to_float.argtypes = [ctypes.c_uint16]
+    lib.charrnn_half_to_float.restype = ctypes.c_float
     return lib

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -16,12 +17,20 @@ from service.batch import FastLSTMBatch, ModuleBatch, NativeLSTMBatch, Noise, Re
 needs_kernel = pytest.mark.skipif(native_lstm.load() is None, reason="no C compiler for the native kernel")
 
 
-def odd_model(layers: int = 3, hidden: int = 37, vocab: int = 29) -> CharRNN:
-    """Sizes that are not multiples of any vector width, to exercise every loop tail."""
+def odd_model(layers: int = 3, hidden: int = 37, vocab: int = 29, half: bool = False) -> CharRNN:
+    """Sizes that are not multiples of any vector width, to exercise every loop tail.
+
+    With `half`, every weight is a float16 value (what a checkpoint exported with --half loads as),
+    a few of them float16 subnormals and signed zeros.
+    """
     torch.manual_seed(0)
     model = CharRNN(ModelConfig(vocab_size=vocab, cell="lstm", layers=layers, hidden=hidden, embed=11)).eval()
     with torch.no_grad():
         model.head.weight.normal_(std=0.5)
+        if half:
+            model.rnn.weight_hh_l0[0, :5] = torch.tensor([3e-6, -5e-7, 6e-8, 0.0, -0.0])
+            for param in model.parameters():
+                param.copy_(param.half().float())
     return model
 
 
@@ -37,12 +46,45 @@ def fill(batch: RecurrentBatch, model: CharRNN, rows: int) -> None:
         batch.add(fake_job(row), logits, state_tensors(state))
 
 
+@pytest.mark.parametrize("half", [False, True], ids=["float32", "float16"])
 @pytest.mark.parametrize("rows", [1, 5, 30])  # 30: beyond NATIVE_MAX_ROWS, the PyTorch step
 @pytest.mark.parametrize("kind", [FastLSTMBatch, pytest.param(NativeLSTMBatch, marks=needs_kernel)])
-def test_batched_steps_match_the_module(kind: type, rows: int) -> None:
-    model = odd_model()
+def test_batched_steps_match_the_module(kind: type, rows: int, half: bool) -> None:
+    model = odd_model(half=half)
     batch = kind(model, 32, native_lstm.load()) if kind is NativeLSTMBatch else kind(model, 32)
-    reference = ModuleBatch(model, 32)
+    if kind is NativeLSTMBatch:  # the kernel reads float16 copies exactly when the weights are float16 values
+        assert [w is not None for w in batch.weights_half] == [half] * model.config.layers
+    assert_steps_match_the_module(batch, model, rows)
+
+
+@needs_kernel
+def test_the_portable_kernel_reads_float16_weights_like_the_vector_one(monkeypatch, tmp_path) -> None:
+    """Built without AVX2/F16C (as on a CPU without them), float16 bits are converted in plain C."""
+    monkeypatch.setenv("CHARRNN_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setattr(native_lstm, "_flags", lambda: ["-O2", "-fPIC", "-shared", "-fno-math-errno"])
+    monkeypatch.setattr(native_lstm, "_tried", False)
+    monkeypatch.setattr(native_lstm, "_library", None)
+    portable = native_lstm.load()
+    assert portable is not None and list(tmp_path.glob("*.so"))
+    model = odd_model(half=True)
+    assert_steps_match_the_module(NativeLSTMBatch(model, 8, portable), model, 3)
+    assert_converts_every_float16(portable)
+
+
+@needs_kernel
+def test_the_kernel_converts_every_float16_value_exactly() -> None:
+    assert_converts_every_float16(native_lstm.load())
+
+
+def assert_converts_every_float16(kernel: Any) -> None:
+    bits = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16)
+    expected = bits.view(torch.float16).float()
+    converted = torch.tensor([kernel.charrnn_half_to_float(b) for b in range(1 << 16)])
+    torch.testing.assert_close(converted, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def assert_steps_match_the_module(batch: RecurrentBatch, model: CharRNN, rows: int) -> None:
+    reference = ModuleBatch(model, batch.capacity)
     fill(batch, model, rows)
     fill(reference, model, rows)
     with torch.inference_mode():
