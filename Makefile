@@ -39,7 +39,7 @@ bench: install  ## the benchmark scripts (minutes; see README "Benchmarks")
 
 DEFAULT_MODEL_COMMAND := charrnn train --corpus tinyshakespeare --out runs/shakespeare --preset shakespeare --threads 2
 
-default-model: install  ## retrain the shipped default model (45 minutes on 2 CPU cores; leave them idle), then export it
+default-model: install  ## retrain the shipped default model (55 minutes on 2 CPU cores; leave them idle), then export it
 	$(BIN)/$(DEFAULT_MODEL_COMMAND)
 	$(BIN)/charrnn export runs/shakespeare --half --corpus tinyshakespeare \
 	    --out service/default_model/shakespeare.safetensors --command "$(DEFAULT_MODEL_COMMAND)"

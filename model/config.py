@@ -138,34 +138,38 @@ PRESETS: dict[str, dict[str, Any]] = {
         eval_every=100,
         warmup_frac=0.05,
     ),
-    # The best validation loss a 2-core CPU reaches in 150 s.
+    # The best validation loss a 2-core CPU reaches in 150 s. Training here is bound by optimizer steps, so
+    # smaller batches and a higher rate win (150 s runs, 2 threads, val nats/char; one run varies ~0.05):
+    # batch 32 lr 3e-3 1.65, lr 5e-3 1.59, lr 8e-3 1.56; batch 16 lr 5e-3 1.52, lr 8e-3 1.57;
+    # batch 16 windows of 32 lr 8e-3 1.55; batch 8 lr 5e-3 1.55.
     "cpu-fast": dict(
         cell="lstm",
         layers=1,
         hidden=512,
         embed=64,
         dropout=0.0,
-        batch=32,
+        batch=16,
         seq_len=64,
-        lr=3e-3,
+        lr=5e-3,
         time_budget=150.0,
         eval_every=1000,
         warmup_frac=0.03,
     ),
-    # The shipped default model: 45 minutes on 2 CPU threads (within the 60 the issue allows). Training here is
-    # step-bound (a 60 s run reaches 2.56-2.61 after ~430 steps), so windows of 64 (twice the steps of 128),
-    # light dropout (the model underfits in this budget) and a moderate learning rate.
+    # The shipped default model: 55 minutes on 2 CPU threads (the issue allows 60). Issue #3's measured recipe
+    # (2 layers of 512, dropout 0.25, windows of 128, lr 3e-3: 1.449 after 20 min there). Here: 3,183 steps,
+    # val 1.4864, but train 1.19 at the end and val flat from step 2,500 (~10 epochs): it overfits, and
+    # more dropout (char-rnn uses 0.5 at this size) is the next thing to try.
     "shakespeare": dict(
         cell="lstm",
         layers=2,
         hidden=512,
         embed=64,
-        dropout=0.1,
+        dropout=0.25,
         batch=32,
-        seq_len=64,
-        lr=2e-3,
-        time_budget=2700.0,
-        eval_every=1000,
+        seq_len=128,
+        lr=3e-3,
+        time_budget=3300.0,
+        eval_every=500,
         warmup_frac=0.03,
     ),
 }
