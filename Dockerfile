@@ -24,6 +24,15 @@ COPY model ./model
 COPY service ./service
 COPY corpora ./corpora
 RUN pip install .
+# The engine's C kernel (service/native_lstm.py) compiled here, where a compiler is, for the runtime
+# image, which has none: the runtime finds it in CHARRNN_KERNEL_DIR by a hash of its source and flags.
+# A runtime CPU that needs other flags (no AVX2) looks for another file, finds none, and the engine
+# uses its PyTorch step instead (the same text, slower for one stream).
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/* \
+ && CC=gcc CHARRNN_KERNEL_DIR=/opt/kernels python -c "from service import native_lstm; assert native_lstm.load()"
 
 # ---- runtime ------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}
@@ -36,12 +45,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     CHARRNN_PORT=8000 \
     CHARRNN_MODEL_DIR=/app/service/default_model \
     CHARRNN_CACHE_DIR=/tmp/charrnn-cache \
+    CHARRNN_KERNEL_DIR=/opt/kernels \
     HOME=/tmp
 RUN groupadd --system --gid 10001 app \
  && useradd --system --uid 10001 --gid app --no-create-home --shell /usr/sbin/nologin app \
  && mkdir -p /models /data \
  && chown 10001:10001 /models /data
 COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/kernels /opt/kernels
 WORKDIR /app
 # The same files the package was built from: gunicorn reads its config from service/gunicorn.conf.py,
 # and the default model lives in service/default_model (models mount over CHARRNN_MODEL_DIR instead).

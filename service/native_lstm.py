@@ -5,9 +5,10 @@ each of its ~25 operations costs microseconds of Python and dispatcher overhead,
 is as much as the arithmetic itself, and MKL's one-row sgemm reads the weights slower than the
 machine can. One C call does a whole step (and one the draw), with the GIL released.
 
-The C source below is compiled on first use with the system's C compiler (`cc`, -O3, AVX2/FMA when
-the CPU has them) into a cache directory, keyed by a hash of source and flags; if there is no
-compiler, or `CHARRNN_NATIVE=0`, `load()` returns None and the engine uses its PyTorch step.
+The C source below is compiled on first use with the system's C compiler (`cc`, -O3, AVX2/FMA/F16C
+when the CPU has them) into a cache directory, keyed by a hash of source and flags; a kernel already
+there is used without a compiler (the Docker image's, built in its build stage). If there is neither,
+or `CHARRNN_NATIVE=0`, `load()` returns None and the engine uses its PyTorch step.
 
 Numerics: float32 throughout, like the model; sums run in another order than MKL's and exp is a
 polynomial (Cephes expf, ~1 ulp), so results equal the PyTorch step's to float rounding, not bit for
@@ -272,15 +273,15 @@ def _flags() -> list[str]:
 
 def _build() -> Path:
     """Compile SOURCE into the cache (once per source and flags); concurrent builders are harmless."""
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc) on PATH")
     flags = _flags()
     digest = hashlib.sha256((SOURCE + " ".join(flags)).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("CHARRNN_KERNEL_DIR") or Path.home() / ".cache" / "charrnn" / "kernels")
     target = cache / f"lstm_step_{digest}.so"
-    if target.exists():
+    if target.exists():  # built earlier, maybe elsewhere (the Docker image's build stage): no compiler needed
         return target
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc) on PATH")
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         src = Path(tmp) / "lstm_step.c"

@@ -64,6 +64,29 @@ def test_slim_python_311_base_cpu_torch_and_default_model_inside(dockerfile: Doc
     assert "/models" in " ".join(instructions(dockerfile, "VOLUME"))
 
 
+def test_the_c_kernel_is_compiled_in_the_build_stage_where_the_runtime_looks(dockerfile: DockerfileParser) -> None:
+    kernels = dockerfile.envs["CHARRNN_KERNEL_DIR"]
+    assert f"--from=build {kernels} {kernels}" in instructions(dockerfile, "COPY")
+    (compile_step,) = [run for run in instructions(dockerfile, "RUN", stage=0) if "native_lstm.load()" in run]
+    assert f"CHARRNN_KERNEL_DIR={kernels}" in compile_step and "gcc" in compile_step
+
+
+def test_a_kernel_compiled_earlier_is_used_where_there_is_no_compiler(monkeypatch, tmp_path: Path) -> None:
+    """What the runtime image does: no `cc`, the kernel found in CHARRNN_KERNEL_DIR by its hash."""
+    from service import native_lstm
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler to build the kernel with")
+    monkeypatch.setenv("CHARRNN_KERNEL_DIR", str(tmp_path))
+    for _ in range(2):  # the build stage, then the runtime image
+        monkeypatch.setattr(native_lstm, "_tried", False)
+        monkeypatch.setattr(native_lstm, "_library", None)
+        assert native_lstm.load() is not None
+        monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+        monkeypatch.setenv("CC", "no-such-compiler")
+    assert len(list(tmp_path.glob("*.so"))) == 1
+
+
 def test_dockerignore_keeps_the_context_small() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "tests", "runs"} <= set(ignored)
