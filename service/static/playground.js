@@ -9,6 +9,8 @@ const page = {
   modelsProblem: false, // whether the message shown is about listing the models
   controller: null, // the AbortController of the generation in flight
   tokens: [], // generated characters: {char, logprob?, top?}
+  drawn: 0, // how many of them the output shows (drawn once a frame)
+  drawScheduled: false,
   withLogprobs: false, // whether the last generation asked for them
   inspection: null, // the last POST /inspect answer
   maxInspectChars: null,
@@ -208,6 +210,7 @@ function setRunning(running) {
 
 function resetOutput(prompt) {
   page.tokens = [];
+  page.drawn = 0;
   $("prompt-echo").textContent = prompt;
   $("generated").replaceChildren();
   $("count").textContent = "";
@@ -241,6 +244,7 @@ async function generate(event) {
       $("status").textContent = "Failed.";
     }
   } finally {
+    drawPending(); // what arrived since the last frame, before the status says how much there is
     page.controller = null;
     setRunning(false);
   }
@@ -270,13 +274,27 @@ async function streamInto(body, signal) {
 
 function appendTokens(chunk) {
   const tokens = chunk.logprobs || Array.from(chunk.text, (char) => ({ char }));
-  const start = page.tokens.length;
-  page.tokens.push(...tokens);
-  const target = $("generated");
+  for (const token of tokens) page.tokens.push(token);
+  // Chunks come up to 100 times a second and each drawing lays out the whole output: draw at most
+  // once a frame, so that a long stream never keeps the page too busy to answer the Stop button.
+  if (!page.drawScheduled) {
+    page.drawScheduled = true;
+    requestAnimationFrame(drawPending);
+  }
+}
+
+function drawPending() {
+  page.drawScheduled = false;
+  const start = page.drawn;
+  const tokens = page.tokens.slice(start);
+  if (!tokens.length) return;
+  page.drawn = page.tokens.length;
   const box = $("output");
   const following = box.scrollTop + box.clientHeight >= box.scrollHeight - 4; // keep the newest text in view
-  if (coloured()) target.append(...tokens.map((token, i) => probabilitySpan(token, start + i)));
-  else target.append(chunk.text);
+  const fragment = document.createDocumentFragment();
+  if (coloured()) tokens.forEach((token, i) => fragment.append(probabilitySpan(token, start + i)));
+  else fragment.append(tokens.map((t) => t.char).join(""));
+  $("generated").append(fragment);
   if (following) box.scrollTop = box.scrollHeight;
   $("count").textContent = `${page.tokens.length} characters`;
 }
@@ -284,6 +302,7 @@ function appendTokens(chunk) {
 const FINISH = { length: "reached the maximum length", stop: "met a stop string", deadline: "hit the server's time limit" };
 
 function finish(done) {
+  drawPending();
   const reason = done.choices.length ? done.choices[0].finish_reason : "length";
   $("status").textContent = `Done: ${page.tokens.length} characters, ${FINISH[reason] || reason}; seed ${done.seed}.`;
   if ($("random-seed").checked) $("seed").value = String(done.seed); // untick "Random seed" to reuse it
@@ -330,6 +349,7 @@ function showProbabilities() {
   hideCharInfo();
   if (coloured()) target.replaceChildren(...page.tokens.map(probabilitySpan));
   else target.replaceChildren(page.tokens.map((t) => t.char).join(""));
+  page.drawn = page.tokens.length;
 }
 
 function toggleColours() {
