@@ -81,6 +81,12 @@ def _add_train(commands: Any) -> None:
     opt = p.add_argument_group("training")
     opt.add_argument("--batch", type=number(int, 1, 65536), help="tracks read side by side (per rank under torchrun)")
     opt.add_argument("--seq-len", type=number(int, 1, 65536), help="characters per truncated-BPTT window")
+    opt.add_argument(
+        "--reset-every",
+        type=number(int, 0, 1_000_000),
+        metavar="N",
+        help="restart each track from a zero state every N windows, staggered across tracks (0: only each epoch)",
+    )
     opt.add_argument("--lr", type=number(float, 1e-8, 10.0), help="peak learning rate of AdamW")
     opt.add_argument("--min-lr-ratio", type=number(float, 0.0, 1.0), help="final lr as a fraction of the peak")
     opt.add_argument("--warmup-frac", type=number(float, 0.0, 1.0), help="fraction of the run spent warming up")

@@ -215,6 +215,7 @@ class TrackBatcher:
         layout = ids[: track_len * tracks * world].reshape(tracks * world, track_len)
         self.tracks = layout[rank * tracks : (rank + 1) * tracks]  # a view: nothing is read yet
         self.seq_len = seq_len
+        self.track_ids = np.arange(rank * tracks, (rank + 1) * tracks)  # global indices, for `restarts`
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, bool]:
         """(inputs, targets, starts_epoch) for a global step, each (tracks, seq_len) of int64."""
@@ -222,6 +223,13 @@ class TrackBatcher:
         start = window * self.seq_len
         block = np.asarray(self.tracks[:, start : start + self.seq_len + 1], dtype=np.int64)
         return block[:, :-1], block[:, 1:], window == 0
+
+    def restarts(self, step: int, every: int) -> np.ndarray:
+        """Which tracks start this step's window from a zero state (a boolean per track): track t at the
+        windows w with (w + t) % every == 0, so 1/every of the tracks restart at each step (every=0: none)."""
+        if every <= 0:
+            return np.zeros(len(self.track_ids), dtype=bool)
+        return (step % self.windows + self.track_ids) % every == 0
 
 
 def validation_windows(ids: np.ndarray, window: int = 256, limit: int | None = None) -> Iterator[np.ndarray]:

@@ -17,7 +17,7 @@ import torch
 from model.atomic import atomic_write
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.data import Corpus
-from model.evaluate import bits_per_char, windowed_loss
+from model.evaluate import bits_per_char, carried_loss, windowed_loss
 from model.sampling import SamplingParams, generate
 
 SAMPLE = {"prompt": "ROMEO:\n", "length": 400, "temperature": 0.8, "seed": 1}
@@ -59,6 +59,7 @@ def export(source: Path, out: Path, half: bool, corpus: Corpus | None, command: 
             "loss": round(stored, 4),
             "bits_per_char": round(bits_per_char(stored), 4),
             "loss_float32": round(full, 4),
+            "loss_state_carried": round(carried_loss(exported.build_model(), val), 4),  # as it reads generating
             "chars": len(val),
         }
     prompt = "".join(c for c in SAMPLE["prompt"] if c in exported.vocab)  # a code corpus may lack "R", ":"

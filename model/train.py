@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -165,6 +166,8 @@ class Trainer:
         x, y, new_epoch = self.batcher.batch(self.step)
         if new_epoch:
             self.state = None  # each epoch starts every track from a zero state
+        elif self.state is not None and cfg.reset_every:
+            self.state = self._restart_tracks(self.state, self.batcher.restarts(self.step, cfg.reset_every))
         x, y = torch.from_numpy(x), torch.from_numpy(y)
         if self.device.type == "cuda":  # page-locked host memory: the copies overlap the GPU's work
             x, y = x.pin_memory(), y.pin_memory()
@@ -190,6 +193,13 @@ class Trainer:
         self.optimizer.step()
         self.train_loss = loss_value if self.train_loss is None else 0.9 * self.train_loss + 0.1 * loss_value
         self.step += 1
+
+    def _restart_tracks(self, state: State, restart: np.ndarray) -> State:
+        """The carried state with the rows of restarting tracks set to zero."""
+        if not restart.any():
+            return state
+        keep = torch.from_numpy(~restart).to(self.device, torch.float32).view(1, -1, 1)  # (layers, batch, hidden)
+        return state_from_tensors([t * keep for t in state_tensors(state)])
 
     def progress(self) -> float:
         """How far through the run we are, by steps or by time, whichever is further."""

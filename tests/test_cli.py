@@ -138,6 +138,7 @@ def test_export_writes_half_precision_weights_and_a_model_card(
     card = json.loads((tmp_path / "models" / "demo.card.json").read_text())
     assert card["weights"] == "float16" and card["command"] == "charrnn train --preset tiny"
     assert abs(card["validation"]["loss"] - card["validation"]["loss_float32"]) < 0.005
+    assert 0 < card["validation"]["loss_state_carried"] < card["validation"]["loss"] + 0.1
     assert card["sample"]["text"].startswith(card["sample"]["prompt"]) and card["corpus"]["sha256"]
     assert out.stat().st_size < (trained_run / "best.safetensors").stat().st_size
     assert load_checkpoint(out).meta["half"] is True

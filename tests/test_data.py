@@ -97,6 +97,19 @@ def test_track_batcher_ranks_take_disjoint_tracks() -> None:
     assert np.array_equal(np.concatenate([rank0.batch(3)[0], rank1.batch(3)[0]]), x)
 
 
+def test_restarts_are_staggered_across_tracks_and_ranks() -> None:
+    batcher = TrackBatcher(np.arange(10_000), tracks=8, seq_len=10)
+    restarts = np.stack([batcher.restarts(step, 4) for step in range(8)])  # (step, track)
+    assert (restarts.sum(axis=1) == 2).all()  # a quarter of the tracks restart at every step
+    assert (restarts.sum(axis=0) == 2).all()  # each track once every 4 windows
+    assert restarts[0].tolist() == [True, False, False, False, True, False, False, False]
+    assert restarts[1].tolist() == [False, False, False, True, False, False, False, True]
+    assert not batcher.restarts(5, 0).any()
+    rank1 = TrackBatcher(np.arange(10_000), tracks=4, seq_len=10, rank=1, world=2)
+    whole = TrackBatcher(np.arange(10_000), tracks=8, seq_len=10)
+    assert [rank1.restarts(s, 3).tolist() for s in range(6)] == [whole.restarts(s, 3)[4:].tolist() for s in range(6)]
+
+
 def test_too_short_for_one_batch_says_what_is_needed() -> None:
     with pytest.raises(CorpusError, match="too short for one batch"):
         TrackBatcher(np.arange(50), tracks=8, seq_len=64)

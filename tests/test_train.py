@@ -51,7 +51,9 @@ def test_warmup_then_cosine_schedule() -> None:
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_resumed_run_is_identical_to_an_unbroken_one(text_file: Path, tmp_path: Path, cell: str) -> None:
     corpus = load_corpus(text_file, cache_dir=tmp_path / "cache")
-    model_cfg, cfg = tiny_configs(len(corpus.vocab), cell=cell, max_steps=40, eval_every=15, dropout=0.2, layers=2)
+    model_cfg, cfg = tiny_configs(
+        len(corpus.vocab), cell=cell, max_steps=40, eval_every=15, dropout=0.2, layers=2, reset_every=3
+    )
     whole = Trainer(model_cfg, cfg, corpus, tmp_path / "whole", progress=False).run()
     first = Trainer(model_cfg, cfg, corpus, tmp_path / "broken", progress=False).run(stop_at_step=22)
     assert first.step == 22
@@ -64,6 +66,26 @@ def test_resumed_run_is_identical_to_an_unbroken_one(text_file: Path, tmp_path: 
         assert torch.equal(tensor, b.weights[name]), name
     for name, tensor in a.extra.items():
         assert torch.equal(tensor, b.extra[name]), name
+
+
+def test_restarting_tracks_start_their_window_from_a_zero_state(text_file: Path, tmp_path: Path) -> None:
+    corpus = load_corpus(text_file, cache_dir=tmp_path / "cache")
+    model_cfg, cfg = tiny_configs(len(corpus.vocab), max_steps=6, eval_every=100, reset_every=2, layers=2)
+    trainer = Trainer(model_cfg, cfg, corpus, tmp_path / "run", progress=False)
+    forward, seen = trainer.model.forward, []
+
+    def recording(ids, state=None):
+        seen.append(None if state is None else [t.clone() for t in state])
+        return forward(ids, state)
+
+    trainer.model.forward = recording
+    trainer.run()
+    assert seen[0] is None  # the epoch's first window
+    for step in range(1, 6):
+        restart = torch.from_numpy(trainer.batcher.restarts(step, 2))
+        for tensor in seen[step]:  # (h, c), each (layers, batch, hidden)
+            assert (tensor[:, restart] == 0).all()
+            assert (tensor[:, ~restart] != 0).any(dim=-1).all()  # the others carry on
 
 
 def test_time_budget_stops_cleanly_and_saves(text_file: Path, tmp_path: Path) -> None:
