@@ -2,7 +2,9 @@
 
 Prints characters/s of both (medians of interleaved repeats, in one process), their ratio, and the
 achieved FLOP/s (6 x non-embedding parameters x characters/s) as a fraction of this machine's fp32
-matmul FLOP/s measured here. Usage: python bench/train_speed.py [--hidden 512 --layers 2]
+matmul FLOP/s measured here. The targets are read off the trainer in float32, like the plain loop;
+where the CPU has native bfloat16 (AVX512-BF16 or AMX), the trainer's default (`--precision auto`,
+bf16 autocast) is measured too. Usage: python bench/train_speed.py [--hidden 512 --layers 2]
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python b
 from bench._common import median, write_text
 from model.config import ModelConfig, TrainConfig
 from model.data import load_corpus
-from model.train import Trainer
+from model.train import Trainer, _cpu_has_native_bf16
 
 
 def matmul_flops(size: int = 2048, repeats: int = 7) -> float:
@@ -70,7 +72,7 @@ def plain_loop(ids, args, steps: int) -> float:
     return (steps - 2) * args.batch * args.seq_len / (time.perf_counter() - start)
 
 
-def trainer_run(corpus, args, steps: int, out: Path) -> tuple[float, int]:
+def trainer_run(corpus, args, steps: int, out: Path, precision: str) -> tuple[float, int]:
     model_cfg = ModelConfig(vocab_size=len(corpus.vocab), layers=args.layers, hidden=args.hidden, embed=64)
     cfg = TrainConfig(
         batch=args.batch,
@@ -79,6 +81,7 @@ def trainer_run(corpus, args, steps: int, out: Path) -> tuple[float, int]:
         eval_every=10**6,
         log_every=10**6,
         final_eval_max_chars=256,
+        precision=precision,
     )
     trainer = Trainer(model_cfg, cfg, corpus, out, progress=False)
     trainer.run(stop_at_step=2)  # warm up, like the baseline
@@ -99,13 +102,15 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         corpus = load_corpus(write_text(Path(tmp) / "text.txt", 2_000_000), cache_dir=Path(tmp) / "cache")
-        plain, ours, flops = [], [], []
-        for repeat in range(args.repeats):  # interleaved, so drifts in machine load hit both alike
+        precisions = ["fp32", "bf16"] if _cpu_has_native_bf16() else ["fp32"]
+        plain, flops, ours = [], [], {p: [] for p in precisions}
+        for repeat in range(args.repeats):  # interleaved, so drifts in machine load hit all alike
             flops.append(matmul_flops())
             plain.append(plain_loop(corpus.ids, args, args.steps))
-            rate, params = trainer_run(corpus, args, args.steps, Path(tmp) / f"run{repeat}")
-            ours.append(rate)
-    peak, plain_rate, our_rate = median(flops), median(plain), median(ours)
+            for precision in precisions:
+                rate, params = trainer_run(corpus, args, args.steps, Path(tmp) / f"{precision}{repeat}", precision)
+                ours[precision].append(rate)
+    peak, plain_rate, our_rate = median(flops), median(plain), median(ours["fp32"])
     achieved = 6 * params * our_rate
     print(
         f"shapes: LSTM {args.layers} x {args.hidden}, batch {args.batch}, windows of {args.seq_len}; "
@@ -113,11 +118,18 @@ def main() -> None:
     )
     print(f"fp32 matmul (2048^3):       {peak / 1e9:8.1f} GFLOP/s  (median of {args.repeats})")
     print(f"plain nn.LSTM loop:         {plain_rate:8,.0f} chars/s   runs: {[round(r) for r in plain]}")
-    print(f"charrnn trainer:            {our_rate:8,.0f} chars/s   runs: {[round(r) for r in ours]}")
+    print(f"charrnn trainer (fp32):     {our_rate:8,.0f} chars/s   runs: {[round(r) for r in ours['fp32']]}")
     print(f"trainer / plain loop:       {our_rate / plain_rate:8.2f}x   (target >= 0.95)")
     print(
         f"achieved FLOP/s:            {achieved / 1e9:8.1f} GFLOP/s = {achieved / peak:.0%} of matmul (target >= 70%)"
     )
+    if "bf16" in ours:
+        bf16_rate = median(ours["bf16"])
+        print(f"charrnn trainer (bf16):     {bf16_rate:8,.0f} chars/s   runs: {[round(r) for r in ours['bf16']]}")
+        print(
+            f"bf16 / plain fp32 loop:     {bf16_rate / plain_rate:8.2f}x   "
+            f"({6 * params * bf16_rate / 1e9:.1f} GFLOP/s, the default on this CPU: --precision auto)"
+        )
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train(commands: Any) -> None:
-    from model.config import CELLS, PRESETS
+    from model.config import CELLS, PRECISIONS, PRESETS
 
     p = commands.add_parser("train", help="train a model on a corpus", description="Train a model on a corpus.")
     p.add_argument(
@@ -113,6 +113,11 @@ def _add_train(commands: Any) -> None:
     opt.add_argument("--val-fraction", type=number(float, 0.0, 0.5), help="fraction of the text held out at its end")
     opt.add_argument("--seed", type=number(int, 0, 2**63 - 1), help="random seed")
     opt.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
+    opt.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="forward-pass arithmetic: bf16 autocast or fp32 (auto: bf16 on CUDA and on CPUs with native bf16)",
+    )
     opt.add_argument("--nonfinite", choices=("stop", "skip"), help="on a NaN/inf loss: stop the run, or skip the step")
     opt.add_argument("--log-every", type=number(int, 1), help="write a metrics line every N steps")
     p.set_defaults(handler=_run_train)

@@ -61,6 +61,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the forward pass, or None for plain float32 (see TrainConfig.precision)."""
+    if name == "fp32":
+        return None
+    if name == "bf16" or device.type == "cuda" or _cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def _cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX, which oneDNN's bf16 kernels need to be faster than float32 (Linux flags)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags)) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def learning_rate(cfg: TrainConfig, progress: float) -> float:
     """Linear warmup over the first `warmup_frac` of the run, then cosine decay to lr * min_lr_ratio."""
     if progress < cfg.warmup_frac:
@@ -86,6 +104,7 @@ class Trainer:
         self.dist = Distributed.from_environment(cfg.device)
         self.device = self.dist.device if self.dist.enabled else resolve_device(cfg.device)
         self.show_progress = progress and self.dist.is_main
+        self.autocast_dtype = resolve_precision(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)
         self.model = CharRNN(model_cfg).to(self.device)
         self.wrapped: nn.Module = self.dist.wrap(self.model)
@@ -173,7 +192,7 @@ class Trainer:
             x, y = x.pin_memory(), y.pin_memory()
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             logits, state = self.wrapped(x, self.state)  # (batch, seq_len, vocab)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         self.optimizer.zero_grad(set_to_none=True)

@@ -7,7 +7,7 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.data import load_corpus
-from model.train import BEST, LAST, Trainer, TrainingError, learning_rate
+from model.train import BEST, LAST, Trainer, TrainingError, learning_rate, resolve_precision
 from tests.conftest import tiny_configs
 
 
@@ -48,11 +48,20 @@ def test_warmup_then_cosine_schedule() -> None:
     assert learning_rate(cfg, 1.0) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_resumed_run_is_identical_to_an_unbroken_one(text_file: Path, tmp_path: Path, cell: str) -> None:
+@pytest.mark.parametrize(("cell", "precision"), [("lstm", "fp32"), ("gru", "fp32"), ("lstm", "bf16")])
+def test_resumed_run_is_identical_to_an_unbroken_one(
+    text_file: Path, tmp_path: Path, cell: str, precision: str
+) -> None:
     corpus = load_corpus(text_file, cache_dir=tmp_path / "cache")
     model_cfg, cfg = tiny_configs(
-        len(corpus.vocab), cell=cell, max_steps=40, eval_every=15, dropout=0.2, layers=2, reset_every=3
+        len(corpus.vocab),
+        cell=cell,
+        max_steps=40,
+        eval_every=15,
+        dropout=0.2,
+        layers=2,
+        reset_every=3,
+        precision=precision,
     )
     whole = Trainer(model_cfg, cfg, corpus, tmp_path / "whole", progress=False).run()
     first = Trainer(model_cfg, cfg, corpus, tmp_path / "broken", progress=False).run(stop_at_step=22)
@@ -66,6 +75,31 @@ def test_resumed_run_is_identical_to_an_unbroken_one(text_file: Path, tmp_path: 
         assert torch.equal(tensor, b.weights[name]), name
     for name, tensor in a.extra.items():
         assert torch.equal(tensor, b.extra[name]), name
+
+
+def test_precision_setting_picks_the_autocast_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_precision("fp32", cpu) is None and resolve_precision("fp32", cuda) is None
+    assert resolve_precision("bf16", cpu) is torch.bfloat16
+    assert resolve_precision("auto", cuda) is torch.bfloat16
+    monkeypatch.setattr("model.train._cpu_has_native_bf16", lambda: False)
+    assert resolve_precision("auto", cpu) is None
+    monkeypatch.setattr("model.train._cpu_has_native_bf16", lambda: True)
+    assert resolve_precision("auto", cpu) is torch.bfloat16
+    with pytest.raises(ValueError, match="precision"):
+        tiny_configs(10, precision="fp8")
+
+
+def test_bf16_training_learns_like_fp32_and_saves_float32_weights(text_file: Path, tmp_path: Path) -> None:
+    corpus = load_corpus(text_file, cache_dir=tmp_path / "cache")
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        model_cfg, cfg = tiny_configs(len(corpus.vocab), max_steps=120, eval_every=10**6, precision=precision)
+        losses[precision] = Trainer(model_cfg, cfg, corpus, tmp_path / precision, progress=False).run().val_loss
+        weights = load_checkpoint(tmp_path / precision / BEST).weights
+        assert all(t.dtype == torch.float32 for t in weights.values())
+    assert losses["bf16"] < math.log(len(corpus.vocab)) - 1.0
+    assert abs(losses["bf16"] - losses["fp32"]) < 0.1, losses
 
 
 def test_restarting_tracks_start_their_window_from_a_zero_state(text_file: Path, tmp_path: Path) -> None:
