@@ -41,6 +41,7 @@ class ServiceConfig:
     health_timeout: float = 10.0  # seconds /health waits for its one-character generation
     torch_threads: int | None = None  # torch intra-op threads; None: left as set by gunicorn.conf.py
     docs: bool = True  # serve the API docs page at /docs
+    playground: bool = True  # serve the playground page at /
 
     def __post_init__(self) -> None:
         limits = ("max_body_bytes", "max_prompt_chars", "max_new_chars", "max_n", "max_inspect_chars")

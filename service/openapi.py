@@ -70,7 +70,7 @@ def openapi_document(config: ServiceConfig) -> dict[str, Any]:
             "description": "Character-level RNN text generation. Every error answers "
             '`{"error": {"code", "message", "field"?}}`; under /v1/ errors use OpenAI\'s shape.',
         },
-        "paths": _paths(),
+        "paths": _paths(config),
         "components": {"schemas": _component_schemas(config), "securitySchemes": _security_schemes()},
         "security": [{"bearer": []}] if config.api_keys else [],
     }
@@ -132,9 +132,9 @@ BODY_ERRORS = ["400", "401", "413", "415", "422", "429", "500", "503"]
 OPEN: list[dict[str, list[str]]] = []  # `security` of the endpoints that need no key
 
 
-def _paths() -> dict[str, Any]:
+def _paths(config: ServiceConfig) -> dict[str, Any]:
     """Every endpoint, by path."""
-    return _generate_path() | _inspect_path() | _info_paths() | _openai_paths() | _docs_paths()
+    return _generate_path() | _inspect_path() | _info_paths() | _openai_paths() | _docs_paths(config)
 
 
 def _body(schema: str, example: dict[str, Any]) -> dict[str, Any]:
@@ -237,8 +237,9 @@ def _openai_paths() -> dict[str, Any]:
     }
 
 
-def _docs_paths() -> dict[str, Any]:
-    return {
+def _docs_paths(config: ServiceConfig) -> dict[str, Any]:
+    """The pages; one turned off (CHARRNN_PLAYGROUND, CHARRNN_DOCS) is left out of the document."""
+    paths = {
         "/": {
             "get": {
                 "summary": "The playground: a page to generate text, see its probabilities and look inside the cells",
@@ -257,3 +258,8 @@ def _docs_paths() -> dict[str, Any]:
             }
         },
     }
+    if not config.playground:
+        del paths["/"]
+    if not config.docs:
+        del paths["/docs"]
+    return paths

@@ -84,6 +84,7 @@ def test_bad_corpora_fail_with_a_message(tmp_path: Path, capsys, content: bytes 
         (["--cell", "transformer"], "argument --cell: invalid choice"),
         (["--preset", "huge"], "argument --preset: invalid choice"),
         (["--device", "tpu"], "--device: must be auto, cpu or cuda"),
+        (["--precision", "fp8"], "argument --precision: invalid choice"),
     ],
 )
 def test_bad_flags_name_the_flag_and_the_allowed_range(text_file: Path, tmp_path: Path, capsys, argv, message) -> None:

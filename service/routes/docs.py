@@ -19,6 +19,8 @@ CONTENT_SECURITY_POLICY = "default-src 'self'"  # scripts, styles and requests o
 @bp.get("/")
 def index() -> Response:
     """The playground page; it calls /models, /generate and /inspect of this server."""
+    if not current_service().config.playground:
+        raise ApiError(404, "not_found", "the playground page is turned off (CHARRNN_PLAYGROUND=false)")
     return _page("playground.html")
 
 

@@ -509,7 +509,16 @@ def test_the_root_is_the_playground_and_links_to_the_docs_page(client: FlaskClie
 def test_the_docs_page_can_be_turned_off(make_app: Callable[..., Flask]) -> None:
     client = make_app(DOCS="false").test_client()
     error(client.get("/docs"), 404, "not_found")
-    assert client.get("/openapi.json").status_code == 200
+    paths = client.get("/openapi.json").get_json()["paths"]
+    assert "/docs" not in paths and "/" in paths
+
+
+def test_the_playground_can_be_turned_off(make_app: Callable[..., Flask]) -> None:
+    client = make_app(PLAYGROUND="false").test_client()
+    error(client.get("/"), 404, "not_found")
+    assert client.get("/docs").status_code == 200
+    assert "/" not in client.get("/openapi.json").get_json()["paths"]
+    assert client.get("/health/live").status_code == 200
 
 
 def test_a_request_larger_than_the_queue_is_429(make_app: Callable[..., Flask]) -> None:
