@@ -26,13 +26,12 @@ COPY corpora ./corpora
 RUN pip install .
 # The engine's C kernel (service/native_lstm.py) compiled here, where a compiler is, for the runtime
 # image, which has none: the runtime finds it in CHARRNN_KERNEL_DIR by a hash of its source and flags.
-# A runtime CPU that needs other flags (no AVX2) looks for another file, finds none, and the engine
-# uses its PyTorch step instead (the same text, slower for one stream).
+# Both variants are built (AVX2/FMA/F16C and portable C), so a runtime CPU without AVX2 finds its own.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/* \
- && CC=gcc CHARRNN_KERNEL_DIR=/opt/kernels python -c "from service import native_lstm; assert native_lstm.load()"
+ && CC=gcc CHARRNN_KERNEL_DIR=/opt/kernels python -c "from service import native_lstm; native_lstm.build_all(); assert native_lstm.load()"
 
 # ---- runtime ------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}

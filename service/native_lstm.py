@@ -35,6 +35,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -266,14 +267,30 @@ def load() -> ctypes.CDLL | None:
     return _library
 
 
-def _flags() -> list[str]:
-    simd = ["-mavx2", "-mfma", "-mf16c"] if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else []
-    return ["-O3", "-fPIC", "-shared", "-fno-math-errno", *simd]
+def build_all() -> list[Path]:
+    """Compile every variant this architecture has (AVX2/FMA/F16C and portable) into the cache.
+
+    For an image built on one machine and run on others (the Dockerfile's build stage): a runtime CPU
+    without AVX2 then finds its portable kernel instead of falling back to the PyTorch step.
+    """
+    variants = [True, False] if platform.machine().lower() in ("x86_64", "amd64") else [False]
+    return [_build(simd) for simd in variants]
 
 
-def _build() -> Path:
-    """Compile SOURCE into the cache (once per source and flags); concurrent builders are harmless."""
-    flags = _flags()
+def _cpu_has_avx2() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def _flags(simd: bool) -> list[str]:
+    return ["-O3", "-fPIC", "-shared", "-fno-math-errno", *(["-mavx2", "-mfma", "-mf16c"] if simd else [])]
+
+
+def _build(simd: bool | None = None) -> Path:
+    """Compile SOURCE into the cache (once per source and flags); concurrent builders are harmless.
+
+    `simd` None means what this CPU runs: AVX2/FMA/F16C where it has AVX2, else portable C.
+    """
+    flags = _flags(_cpu_has_avx2() if simd is None else simd)
     digest = hashlib.sha256((SOURCE + " ".join(flags)).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("CHARRNN_KERNEL_DIR") or Path.home() / ".cache" / "charrnn" / "kernels")
     target = cache / f"lstm_step_{digest}.so"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -69,6 +70,7 @@ def test_the_c_kernel_is_compiled_in_the_build_stage_where_the_runtime_looks(doc
     assert f"--from=build {kernels} {kernels}" in instructions(dockerfile, "COPY")
     (compile_step,) = [run for run in instructions(dockerfile, "RUN", stage=0) if "native_lstm.load()" in run]
     assert f"CHARRNN_KERNEL_DIR={kernels}" in compile_step and "gcc" in compile_step
+    assert "native_lstm.build_all()" in compile_step  # a runtime CPU without AVX2 finds its kernel too
 
 
 def test_a_kernel_compiled_earlier_is_used_where_there_is_no_compiler(monkeypatch, tmp_path: Path) -> None:
@@ -85,6 +87,26 @@ def test_a_kernel_compiled_earlier_is_used_where_there_is_no_compiler(monkeypatc
         monkeypatch.setenv("PATH", str(tmp_path / "empty"))
         monkeypatch.setenv("CC", "no-such-compiler")
     assert len(list(tmp_path.glob("*.so"))) == 1
+
+
+def test_every_kernel_variant_is_built_ahead_for_cpus_unlike_the_builder(monkeypatch, tmp_path: Path) -> None:
+    """An image built on an AVX2 machine and run on one without AVX2 (or the other way round)."""
+    from service import native_lstm
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler to build the kernel with")
+    monkeypatch.setenv("CHARRNN_KERNEL_DIR", str(tmp_path))
+    built = native_lstm.build_all()
+    assert len(set(built)) == (2 if platform.machine().lower() in ("x86_64", "amd64") else 1)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # the runtime image: no compiler
+    monkeypatch.setenv("CC", "no-such-compiler")
+    for avx2 in (False, True) if len(built) == 2 else (False,):
+        monkeypatch.setattr(native_lstm, "_cpu_has_avx2", lambda avx2=avx2: avx2)
+        assert native_lstm._build() in built
+    monkeypatch.setattr(native_lstm, "_cpu_has_avx2", lambda: False)
+    monkeypatch.setattr(native_lstm, "_tried", False)
+    monkeypatch.setattr(native_lstm, "_library", None)
+    assert native_lstm.load() is not None  # the portable kernel runs on any CPU, this one included
 
 
 def test_dockerignore_keeps_the_context_small() -> None:
