@@ -78,6 +78,11 @@ def _add_train(commands: Any) -> None:
     net.add_argument("--hidden", type=number(int, 1, 16384), help="hidden units per layer (1-16384)")
     net.add_argument("--embed", type=number(int, 1, 16384), help="character embedding size (1-16384)")
     net.add_argument("--dropout", type=number(float, 0.0, 0.95), help="dropout between layers and before the head")
+    net.add_argument(
+        "--weight-drop",
+        type=number(float, 0.0, 0.95),
+        help="DropConnect on the recurrent weights while training (AWD-LSTM's regulariser; 0: off)",
+    )
     opt = p.add_argument_group("training")
     opt.add_argument("--batch", type=number(int, 1, 65536), help="tracks read side by side (per rank under torchrun)")
     opt.add_argument("--seq-len", type=number(int, 1, 65536), help="characters per truncated-BPTT window")

@@ -35,6 +35,9 @@ class ModelConfig:
     hidden: int = 256
     embed: int = 64
     dropout: float = 0.0
+    # DropConnect on the recurrent (hidden-to-hidden) weights while training, one mask per batch, as
+    # AWD-LSTM regularises small corpora; the fused cuDNN/oneDNN kernels still run (0: off).
+    weight_drop: float = 0.0
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
@@ -44,6 +47,7 @@ class ModelConfig:
         _check_range("hidden", self.hidden, 1, 16384)
         _check_range("embed", self.embed, 1, 16384)
         _check_range("dropout", self.dropout, 0.0, 0.95)
+        _check_range("weight_drop", self.weight_drop, 0.0, 0.95)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from model.config import ModelConfig
 
@@ -46,7 +48,16 @@ class CharRNN(nn.Module):
     def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """ids (batch, time) -> logits (batch, time, vocab) and the state after the last step."""
         x = self.embed(ids)  # (batch, time, embed)
-        out, state = self.rnn(x, state)  # (batch, time, hidden)
+        if self.training and self.config.weight_drop > 0:
+            # The same layer with its hidden-to-hidden weights dropped (one mask for the whole batch).
+            dropped = {
+                name: F.dropout(weight, self.config.weight_drop)
+                for name, weight in self.rnn.named_parameters()
+                if name.startswith("weight_hh")
+            }
+            out, state = functional_call(self.rnn, dropped, (x, state))
+        else:
+            out, state = self.rnn(x, state)  # (batch, time, hidden)
         return self.head(self.drop(out)), state
 
     def zero_state(self, batch: int, device: torch.device | str = "cpu") -> State:

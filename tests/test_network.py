@@ -48,6 +48,7 @@ def test_zero_state_matches_no_state() -> None:
         ("layers", {"layers": 0}),
         ("hidden", {"hidden": -1}),
         ("dropout", {"dropout": 1.5}),
+        ("weight_drop", {"weight_drop": 0.99}),
         ("vocab_size", {"vocab_size": 0}),
     ],
 )
@@ -64,3 +65,22 @@ def test_config_is_frozen_and_round_trips() -> None:
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown keys"):
         ModelConfig.from_dict({**cfg.to_dict(), "extra": 1})
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_weight_drop_masks_recurrent_weights_only_while_training(cell: str) -> None:
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab_size=20, cell=cell, layers=2, hidden=32, weight_drop=0.5))
+    plain = CharRNN(ModelConfig(vocab_size=20, cell=cell, layers=2, hidden=32))
+    plain.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 20, (3, 9))
+    model.train()
+    first, _ = model(ids)
+    second, _ = model(ids)
+    assert not torch.allclose(first, second)  # a new mask each batch
+    first.sum().backward()
+    assert all(model.rnn.get_parameter(f"weight_hh_l{k}").grad.abs().sum() > 0 for k in range(2))
+    assert set(model.state_dict()) == set(plain.state_dict())  # nothing new is saved
+    model.eval()
+    plain.eval()
+    assert torch.equal(model(ids)[0], plain(ids)[0])  # evaluation and serving see the whole weights
