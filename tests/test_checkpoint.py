@@ -173,3 +173,26 @@ def test_failed_save_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(
 def test_unreadable_file_is_a_checkpoint_error(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="cannot read"):
         load_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_the_shipped_default_model_is_the_one_its_card_describes() -> None:
+    from model.export import card_path
+    from model.sampling import SamplingParams, generate
+
+    shipped = Path(__file__).resolve().parents[1] / "service" / "default_model" / "shakespeare.safetensors"
+    card = json.loads(card_path(shipped).read_text(encoding="utf-8"))
+    ckpt = load_checkpoint(shipped)
+    assert ckpt.config == ModelConfig.from_dict(card["model_config"])
+    assert sum(t.numel() for t in ckpt.weights.values()) == card["parameters"]
+    assert shipped.stat().st_size == card["file_bytes"] <= 16 * 2**20
+    assert ckpt.meta["step"] == card["steps"] and ckpt.meta["corpus"] == card["corpus"]
+    sample = card["sample"]
+    tokens = generate(
+        ckpt.build_model(),
+        ckpt.vocab,
+        sample["prompt"],
+        sample["length"],
+        SamplingParams(temperature=sample["temperature"]),
+        seed=sample["seed"],
+    )
+    assert sample["prompt"] + "".join(t.char for t in tokens) == sample["text"]
