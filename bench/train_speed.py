@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python b
 from bench._common import median, write_text
 from model.config import ModelConfig, TrainConfig
 from model.data import load_corpus
-from model.train import Trainer, _cpu_has_native_bf16
+from model.train import Trainer, cpu_has_native_bf16
 
 
 def matmul_flops(size: int = 2048, repeats: int = 7) -> float:
@@ -102,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         corpus = load_corpus(write_text(Path(tmp) / "text.txt", 2_000_000), cache_dir=Path(tmp) / "cache")
-        precisions = ["fp32", "bf16"] if _cpu_has_native_bf16() else ["fp32"]
+        precisions = ["fp32", "bf16"] if cpu_has_native_bf16() else ["fp32"]
         plain, flops, ours = [], [], {p: [] for p in precisions}
         for repeat in range(args.repeats):  # interleaved, so drifts in machine load hit all alike
             flops.append(matmul_flops())

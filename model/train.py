@@ -65,12 +65,12 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of the forward pass, or None for plain float32 (see TrainConfig.precision)."""
     if name == "fp32":
         return None
-    if name == "bf16" or device.type == "cuda" or _cpu_has_native_bf16():
+    if name == "bf16" or device.type == "cuda" or cpu_has_native_bf16():
         return torch.bfloat16
     return None
 
 
-def _cpu_has_native_bf16() -> bool:
+def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX, which oneDNN's bf16 kernels need to be faster than float32 (Linux flags)."""
     try:
         flags = Path("/proc/cpuinfo").read_text().split()

@@ -82,9 +82,9 @@ def test_precision_setting_picks_the_autocast_dtype(monkeypatch: pytest.MonkeyPa
     assert resolve_precision("fp32", cpu) is None and resolve_precision("fp32", cuda) is None
     assert resolve_precision("bf16", cpu) is torch.bfloat16
     assert resolve_precision("auto", cuda) is torch.bfloat16
-    monkeypatch.setattr("model.train._cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("model.train.cpu_has_native_bf16", lambda: False)
     assert resolve_precision("auto", cpu) is None
-    monkeypatch.setattr("model.train._cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr("model.train.cpu_has_native_bf16", lambda: True)
     assert resolve_precision("auto", cpu) is torch.bfloat16
     with pytest.raises(ValueError, match="precision"):
         tiny_configs(10, precision="fp8")
