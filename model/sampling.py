@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.network import CharRNN, State
+from model.stops import StopMatcher
 from model.vocab import UnknownPolicy, Vocab
 
 MAX_TEMPERATURE = 5.0
@@ -250,36 +251,3 @@ def generate(
 def random_seed() -> int:
     """A fresh seed, reported with each answer so that it can be reproduced."""
     return int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(torch.seed())))
-
-
-class StopMatcher:
-    """Finds stop strings in a stream of tokens, even when one straddles two chunks.
-
-    Tokens that might be the start of a stop string are held back (at most the longest stop
-    string's length minus one) until it is clear they are not; a matched stop is never emitted.
-    """
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = tuple(stops)
-        self.pending: list[Token] = []
-
-    def push(self, token: Token) -> tuple[list[Token], bool]:
-        """Add a token: (tokens now safe to emit, whether a stop string has appeared)."""
-        self.pending.append(token)
-        if not self.stops:
-            return self.flush(), False
-        text = "".join(t.char for t in self.pending)
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            ready, self.pending = self.pending[: min(hits)], []
-            return ready, True
-        keep = max(
-            (k for s in self.stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])), default=0
-        )
-        ready, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
-        return ready, False
-
-    def flush(self) -> list[Token]:
-        """Everything still held back (at the end of generation)."""
-        ready, self.pending = self.pending, []
-        return ready

@@ -14,12 +14,13 @@ Jobs join and leave at any iteration (continuous batching). See docs/ENGINE_INTE
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ from typing import Any
 import torch
 
 from model.network import CharRNN, state_tensors
-from model.sampling import SamplingError, SamplingParams, StopMatcher, Token, prefill, start_ids
+from model.sampling import SamplingError, SamplingParams, Token, prefill, start_ids
+from model.stops import StopMatcher
 from model.vocab import Vocab
 from service.batch import RecurrentBatch, make_batch
 from service.prompt_cache import PromptCache
@@ -47,6 +49,14 @@ class QueueFullError(Exception):
     def __init__(self, retry_after: float):
         self.retry_after = retry_after
         super().__init__(f"the generation queue is full; retry after {retry_after:.0f} s")
+
+
+class ClientBusyError(Exception):
+    """One client already holds its share of generations; retry after `retry_after` seconds (HTTP 429)."""
+
+    def __init__(self, held: int, limit: int, retry_after: float):
+        self.held, self.limit, self.retry_after = held, limit, retry_after
+        super().__init__(f"this client holds {held} generations (at most {limit} at once)")
 
 
 class EngineClosedError(Exception):
@@ -84,6 +94,7 @@ class Job:
     def __init__(self, spec: JobSpec, wake: threading.Condition):
         self.id = uuid.uuid4().hex
         self.spec = spec
+        self.on_finish: Callable[[Job], None] | None = None  # called once, when finish_reason is set
         self.finish_reason: str | None = None
         self.generated_chars = 0  # characters emitted so far (a matched stop string is not emitted)
         self.submitted = time.monotonic()
@@ -152,12 +163,13 @@ class Job:
             self.generated_chars += len(tokens)
             if finish_reason is not None:
                 self.finish_reason = finish_reason
-            if not self._waiting:
-                return
-            now = time.monotonic()
-            if finish_reason is not None or now - self._woken >= WAKE_INTERVAL:
-                self._woken = now
-                self._changed.notify_all()
+            if self._waiting:
+                now = time.monotonic()
+                if finish_reason is not None or now - self._woken >= WAKE_INTERVAL:
+                    self._woken = now
+                    self._changed.notify_all()
+        if finish_reason is not None and self.on_finish is not None:
+            self.on_finish(self)
 
 
 class Engine:
@@ -191,6 +203,8 @@ class Engine:
         self._active = 0  # jobs in batches; written by the scheduler thread only
         self._mean_job_seconds = 1.0
         self.completed = 0
+        self._held: dict[str, int] = {}  # unfinished jobs per owner (a client); see submit_many
+        self._held_lock = threading.Lock()  # a leaf lock: nothing else is taken while it is held
 
     @property
     def queue_depth(self) -> int:
@@ -223,6 +237,48 @@ class Engine:
             self._queue.append(job)
             self._wake.notify()
         return job
+
+    def submit_many(self, specs: list[JobSpec], owner: str | None = None, owner_limit: int | None = None) -> list[Job]:
+        """Queue all of one request's jobs or none; errors as `submit`, and ClientBusyError.
+
+        `owner` (a client) may hold at most `owner_limit` unfinished jobs, except that an owner holding
+        none may always submit one request: so no client takes more than its share of the batch, and
+        a request larger than the share is still served when its client has nothing else running.
+        """
+        jobs: list[Job] = []
+        with self._wake:  # holding it, no job queued here can start or finish before it is counted
+            if self._closing:
+                raise EngineClosedError("the engine is shutting down")
+            if len(self._queue) + len(specs) > self.max_queue:
+                raise QueueFullError(self._retry_after())
+            held = self._held.get(owner, 0) if owner is not None else 0
+            if owner_limit is not None and held and held + len(specs) > owner_limit:
+                raise ClientBusyError(held, owner_limit, self._mean_job_seconds)
+            try:
+                for spec in specs:
+                    jobs.append(self.submit(spec))
+            except BaseException:
+                for job in jobs:
+                    job.cancel()
+                raise
+            if owner is not None:
+                with self._held_lock:  # not `held + len(jobs)`: a job may have finished meanwhile
+                    self._held[owner] = self._held.get(owner, 0) + len(jobs)
+                for job in jobs:
+                    job.on_finish = functools.partial(self._release, owner)
+        return jobs
+
+    def held_by(self, owner: str) -> int:
+        """Unfinished jobs `owner` holds."""
+        return self._held.get(owner, 0)
+
+    def _release(self, owner: str, job: Job) -> None:
+        with self._held_lock:
+            left = self._held.get(owner, 0) - 1
+            if left > 0:
+                self._held[owner] = left
+            else:
+                self._held.pop(owner, None)
 
     def close(self, timeout: float = 30.0) -> None:
         """Take no new jobs, let queued and running ones finish, then stop the thread.
