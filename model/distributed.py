@@ -63,6 +63,18 @@ class Distributed:
             value /= self.world
         return float(value)
 
+    def agree(self, elapsed: float, stop: bool) -> tuple[float, bool]:
+        """The longest elapsed time of any rank, and whether any rank was asked to stop (as given when alone).
+
+        Every rank decides its learning rate, the time budget and an interrupt from these, so that all
+        of them take the same steps with the same schedule and stop together.
+        """
+        if not self.enabled:
+            return elapsed, stop
+        values = torch.tensor([elapsed, float(stop)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return float(values[0]), bool(values[1])
+
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()

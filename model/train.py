@@ -1,7 +1,9 @@
 """The trainer: truncated BPTT over a memory-mapped corpus, AdamW, warmup + cosine, safe checkpoints.
 
 Nothing here knows about HTTP. Under torchrun, each rank reads its own tracks of the corpus,
-DistributedDataParallel all-reduces the gradients, and only rank 0 writes files or shows progress.
+DistributedDataParallel all-reduces the gradients, the ranks agree on the elapsed time and on an
+interrupt before every step (so they share one schedule and stop together), and only rank 0 writes
+files or shows progress.
 """
 
 from __future__ import annotations
@@ -143,13 +145,16 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         with interrupted:
             while self.step < cfg.max_steps:
+                # Under torchrun the ranks' clocks and signals differ: every rank takes the longest elapsed
+                # time and any rank's interrupt, so all use the same lr and stop at the same step.
+                self.elapsed, stop = self.dist.agree(self.elapsed, interrupted.flag)
                 if stop_at_step is not None and self.step >= stop_at_step:
                     stopped_by = "stop_at_step"
                     break
                 if cfg.time_budget is not None and self.elapsed >= cfg.time_budget:
                     stopped_by = "time_budget"
                     break
-                if interrupted.flag:
+                if stop:
                     stopped_by = "interrupt"
                     break
                 tick = time.perf_counter()
@@ -375,7 +380,10 @@ class Trainer:
 
 
 class _InterruptFlag:
-    """Turns the first Ctrl-C or SIGTERM into a clean stop (evaluate, save); a second one aborts."""
+    """Turns the first Ctrl-C or SIGTERM into a clean stop (evaluate, save); a second one aborts.
+
+    Under torchrun the flag is this rank's own; the loop stops every rank when any rank's is set.
+    """
 
     def __init__(self) -> None:
         self.flag = False
