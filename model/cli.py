@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train(commands: Any) -> None:
-    from model.config import CELLS, PRECISIONS, PRESETS
+    from model.config import CELLS, PRECISIONS, PRESETS, RESUME_MAY_CHANGE
 
     p = commands.add_parser("train", help="train a model on a corpus", description="Train a model on a corpus.")
     p.add_argument(
@@ -60,7 +60,14 @@ def _add_train(commands: Any) -> None:
         default="cpu-fast",
         help="a named recipe; the flags below override its values (default: cpu-fast, 150 s)",
     )
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors exactly where it stopped")
+    may_change = ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue from OUT/last.safetensors exactly where it stopped. Only {may_change} (and --threads, "
+        "--no-progress, --cache-dir) may differ from the first run; every other setting, given as a flag or by "
+        "--preset, must match it, or the resume is refused",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument(
         "--cache-dir",

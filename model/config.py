@@ -208,6 +208,19 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 MODEL_KEYS = frozenset(f.name for f in dataclasses.fields(ModelConfig)) - {"vocab_size"}
 TRAIN_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+# The settings a --resume may change: how long to train, how often to evaluate and log, how a non-finite
+# loss is handled, and the device. Every other setting (the model's included) decides the data order or
+# the arithmetic of a step, so the resumed run must repeat it to continue the run exactly.
+RESUME_MAY_CHANGE = (
+    "max_steps",
+    "time_budget",
+    "eval_every",
+    "eval_max_chars",
+    "final_eval_max_chars",
+    "log_every",
+    "nonfinite",
+    "device",
+)
 
 
 def split_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -25,7 +25,7 @@ from torch import nn
 
 from model import plot
 from model.checkpoint import SUFFIX, load_checkpoint, save_checkpoint
-from model.config import ModelConfig, TrainConfig
+from model.config import RESUME_MAY_CHANGE, ModelConfig, TrainConfig
 from model.data import Corpus, TrackBatcher
 from model.distributed import Distributed
 from model.evaluate import bits_per_char, windowed_loss
@@ -235,7 +235,8 @@ class Trainer:
         if self.cfg.nonfinite == "stop":
             raise TrainingError(
                 f"loss became {value} at step {self.step}; stopping without saving it. "
-                f"The last good checkpoint is in {self.out_dir}. Try a lower --lr, or --nonfinite skip."
+                f"The last good checkpoint is in {self.out_dir}: --resume with --nonfinite skip, "
+                "or start again (another --out) with a lower --lr."
             )
         log.warning("loss became %s at step %d; skipping the step (--nonfinite skip)", value, self.step)
 
@@ -310,15 +311,7 @@ class Trainer:
         if not path.exists():
             raise TrainingError(f"--resume: no {LAST} in {self.out_dir} to resume from")
         ckpt = load_checkpoint(path, with_training_state=True)
-        if ckpt.config != self.model.config:
-            raise TrainingError(f"--resume: {path} holds a {ckpt.config}, but this run asks for {self.model.config}")
-        if ckpt.meta["corpus"]["sha256"] != self.corpus.sha256:
-            raise TrainingError(f"--resume: {path} was trained on a different corpus (sha256 differs)")
-        if ckpt.meta.get("world_size", 1) != self.dist.world:
-            raise TrainingError(
-                f"--resume: {path} was written by {ckpt.meta.get('world_size', 1)} ranks, "
-                f"this run has {self.dist.world}; the data layout would differ"
-            )
+        self._check_same_run(path, ckpt.meta, ckpt.config)
         self.model.load_state_dict(ckpt.weights)
         self._restore_optimizer(ckpt.extra)
         torch.set_rng_state(ckpt.extra["rng.torch"])
@@ -331,6 +324,29 @@ class Trainer:
         self.train_loss, self.val_loss, self.best_val_loss = meta["train_loss"], meta["val_loss"], meta["best_val_loss"]
         self.started_at = meta["started_at"]
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _check_same_run(self, path: Path, meta: dict[str, Any], model_cfg: ModelConfig) -> None:
+        """Refuse a resume whose corpus, world size or settings would change the data order or the arithmetic."""
+        if meta["corpus"]["sha256"] != self.corpus.sha256:
+            raise TrainingError(f"--resume: {path} was trained on a different corpus (sha256 differs)")
+        if meta.get("world_size", 1) != self.dist.world:
+            raise TrainingError(
+                f"--resume: {path} was written by {meta.get('world_size', 1)} ranks, "
+                f"this run has {self.dist.world}; the data layout would differ"
+            )
+        was = {**(meta.get("train_config") or {}), **model_cfg.to_dict()}
+        now = {**self.cfg.to_dict(), **self.model.config.to_dict()}
+        # A key the checkpoint lacks (written before the setting existed) cannot be checked.
+        changed = [k for k in now if k in was and k not in RESUME_MAY_CHANGE and was[k] != now[k]]
+        if not changed:
+            return
+        differences = ", ".join(f"{_flag(k)} {now[k]} (was {was[k]})" for k in changed)
+        preset = meta.get("preset")
+        hint = f" (it was trained with --preset {preset})" if preset and preset != self.preset else ""
+        raise TrainingError(
+            f"--resume: this run's settings differ from those {path} was trained with: {differences}. "
+            f"Pass the first run's values{hint}; only {', '.join(map(_flag, RESUME_MAY_CHANGE))} may change"
+        )
 
     def _restore_optimizer(self, extra: dict[str, torch.Tensor]) -> None:
         state: dict[int, dict[str, torch.Tensor]] = {}
@@ -377,6 +393,11 @@ class Trainer:
         from tqdm import tqdm
 
         return tqdm(total=self.cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True, smoothing=0.1)
+
+
+def _flag(setting: str) -> str:
+    """The command-line flag of a setting: seq_len -> --seq-len."""
+    return "--" + setting.replace("_", "-")
 
 
 class _InterruptFlag:

@@ -143,3 +143,67 @@ def test_export_writes_half_precision_weights_and_a_model_card(
     assert card["sample"]["text"].startswith(card["sample"]["prompt"]) and card["corpus"]["sha256"]
     assert out.stat().st_size < (trained_run / "best.safetensors").stat().st_size
     assert load_checkpoint(out).meta["half"] is True
+
+
+def resume(capsys, run_dir: Path, corpus: Path, *argv: str) -> tuple[int, str, str]:
+    return run(capsys, "train", "--corpus", str(corpus), "--out", str(run_dir), "--resume", "--no-progress", *argv)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--batch", "4"], "--batch 4 (was 8)"),
+        (["--seq-len", "16"], "--seq-len 16 (was 32)"),
+        (["--reset-every", "2"], "--reset-every 2 (was 0)"),
+        (["--lr", "0.005"], "--lr 0.005 (was 0.01)"),
+        (["--min-lr-ratio", "0.1"], "--min-lr-ratio 0.1 (was 0.05)"),
+        (["--warmup-frac", "0.1"], "--warmup-frac 0.1 (was 0.05)"),
+        (["--weight-decay", "0.1"], "--weight-decay 0.1 (was 0.0)"),
+        (["--grad-clip", "1"], "--grad-clip 1.0 (was 5.0)"),
+        (["--val-fraction", "0.2"], "--val-fraction 0.2 (was 0.1)"),
+        (["--seed", "1"], "--seed 1 (was 1337)"),
+        (["--precision", "bf16"], "--precision bf16 (was fp32)"),
+        (["--cell", "gru"], "--cell gru (was lstm)"),
+        (["--hidden", "32"], "--hidden 32 (was 64)"),
+        (["--dropout", "0.1"], "--dropout 0.1 (was 0.0)"),
+        (["--weight-drop", "0.1"], "--weight-drop 0.1 (was 0.0)"),
+        (["--batch", "4", "--seq-len", "16"], "--batch 4 (was 8), --seq-len 16 (was 32)"),
+    ],
+)
+def test_resume_refuses_a_changed_recipe_naming_the_flag_and_both_values(
+    trained_run: Path, text_file: Path, capsys, argv: list[str], message: str
+) -> None:
+    before = (trained_run / "last.safetensors").read_bytes()
+    code, _, err = resume(capsys, trained_run, text_file, "--preset", "tiny", *argv)
+    assert code == 1
+    assert err.startswith("charrnn train: error: --resume: ") and message in err and "Traceback" not in err
+    assert "only --max-steps, --time-budget" in err
+    assert (trained_run / "last.safetensors").read_bytes() == before  # refused before anything ran
+
+
+def test_resume_may_change_how_long_and_how_often_to_evaluate(
+    trained_run: Path, text_file: Path, tmp_path: Path, capsys
+) -> None:
+    import shutil
+
+    from model.checkpoint import load_checkpoint
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    allowed = "--max-steps 160 --time-budget 600 --eval-every 4 --eval-max-chars 512 --final-eval-max-chars 1024"
+    allowed += " --log-every 3 --nonfinite skip --device cpu --threads 1"
+    code, out, err = resume(capsys, run_dir, text_file, "--preset", "tiny", *allowed.split())
+    assert code == 0 and "step 160" in out, err
+    last = load_checkpoint(run_dir / "last.safetensors")
+    assert last.meta["train_config"]["max_steps"] == 160 and last.meta["preset"] == "tiny"
+    # Resuming without the preset it was trained with changes the whole recipe: the message says which.
+    code, _, err = resume(capsys, run_dir, text_file, "--max-steps", "170")
+    assert code == 1 and "--hidden 512 (was 64)" in err and "(it was trained with --preset tiny)" in err
+
+
+def test_resume_help_says_which_flags_may_change(capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag: no hyphenated words broken by wrapping
+    code, out, _ = run(capsys, "train", "--help")
+    assert code == 0
+    text = " ".join(out.split())
+    assert "Only --max-steps, --time-budget, --eval-every" in text and "must match it" in text
