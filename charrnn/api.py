@@ -1,0 +1,229 @@
+"""The Python API: `train`, `load`, and a `Model` that generates, streams and scores text.
+
+Everything here is a thin layer over the same code the CLI and the service run (model.train,
+model.checkpoint, model.sampling), so a seed gives the same text whichever way it is asked for.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.checkpoint import Checkpoint, load_checkpoint
+from model.evaluate import bits_per_char
+from model.sampling import Generation, SamplingParams, Token, generate, start_ids
+from model.vocab import UnknownPolicy
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "service" / "default_model" / "shakespeare.safetensors"
+TEXT_FILE = "corpus.txt"  # where `train(text=...)` keeps the text it was given, inside the run directory
+SCORE_CHUNK = 4096  # characters read per call of the recurrent layer while scoring (bounds memory)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished generation: the text after the prompt, why it ended, and the seed that reproduces it."""
+
+    text: str
+    finish_reason: str  # "length" or "stop"
+    seed: int
+    tokens: tuple[Token, ...]  # one per character of `text`, with its log-probability (and alternatives)
+
+
+@dataclass(frozen=True)
+class Score:
+    """How likely the model finds a text: one natural-log probability per character."""
+
+    chars: tuple[str, ...]
+    logprobs: tuple[float, ...]
+
+    @property
+    def total(self) -> float:
+        """The log-probability of the whole text (nats)."""
+        return math.fsum(self.logprobs)
+
+    @property
+    def nats_per_char(self) -> float:
+        """Mean negative log-probability per character: the figure training reports as loss."""
+        return -self.total / len(self.logprobs)
+
+    @property
+    def bits_per_char(self) -> float:
+        """`nats_per_char` in bits."""
+        return bits_per_char(self.nats_per_char)
+
+
+class Model:
+    """A loaded checkpoint, ready to generate and score on `device`."""
+
+    def __init__(self, checkpoint: Checkpoint, device: str | torch.device = "cpu"):
+        self.checkpoint = checkpoint
+        self.vocab = checkpoint.vocab
+        self.network = checkpoint.build_model(device)
+
+    def __repr__(self) -> str:
+        cfg = self.checkpoint.config
+        return f"Model({self.checkpoint.path.name}: {cfg.cell} {cfg.layers} x {cfg.hidden}, vocab {len(self.vocab)})"
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The checkpoint's metadata: training step, losses, corpus, training config."""
+        return self.checkpoint.meta
+
+    def stream(
+        self,
+        prompt: str = "",
+        max_chars: int = 200,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        unknown_chars: UnknownPolicy = "error",
+    ) -> Iterator[str]:
+        """The generated characters one at a time, as they are drawn (the prompt is not repeated)."""
+        for token in self._generation(prompt, max_chars, temperature, top_k, top_p, seed, stop, unknown_chars, 0):
+            yield token.char
+
+    def generate(
+        self,
+        prompt: str = "",
+        max_chars: int = 200,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        unknown_chars: UnknownPolicy = "error",
+        top_logprobs: int = 0,
+    ) -> Completion:
+        """Generate up to `max_chars` characters after `prompt`; temperature 0 is greedy.
+
+        Generation ends early at the first of `stop` (which is not included). An empty prompt
+        conditions on a newline. `top_logprobs` asks for that many alternatives per character.
+        """
+        generation = self._generation(
+            prompt, max_chars, temperature, top_k, top_p, seed, stop, unknown_chars, top_logprobs
+        )
+        tokens = tuple(generation)
+        return Completion(
+            "".join(t.char for t in tokens), generation.finish_reason or "length", generation.seed, tokens
+        )
+
+    @torch.inference_mode()
+    def score(self, text: str, context: str = "") -> Score:
+        """The log-probability of each character of `text`, read after `context`.
+
+        With no context the first character is predicted after a newline, the state every
+        generation with an empty prompt starts from, so every character of `text` gets a figure.
+        """
+        if not text:
+            raise ValueError("text: nothing to score (empty)")
+        ids = self.vocab.encode(text)
+        full = start_ids(self.vocab, self.vocab.encode(context)) + ids
+        device = next(self.network.parameters()).device
+        logprobs: list[float] = []  # of full[1:], each read after the characters before it
+        state = None
+        for start in range(0, len(full) - 1, SCORE_CHUNK):
+            x = torch.tensor([full[start : start + SCORE_CHUNK]], device=device)  # (1, chunk)
+            target = torch.tensor(full[start + 1 : start + 1 + SCORE_CHUNK], device=device)  # (chunk,)
+            logits, state = self.network(x[:, : len(target)], state)
+            chosen = logits[0].float().log_softmax(-1).gather(-1, target[:, None])  # (chunk, 1)
+            logprobs.extend(chosen[:, 0].tolist())
+        return Score(tuple(text), tuple(logprobs[-len(ids) :]))
+
+    def _generation(
+        self,
+        prompt: str,
+        max_chars: int,
+        temperature: float,
+        top_k: int | None,
+        top_p: float,
+        seed: int | None,
+        stop: Sequence[str],
+        unknown_chars: UnknownPolicy,
+        top_logprobs: int,
+    ) -> Generation:
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+        return generate(
+            self.network, self.vocab, prompt, max_chars, params, seed, stop, unknown_chars, top_logprobs=top_logprobs
+        )
+
+
+def load(path: str | os.PathLike[str] | None = None, device: str | torch.device = "cpu") -> Model:
+    """A checkpoint file, the best checkpoint of a run directory, or (no path) the shipped default model."""
+    target = DEFAULT_MODEL if path is None else Path(path)
+    if target.is_dir():
+        target = target / "best.safetensors"
+    return Model(load_checkpoint(target), device)
+
+
+def train(
+    corpus: str | os.PathLike[str] | None = None,
+    *,
+    text: str | None = None,
+    out: str | os.PathLike[str],
+    preset: str = "cpu-fast",
+    time_budget: float | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    **settings: Any,
+) -> Model:
+    """Train on a corpus (a path, a directory of files, or a manifest name) or on `text`; return the best model.
+
+    The preset is `charrnn train`'s default (cpu-fast, 150 s) unless named; `time_budget` (seconds)
+    overrides the preset's.
+    `settings` are the trainer's own settings, the names of `charrnn train`'s flags with
+    underscores (`hidden=256`, `dropout=0.3`, `max_steps=2000`, ...), and override the preset's.
+    The checkpoints, metrics and loss plot are written to `out`, exactly as `charrnn train --out` does;
+    `text` is kept there too (corpus.txt), so that the run can be resumed and evaluated.
+    """
+    from corpora.registry import resolve
+    from model.config import MODEL_KEYS, PRESETS, TRAIN_KEYS, ModelConfig, TrainConfig, split_settings
+    from model.data import load_corpus
+    from model.train import Trainer
+
+    if (corpus is None) == (text is None):
+        raise ValueError("train: give a corpus (path or name) or text=..., not both and not neither")
+    if preset not in PRESETS:
+        raise ValueError(f"preset: unknown {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+    unknown = set(settings) - MODEL_KEYS - TRAIN_KEYS
+    if unknown:
+        raise ValueError(f"unknown training settings: {', '.join(sorted(unknown))}")
+    out_dir = Path(out)
+    if text is not None:
+        corpus = _keep_text(out_dir, text, resume)
+    merged = {**PRESETS[preset], **settings}
+    if time_budget is not None:
+        merged["time_budget"] = time_budget
+    model_settings, train_settings = split_settings(merged)
+    path, name = resolve(str(corpus))
+    data = load_corpus(path, name=name)
+    model_cfg = ModelConfig(vocab_size=len(data.vocab), **model_settings)
+    Trainer(
+        model_cfg, TrainConfig(**train_settings), data, out_dir, resume=resume, progress=progress, preset=preset
+    ).run()
+    return load(out_dir)
+
+
+def _keep_text(out_dir: Path, text: str, resume: bool) -> Path:
+    """Write `text` into the run directory (unless resuming the run that already holds it)."""
+    if not text:
+        raise ValueError("text: nothing to train on (empty)")
+    from model.train import BEST, LAST
+
+    path = out_dir / TEXT_FILE
+    if not resume and ((out_dir / LAST).exists() or (out_dir / BEST).exists()):
+        raise ValueError(f"{out_dir} already holds a training run; pass resume=True or choose another `out`")
+    if resume and path.exists():
+        if path.read_text(encoding="utf-8") != text:
+            raise ValueError(f"resume: {path} holds a different text than the one given")
+        return path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
