@@ -28,6 +28,13 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 FIRST_CHAR_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
+# Label values a client could choose are mapped onto these fixed sets: every distinct value is a new
+# series, kept for the life of the process, so a client free to pick one could grow /metrics (and the
+# worker's memory) without bound, before authentication.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+OTHER_METHOD = "other"
+UNMATCHED_ROUTE = "unmatched"  # a path that no route matches, whatever it is
+
 
 class Metrics:
     """The service's metrics; `render()` is the /metrics body."""
@@ -119,8 +126,7 @@ def instrument(app: Flask, metrics: Metrics) -> None:
         started = g.get("charrnn_started")
         if started is None:  # before_request never ran (an error before it)
             return response
-        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        method, status = request.method, str(response.status_code)
+        route, method, status = request_labels(response)
 
         def done() -> None:
             """When the last byte has gone (or the client has): count and time the request."""
@@ -131,3 +137,16 @@ def instrument(app: Flask, metrics: Metrics) -> None:
 
         response.call_on_close(done)
         return response
+
+
+def request_labels(response: Response) -> tuple[str, str, str]:
+    """(route, method, status) of the request being answered, each from a fixed, small set of values.
+
+    The route is the matched rule's pattern (never the path itself), the method one of METHODS or
+    "other", the status a valid HTTP status (the app chooses it, but a class is kept for anything odd).
+    """
+    route = request.url_rule.rule if request.url_rule is not None else UNMATCHED_ROUTE
+    method = request.method if request.method in METHODS else OTHER_METHOD
+    code = response.status_code
+    status = str(code) if 100 <= code <= 599 else "other"
+    return route, method, status

@@ -1,7 +1,7 @@
 """Reading a request body: JSON only, strictly parsed, then validated by a pydantic model.
 
 415  the body is not declared as JSON
-413  the body is over the configured limit (Werkzeug refuses it while reading, before parsing)
+413  the body is over the configured limit (refused while reading, before parsing; chunked bodies too)
 400  not valid JSON: malformed, NaN/Infinity, duplicate keys, nested too deeply, not UTF-8
 422  valid JSON that the schema refuses: wrong type, out of range, unknown field
 """
@@ -50,7 +50,8 @@ def parse_json_body() -> Any:
     """The request body as JSON; 415, 413 or 400 as the module docstring says."""
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
-    raw = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
+    raw = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH (declared or read)
+    _refuse_a_cut_body(len(raw))
     try:
         data = json.loads(raw, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
     except UnicodeDecodeError:
@@ -62,6 +63,19 @@ def parse_json_body() -> Any:
     if _depth(data) > MAX_DEPTH:
         raise ApiError(400, "invalid_json", f"the JSON is nested more than {MAX_DEPTH} levels deep")
     return data
+
+
+def _refuse_a_cut_body(read: int) -> None:
+    """413 for a body without Content-Length (chunked) that goes on past the limit.
+
+    Werkzeug stops reading such a body at MAX_CONTENT_LENGTH without an error, so a longer body would
+    be parsed cut at the limit: one more byte from the server's own stream tells whether it goes on.
+    """
+    limit = request.max_content_length
+    if request.content_length is not None or limit is None or read < limit:
+        return
+    if request.environ["wsgi.input"].read(1):
+        raise ApiError(413, "payload_too_large", f"the request body is over the limit of {limit} bytes")
 
 
 def validate(schema: type[M], data: Any, config: ServiceConfig) -> M:
