@@ -203,6 +203,8 @@ class Engine:
         self._active = 0  # jobs in batches; written by the scheduler thread only
         self._mean_job_seconds = 1.0
         self.completed = 0
+        # per model: time.monotonic() of its last batch step that went through (read by /health)
+        self.last_step_ok_at: dict[str, float] = {}
         self._held: dict[str, int] = {}  # unfinished jobs per owner (a client); see submit_many
         self._held_lock = threading.Lock()  # a leaf lock: nothing else is taken while it is held
 
@@ -387,7 +389,8 @@ class Engine:
             self._drop_stopped(batch)
             if not batch.jobs:
                 return
-            vocab = self.models[batch.jobs[0].spec.model].vocab
+            jobs_model = batch.jobs[0].spec.model
+            vocab = self.models[jobs_model].vocab
             ids, picked = batch.sample([j.spec.params for j in batch.jobs], [j.generator for j in batch.jobs])
             running = []
             for row, job in enumerate(batch.jobs):
@@ -399,6 +402,7 @@ class Engine:
                 batch.keep(running)
             if batch.jobs:
                 batch.step([ids[row] for row in running])
+            self.last_step_ok_at[jobs_model] = time.monotonic()
         except Exception:
             log.exception("batch step failed; failing its %d jobs", len(batch.jobs))
             self._active -= len(batch.jobs)
