@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import Any
 
 from pydantic import BaseModel
@@ -58,6 +60,12 @@ _MODELS: list[type[BaseModel]] = [
     schemas.OpenAIModelList,
     schemas.OpenAIErrorResponse,
 ]
+
+
+@functools.lru_cache(maxsize=16)
+def openapi_json(config: ServiceConfig) -> bytes:
+    """The document as JSON, built once per configuration (a build takes ~15 ms of CPU; /openapi.json is open)."""
+    return json.dumps(openapi_document(config), separators=(",", ":")).encode()
 
 
 def openapi_document(config: ServiceConfig) -> dict[str, Any]:

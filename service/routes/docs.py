@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app
 
 from service.errors import ApiError
 from service.generation import current_service
-from service.openapi import openapi_document
+from service.openapi import openapi_json
 
 bp = Blueprint("docs", __name__)
 
@@ -27,7 +27,7 @@ def index() -> Response:
 @bp.get("/openapi.json")
 def openapi() -> Response:
     """The OpenAPI 3.1 document."""
-    return jsonify(openapi_document(current_service().config))
+    return Response(openapi_json(current_service().config), mimetype="application/json")
 
 
 @bp.get("/docs")

@@ -89,3 +89,20 @@ def test_a_chunked_body_up_to_the_limit_is_read_whole(gunicorn_server: GunicornS
     status, _, answer = raw_exchange(gunicorn_server, chunked_post(gunicorn_server, "/generate", body))
     assert status == 200, answer
     assert json.loads(answer)["usage"]["generated_chars"] == 1
+
+
+# --- item 9e: /openapi.json ---------------------------------------------------------------------
+
+
+def test_openapi_json_is_built_once_per_configuration(make_app, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service import openapi
+
+    builds = []
+    real = openapi.openapi_document
+    monkeypatch.setattr(openapi, "openapi_document", lambda config: builds.append(config) or real(config))
+    client = make_app(MAX_N=7).test_client()  # a configuration no other test has built the document for
+    answers = [client.get("/openapi.json") for _ in range(3)]
+    assert [a.status_code for a in answers] == [200] * 3
+    assert answers[0].json["components"]["schemas"]["GenerateRequest"]["properties"]["n"]["maximum"] == 7
+    assert answers[0].content_type == "application/json"
+    assert len(builds) == 1
