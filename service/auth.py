@@ -31,6 +31,14 @@ def key_matches(key: str, keys: tuple[str, ...]) -> bool:
     return matched
 
 
+def may_see_details(keys: tuple[str, ...]) -> bool:
+    """Whether this request may see what an open endpoint knows beyond ok/unavailable: no keys, or a valid one."""
+    if not keys:
+        return True
+    key = presented_key()
+    return key is not None and key_matches(key, keys)
+
+
 def require_api_keys(app: Flask, keys: tuple[str, ...]) -> None:
     """Refuse requests without a valid key (401) when `keys` is non-empty."""
     if not keys:

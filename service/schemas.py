@@ -285,12 +285,14 @@ class ModelsResponse(ResponseModel):
 
 
 class HealthResponse(ResponseModel):
-    """GET /health: readiness, per-model checks, and the engine's load."""
+    """GET /health: readiness; per-model checks and the engine's load unless keys are set and none was sent."""
 
     status: Literal["ok", "unavailable"]
-    models: dict[str, str] = Field(description="per loaded model: ok, or why a one-character generation failed")
-    queue_depth: int
-    active: int
+    models: dict[str, str] | None = Field(
+        default=None, description="per loaded model: ok, or why it is not known to generate"
+    )
+    queue_depth: int | None = None
+    active: int | None = None
 
 
 class ErrorDetail(ResponseModel):
