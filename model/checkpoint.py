@@ -8,10 +8,13 @@ checked against the shapes the checkpoint's own config implies.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
+import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,12 @@ from model.vocab import Vocab
 FORMAT = "charrnn-checkpoint"
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
-MAX_HEADER_BYTES = 100 << 20  # the reference parser's own cap
+# A header of ours is tens of KB (one entry per tensor, a few hundred tensors with the optimizer's, and
+# the vocabulary); the reference parser allows 100 MB. Every check below is linear in the header, and
+# these caps bound it, so a hostile file is refused in milliseconds, well inside a worker's boot timeout.
+MAX_HEADER_BYTES = 16 << 20
+MAX_TENSORS = 4096
+MAX_RANK = 8
 MAX_FILE_BYTES = 4 << 30
 MODEL_PREFIX = "model."
 
@@ -94,22 +102,17 @@ def save_checkpoint(
 def load_checkpoint(path: str | Path, with_training_state: bool = False) -> Checkpoint:
     """Read and validate a checkpoint; any problem raises CheckpointError saying what it is."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise CheckpointError(path, f"file is {size} bytes, more than the {MAX_FILE_BYTES}-byte limit")
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CheckpointError(path, f"cannot read it ({exc.strerror or exc})") from None
-    header = _parse_header(path, data)
+    data, header = _read(path)
     meta = _parse_meta(path, header.pop("__metadata__", None))
     try:
-        config = ModelConfig.from_dict(meta["model_config"])
+        config = ModelConfig.from_dict(_typed_model_config(meta["model_config"]))
         vocab = Vocab.from_json(meta["vocab"])
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, KeyError) as exc:
         raise CheckpointError(path, f"bad metadata: {exc}") from None
     if len(vocab) != config.vocab_size:
         raise CheckpointError(path, f"vocabulary has {len(vocab)} characters but the config says {config.vocab_size}")
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in vocab.chars):
+        raise CheckpointError(path, "bad metadata: vocab holds a lone surrogate, which is not a character")
     _check_weight_entries(path, header, config)
     try:
         tensors = st_load(data)
@@ -122,8 +125,29 @@ def load_checkpoint(path: str | Path, with_training_state: bool = False) -> Chec
     return Checkpoint(path, meta, config, vocab, weights, extra)
 
 
-def _parse_header(path: Path, data: bytes) -> dict[str, Any]:
-    """The safetensors JSON header, checked for every structural problem before any tensor is read."""
+def _read(path: Path) -> tuple[bytes, dict[str, Any]]:
+    """The file's bytes and its checked header; the header is checked before the tensors are read."""
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > MAX_FILE_BYTES:
+                raise CheckpointError(path, f"file is {size} bytes, more than the {MAX_FILE_BYTES}-byte limit")
+            head = fh.read(8)
+            if len(head) == 8 and struct.unpack("<Q", head)[0] <= MAX_HEADER_BYTES:
+                head += fh.read(struct.unpack("<Q", head)[0])
+            header = _parse_header(path, head, size)
+            fh.seek(0)
+            data = fh.read()
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot read it ({exc.strerror or exc})") from None
+    if not data.startswith(head):
+        raise CheckpointError(path, "the file changed while it was read")
+    return data, header
+
+
+def _parse_header(path: Path, data: bytes, size: int) -> dict[str, Any]:
+    """The safetensors JSON header (`data`: the file's first bytes, `size`: its length), checked for
+    every structural problem before any tensor is read."""
     if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or data[:4] == b"PK\x03\x04":
         raise CheckpointError(path, "it is a pickle / torch.save file; those can run code and are never loaded")
     if len(data) < 8:
@@ -131,24 +155,32 @@ def _parse_header(path: Path, data: bytes) -> dict[str, Any]:
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > MAX_HEADER_BYTES:
         raise CheckpointError(path, f"header claims {header_len} bytes, more than the {MAX_HEADER_BYTES}-byte limit")
-    if 8 + header_len > len(data):
-        raise CheckpointError(path, f"header claims {header_len} bytes but the file has {len(data) - 8} (truncated?)")
-    try:
-        header = json.loads(data[8 : 8 + header_len], object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:
-        raise CheckpointError(path, f"header is not valid JSON ({exc})") from None
+    if 8 + header_len > size:
+        raise CheckpointError(path, f"header claims {header_len} bytes but the file has {size - 8} (truncated?)")
+    header = _json(path, "header", data[8 : 8 + header_len])
     if not isinstance(header, dict):
         raise CheckpointError(path, "header is not a JSON object")
-    _check_offsets(path, header, len(data) - 8 - header_len)
+    if len(header) > MAX_TENSORS + 1:
+        raise CheckpointError(path, f"header lists {len(header) - 1} tensors, more than the limit of {MAX_TENSORS}")
+    _check_offsets(path, header, size - 8 - header_len)
     return header
 
 
+def _json(path: Path, what: str, text: bytes | str) -> Any:
+    """`text` parsed; duplicate keys, NaN and Infinity refused (each check linear in the text)."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise CheckpointError(path, f"{what} is not valid JSON ({exc})") from None
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    if len(keys) != len(set(keys)):
-        dup = next(k for k in keys if keys.count(k) > 1)
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
         raise ValueError(f"duplicate key {dup!r}")
-    return dict(pairs)
+    return result
 
 
 def _no_constant(name: str) -> None:
@@ -163,12 +195,14 @@ def _check_offsets(path: Path, header: dict[str, Any], data_len: int) -> None:
             continue
         try:
             dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            numel = math.prod(shape)
-            valid = dtype in _DTYPE_BYTES and all(isinstance(d, int) and d >= 0 for d in shape)
+            # every dimension at most the file's length: math.prod of huge ones would be big-int work
+            valid = dtype in _DTYPE_BYTES and isinstance(shape, list) and len(shape) <= MAX_RANK
+            valid = valid and all(_is_int(d) and 0 <= d <= data_len for d in shape)
         except (TypeError, KeyError, ValueError):
             raise CheckpointError(path, f"tensor {name!r} has a malformed header entry") from None
-        if not valid or not (isinstance(begin, int) and isinstance(end, int)):
+        if not valid or not (_is_int(begin) and _is_int(end)):
             raise CheckpointError(path, f"tensor {name!r} has an unknown dtype or a bad shape")
+        numel = math.prod(shape)
         if not 0 <= begin <= end <= data_len:
             raise CheckpointError(path, f"tensor {name!r} lies outside the file (bytes {begin}..{end} of {data_len})")
         if end - begin != numel * _DTYPE_BYTES[dtype]:
@@ -180,19 +214,125 @@ def _check_offsets(path: Path, header: dict[str, Any], data_len: int) -> None:
             raise CheckpointError(path, f"tensors {a!r} and {b!r} overlap")
 
 
+def _is_int(value: object) -> bool:
+    return type(value) is int  # not bool, which JSON's true would be
+
+
 def _parse_meta(path: Path, metadata: object) -> dict[str, Any]:
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT or "charrnn" not in metadata:
+    if (
+        not isinstance(metadata, dict)
+        or metadata.get("format") != FORMAT
+        or not isinstance(metadata.get("charrnn"), str)
+    ):
         raise CheckpointError(path, "a safetensors file without charrnn metadata (not written by this project)")
-    try:
-        meta = json.loads(metadata["charrnn"], parse_constant=_no_constant)
-    except (ValueError, TypeError, RecursionError) as exc:
-        raise CheckpointError(path, f"metadata is not valid JSON ({exc})") from None
+    meta = _json(path, "metadata", metadata["charrnn"])
     if not isinstance(meta, dict):
         raise CheckpointError(path, "metadata is not a JSON object")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(path, f"format version {version!r}; this program reads version {FORMAT_VERSION}")
+    problem = _schema_problem(meta, META_SCHEMA, "") or _non_finite(meta)
+    if problem:
+        raise CheckpointError(path, f"bad metadata: {problem}")
     return meta
+
+
+# -- the metadata's schema --------------------------------------------------------------------------
+# What each field a checkpoint's metadata may carry must hold, as (check, what it must be). All are
+# optional (a checkpoint saved with `meta={}` is valid); a field that holds anything else refuses the
+# file, naming the field, so that nothing downstream (GET /models, --resume, export) meets a "12k"
+# step or a numeric corpus name. Fields not listed are kept as written, but must be finite too.
+
+Check = Callable[[object], bool]
+MAX_TEXT = 4096  # characters in a name, a hash or a timestamp
+
+
+def _whole(low: int) -> Check:
+    return lambda v: _is_int(v) and low <= v < 1 << 63
+
+
+def _finite(v: object) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)  # type: ignore[arg-type]
+
+
+def _text(v: object) -> bool:
+    return type(v) is str and len(v) <= MAX_TEXT
+
+
+def _or_null(check: Check) -> Check:
+    return lambda v: v is None or check(v)
+
+
+CORPUS_SCHEMA: dict[str, tuple[Check, str]] = {
+    "name": (_text, "a string"),
+    "sha256": (_text, "a string"),
+    "chars": (_whole(0), "a whole number >= 0"),
+}
+META_SCHEMA: dict[str, tuple[Check, str]] = {
+    "kind": (_text, "a string"),
+    "step": (_whole(0), "a whole number >= 0"),
+    "train_loss": (_or_null(_finite), "a finite number or null"),
+    "val_loss": (_or_null(_finite), "a finite number or null"),
+    "best_val_loss": (_or_null(_finite), "a finite number or null"),
+    "elapsed_s": (_or_null(lambda v: _finite(v) and v >= 0), "a finite number >= 0 or null"),
+    "corpus": (lambda v: isinstance(v, dict), "an object"),
+    "train_config": (lambda v: isinstance(v, dict), "an object"),
+    "preset": (_or_null(_text), "a string or null"),
+    "world_size": (_whole(1), "a whole number >= 1"),
+    "started_at": (_or_null(_text), "a string (a timestamp) or null"),
+    "saved_at": (_or_null(_text), "a string (a timestamp) or null"),
+    "exported_from": (_text, "a string"),
+    "half": (lambda v: type(v) is bool, "true or false"),
+    "torch_version": (_text, "a string"),
+    "model_config": (lambda v: isinstance(v, dict), "an object"),
+    "vocab": (lambda v: isinstance(v, list), "a list of characters"),
+}
+_NESTED = {"corpus": CORPUS_SCHEMA}
+
+
+def _schema_problem(data: dict[str, Any], schema: dict[str, tuple[Check, str]], prefix: str) -> str | None:
+    """What is wrong with the first field of `data` that breaks `schema`, naming it; None if none."""
+    for key, (check, what) in schema.items():
+        if key in data and not check(data[key]):
+            return f"{prefix}{key} must be {what}, not {_short(data[key])}"
+        if key in _NESTED and isinstance(data.get(key), dict):
+            problem = _schema_problem(data[key], _NESTED[key], f"{prefix}{key}.")
+            if problem:
+                return problem
+    return None
+
+
+def _non_finite(meta: dict[str, Any]) -> str | None:
+    """The first field holding NaN or an infinity (JSON's 1e999 parses as one), anywhere; None if none."""
+    stack: list[tuple[str, object]] = [(k, v) for k, v in meta.items()]
+    while stack:  # iterative: the parser allows nesting as deep as the recursion limit
+        name, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{name} must be a finite number, not {value}"
+        if isinstance(value, dict):
+            stack.extend((f"{name}.{k}", v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{name}[{i}]", v) for i, v in enumerate(value))
+    return None
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _typed_model_config(data: object) -> object:
+    """`data` if each ModelConfig field it holds has that field's JSON type (ModelConfig checks ranges)."""
+    if not isinstance(data, dict):
+        return data  # ModelConfig.from_dict says what is wrong
+    for field in dataclasses.fields(ModelConfig):
+        value = data.get(field.name)
+        if field.name not in data:
+            continue
+        ok = {"int": _is_int, "float": _finite, "str": lambda v: type(v) is str}[field.type](value)
+        if not ok:
+            raise ValueError(f"model_config.{field.name} must be of type {field.type}, not {_short(value)}")
+    return data
 
 
 def _check_weight_entries(path: Path, header: dict[str, Any], config: ModelConfig) -> None:

@@ -8,10 +8,12 @@ engine, and registers the error handler and the blueprints. Importing this modul
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask
+from flask.json.provider import DefaultJSONProvider
 
 from service.auth import require_api_keys
 from service.config import ServiceConfig, load_config
@@ -21,6 +23,7 @@ from service.generation import Service
 from service.loading import ModelEntry, find_checkpoints, load_models
 from service.metrics import Metrics, instrument
 from service.routes import register_blueprints
+from service.web_security import add_security_headers, check_hosts
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +37,37 @@ class StartupError(RuntimeError):
     """The service cannot start; the message says why and what to do."""
 
 
+class StrictJSONProvider(DefaultJSONProvider):
+    """Flask's JSON, but never NaN or Infinity (not JSON: browsers' JSON.parse refuses them).
+
+    The last line of defence (checkpoints are validated when loaded): a non-finite float is answered
+    as null, and logged, rather than as a body no client can parse.
+    """
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        """`obj` as JSON, non-finite floats as null."""
+        try:
+            return super().dumps(obj, allow_nan=False, **kwargs)
+        except ValueError:
+            log.error("a response held NaN or Infinity; answered as null")
+            return super().dumps(_finite_or_null(obj), allow_nan=False, **kwargs)
+
+
+def _finite_or_null(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_or_null(v) for v in obj]
+    return obj
+
+
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app: configuration, models, engine, metrics, error handler, blueprints."""
     config = load_config(overrides=test_config)
     app = Flask(__name__)
+    app.json = StrictJSONProvider(app)
     app.config.update(MAX_CONTENT_LENGTH=config.max_body_bytes)
     app.config.update({k: v for k, v in (test_config or {}).items() if k.upper() == k})
     if config.torch_threads is not None:
@@ -56,6 +86,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     service = Service(config, entries, engine, _metrics(engine, entries), _default_model(config, loaded))
     app.extensions["charrnn"] = service
     instrument(app, service.metrics)
+    add_security_headers(app)
+    check_hosts(app, config)  # before the key check: a refused Host gets 400, not 401
     require_api_keys(app, config.api_keys)
     register_error_handlers(app)
     register_blueprints(app)

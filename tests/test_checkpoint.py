@@ -196,3 +196,172 @@ def test_the_shipped_default_model_is_the_one_its_card_describes() -> None:
         seed=sample["seed"],
     )
     assert sample["prompt"] + "".join(t.char for t in tokens) == sample["text"]
+
+
+# -- hostile headers: every check linear, every size capped -------------------------------------------
+
+
+def many_keys_header(keys: int, duplicate_last: bool = True) -> bytes:
+    """A file whose header is one flat object of `keys` short names, the last one repeated.
+
+    The shape of header that made the old duplicate check quadratic (`keys.count(k)` for every key
+    before the repeated one): ~60,000 names in 600 KB cost it over a minute.
+    """
+    names = [f"k{i}" for i in range(keys)] + ([f"k{keys - 1}"] if duplicate_last else [])
+    raw = ("{" + ",".join(f'"{n}":0' for n in names) + "}").encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _tensor_entry(shape: str) -> str:
+    return '{"t": {"dtype": "F32", "shape": [' + shape + '], "data_offsets": [0, 0]}}'
+
+
+class CountingStr(str):
+    """A key that counts how often it is compared or hashed: the duplicate check's work."""
+
+    work = 0
+
+    def __eq__(self, other: object) -> bool:
+        CountingStr.work += 1
+        return str.__eq__(self, other)
+
+    def __hash__(self) -> int:
+        CountingStr.work += 1
+        return str.__hash__(self)
+
+
+def _duplicate_check_work(keys: int) -> int:
+    from model.checkpoint import _no_duplicates
+
+    pairs = [(CountingStr(f"k{i}"), 0) for i in range(keys)] + [(CountingStr(f"k{keys - 1}"), 0)]
+    CountingStr.work = 0
+    with pytest.raises(ValueError, match=f"duplicate key 'k{keys - 1}'"):
+        _no_duplicates(pairs)
+    return CountingStr.work
+
+
+def test_the_duplicate_name_check_does_work_linear_in_the_names() -> None:
+    small, large = _duplicate_check_work(1_000), _duplicate_check_work(10_000)
+    assert large <= 12 * small  # linear: ~10x; the old check's keys.count(k) per key did ~100x
+    assert large <= 5 * 10_000
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        (many_keys_header(60_000), "duplicate key 'k59999'"),
+        (many_keys_header(60_000, duplicate_last=False), "more than the limit of 4096"),
+        (
+            _tensor_entry(",".join(["4611686018427387904"] * 50_000)),
+            "bad shape",
+        ),
+        (_tensor_entry(",".join(["1"] * 9)), "bad shape"),
+        ('{"t": {"dtype": "F32", "shape": [1e999], "data_offsets": [0, 4]}}', "bad shape"),
+        ('{"t": {"dtype": "F32", "shape": [true], "data_offsets": [0, 4]}}', "bad shape"),
+        ('{"t": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}', "malformed|unknown dtype"),
+    ],
+    ids=[
+        "duplicate-among-60k-names",
+        "60k-tensors",
+        "huge-dimensions",
+        "rank-9",
+        "infinite-dimension",
+        "boolean-dimension",
+        "list-dtype",
+    ],
+)
+def test_hostile_headers_are_refused_by_checks_that_cost_little(tmp_path: Path, header, message: str) -> None:
+    if isinstance(header, str):
+        raw = header.encode()
+        header = struct.pack("<Q", len(raw)) + raw + b"\0" * 4
+    path = tmp_path / "hostile.safetensors"
+    path.write_bytes(header)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+def test_a_bad_header_is_refused_before_the_tensors_are_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "big.safetensors"
+    path.write_bytes(_with_header(_valid_bytes(tmp_path), _duplicate) + b"\0" * (1 << 20))
+    reads: list[int] = []
+    real_open = open
+
+    def counting_open(*args, **kwargs):
+        fh = real_open(*args, **kwargs)
+        real_read = fh.read
+        fh.read = lambda n=-1: reads.append(n) or real_read(n)  # type: ignore[method-assign]
+        return fh
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    with pytest.raises(CheckpointError, match="duplicate key"):
+        load_checkpoint(path)
+    assert reads and -1 not in reads  # the header read, never "the rest of the file"
+
+
+# -- metadata: a typed schema, checked at load ----------------------------------------------------------
+
+RAW = "__raw_json__"
+
+
+def with_meta(data: bytes, field: str, raw_json: str) -> bytes:
+    """`data` with metadata field `field` (dotted: corpus.name) set to the JSON text `raw_json`."""
+
+    def edit(header: dict) -> dict:
+        meta = json.loads(header["__metadata__"]["charrnn"])
+        *parents, last = field.split(".")
+        target = meta
+        for name in parents:
+            target = target.setdefault(name, {})
+        target[last] = RAW
+        header["__metadata__"]["charrnn"] = json.dumps(meta).replace(json.dumps(RAW), raw_json)
+        return header
+
+    return _with_header(data, edit)
+
+
+BAD_METADATA = [
+    ("step", '"12k"', "step must be a whole number >= 0, not '12k'"),
+    ("step", "-1", "step must be a whole number >= 0"),
+    ("step", "1.5", "step must be a whole number"),
+    ("step", "true", "step must be a whole number"),
+    ("step", "1" + "0" * 30, "step must be a whole number"),
+    ("corpus.name", "7", "corpus.name must be a string, not 7"),
+    ("corpus.chars", '"many"', "corpus.chars must be a whole number"),
+    ("corpus", '"tiny"', "corpus must be an object"),
+    ("best_val_loss", "1e999", "best_val_loss must be a finite number or null"),
+    ("val_loss", '"low"', "val_loss must be a finite number or null"),
+    ("train_loss", "-1e999", "train_loss must be a finite number or null"),
+    ("elapsed_s", "-3", "elapsed_s must be a finite number >= 0"),
+    ("world_size", "0", "world_size must be a whole number >= 1"),
+    ("started_at", "5", "started_at must be a string"),
+    ("preset", '["tiny"]', "preset must be a string or null"),
+    ("kind", '"' + "x" * 5000 + '"', "kind must be a string"),
+    ("train_config", "[]", "train_config must be an object"),
+    ("notes.deep", "[1, 2, 1e999]", r"notes.deep\[2\] must be a finite number"),
+    ("model_config.hidden", "16.5", "model_config.hidden must be of type int"),
+    ("model_config.hidden", '"16"', "model_config.hidden must be of type int"),
+    ("model_config.dropout", "1e999", "model_config.dropout must be"),
+    ("vocab", '["\\n", " ", "a", "b", "c", "d", "e", "f", "g", "\\ud800"]', "lone surrogate"),
+]
+
+
+@pytest.mark.parametrize(
+    ("field", "raw_json", "message"), BAD_METADATA, ids=[f"{f}={v[:12]}" for f, v, _ in BAD_METADATA]
+)
+def test_bad_metadata_is_refused_naming_the_field(tmp_path: Path, field: str, raw_json: str, message: str) -> None:
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(with_meta(_valid_bytes(tmp_path), field, raw_json))
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+def test_metadata_a_trainer_writes_is_accepted(tmp_path: Path) -> None:
+    meta = {
+        "kind": "best", "step": 0, "train_loss": None, "val_loss": 1, "best_val_loss": 1.25, "elapsed_s": 0.5,
+        "corpus": {"name": "tiny", "sha256": "ab" * 32, "chars": 100}, "train_config": {"batch": 2},
+        "preset": None, "world_size": 2, "started_at": "2026-01-01T00:00:00+00:00", "saved_at": None,
+        "exported_from": "best.safetensors", "half": False, "anything": {"else": [1, "two"]},
+    }  # fmt: skip
+    path = tmp_path / "ok.safetensors"
+    save_checkpoint(path, make_model(), VOCAB, meta)
+    assert load_checkpoint(path).meta["corpus"]["name"] == "tiny"
