@@ -51,6 +51,10 @@ class ServiceConfig:
         if self.prompt_cache_bytes < 0:
             raise ConfigError(f"{ENV_PREFIX}PROMPT_CACHE_BYTES must be >= 0, got {self.prompt_cache_bytes}")
         for name in ("request_timeout", "health_timeout"):
+    host: str = "127.0.0.1"  # the address Gunicorn binds (gunicorn.conf.py reads CHARRNN_HOST too)
+    # Host header names answered, comma-separated (".example.com": and its subdomains; "*": any); empty:
+    # loopback names when `host` is a loopback address, else any (service/web_security.py says why)
+    allowed_hosts: tuple[str, ...] = ()
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")
         if self.torch_threads is not None and self.torch_threads < 1:

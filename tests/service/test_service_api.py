@@ -499,7 +499,7 @@ def test_a_stream_closed_before_its_first_event_is_cancelled_too(make_app: Calla
 def test_the_root_is_the_playground_and_links_to_the_docs_page(client: FlaskClient) -> None:
     with client.get("/") as page:
         assert page.status_code == 200 and page.mimetype == "text/html"
-        assert page.headers["Content-Security-Policy"] == "default-src 'self'"
+        assert page.headers["Content-Security-Policy"] == "default-src 'self'; frame-ancestors 'none'"
         html = page.get_data(as_text=True)
     assert 'href="docs"' in html and 'src="static/playground.js"' in html
     with client.get("/docs") as docs:

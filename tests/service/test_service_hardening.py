@@ -106,3 +106,116 @@ def test_openapi_json_is_built_once_per_configuration(make_app, monkeypatch: pyt
     assert answers[0].json["components"]["schemas"]["GenerateRequest"]["properties"]["n"]["maximum"] == 7
     assert answers[0].content_type == "application/json"
     assert len(builds) == 1
+
+
+# --- item 10: security headers and allowed hosts ------------------------------------------------
+
+
+def assert_secure_headers(headers) -> None:  # type: ignore[no-untyped-def]
+    lowered = {k.lower(): v for k, v in headers.items()}
+    assert lowered["x-content-type-options"] == "nosniff"
+    assert lowered["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in lowered["content-security-policy"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("GET", "/models", None, 200),
+        ("GET", "/health/live", None, 200),
+        ("GET", "/openapi.json", None, 200),
+        ("GET", "/no/such/page", None, 404),
+        ("DELETE", "/generate", None, 405),
+        ("POST", "/generate", b"{not json", 400),
+        ("POST", "/generate", b'{"temperature": 99}', 422),
+        ("POST", "/generate", b'{"prompt": "' + b"a" * 200_000 + b'"}', 413),
+        ("POST", "/v1/completions", b'{"prompt": 5}', 422),
+    ],
+)
+def test_every_answer_forbids_sniffing_and_framing(
+    gunicorn_server: GunicornServer, method: str, path: str, body: bytes | None, status: int
+) -> None:
+    response = requests.request(
+        method, gunicorn_server.url + path, data=body, headers={"Content-Type": "application/json"}, timeout=30
+    )
+    assert response.status_code == status
+    assert_secure_headers(response.headers)
+
+
+@pytest.mark.slow
+def test_the_pages_keep_their_own_policy_and_forbid_framing(gunicorn_server: GunicornServer) -> None:
+    for path in ("/", "/docs"):
+        response = requests.get(gunicorn_server.url + path, timeout=30)
+        assert response.status_code == 200
+        assert_secure_headers(response.headers)
+        directives = [d.strip() for d in response.headers["Content-Security-Policy"].split(";")]
+        assert directives == ["default-src 'self'", "frame-ancestors 'none'"]
+
+
+@pytest.mark.slow
+def test_a_stream_and_an_internal_error_carry_the_headers(make_app, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = make_app().test_client()
+    stream = client.post("/generate", json={"prompt": "the", "max_new_chars": 3, "stream": True})
+    assert stream.status_code == 200 and stream.mimetype == "text/event-stream"
+    assert_secure_headers(stream.headers)
+    from service.routes import info
+
+    monkeypatch.setattr(info, "ModelsResponse", None)  # GET /models now fails inside the app
+    failed = client.get("/models")
+    assert failed.status_code == 500
+    assert_secure_headers(failed.headers)
+
+
+def host_request(server: GunicornServer, host: str, path: str = "/models") -> tuple[int, dict[str, str], bytes]:
+    """GET `path` with `host` as the Host header, on a raw connection (as a rebinding browser would send it)."""
+    return raw_exchange(server, f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+
+
+@pytest.mark.slow
+def test_a_loopback_server_answers_only_loopback_host_names(gunicorn_server: GunicornServer) -> None:
+    port = urlsplit(gunicorn_server.url).port
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}", "localhost."):
+        status, _, _ = host_request(gunicorn_server, host)
+        assert status == 200, host
+    for host in ("attacker.example", f"attacker.example:{port}", "127.0.0.1.attacker.example", "localhost.evil"):
+        status, headers, body = host_request(gunicorn_server, host)
+        assert status == 400, host
+        assert json.loads(body)["error"]["code"] == "host_not_allowed"
+        assert headers["x-content-type-options"] == "nosniff"
+    status, _, body = host_request(gunicorn_server, "attacker.example", "/v1/models")
+    assert status == 400 and json.loads(body)["error"]["type"] == "invalid_request_error"  # OpenAI's shape
+
+
+@pytest.mark.slow
+def test_allowed_hosts_setting_names_the_hosts(start_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(CHARRNN_ALLOWED_HOSTS="127.0.0.1, .example.com")  # 127.0.0.1: the fixture's own probe
+    for host, status in [
+        ("api.example.com", 200),
+        ("example.com:8000", 200),
+        ("EXAMPLE.COM", 200),
+        ("localhost", 400),
+        ("badexample.com", 400),
+        ("example.com.evil", 400),
+    ]:
+        assert host_request(server, host)[0] == status, host
+
+
+@pytest.mark.parametrize(
+    ("bind", "allowed", "host", "answered"),
+    [
+        ("127.0.0.1", "", "localhost:8000", True),
+        ("127.0.0.1", "", "rebound.attacker.example", False),
+        ("localhost", "", "127.0.0.1", True),
+        ("::1", "", "[::1]:8000", True),
+        ("0.0.0.0", "", "charrnn.internal:8000", True),  # the Docker image: any name by default
+        ("0.0.0.0", "api.example.com", "charrnn.internal:8000", False),
+        ("0.0.0.0", "*", "anything", True),
+    ],
+)
+def test_allowed_hosts_default_depends_on_the_bind_address(
+    make_app, bind: str, allowed: str, host: str, answered: bool
+) -> None:
+    client = make_app(HOST=bind, ALLOWED_HOSTS=allowed).test_client()
+    response = client.get("/models", headers={"Host": host})
+    assert response.status_code == (200 if answered else 400)

@@ -120,7 +120,8 @@ def test_slow_clients_do_not_block_others(start_server: Callable[..., GunicornSe
     host, port = server.url.removeprefix("http://").split(":")
     body = json.dumps({"prompt": "the", "max_new_chars": 5}).encode()
     trickler = socket.create_connection((host, int(port)))
-    head = f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    head = f"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    head += f"Content-Length: {len(body)}\r\n"
     trickler.sendall(head.encode() + b"\r\n")
     unread, _ = open_stream(server, 1_000_000, seed=0)  # a stream never read: its socket buffers fill up
     api = Client(server.url)
