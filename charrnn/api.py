@@ -18,11 +18,11 @@ import torch
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.evaluate import bits_per_char
 from model.sampling import Generation, SamplingParams, Token, generate, start_ids
+from model.scoring import score_ids
 from model.vocab import UnknownPolicy
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "service" / "default_model" / "shakespeare.safetensors"
 TEXT_FILE = "corpus.txt"  # where `train(text=...)` keeps the text it was given, inside the run directory
-SCORE_CHUNK = 4096  # characters read per call of the recurrent layer while scoring (bounds memory)
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,6 @@ class Model:
             "".join(t.char for t in tokens), generation.finish_reason or "length", generation.seed, tokens
         )
 
-    @torch.inference_mode()
     def score(self, text: str, context: str = "") -> Score:
         """The log-probability of each character of `text`, read after `context`.
 
@@ -125,17 +124,8 @@ class Model:
         if not text:
             raise ValueError("text: nothing to score (empty)")
         ids = self.vocab.encode(text)
-        full = start_ids(self.vocab, self.vocab.encode(context)) + ids
-        device = next(self.network.parameters()).device
-        logprobs: list[float] = []  # of full[1:], each read after the characters before it
-        state = None
-        for start in range(0, len(full) - 1, SCORE_CHUNK):
-            x = torch.tensor([full[start : start + SCORE_CHUNK]], device=device)  # (1, chunk)
-            target = torch.tensor(full[start + 1 : start + 1 + SCORE_CHUNK], device=device)  # (chunk,)
-            logits, state = self.network(x[:, : len(target)], state)
-            chosen = logits[0].float().log_softmax(-1).gather(-1, target[:, None])  # (chunk, 1)
-            logprobs.extend(chosen[:, 0].tolist())
-        return Score(tuple(text), tuple(logprobs[-len(ids) :]))
+        scores = score_ids(self.network, start_ids(self.vocab, self.vocab.encode(context)), ids)
+        return Score(tuple(text), tuple(s.logprob for s in scores))
 
     def _generation(
         self,
