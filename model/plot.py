@@ -20,7 +20,7 @@ def write_loss_curve(metrics_path: Path, png_path: Path) -> None:
         matplotlib.use("Agg")
         from matplotlib.figure import Figure
     except ImportError:
-        log.warning("matplotlib is not installed: no loss curve")
+        log.warning("matplotlib is not installed (the `plot` extra): skipping %s", png_path.name)
         return
     train, val = [], []
     for line in metrics_path.read_text(encoding="utf-8").splitlines():
