@@ -1,28 +1,37 @@
-# syntax=docker/dockerfile:1
 # charrnn: the trainer and the HTTP service, CPU build of PyTorch by default.
-#   docker build -t charrnn .                                   # CPU (about 0.85 GB, see README)
-#   docker build --build-arg TORCH_INDEX=cu128 -t charrnn:cuda .   # opt in to a CUDA build of torch
+#   docker build -t charrnn .                                   # CPU (see README "Docker" for its size)
+#   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 -t charrnn:cuda .
+# Two build arguments, nothing else: PYTHON_IMAGE (a Python 3.11 image on Debian bookworm) and
+# TORCH_INDEX_URL (a pip index holding the torch build, searched beside PyPI).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # ---- build: a virtual environment with torch and the project, nothing else ----------------------
 FROM ${PYTHON_IMAGE} AS build
-ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX=cpu
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
-# torch first, from PyTorch's own index for the chosen build, so the project's own `torch>=` range is
-# already satisfied and pip never swaps in a CUDA build by accident.
-RUN pip install --index-url "https://download.pytorch.org/whl/${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
- && rm -rf /opt/venv/lib/python3.11/site-packages/torch/include \
-           /opt/venv/lib/python3.11/site-packages/torch/test \
-           /opt/venv/lib/python3.11/site-packages/torch/bin
+# torch first, pinned as in the Makefile. TORCH_INDEX_URL is an extra index beside PyPI, so torch's own
+# dependencies come from PyPI; its `2.13.0+cpu` is a higher version than PyPI's (CUDA) `2.13.0`, so pip
+# takes the index's build. Then what neither `import torch` nor the service uses: C++ headers, CMake
+# files, torch's own test suite and test libraries, and the C++ test programs in torch/bin (all but
+# torch_shm_manager, which `import torch` looks for).
+RUN pip install --extra-index-url "${TORCH_INDEX_URL}" "torch==2.13.0" \
+ && torch_dir="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/torch" \
+ && test -x "$torch_dir/bin/torch_shm_manager" \
+ && find "$torch_dir/bin" -mindepth 1 -maxdepth 1 ! -name torch_shm_manager -exec rm -rf {} + \
+ && rm -rf "$torch_dir/include" "$torch_dir/share/cmake" "$torch_dir/test" \
+           "$torch_dir"/lib/libjitbackend_test.so "$torch_dir"/lib/libtorchbind_test.so \
+           "$torch_dir"/lib/libbackend_with_compiler.so "$torch_dir"/lib/libaoti_custom_ops.so \
+ && python -c "import torch; torch.ones(1)"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY model ./model
 COPY service ./service
 COPY corpora ./corpora
+# The package without its optional extras (the `plot` extra, matplotlib, draws loss.png; without it
+# `charrnn train` logs that it skips the plot).
 RUN pip install .
 # The engine's C kernel (service/native_lstm.py) compiled here, where a compiler is, for the runtime
 # image, which has none: the runtime finds it in CHARRNN_KERNEL_DIR by a hash of its source and flags.
@@ -63,8 +72,10 @@ COPY --chown=root:root corpora ./corpora
 VOLUME ["/models", "/data"]
 USER 10001:10001
 EXPOSE 8000
-# /health waits up to CHARRNN_HEALTH_TIMEOUT (10 s) for its one-character generation: allow more.
-HEALTHCHECK --interval=30s --timeout=15s --start-period=60s --retries=3 \
-  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('CHARRNN_PORT', '8000'), timeout=12)"]
+# Liveness: /health/live answers at once, generating nothing, busy or not; it fails when the engine has
+# jobs but no step succeeded for CHARRNN_HEALTH_TIMEOUT seconds. (/health is the readiness check.)
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health/live' % os.environ.get('CHARRNN_PORT', '8000'), timeout=4)"]
 # Gunicorn with the project's config (gthread workers, models loaded in each worker after fork).
+# `docker stop` must wait longer than CHARRNN_GRACEFUL_TIMEOUT (30 s) for streams to finish: -t 40.
 CMD ["gunicorn", "-c", "service/gunicorn.conf.py", "service.app:create_app()"]

@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 # machine: make TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install serve test lint format bench default-model clean
+.PHONY: install serve test test-docker lint format bench default-model clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ lint: install  ## ruff lint and format check
 
 test: lint  ## lint, then the whole test suite (slow tests included)
 	$(BIN)/python -m pytest
+
+# The docker tier: builds the image from the Dockerfile (and, once, the stand-in base image) and runs it;
+# needs root, a Docker engine, debootstrap, docker-compose and nginx (.ci/run installs them). CI runs it.
+test-docker: install  ## the docker tier: the image built and run for real (minutes; see README "Docker")
+	$(BIN)/python -m pytest -m docker tests/docker
 
 format: install
 	$(BIN)/ruff format .

