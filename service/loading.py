@@ -12,6 +12,7 @@ A checkpoint that fails to load is reported (log, /models) and skipped.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,9 @@ class ModelEntry:
         if self.loaded is None:
             return info | {"error": self.error}
         config, meta = self.loaded.model.config, self.loaded.meta
+        # load_checkpoint checked these against its schema; what /models answers must hold in any case
         corpus = meta.get("corpus") if isinstance(meta.get("corpus"), dict) else {}
+        loss = meta.get("best_val_loss", meta.get("val_loss"))
         return info | {
             "cell": config.cell,
             "layers": config.layers,
@@ -52,10 +55,15 @@ class ModelEntry:
             "embed": config.embed,
             "vocab_size": len(self.loaded.vocab),
             "parameters": self.loaded.model.num_parameters(),
-            "steps": meta.get("step"),
-            "val_loss": meta.get("best_val_loss", meta.get("val_loss")),
-            "corpus": corpus.get("name"),
+            "steps": _only(int, meta.get("step")),
+            "val_loss": loss if type(loss) in (int, float) and math.isfinite(loss) else None,
+            "corpus": _only(str, corpus.get("name")),
         }
+
+
+def _only(kind: type, value: object) -> object:
+    """`value` if it is exactly of type `kind` (a bool is not an int here), else None."""
+    return value if type(value) is kind else None
 
 
 def _ignored(path: Path) -> bool:

@@ -10,6 +10,14 @@ when the CPU has them) into a cache directory, keyed by a hash of source and fla
 there is used without a compiler (the Docker image's, built in its build stage). If there is neither,
 or `CHARRNN_NATIVE=0`, `load()` returns None and the engine uses its PyTorch step.
 
+Loading a shared library runs its code, and the cache path is computable by anyone, so a kernel is
+loaded only from what this user (or root) could have written: the directory and the file must be
+owned by this user or root and writable by no one else, neither may be a symbolic link, and what is
+loaded is the very file checked (opened once without following links, checked with fstat, loaded
+through /proc/self/fd). The cache directory is created 0700 (`build_all`'s, for an image's other
+users, 0755). Anything else, or a library without the kernel's functions, means a warning and the
+PyTorch step.
+
 Numerics: float32 throughout, like the model; sums run in another order than MKL's and exp is a
 polynomial (Cephes expf, ~1 ulp), so results equal the PyTorch step's to float rounding, not bit for
 bit (see docs/ENGINE_INTERFACE.md on what that means for the text).
@@ -32,11 +40,13 @@ Layouts (row-major float32; gate columns reordered to i, f, o, g):
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -250,10 +260,15 @@ class Net(ctypes.Structure):
 MAX_LAYERS = 16
 _library: ctypes.CDLL | None = None
 _tried = False
+_held_fds: list[int] = []  # the descriptors kernels were loaded through (see open_checked)
+
+
+class UntrustedKernel(RuntimeError):
+    """A kernel (or its directory) that someone other than this user or root could have written."""
 
 
 def load() -> ctypes.CDLL | None:
-    """The compiled kernel (built on first use), or None where it cannot be built or is switched off."""
+    """The compiled kernel (built on first use), or None where it cannot be built, is not trusted or is off."""
     global _library, _tried
     if _tried:
         return _library
@@ -261,7 +276,8 @@ def load() -> ctypes.CDLL | None:
     if os.environ.get("CHARRNN_NATIVE", "1") == "0":
         return None
     try:
-        _library = _bind(ctypes.CDLL(str(_build())))
+        path = _build()
+        _library = _bind(open_checked(path), path)
     except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
         log.warning("native LSTM kernel unavailable, using the PyTorch step: %s", exc)
     return _library
@@ -271,10 +287,67 @@ def build_all() -> list[Path]:
     """Compile every variant this architecture has (AVX2/FMA/F16C and portable) into the cache.
 
     For an image built on one machine and run on others (the Dockerfile's build stage): a runtime CPU
-    without AVX2 then finds its portable kernel instead of falling back to the PyTorch step.
+    without AVX2 then finds its portable kernel instead of falling back to the PyTorch step. The
+    directory, if this creates it, is readable by every user (0755): the image runs as another user.
     """
     variants = [True, False] if platform.machine().lower() in ("x86_64", "amd64") else [False]
-    return [_build(simd) for simd in variants]
+    return [_build(simd, dir_mode=0o755) for simd in variants]
+
+
+def open_checked(path: Path) -> ctypes.CDLL:
+    """The library at `path`, loaded only if it and its directory are trusted (UntrustedKernel if not).
+
+    Opened once, without following links; the checks are of that open file (fstat), and what is
+    loaded is that file, through /proc/self/fd/N, so nothing can be swapped in between. The
+    descriptor stays open: dlopen answers a name it has loaded before with that library, so the
+    name /proc/self/fd/N must never come round again for another file.
+    """
+    dir_fd = _open_no_follow(path.parent, os.O_DIRECTORY)
+    try:
+        _check_trusted(os.fstat(dir_fd), path.parent, "directory")
+        fd = _open_no_follow(Path(path.name), 0, dir_fd=dir_fd, shown=path)
+    finally:
+        os.close(dir_fd)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UntrustedKernel(f"{path} is not a regular file")
+        _check_trusted(info, path, "file")
+        by_fd = f"/proc/self/fd/{fd}"
+        library = ctypes.CDLL(by_fd if os.path.exists(by_fd) else str(path))  # no /proc: the path just checked
+    except BaseException:
+        os.close(fd)
+        raise
+    _held_fds.append(fd)
+    return library
+
+
+def _open_no_follow(path: Path, flags: int, dir_fd: int | None = None, shown: Path | None = None) -> int:
+    """os.open for reading, refusing a symbolic link (UntrustedKernel); `shown` names it in messages."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | flags, dir_fd=dir_fd)
+    except OSError as exc:
+        # what O_NOFOLLOW answers for a link (ENOTDIR with O_DIRECTORY); no link: the error as it is
+        linked = exc.errno == errno.ELOOP or (exc.errno == errno.ENOTDIR and dir_fd is None and os.path.islink(path))
+        if linked:
+            raise UntrustedKernel(
+                f"{shown or path} is a symbolic link; kernels are loaded only from real files"
+            ) from None
+        raise
+
+
+def _check_trusted(info: os.stat_result, path: Path, what: str) -> None:
+    """UntrustedKernel unless `info` is owned by this user or root and writable by no one else."""
+    if info.st_uid not in (os.geteuid(), 0):
+        raise UntrustedKernel(
+            f"the kernel {what} {path} belongs to uid {info.st_uid}, not to this user ({os.geteuid()}) or root;"
+            " it is not loaded (remove it, or point CHARRNN_KERNEL_DIR at a directory of your own)"
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UntrustedKernel(
+            f"the kernel {what} {path} is writable by other users (mode {stat.S_IMODE(info.st_mode):o});"
+            " it is not loaded (remove it, or make it writable only by its owner: chmod go-w)"
+        )
 
 
 def _cpu_has_avx2() -> bool:
@@ -285,21 +358,21 @@ def _flags(simd: bool) -> list[str]:
     return ["-O3", "-fPIC", "-shared", "-fno-math-errno", *(["-mavx2", "-mfma", "-mf16c"] if simd else [])]
 
 
-def _build(simd: bool | None = None) -> Path:
+def _build(simd: bool | None = None, dir_mode: int = 0o700) -> Path:
     """Compile SOURCE into the cache (once per source and flags); concurrent builders are harmless.
 
-    `simd` None means what this CPU runs: AVX2/FMA/F16C where it has AVX2, else portable C.
+    `simd` None means what this CPU runs: AVX2/FMA/F16C where it has AVX2, else portable C. The cache
+    directory is created with `dir_mode`, and an existing one must be trusted (see `open_checked`).
     """
     flags = _flags(_cpu_has_avx2() if simd is None else simd)
-    digest = hashlib.sha256((SOURCE + " ".join(flags)).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("CHARRNN_KERNEL_DIR") or Path.home() / ".cache" / "charrnn" / "kernels")
-    target = cache / f"lstm_step_{digest}.so"
-    if target.exists():  # built earlier, maybe elsewhere (the Docker image's build stage): no compiler needed
-        return target
+    target = kernel_path(simd)
+    cache = target.parent
+    if os.path.lexists(target):  # built earlier, maybe elsewhere (the Docker image's build stage): no compiler needed
+        return target  # checked when it is opened
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         raise RuntimeError("no C compiler (cc) on PATH")
-    cache.mkdir(parents=True, exist_ok=True)
+    _make_dir(cache, dir_mode)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         src = Path(tmp) / "lstm_step.c"
         src.write_text(SOURCE)
@@ -307,11 +380,46 @@ def _build(simd: bool | None = None) -> Path:
         subprocess.run(
             [compiler, *flags, "-o", str(out), str(src), "-lm"], check=True, capture_output=True, timeout=120
         )
+        out.chmod(0o755)  # whatever the umask: writable by its owner only, or it would not be loaded
         os.replace(out, target)  # atomic: another worker sees the old state or the whole file
     return target
 
 
-def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+def kernel_path(simd: bool | None = None) -> Path:
+    """Where the kernel for `simd` (None: this CPU's) is kept: named by a hash of source and flags."""
+    flags = _flags(_cpu_has_avx2() if simd is None else simd)
+    digest = hashlib.sha256((SOURCE + " ".join(flags)).encode()).hexdigest()[:16]
+    return kernel_dir() / f"lstm_step_{digest}.so"
+
+
+def kernel_dir() -> Path:
+    """Where compiled kernels are kept: CHARRNN_KERNEL_DIR, else ~/.cache/charrnn/kernels."""
+    return Path(os.environ.get("CHARRNN_KERNEL_DIR") or Path.home() / ".cache" / "charrnn" / "kernels")
+
+
+def _make_dir(cache: Path, mode: int) -> None:
+    """Create `cache` with `mode` (its parents as usual); an existing one must be trusted."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(mode=mode)
+        os.chmod(cache, mode)  # the umask may have taken bits from 0755
+    except FileExistsError:
+        pass
+    fd = _open_no_follow(cache, os.O_DIRECTORY)
+    try:
+        _check_trusted(os.fstat(fd), cache, "directory")
+    finally:
+        os.close(fd)
+
+
+KERNEL_FUNCTIONS = ("charrnn_lstm_step", "charrnn_draw", "charrnn_draw_rows", "charrnn_half_to_float")
+
+
+def _bind(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL:
+    """`lib` with the kernel functions' signatures set; RuntimeError if it lacks any of them."""
+    missing = [name for name in KERNEL_FUNCTIONS if not hasattr(lib, name)]
+    if missing:
+        raise RuntimeError(f"{path} is not this kernel: it lacks {', '.join(missing)}")
     lib.charrnn_lstm_step.argtypes = [ctypes.POINTER(Net), ctypes.c_int, ctypes.c_void_p]
     lib.charrnn_lstm_step.restype = None
     lib.charrnn_draw.argtypes = [
