@@ -31,7 +31,16 @@ class ServiceConfig:
     max_body_bytes: int = 64 * 1024  # larger request bodies get 413 before they are parsed
     max_prompt_chars: int = 16_384
     max_new_chars: int = 2_000  # the largest `max_new_chars` (and /v1 `max_tokens`) a request may ask for
-    max_n: int = 16  # the largest `n` (samples per request)
+    max_n: int = 16  # the most samples one request may ask for (/v1: prompts x n)
+    # The most characters one request may ask for over all its samples (samples x max_new_chars), never
+    # below max_new_chars; None: max_n x max_new_chars.
+    max_request_chars: int | None = None
+    # The most logprob alternatives one answer may hold (characters x alternatives per character), never
+    # below one sample of max_new_chars characters with 5 alternatives.
+    max_request_logprobs: int = 40_000
+    # Generations (queued + running) one client (its API key; without keys, its address) may hold in a
+    # worker; beyond them 429. None: a quarter of max_batch; 0: no limit.
+    max_client_jobs: int | None = None
     max_inspect_chars: int = 2_000  # the longest text POST /inspect reads
     max_batch: int = 64  # generations stepped together by the engine
     max_queue: int = 256  # generations waiting for a batch slot; beyond this, 429
@@ -42,25 +51,48 @@ class ServiceConfig:
     torch_threads: int | None = None  # torch intra-op threads; None: left as set by gunicorn.conf.py
     docs: bool = True  # serve the API docs page at /docs
     playground: bool = True  # serve the playground page at /
+    host: str = "127.0.0.1"  # the address Gunicorn binds (gunicorn.conf.py reads CHARRNN_HOST too)
+    # Host header names answered, comma-separated (".example.com": and its subdomains; "*": any); empty:
+    # loopback names when `host` is a loopback address, else any (service/web_security.py says why)
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         limits = ("max_body_bytes", "max_prompt_chars", "max_new_chars", "max_n", "max_inspect_chars")
+        limits += ("max_request_logprobs",)
         for name in (*limits, "max_batch", "max_queue"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}")
         if self.prompt_cache_bytes < 0:
             raise ConfigError(f"{ENV_PREFIX}PROMPT_CACHE_BYTES must be >= 0, got {self.prompt_cache_bytes}")
         for name in ("request_timeout", "health_timeout"):
-    host: str = "127.0.0.1"  # the address Gunicorn binds (gunicorn.conf.py reads CHARRNN_HOST too)
-    # Host header names answered, comma-separated (".example.com": and its subdomains; "*": any); empty:
-    # loopback names when `host` is a loopback address, else any (service/web_security.py says why)
-    allowed_hosts: tuple[str, ...] = ()
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")
+        if self.max_request_chars is not None and self.max_request_chars < 1:
+            raise ConfigError(f"{ENV_PREFIX}MAX_REQUEST_CHARS must be >= 1, got {self.max_request_chars}")
+        if self.max_client_jobs is not None and self.max_client_jobs < 0:
+            raise ConfigError(f"{ENV_PREFIX}MAX_CLIENT_JOBS must be >= 0, got {self.max_client_jobs}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ConfigError(f"{ENV_PREFIX}TORCH_THREADS must be >= 1, got {self.torch_threads}")
         if any(not key for key in self.api_keys):
             raise ConfigError(f"{ENV_PREFIX}API_KEYS must not contain empty keys")
+
+    @property
+    def request_char_limit(self) -> int:
+        """The characters one request may ask for, over all its samples."""
+        if self.max_request_chars is None:
+            return self.max_n * self.max_new_chars
+        return max(self.max_request_chars, self.max_new_chars)
+
+    def request_logprob_limit(self, top_logprobs: int) -> int:
+        """The logprob alternatives one answer may hold, where a character has at most `top_logprobs`."""
+        return max(self.max_request_logprobs, self.max_new_chars * top_logprobs)
+
+    @property
+    def client_job_limit(self) -> int | None:
+        """Generations (queued + running) one client may hold in this worker; None: no limit."""
+        if self.max_client_jobs is None:
+            return max(1, self.max_batch // 4)
+        return self.max_client_jobs or None
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ServiceConfig)}

@@ -6,25 +6,30 @@ a request with `n` samples is `n` jobs with seeds seed, seed + 1, ... (docs/ENGI
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from flask import current_app
+from flask import current_app, request
 
 from model.sampling import SamplingError, SamplingParams, Token, random_seed
 from model.vocab import UnknownCharactersError
+from service.auth import presented_key
 from service.config import ServiceConfig
-from service.engine import Engine, EngineClosedError, Job, JobSpec, LoadedModel, QueueFullError
+from service.engine import ClientBusyError, Engine, EngineClosedError, Job, JobSpec, LoadedModel, QueueFullError
 from service.errors import ApiError
 from service.loading import ModelEntry
 from service.metrics import Metrics
+from service.schemas import TOP_LOGPROBS
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 5.0  # a stream writes at least this often, so a client that has gone is noticed
+DISCONNECT_POLL_SECONDS = 0.25  # a non-streamed request looks this often whether its client is still there
 
 
 @dataclass
@@ -114,22 +119,90 @@ def new_id(prefix: str = "gen") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
+def check_budget(config: ServiceConfig, *, jobs: int, chars: int, top_logprobs: int, fields: dict[str, str]) -> None:
+    """422 naming the limit when one request asks for more work than this server allows.
+
+    `jobs` samples of at most `chars` characters each, with `top_logprobs` alternatives per character;
+    `fields` says how the request counts samples ("samples") and names its "length" and "logprobs" fields.
+    """
+    total, char_limit = jobs * chars, config.request_char_limit
+    if jobs > config.max_n:
+        message = f"this request asks for {jobs} samples ({fields['samples']}); at most {config.max_n} per request"
+        _over(message, "MAX_N", "n")
+    if total > char_limit:
+        message = f"this request asks for up to {total} characters ({jobs} samples x {chars} {fields['length']})"
+        _over(f"{message}; at most {char_limit} per request", "MAX_REQUEST_CHARS", fields["length"])
+    alternatives, alternative_limit = total * top_logprobs, config.request_logprob_limit(TOP_LOGPROBS)
+    if alternatives > alternative_limit:
+        message = f"this request asks for up to {alternatives} logprob alternatives"
+        message += f" ({total} characters x {top_logprobs}); at most {alternative_limit} per request"
+        _over(message, "MAX_REQUEST_LOGPROBS", fields["logprobs"])
+
+
+def _over(message: str, setting: str, field_name: str) -> None:
+    raise ApiError(422, "request_too_large", f"{message} (CHARRNN_{setting})", field_name)
+
+
+def client_id(config: ServiceConfig) -> str:
+    """Who sends this request, for the per-client share: its API key (hashed) if keys are configured,
+    else its remote address (behind a proxy, every client is the proxy)."""
+    if config.api_keys:
+        key = presented_key() or ""
+        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    return "addr:" + (request.remote_addr or "")
+
+
+def disconnect_check() -> Callable[[], bool] | None:
+    """A function telling whether this request's client has closed its connection, if the server gives
+    the socket to the app (Gunicorn: `gunicorn.socket`); None elsewhere (Flask's test client)."""
+    sock = request.environ.get("gunicorn.socket")
+    if not isinstance(sock, socket.socket):
+        return None
+    return lambda: _peer_closed(sock)
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """Whether the peer has closed: a non-blocking peek reads end-of-file (or the socket fails).
+
+    The request body has been read by now, so anything waiting is more data (the client is there) or
+    nothing. `socket.socket.recv` peeks at the raw bytes, a TLS socket included.
+    """
+    try:
+        return socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+
+
+class ClientGoneError(Exception):
+    """The client closed its connection before its answer was ready."""
+
+
 @dataclass
 class Run:
-    """The jobs of one request, submitted together; cancelled together if anything goes wrong."""
+    """The jobs of one request, submitted together; cancelled together if anything goes wrong.
+
+    `owner` is the client (see `client_id`): it may hold only its share of the engine's generations.
+    """
 
     service: Service
+    owner: str | None = None
     jobs: list[Job] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     first_char_at: float | None = None
 
     def submit(self, plans: list[Plan]) -> None:
         """Submit every sample of every plan; on 429/503 the ones already queued are cancelled."""
-        engine, timeout = self.service.engine, self.service.config.request_timeout
+        engine, config = self.service.engine, self.service.config
+        specs = [spec for plan in plans for spec in plan.specs(config.request_timeout)]
         try:
-            for plan in plans:
-                for spec in plan.specs(timeout):
-                    self.jobs.append(engine.submit(spec))
+            self.jobs = engine.submit_many(specs, self.owner, config.client_job_limit if self.owner else None)
+        except ClientBusyError as exc:
+            message = f"this client already has {exc.held} generations queued or running (at most {exc.limit}"
+            message += " at once, CHARRNN_MAX_CLIENT_JOBS); retry when they have finished"
+            retry = str(max(1, round(exc.retry_after)))
+            raise ApiError(429, "too_many_generations", message, headers={"Retry-After": retry}) from None
         except QueueFullError as exc:
             self.cancel()
             retry = max(1, round(exc.retry_after))
@@ -146,19 +219,45 @@ class Run:
         for job in self.jobs:
             job.cancel()
 
-    def results(self) -> list[tuple[list[Token], str]]:
-        """Wait for every job: (tokens, finish_reason) each; a failed or cancelled job is an error."""
+    def results(self, client_gone: Callable[[], bool] | None = None) -> list[tuple[list[Token], str]]:
+        """Wait for every job: (tokens, finish_reason) each; a failed or cancelled job is an error.
+
+        With `client_gone`, asked every DISCONNECT_POLL_SECONDS while waiting: when it says yes, every
+        job is cancelled and ClientGoneError raised.
+        """
         try:
-            if self.jobs:
-                next((t for t in self.jobs[0].chunks() if t), None)  # to time the first character
-                if self.jobs[0].generated_chars:
-                    self._record_first_char()
-            results = [job.result() for job in self.jobs]
+            self._wait_for_first_char(client_gone)
+            results = [self._result(job, client_gone) for job in self.jobs]
+        except ClientGoneError:
+            log.info("client left before its answer: %d generations cancelled", len(self.jobs))
+            raise ApiError(499, "client_closed_request", "the client closed the connection") from None
         finally:
             self._end()
         for _, reason in results:
             _check_finish(reason)
         return results
+
+    def _wait_for_first_char(self, client_gone: Callable[[], bool] | None) -> None:
+        """Until the first job's first character (to time it) or its end; ClientGoneError if the client goes."""
+        poll = None if client_gone is None else DISCONNECT_POLL_SECONDS
+        for tokens in self.jobs[0].chunks(heartbeat=poll) if self.jobs else ():
+            if tokens:
+                self._record_first_char()
+                return
+            if client_gone is not None and client_gone():
+                raise ClientGoneError
+
+    @staticmethod
+    def _result(job: Job, client_gone: Callable[[], bool] | None) -> tuple[list[Token], str]:
+        """The job's result; ClientGoneError if the client goes first."""
+        if client_gone is None:
+            return job.result()
+        while True:
+            try:
+                return job.result(timeout=DISCONNECT_POLL_SECONDS)
+            except TimeoutError:
+                if client_gone():
+                    raise ClientGoneError from None
 
     def stream(self) -> Iterator[tuple[int, list[Token] | None, str | None]]:
         """(job index, tokens, None) as they come, then (index, None, finish_reason) when each job ends.

@@ -20,7 +20,7 @@ NATIVE_ERRORS = {
     "413": "Request body over the configured limit",
     "415": "Body not sent as application/json",
     "422": "A field of the wrong type or range, an unknown field or model, or prompt characters outside the vocabulary",
-    "429": "The generation queue is full; see the Retry-After header",
+    "429": "The generation queue is full, or this client already holds its share of generations; see Retry-After",
     "500": "The server failed; no traceback is included",
     "503": "Not ready, or shutting down",
 }
@@ -94,7 +94,28 @@ def _component_schemas(config: ServiceConfig) -> dict[str, Any]:
     found["GenerateRequest"]["properties"]["prompt"]["maxLength"] = config.max_prompt_chars
     found["CompletionRequest"]["properties"]["max_tokens"]["maximum"] = config.max_new_chars
     found["InspectRequest"]["properties"]["text"]["maxLength"] = config.max_inspect_chars
+    for name, samples, length in (
+        ("GenerateRequest", "n", "max_new_chars"),
+        ("CompletionRequest", "prompts x n", "max_tokens"),
+    ):
+        found[name]["description"] += " " + _budget_text(config, samples, length)
     return found
+
+
+def _budget_text(config: ServiceConfig, samples: str, length: str) -> str:
+    """The per-request and per-client limits of this server, as a request schema's description says them."""
+    text = (
+        f"Limits of this server (a request over one is a 422 naming it): {samples} <= {config.max_n} samples; "
+        f"samples x {length} <= {config.request_char_limit} characters; samples x {length} x logprob "
+        f"alternatives <= {config.request_logprob_limit(schemas.TOP_LOGPROBS)}."
+    )
+    if config.client_job_limit is not None:
+        text += (
+            f" A client (its API key; without keys, its address) may hold {config.client_job_limit} generations "
+            "(queued + running) at once; a request beyond them is a 429 with Retry-After, except that a client "
+            "holding none may always send one."
+        )
+    return text
 
 
 def _security_schemes() -> dict[str, Any]:

@@ -9,7 +9,18 @@ from flask import Blueprint, Response, jsonify
 
 from model.sampling import Token
 from service.errors import ApiError
-from service.generation import Plan, Run, choose_seed, current_service, encode_prompt, new_id, sampling_params
+from service.generation import (
+    Plan,
+    Run,
+    check_budget,
+    choose_seed,
+    client_id,
+    current_service,
+    disconnect_check,
+    encode_prompt,
+    new_id,
+    sampling_params,
+)
 from service.schemas import (
     TOP_LOGPROBS,
     Alternative,
@@ -30,12 +41,16 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("generate", __name__)
 
+FIELDS = {"samples": "n", "length": "max_new_chars", "logprobs": "logprobs"}  # as check_budget names them
+
 
 @bp.post("/generate")
 def generate() -> Response:
     """Generate `n` samples after a prompt."""
     service = current_service()
     body = validate(GenerateRequest, parse_json_body(), service.config)
+    top = TOP_LOGPROBS if body.logprobs else 0
+    check_budget(service.config, jobs=body.n, chars=body.max_new_chars, top_logprobs=top, fields=FIELDS)
     loaded = service.model(body.model)
     plan = Plan(
         model=loaded,
@@ -45,9 +60,9 @@ def generate() -> Response:
         seed=choose_seed(body.seed),
         n=body.n,
         stop=body.stop_strings(),
-        top_logprobs=TOP_LOGPROBS if body.logprobs else 0,
+        top_logprobs=top,
     )
-    run = Run(service)
+    run = Run(service, client_id(service.config))
     run.submit([plan])
     if body.stream:
         response = sse_response(_events(run, plan, new_id(), body.logprobs))
@@ -55,7 +70,7 @@ def generate() -> Response:
         return response
     choices = [
         Choice(index=i, text=_text(tokens), finish_reason=reason, logprobs=_logprobs(tokens) if body.logprobs else None)
-        for i, (tokens, reason) in enumerate(run.results())
+        for i, (tokens, reason) in enumerate(run.results(disconnect_check()))
     ]
     answer = GenerateResponse(id=new_id(), model=loaded.name, choices=choices, usage=_usage(run, plan), seed=plan.seed)
     return jsonify(dump(answer))

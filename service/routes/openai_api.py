@@ -14,7 +14,18 @@ from flask import Blueprint, Response, jsonify
 
 from model.sampling import Token
 from service.errors import ApiError
-from service.generation import Plan, Run, choose_seed, current_service, encode_prompt, new_id, sampling_params
+from service.generation import (
+    Plan,
+    Run,
+    check_budget,
+    choose_seed,
+    client_id,
+    current_service,
+    disconnect_check,
+    encode_prompt,
+    new_id,
+    sampling_params,
+)
 from service.schemas import (
     CompletionChoice,
     CompletionRequest,
@@ -31,6 +42,8 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
+FIELDS = {"samples": "prompts x n", "length": "max_tokens", "logprobs": "logprobs"}  # as check_budget names them
+
 
 @bp.get("/models")
 def models() -> Response:
@@ -46,6 +59,8 @@ def completions() -> Response:
     """A completion for each prompt, `n` choices each (choice index = prompt index * n + sample)."""
     service = current_service()
     body = validate(CompletionRequest, parse_json_body(), service.config)
+    jobs = len(body.prompts()) * body.n
+    check_budget(service.config, jobs=jobs, chars=body.max_tokens, top_logprobs=body.logprobs or 0, fields=FIELDS)
     loaded = service.model(body.model)
     params = sampling_params(body.temperature, body.top_k, body.top_p)
     seed = choose_seed(body.seed)
@@ -62,7 +77,7 @@ def completions() -> Response:
         )
         for prompt in body.prompts()
     ]
-    run = Run(service)
+    run = Run(service, client_id(service.config))
     run.submit(plans)
     head = {"id": new_id("cmpl"), "created": int(time.time()), "model": loaded.name}
     prefixes = [prompt if body.echo else "" for prompt in body.prompts() for _ in range(body.n)]
@@ -78,7 +93,7 @@ def completions() -> Response:
             finish_reason=_finish_reason(reason),
             logprobs=None if body.logprobs is None else _logprobs(tokens, body.logprobs, len(prefixes[i])),
         )
-        for i, (tokens, reason) in enumerate(run.results())
+        for i, (tokens, reason) in enumerate(run.results(disconnect_check()))
     ]
     answer = CompletionResponse(**head, choices=choices, usage=_usage(run, plans))
     return jsonify(answer.model_dump(mode="json"))
