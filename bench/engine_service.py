@@ -90,6 +90,7 @@ def start_server(model_dir: Path, port: int, batching: bool, threads: int, torch
         batching="true" if batching else "false",
         max_batch="128",
         max_queue="1024",
+        max_client_jobs="0",  # every client comes from loopback: no per-client share
         max_requests="0",
         torch_threads=str(torch_threads),
     )

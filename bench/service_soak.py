@@ -167,7 +167,8 @@ def main() -> None:
         print(f"model dir {model_dir}, torch threads {args.torch_threads}")
 
         port = free_port()
-        server = start_gunicorn(model_dir, port, torch_threads=str(args.torch_threads))
+        # every client comes from loopback: no per-client share (CHARRNN_MAX_CLIENT_JOBS=0)
+        server = start_gunicorn(model_dir, port, torch_threads=str(args.torch_threads), max_client_jobs="0")
         try:
             print(f"\n-- memory over {args.requests} requests")
             asyncio.run(soak(port, server, args.requests))
@@ -176,6 +177,7 @@ def main() -> None:
 
         port = free_port()
         capacity = {"max_batch": "16", "max_queue": "16", "threads": "256", "torch_threads": str(args.torch_threads)}
+        capacity["max_client_jobs"] = "0"
         server = start_gunicorn(model_dir, port, **capacity)
         try:
             print(f"\n-- overload: capacity 32 generations (batch 16 + queue 16), {args.overload_seconds:.0f} s at 4x")
