@@ -59,6 +59,13 @@ _MODELS: list[type[BaseModel]] = [
     schemas.CompletionResponse,
     schemas.OpenAIModelList,
     schemas.OpenAIErrorResponse,
+    schemas.ScoreRequest,
+    schemas.ScoreResponse,
+    schemas.TokenizeRequest,
+    schemas.TokenizeResponse,
+    schemas.DetokenizeRequest,
+    schemas.DetokenizeResponse,
+    schemas.TokenizerInfoResponse,
 ]
 
 
@@ -94,6 +101,9 @@ def _component_schemas(config: ServiceConfig) -> dict[str, Any]:
     found["GenerateRequest"]["properties"]["prompt"]["maxLength"] = config.max_prompt_chars
     found["CompletionRequest"]["properties"]["max_tokens"]["maximum"] = config.max_new_chars
     found["InspectRequest"]["properties"]["text"]["maxLength"] = config.max_inspect_chars
+    for name, field in (("ScoreRequest", "text"), ("ScoreRequest", "context"), ("TokenizeRequest", "prompt")):
+        found[name]["properties"][field]["maxLength"] = config.max_prompt_chars
+    found["DetokenizeRequest"]["properties"]["tokens"]["maxItems"] = config.max_prompt_chars
     for name, samples, length in (
         ("GenerateRequest", "n", "max_new_chars"),
         ("CompletionRequest", "prompts x n", "max_tokens"),
@@ -163,7 +173,7 @@ OPEN: list[dict[str, list[str]]] = []  # `security` of the endpoints that need n
 
 def _paths(config: ServiceConfig) -> dict[str, Any]:
     """Every endpoint, by path."""
-    return _generate_path() | _inspect_path() | _info_paths() | _openai_paths() | _docs_paths(config)
+    return _generate_path() | _inspect_path() | _scoring_paths() | _info_paths() | _openai_paths() | _docs_paths(config)
 
 
 def _body(schema: str, example: dict[str, Any]) -> dict[str, Any]:
@@ -201,6 +211,66 @@ def _inspect_path() -> dict[str, Any]:
                 "responses": {"200": {"description": "The activations", "content": _json("InspectResponse")}, **errors},
             }
         }
+    }
+
+
+SCORE_EXAMPLE = {"text": "To be, or not to be", "context": "HAMLET:\n", "top_logprobs": 1}
+SCORE_429 = "All of this worker's scoring slots are taken; see the Retry-After header"
+TOKENS_DESCRIPTION = (
+    "vLLM's tokenizer endpoints for a character model: a token is one character, its id the character's index "
+    "in the model's vocabulary (GET /tokenizer_info lists it)."
+)
+
+
+def _scoring_paths() -> dict[str, Any]:
+    score_errors = _errors(BODY_ERRORS)
+    score_errors["429"] = score_errors["429"] | {"description": SCORE_429}
+    token_errors = {code: v for code, v in _errors(BODY_ERRORS).items() if code != "429"}
+    model_query = {
+        "name": "model",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "a name from GET /models; the default model without it",
+    }
+    return {
+        "/score": {
+            "post": {
+                "summary": "Exact scoring: each character's log-probability under the model, and their sum",
+                "requestBody": _body("ScoreRequest", SCORE_EXAMPLE),
+                "responses": {"200": {"description": "The scores", "content": _json("ScoreResponse")}, **score_errors},
+            }
+        },
+        "/tokenize": {
+            "post": {
+                "summary": "Characters to vocabulary indices",
+                "description": TOKENS_DESCRIPTION,
+                "requestBody": _body("TokenizeRequest", {"prompt": "ROMEO:"}),
+                "responses": {"200": {"description": "The ids", "content": _json("TokenizeResponse")}, **token_errors},
+            }
+        },
+        "/detokenize": {
+            "post": {
+                "summary": "Vocabulary indices to characters",
+                "description": TOKENS_DESCRIPTION,
+                "requestBody": _body("DetokenizeRequest", {"tokens": [30, 27, 25]}),
+                "responses": {
+                    "200": {"description": "The text", "content": _json("DetokenizeResponse")},
+                    **token_errors,
+                },
+            }
+        },
+        "/tokenizer_info": {
+            "get": {
+                "summary": "The model's vocabulary and end-of-text character",
+                "description": TOKENS_DESCRIPTION,
+                "parameters": [model_query],
+                "responses": {
+                    "200": {"description": "The vocabulary", "content": _json("TokenizerInfoResponse")},
+                    **_errors(["401", "422"]),
+                },
+            }
+        },
     }
 
 

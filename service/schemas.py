@@ -445,6 +445,95 @@ class OpenAIErrorResponse(BaseModel):
     error: OpenAIErrorDetail
 
 
+# -- exact scoring and the tokenizer endpoints (vLLM's shapes) ------------------------------------------
+
+
+class ScoreRequest(StrictModel):
+    """POST /score."""
+
+    text: str = Field(min_length=1, description="the text to score, character by character")
+    context: str = Field(
+        "", description="read before `text` and not scored; empty: the text starts after a newline, as generation does"
+    )
+    model: str | None = Field(None, description="a name from GET /models; null: the default model")
+    top_logprobs: int = Field(0, ge=0, le=TOP_LOGPROBS, description="alternatives to list per character")
+    unknown_chars: Literal["error", "drop"] = Field(
+        "error", description="characters the model does not know: reject the request, or drop them"
+    )
+
+    @field_validator("text", "context")
+    @classmethod
+    def _length_limit(cls, value: str, info: ValidationInfo) -> str:
+        _check_limit(info, "max_prompt_chars", len(value), "characters")
+        return value
+
+
+class ScoreResponse(ResponseModel):
+    """The answer of POST /score: each character's log-probability (nats) under the model, and their sum."""
+
+    model: str
+    logprobs: list[CharLogprob] = Field(description="one per scored character; `top` lists the alternatives asked for")
+    total_logprob: float = Field(description="the log-probability of the whole text (nats)")
+    nats_per_char: float = Field(description="mean negative log-probability per character, as training reports loss")
+    bits_per_char: float
+
+
+class TokenizeRequest(StrictModel):
+    """POST /tokenize, as vLLM's: a token is one character, its id the vocabulary index."""
+
+    prompt: str = Field(description="the text to turn into vocabulary indices")
+    model: str | None = Field(None, description="a name from GET /models; null: the default model")
+    add_special_tokens: bool = Field(True, description="accepted and ignored: a character model has no special tokens")
+    return_token_strs: bool = Field(False, description="also return each token's text (its character)")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_limit(cls, value: str, info: ValidationInfo) -> str:
+        _check_limit(info, "max_prompt_chars", len(value), "characters")
+        return value
+
+
+class TokenizeResponse(ResponseModel):
+    """The answer of POST /tokenize."""
+
+    count: int
+    max_model_len: int = Field(description="the longest prompt this server reads, in characters")
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(StrictModel):
+    """POST /detokenize: vocabulary indices back to text."""
+
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(description="vocabulary indices")
+    model: str | None = Field(None, description="a name from GET /models; null: the default model")
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens_limit(cls, value: list[int], info: ValidationInfo) -> list[int]:
+        _check_limit(info, "max_prompt_chars", len(value), "tokens")
+        return value
+
+
+class DetokenizeResponse(ResponseModel):
+    """The answer of POST /detokenize."""
+
+    prompt: str
+
+
+class TokenizerInfoResponse(ResponseModel):
+    """GET /tokenizer_info: what a client needs to tokenize locally (the vocabulary is the alphabet)."""
+
+    model: str
+    tokenizer_class: Literal["CharacterVocabulary"] = "CharacterVocabulary"
+    vocab_size: int
+    vocab: list[str] = Field(description="the characters, in index order (by code point)")
+    eos_token: str = Field(description="the character a text restarts after: a newline, where the vocabulary has one")
+    bos_token: str | None = None
+    pad_token: str | None = None
+    model_max_length: int = Field(description="the longest prompt this server reads, in characters")
+
+
 def dump(model: BaseModel) -> dict[str, Any]:
     """A response model as JSON-ready data, optional fields left out when unset."""
     return model.model_dump(mode="json", exclude_none=True)
