@@ -333,6 +333,7 @@ BAD_METADATA = [
     ("val_loss", '"low"', "val_loss must be a finite number or null"),
     ("train_loss", "-1e999", "train_loss must be a finite number or null"),
     ("elapsed_s", "-3", "elapsed_s must be a finite number >= 0"),
+    ("elapsed_s", "null", "elapsed_s must be a finite number >= 0"),
     ("world_size", "0", "world_size must be a whole number >= 1"),
     ("started_at", "5", "started_at must be a string"),
     ("preset", '["tiny"]', "preset must be a string or null"),
@@ -360,7 +361,7 @@ def test_metadata_a_trainer_writes_is_accepted(tmp_path: Path) -> None:
     meta = {
         "kind": "best", "step": 0, "train_loss": None, "val_loss": 1, "best_val_loss": 1.25, "elapsed_s": 0.5,
         "corpus": {"name": "tiny", "sha256": "ab" * 32, "chars": 100}, "train_config": {"batch": 2},
-        "preset": None, "world_size": 2, "started_at": "2026-01-01T00:00:00+00:00", "saved_at": None,
+        "preset": None, "world_size": 2, "started_at": "2026-01-01T00:00:00+00:00", "saved_at": "2026-01-01T01:00",
         "exported_from": "best.safetensors", "half": False, "anything": {"else": [1, "two"]},
     }  # fmt: skip
     path = tmp_path / "ok.safetensors"
