@@ -41,6 +41,9 @@ class ServiceConfig:
     # Generations (queued + running) one client (its API key; without keys, its address) may hold in a
     # worker; beyond them 429. None: a quarter of max_batch; 0: no limit.
     max_client_jobs: int | None = None
+    # Without keys, tell clients apart by the last X-Forwarded-For address (the one a proxy in front
+    # appended) instead of the connection's: only when every request comes through that proxy.
+    trust_forwarded_for: bool = False
     max_inspect_chars: int = 2_000  # the longest text POST /inspect reads
     max_batch: int = 64  # generations stepped together by the engine
     max_queue: int = 256  # generations waiting for a batch slot; beyond this, 429

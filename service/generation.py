@@ -145,11 +145,16 @@ def _over(message: str, setting: str, field_name: str) -> None:
 
 def client_id(config: ServiceConfig) -> str:
     """Who sends this request, for the per-client share: its API key (hashed) if keys are configured,
-    else its remote address (behind a proxy, every client is the proxy)."""
+    else its address: the connection's, or with CHARRNN_TRUST_FORWARDED_FOR the last X-Forwarded-For
+    entry (the address the proxy in front saw; earlier entries are the client's to choose)."""
     if config.api_keys:
         key = presented_key() or ""
         return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
-    return "addr:" + (request.remote_addr or "")
+    address = request.remote_addr or ""
+    if config.trust_forwarded_for:
+        forwarded = [part.strip() for part in request.headers.get("X-Forwarded-For", "").split(",")]
+        address = next((part for part in reversed(forwarded) if part), address)
+    return "addr:" + address[:64]
 
 
 def disconnect_check() -> Callable[[], bool] | None:

@@ -17,7 +17,7 @@ import requests
 from model.sampling import SamplingParams
 from service.config import load_config
 from service.engine import ClientBusyError, Engine, JobSpec, QueueFullError
-from service.generation import _peer_closed
+from service.generation import _peer_closed, client_id
 from service.openapi import openapi_document
 from tests.test_engine import tiny_model
 
@@ -226,6 +226,7 @@ def test_a_non_streamed_request_whose_client_left_is_cancelled(
     answer = requests.post(server.url + "/generate", json={"prompt": "the", "max_new_chars": 3}, timeout=30)
     assert answer.status_code == 200
     assert server.stop() == 0
+    assert "Traceback" not in server.log() and "client left before its answer" in server.log()
 
 
 def test_the_disconnect_check_reads_end_of_file_only() -> None:
@@ -241,3 +242,22 @@ def test_the_disconnect_check_reads_end_of_file_only() -> None:
 def test_without_a_socket_a_request_is_answered_as_before(make_app: Callable[..., Flask]) -> None:
     answer = make_app().test_client().post("/v1/completions", json={"prompt": ["a", "b"], "n": 2, "max_tokens": 4})
     assert answer.status_code == 200 and len(answer.json["choices"]) == 4
+
+
+@pytest.mark.parametrize(
+    ("settings", "headers", "expected"),
+    [
+        ({}, {"X-Forwarded-For": "10.0.0.9"}, "addr:127.0.0.5"),  # the connection's address by default
+        ({"TRUST_FORWARDED_FOR": True}, {"X-Forwarded-For": "6.6.6.6, 10.0.0.9"}, "addr:10.0.0.9"),  # the proxy's
+        ({"TRUST_FORWARDED_FOR": True}, {}, "addr:127.0.0.5"),
+        ({"API_KEYS": "k1,k2"}, {"Authorization": "Bearer k1", "X-Forwarded-For": "1.1.1.1"}, "key:"),
+    ],
+    ids=["address", "forwarded-for", "no-forwarded-for", "api-key"],
+)
+def test_clients_are_told_apart_by_key_else_address(
+    make_app: Callable[..., Flask], settings: dict, headers: dict, expected: str
+) -> None:
+    app = make_app(**settings)
+    with app.test_request_context(headers=headers, environ_base={"REMOTE_ADDR": "127.0.0.5"}):
+        found = client_id(app.extensions["charrnn"].config)
+    assert found.startswith(expected) and "k1" not in found
