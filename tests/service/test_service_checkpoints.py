@@ -21,8 +21,6 @@ if TYPE_CHECKING:
 
     from flask import Flask
 
-pytestmark = pytest.mark.slow
-
 
 def strict_json(text: str) -> object:
     """`text` parsed as JSON proper: NaN and Infinity are errors, as in a browser's JSON.parse."""
@@ -46,6 +44,7 @@ def bad_checkpoints(good: bytes) -> dict[str, tuple[bytes, str]]:
     }
 
 
+@pytest.mark.slow
 def test_hostile_headers_and_bad_metadata_beside_a_good_model_neither_stall_nor_break_gunicorn(
     model_dir: Path, tmp_path: Path
 ) -> None:
