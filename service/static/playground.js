@@ -1,5 +1,6 @@
 // The playground: generate text from this server (streamed), colour it by probability, and look inside
-// the recurrent cells. Plain script, no build; it calls only this server: models, generate, inspect.
+// the recurrent cells, or score any text. Plain script, no build; it calls only this server: models,
+// generate, inspect, score.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -13,6 +14,7 @@ const page = {
   drawScheduled: false,
   withLogprobs: false, // whether the last generation asked for them
   inspection: null, // the last POST /inspect answer
+  scored: [], // the last POST /score answer's characters: {char, logprob, top}
   maxInspectChars: null,
 };
 
@@ -393,6 +395,7 @@ function infoFor(span) {
   const index = Number(span.dataset.index);
   if (span.closest("#generated")) return page.tokens[index] && page.tokens[index].top ? probabilityInfo(page.tokens[index]) : null;
   if (span.closest("#inspect-output")) return activationInfo(index);
+  if (span.closest("#score-output")) return page.scored[index] ? probabilityInfo(page.scored[index]) : null;
   return null;
 }
 
@@ -435,6 +438,44 @@ function useGeneratedText() {
     $("inspect-status").textContent = `The text was cut to the first ${page.maxInspectChars} characters, this server's limit.`;
   }
   $("inspect-text").value = text;
+}
+
+// -- scoring a text ------------------------------------------------------------------------------------
+
+async function score(event) {
+  event.preventDefault();
+  clearErrors("score-error", "score-form");
+  const body = { text: $("score-text").value, top_logprobs: 5, unknown_chars: unknownChars() };
+  if ($("model").value) body.model = $("model").value;
+  $("score-button").disabled = true;
+  $("score-status").textContent = "Scoring the text…";
+  try {
+    const response = await postJson("score", body);
+    if (!response.ok) {
+      const problem = await explain(response);
+      if (problem.field === "text") problem.field = "score-text";
+      showError("score-error", problem);
+      $("score-status").textContent = "";
+      return;
+    }
+    showScores(await response.json());
+  } catch (error) {
+    showError("score-error", { text: `Could not score the text: ${error.message}.` });
+    $("score-status").textContent = "";
+  } finally {
+    $("score-button").disabled = false;
+  }
+}
+
+function showScores(answer) {
+  page.scored = answer.logprobs;
+  const count = answer.logprobs.length;
+  $("score-summary").textContent = `${answer.model}: ${count} characters, ${answer.nats_per_char.toFixed(3)} nats ` +
+    `(${answer.bits_per_char.toFixed(3)} bits) per character; log-probability of the whole text ${answer.total_logprob.toFixed(2)}.`;
+  $("score-status").textContent = `Scored ${count} characters.`;
+  $("score-output").replaceChildren(...answer.logprobs.map(probabilitySpan));
+  $("score-result").hidden = false;
+  hideCharInfo();
 }
 
 async function inspect(event) {
@@ -562,8 +603,12 @@ function start() {
   $("model").addEventListener("change", fillLayers);
   $("use-output").addEventListener("click", useGeneratedText);
   $("inspect-form").addEventListener("submit", inspect);
+  $("score-form").addEventListener("submit", score);
+  $("score-use-output").addEventListener("click", () => {
+    $("score-text").value = $("prompt-echo").textContent + page.tokens.map((t) => t.char).join("");
+  });
   $("cell").addEventListener("input", colourByCell);
-  for (const text of [$("output"), $("inspect-output")]) {
+  for (const text of [$("output"), $("inspect-output"), $("score-output")]) {
     text.addEventListener("mouseover", onCharEvent);
     text.addEventListener("focusin", onCharEvent);
     text.addEventListener("mouseleave", hideCharInfo);

@@ -7,6 +7,7 @@ tests/artifacts/playground/ (ignored by git).
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -73,7 +74,8 @@ def server(models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[G
 def busy_server(models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
     """Gunicorn with an API key, one batch row and one queue place: two streams fill it."""
     log = tmp_path_factory.mktemp("gunicorn-busy") / "server.log"
-    server = serve(models, log, CHARRNN_API_KEYS=KEY, CHARRNN_MAX_BATCH="1", CHARRNN_MAX_QUEUE="1", CHARRNN_THREADS="8")
+    limits = {"CHARRNN_MAX_BATCH": "1", "CHARRNN_MAX_QUEUE": "1", "CHARRNN_MAX_CLIENT_JOBS": "0"}  # no per-client share
+    server = serve(models, log, CHARRNN_API_KEYS=KEY, CHARRNN_THREADS="8", **limits)
     yield server
     server.stop()
 
@@ -124,8 +126,8 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "
 
 
 def engine_load(server: GunicornServer) -> tuple[int, int]:
-    """(queue depth, active generations) as /health reports them."""
-    health = requests.get(server.url + "/health", timeout=30).json()
+    """(queue depth, active generations) as /health reports them (to a caller with the key, on a keyed server)."""
+    health = requests.get(server.url + "/health", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
     return health["queue_depth"], health["active"]
 
 
@@ -250,6 +252,30 @@ def test_the_cell_view_colours_the_text_by_a_chosen_cell(page: Page, server: Gun
     expect(page.locator("#cell")).to_have_value(str(int(cell) + 1))
     after = page.eval_on_selector_all("#inspect-output .char", "spans => spans.map(s => s.style.backgroundColor)")
     assert after != before
+
+
+def test_the_score_view_colours_any_text_by_the_servers_exact_probabilities(page: Page, server: GunicornServer) -> None:
+    open_playground(page, server)
+    text = "the cat sat on the mat.\nthe dog ran."
+    page.fill("#score-text", text)
+    page.click("#score-button")
+    expect(page.locator("#score-status")).to_contain_text(f"Scored {len(text)} characters")
+    chars = page.locator("#score-output .char")
+    expect(chars).to_have_count(len(text))
+    expected = requests.post(server.url + "/score", json={"text": text, "model": "tiny"}, timeout=60).json()
+    expect(page.locator("#score-summary")).to_contain_text(f"{expected['nats_per_char']:.3f} nats")
+    colours = page.eval_on_selector_all("#score-output .char", "spans => spans.map(s => s.style.backgroundColor)")
+    assert "" not in colours and len(set(colours)) > 3
+    chars.nth(4).hover()
+    info = page.locator("#char-info")
+    expect(info).to_contain_text(f"{100 * math.exp(expected['logprobs'][4]['logprob']):.1f} %")
+    assert 1 <= info.locator("tr").count() <= 5
+    screenshot(page, "5-score")
+
+    page.fill("#score-text", "the \u2603")  # a character the model does not know: the field is marked
+    page.click("#score-button")
+    expect(page.locator("#score-error")).to_contain_text("not in the model's vocabulary")
+    expect(page.locator("#score-text")).to_have_attribute("aria-invalid", "true")
 
 
 def test_every_control_is_labelled_and_errors_are_announced(page: Page, server: GunicornServer) -> None:
