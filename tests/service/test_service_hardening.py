@@ -3,13 +3,22 @@ memory; security headers; allowed Host names."""
 
 from __future__ import annotations
 
+import gc
 import json
+import os
+import random
 import socket
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import pytest
 import requests
+import torch
+
+from model.config import ModelConfig
+from model.network import CharRNN, state_tensors
+from model.sampling import prefill
+from service.prompt_cache import TENSOR_OVERHEAD, PromptCache
 
 if TYPE_CHECKING:
     from conftest import GunicornServer
@@ -219,3 +228,59 @@ def test_allowed_hosts_default_depends_on_the_bind_address(
     client = make_app(HOST=bind, ALLOWED_HOSTS=allowed).test_client()
     response = client.get("/models", headers={"Host": host})
     assert response.status_code == (200 if answered else 400)
+
+
+# --- item 9d: the prompt cache's memory ---------------------------------------------------------
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def fill_cache(cache: PromptCache, model: CharRNN, entries: int, seed: int) -> None:
+    """Put `entries` distinct prompts' states into `cache`, the way the engine does after a prefill."""
+    rng = random.Random(seed)
+    with torch.inference_mode():
+        for _ in range(entries):
+            ids = tuple(rng.randrange(65) for _ in range(50))
+            logits, state = prefill(model, ids)
+            cache.put(("m", ids), (logits.clone(), tuple(state_tensors(state))))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads Linux's /proc")
+def test_the_prompt_cache_counts_the_memory_it_holds() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a Gunicorn worker on a small machine runs
+    try:
+        model = CharRNN(ModelConfig(vocab_size=65, hidden=512, layers=2)).eval()
+        fill_cache(PromptCache(1 << 40), model, 20, seed=1)  # warm up: the allocator, the kernels
+        gc.collect()
+        before = resident_bytes()
+        cache = PromptCache(1 << 40)
+        fill_cache(cache, model, 600, seed=2)
+        gc.collect()
+        grown = resident_bytes() - before
+    finally:
+        torch.set_num_threads(threads)
+    # Keeping the states the LSTM returned grew RSS by 80 kB or more per entry here, while the cache
+    # counted ~11 kB for each.
+    assert grown <= 1.5 * cache.bytes + (4 << 20), (grown, cache.bytes)
+
+
+def test_cached_tensors_own_storages_of_their_size_and_are_counted_whole() -> None:
+    whole = torch.arange(1000, dtype=torch.float32).reshape(10, 100)
+    logits, state = whole[3], (whole[4:6].reshape(2, 1, 100),)  # views of a bigger tensor
+    cache = PromptCache(1 << 20)
+    key = ("m", (1, 2, 3))
+    cache.put(key, (logits, state))
+    stored_logits, (stored_state,) = cache.get(key)
+    assert torch.equal(stored_logits, logits) and torch.equal(stored_state, state[0])
+    for tensor in (stored_logits, stored_state):
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    assert cache.bytes >= 400 + 800 + 2 * TENSOR_OVERHEAD
+    evicting = PromptCache(cache.bytes)  # room for exactly one such entry
+    evicting.put(key, (logits, state))
+    evicting.put(("m", (4, 5, 6)), (logits, state))
+    assert len(evicting) == 1 and evicting.bytes == cache.bytes
