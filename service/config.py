@@ -45,6 +45,9 @@ class ServiceConfig:
     # appended) instead of the connection's: only when every request comes through that proxy.
     trust_forwarded_for: bool = False
     max_inspect_chars: int = 2_000  # the longest text POST /inspect reads
+    # The most activations one /inspect answer holds (characters x the model's cells): 2,000 characters
+    # of the default model (512 cells); its JSON is about 6 bytes a value
+    max_inspect_values: int = 1 << 20
     max_batch: int = 64  # generations stepped together by the engine
     max_queue: int = 256  # generations waiting for a batch slot; beyond this, 429
     batching: bool = True  # step concurrent generations as one batch
@@ -61,7 +64,7 @@ class ServiceConfig:
 
     def __post_init__(self) -> None:
         limits = ("max_body_bytes", "max_prompt_chars", "max_new_chars", "max_n", "max_inspect_chars")
-        limits += ("max_request_logprobs",)
+        limits += ("max_request_logprobs", "max_inspect_values")
         for name in (*limits, "max_batch", "max_queue"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}")

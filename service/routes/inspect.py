@@ -8,7 +8,7 @@ INSPECT_SLOTS of them at a time; one more is a 429, as a full generation queue i
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -46,11 +46,17 @@ def inspect() -> Response:
     ids = encode_prompt(loaded, body.text, body.unknown_chars, field_name="text")
     if not ids:
         raise ApiError(422, "invalid_value", "none of the text's characters is in the model's vocabulary", "text")
-    with _slot():
+    _check_size(loaded, len(ids), service.config.max_inspect_values)
+    with _slot():  # the answer is built and serialised in the slot too: for a big model that is most of the work
         values = np.round(cell_activations(loaded.model, ids, layer).astype(np.float64), DECIMALS)  # (time, cells)
+        return jsonify(dump(_answer(loaded, layer, ids, values)))
+
+
+def _answer(loaded: LoadedModel, layer: int, ids: Sequence[int], values: np.ndarray) -> InspectResponse:
+    """The answer for the activations `values` (time, cells) of `layer` after each of `ids`."""
     chars = [loaded.vocab.chars[i] for i in ids]
     config = loaded.model.config
-    answer = InspectResponse(
+    return InspectResponse(
         model=loaded.name,
         cell=config.cell,
         layer=layer,
@@ -61,7 +67,19 @@ def inspect() -> Response:
         activations=values.tolist(),
         features=_features("".join(chars), values),
     )
-    return jsonify(dump(answer))
+
+
+def _check_size(loaded: LoadedModel, chars: int, limit: int) -> None:
+    """422 naming the limit when the answer would hold more than `limit` activations (characters x cells)."""
+    cells = loaded.model.config.hidden
+    if chars * cells > limit:
+        raise ApiError(
+            422,
+            "invalid_value",
+            f"{chars} characters x {cells} cells of model {loaded.name!r} is over this server's limit of {limit} "
+            f"activations per answer (CHARRNN_MAX_INSPECT_VALUES): send at most {limit // cells} characters",
+            "text",
+        )
 
 
 def _layer(loaded: LoadedModel, layer: int | None) -> int:

@@ -284,3 +284,43 @@ def test_cached_tensors_own_storages_of_their_size_and_are_counted_whole() -> No
     evicting.put(key, (logits, state))
     evicting.put(("m", (4, 5, 6)), (logits, state))
     assert len(evicting) == 1 and evicting.bytes == cache.bytes
+
+
+# --- item 9a: /inspect answer size --------------------------------------------------------------
+
+
+def test_inspect_refuses_more_characters_x_cells_than_the_limit(make_app) -> None:  # type: ignore[no-untyped-def]
+    client = make_app(MAX_INSPECT_VALUES=32 * 40).test_client()  # the tiny model has 32 cells: 40 characters
+    assert client.post("/inspect", json={"text": "the cat " * 5}).status_code == 200  # 40 characters
+    refused = client.post("/inspect", json={"text": "the cat " * 5 + "a"})
+    assert refused.status_code == 422
+    error = refused.json["error"]
+    assert error["field"] == "text" and "CHARRNN_MAX_INSPECT_VALUES" in error["message"]
+    assert "1280" in error["message"] and "at most 40 characters" in error["message"]
+
+
+def test_the_inspect_answer_is_serialised_while_holding_its_slot(make_app, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from service.routes import inspect
+
+    app = make_app()
+    slots = app.extensions[inspect._SLOTS_KEY]
+    free_while_serialising = []
+    real = inspect.jsonify
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        free_while_serialising.append(slots._value)  # BoundedSemaphore's count of free slots
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inspect, "jsonify", spy)
+    assert app.test_client().post("/inspect", json={"text": "the cat sat"}).status_code == 200
+    assert free_while_serialising == [inspect.INSPECT_SLOTS - 1]
+    assert slots._value == inspect.INSPECT_SLOTS  # and released after
+
+
+@pytest.mark.slow
+def test_an_oversized_inspection_is_422_from_gunicorn(start_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(CHARRNN_MAX_INSPECT_VALUES="3200")  # 100 characters of the tiny model
+    url = server.url + "/inspect"
+    assert requests.post(url, json={"text": "the cat " * 12}, timeout=30).status_code == 200
+    refused = requests.post(url, json={"text": "the cat " * 13}, timeout=30)
+    assert refused.status_code == 422 and "at most 100 characters" in refused.json()["error"]["message"]
