@@ -24,6 +24,9 @@ from model.data import CorpusError, default_cache_dir
 log = logging.getLogger(__name__)
 
 MANIFEST_PATH = Path(__file__).with_name("manifest.json")
+# A download of a corpus whose manifest entry gives no size is refused past this many bytes.
+MAX_DOWNLOAD_BYTES = 256 << 20
+CHUNK_BYTES = 1 << 16
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -38,6 +41,7 @@ class CorpusEntry:
     sha256: str | None
     chars: int | None
     local_paths: tuple[str, ...]
+    bytes: int | None = None  # the file's size: a download is refused as soon as it goes past it
 
 
 def manifest() -> dict[str, CorpusEntry]:
@@ -76,9 +80,13 @@ def fetch(entry: CorpusEntry, download: bool = True) -> Path:
     candidates += [str(PROJECT_ROOT / p) for p in entry.local_paths] + list(entry.local_paths)
     for candidate in filter(None, candidates):
         path = Path(candidate)
-        if path.is_file() and _sha256(path) == entry.sha256:
+        if not path.is_file():
+            continue
+        if entry.bytes is not None and path.stat().st_size != entry.bytes:  # not worth hashing
+            log.warning("%s: %d bytes, the manifest says %d; ignoring it", path, path.stat().st_size, entry.bytes)
+        elif _sha256(path) == entry.sha256:
             return path
-        if path.is_file():
+        else:
             log.warning("%s: sha256 does not match the manifest's; ignoring it", path)
     if not download:
         raise CorpusError(f"{entry.name} is not available locally; run `charrnn corpus fetch {entry.name}`")
@@ -86,15 +94,18 @@ def fetch(entry: CorpusEntry, download: bool = True) -> Path:
 
 
 def _download(entry: CorpusEntry, target: Path) -> Path:
+    """Download, verify (size, then sha256) and store the corpus; CorpusError if any step fails."""
     log.info("downloading %s from %s", entry.name, entry.source)
     try:
         with urllib.request.urlopen(entry.source, timeout=60) as response:
-            body = response.read()
+            body = _read_at_most(entry, response)
     except OSError as exc:
         raise CorpusError(
             f"could not download {entry.name} from {entry.source} ({exc}); "
             f"put a copy at {target} or set CHARRNN_{entry.name.upper()} to its path"
         ) from None
+    if entry.bytes is not None and len(body) != entry.bytes:
+        raise CorpusError(f"{entry.name}: downloaded {len(body)} bytes, expected {entry.bytes}; not used")
     digest = hashlib.sha256(body).hexdigest()
     if digest != entry.sha256:
         raise CorpusError(f"{entry.name}: downloaded file has sha256 {digest}, expected {entry.sha256}; not used")
@@ -102,6 +113,31 @@ def _download(entry: CorpusEntry, target: Path) -> Path:
     with atomic_write(target) as fh:
         fh.write(body)
     return target
+
+
+def _read_at_most(entry: CorpusEntry, response: Any) -> bytes:
+    """The response's body, read no further than the manifest's size (a byte more proves it too big)."""
+    limit = entry.bytes if entry.bytes is not None else MAX_DOWNLOAD_BYTES
+    declared = _content_length(response)
+    if declared is not None and declared > limit:
+        raise CorpusError(f"{entry.name}: the server announces {declared} bytes, more than {limit}; not downloaded")
+    body = bytearray()
+    while len(body) <= limit:
+        chunk = response.read(min(CHUNK_BYTES, limit + 1 - len(body)))
+        if not chunk:
+            return bytes(body)
+        body += chunk
+    raise CorpusError(f"{entry.name}: the download goes on past {limit} bytes; stopped and not used")
+
+
+def _content_length(response: Any) -> int | None:
+    """The Content-Length the server sent, if any and readable."""
+    headers = getattr(response, "headers", None)
+    value = headers.get("Content-Length") if headers is not None else None
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def build_python_stdlib() -> Path:
