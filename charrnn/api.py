@@ -158,7 +158,7 @@ def train(
     *,
     text: str | None = None,
     out: str | os.PathLike[str],
-    preset: str = "cpu-fast",
+    preset: str = "auto",
     time_budget: float | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -166,7 +166,8 @@ def train(
 ) -> Model:
     """Train on a corpus (a path, a directory of files, or a manifest name) or on `text`; return the best model.
 
-    The preset is `charrnn train`'s default (cpu-fast, 150 s) unless named; `time_budget` (seconds)
+    The preset is `charrnn train`'s default, `auto` (a recipe chosen for the text, 150 s unless
+    `time_budget` says otherwise, logged with its reasons), unless named; `time_budget` (seconds)
     overrides the preset's.
     `settings` are the trainer's own settings, the names of `charrnn train`'s flags with
     underscores (`hidden=256`, `dropout=0.3`, `max_steps=2000`, ...), and override the preset's.
@@ -174,30 +175,28 @@ def train(
     `text` is kept there too (corpus.txt), so that the run can be resumed and evaluated.
     """
     from corpora.registry import resolve
-    from model.config import MODEL_KEYS, PRESETS, TRAIN_KEYS, ModelConfig, TrainConfig, split_settings
+    from model.config import MODEL_KEYS, TRAIN_KEYS
     from model.data import load_corpus
+    from model.recipe import PRESET_NAMES, resolve_recipe
     from model.train import Trainer
 
     if (corpus is None) == (text is None):
         raise ValueError("train: give a corpus (path or name) or text=..., not both and not neither")
-    if preset not in PRESETS:
-        raise ValueError(f"preset: unknown {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+    if preset not in PRESET_NAMES:
+        raise ValueError(f"preset: unknown {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
     unknown = set(settings) - MODEL_KEYS - TRAIN_KEYS
     if unknown:
         raise ValueError(f"unknown training settings: {', '.join(sorted(unknown))}")
     out_dir = Path(out)
     if text is not None:
         corpus = _keep_text(out_dir, text, resume)
-    merged = {**PRESETS[preset], **settings}
+    overrides = dict(settings)
     if time_budget is not None:
-        merged["time_budget"] = time_budget
-    model_settings, train_settings = split_settings(merged)
+        overrides["time_budget"] = time_budget
     path, name = resolve(str(corpus))
     data = load_corpus(path, name=name)
-    model_cfg = ModelConfig(vocab_size=len(data.vocab), **model_settings)
-    Trainer(
-        model_cfg, TrainConfig(**train_settings), data, out_dir, resume=resume, progress=progress, preset=preset
-    ).run()
+    model_cfg, train_cfg = resolve_recipe(preset, data, overrides, out_dir, resume)
+    Trainer(model_cfg, train_cfg, data, out_dir, resume=resume, progress=progress, preset=preset).run()
     return load(out_dir)
 
 

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train(commands: Any) -> None:
-    from model.config import CELLS, PRECISIONS, PRESETS, RESUME_MAY_CHANGE
+    from model.config import CELLS, PRECISIONS, RESUME_MAY_CHANGE
+    from model.recipe import AUTO, PRESET_NAMES
 
     p = commands.add_parser("train", help="train a model on a corpus", description="Train a model on a corpus.")
     p.add_argument(
@@ -56,9 +57,11 @@ def _add_train(commands: Any) -> None:
     p.add_argument("--out", required=True, type=Path, help="directory for checkpoints, metrics.jsonl and loss.png")
     p.add_argument(
         "--preset",
-        choices=sorted(PRESETS),
-        default="cpu-fast",
-        help="a named recipe; the flags below override its values (default: cpu-fast, 150 s)",
+        choices=PRESET_NAMES,
+        default=AUTO,
+        help="a named recipe; the flags below override its values. auto (the default) chooses the network, "
+        "dropout, batch, learning rate, evaluation and patience for the text's size and vocabulary, the time "
+        "budget (default 150 s) and the device, and logs why; cpu-fast is tuned for Tiny Shakespeare",
     )
     may_change = ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE)
     p.add_argument(
@@ -111,7 +114,33 @@ def _add_train(commands: Any) -> None:
         metavar="SECONDS",
         help="stop after this many seconds of training, then evaluate and save",
     )
-    opt.add_argument("--eval-every", type=number(int, 1), help="evaluate and checkpoint every N steps")
+    opt.add_argument(
+        "--eval-every",
+        type=number(int, 1),
+        help="evaluate and checkpoint every N steps (with a time budget, --eval-count also applies: whichever "
+        "comes first)",
+    )
+    opt.add_argument(
+        "--eval-count",
+        type=number(int, 0, 100_000),
+        metavar="N",
+        help="with a time budget, also evaluate every budget/N seconds of training, so that a run evaluates "
+        "about N times whatever its speed (default 20; 0: by --eval-every only)",
+    )
+    opt.add_argument(
+        "--patience",
+        type=number(int, 0, 1_000_000),
+        metavar="N",
+        help="stop early after N evaluations in a row without a better validation loss (0: never; auto turns "
+        "it on for texts the budget reads many times)",
+    )
+    opt.add_argument(
+        "--sample-chars",
+        type=number(int, 0, 10_000),
+        metavar="N",
+        help="characters sampled at each evaluation, at temperatures 0.5 and 1 from a fixed seed, shown in the "
+        "log and metrics.jsonl (default 80; 0: none; not counted in the time budget)",
+    )
     opt.add_argument(
         "--eval-max-chars",
         type=number(int, 256),
@@ -220,8 +249,8 @@ def _add_serve(commands: Any) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from corpora.registry import resolve
-    from model.config import PRESETS, ModelConfig, TrainConfig, split_settings
     from model.data import load_corpus
+    from model.recipe import resolve_recipe
     from model.train import Trainer
 
     if args.threads:
@@ -229,22 +258,20 @@ def _run_train(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     flags = {k: v for k, v in vars(args).items() if v is not None}
-    settings = dict(PRESETS[args.preset])
-    settings.update({k: flags[k] for k in flags if k in _config_keys()})
-    model_settings, train_settings = split_settings(settings)
+    overrides = {k: flags[k] for k in flags if k in _config_keys()}
     path, name = resolve(args.corpus)
     corpus = load_corpus(path, cache_dir=args.cache_dir, name=name)
-    model_cfg = ModelConfig(vocab_size=len(corpus.vocab), **model_settings)
-    train_cfg = TrainConfig(**train_settings)
+    model_cfg, train_cfg = resolve_recipe(args.preset, corpus, overrides, args.out, args.resume)
     trainer = Trainer(
         model_cfg, train_cfg, corpus, args.out, resume=args.resume, progress=not args.no_progress, preset=args.preset
     )
     result = trainer.run()
     if trainer.dist.is_main:
         print(
-            f"step {result.step}: val loss {result.val_loss:.4f} nats/char; best {result.best_val_loss:.4f}; "
-            f"checkpoints in {result.out_dir} (stopped by {result.stopped_by})"
+            f"step {result.step}: val loss {result.val_loss:.4f} nats/char; best {result.best_val_loss:.4f} "
+            f"at step {result.best_step}; checkpoints in {result.out_dir} (stopped by {result.stopped_by})"
         )
+        print(result.summary)
     return 0
 
 

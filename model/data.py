@@ -243,3 +243,36 @@ def validation_windows(ids: np.ndarray, window: int = 256, limit: int | None = N
         starts = starts[np.linspace(0, len(starts) - 1, keep).round().astype(int)]
     for start in starts:
         yield np.asarray(ids[start : start + window + 1], dtype=np.int64)
+
+
+STATS_CHUNK = 1 << 24  # ids counted per pass of np.bincount (bounds the int64 copy it makes)
+
+
+@dataclass(frozen=True)
+class CorpusStats:
+    """How often each character occurs in the training and validation parts of a corpus."""
+
+    vocab: Vocab
+    train_counts: np.ndarray  # (vocab,) int64
+    val_counts: np.ndarray  # (vocab,) int64
+
+    @property
+    def train_chars(self) -> int:
+        return int(self.train_counts.sum())
+
+    @property
+    def val_chars(self) -> int:
+        return int(self.val_counts.sum())
+
+
+def corpus_stats(corpus: Corpus, val_fraction: float) -> CorpusStats:
+    """Character counts of the split `val_fraction` makes, read in chunks (a memory map is never copied whole)."""
+    train, val = corpus.split(val_fraction)
+    return CorpusStats(corpus.vocab, _counts(train, len(corpus.vocab)), _counts(val, len(corpus.vocab)))
+
+
+def _counts(ids: np.ndarray, size: int) -> np.ndarray:
+    counts = np.zeros(size, dtype=np.int64)
+    for start in range(0, len(ids), STATS_CHUNK):
+        counts += np.bincount(np.asarray(ids[start : start + STATS_CHUNK]), minlength=size)[:size]
+    return counts

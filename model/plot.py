@@ -35,6 +35,16 @@ def write_loss_curve(metrics_path: Path, png_path: Path) -> None:
         ax.plot(*zip(*train, strict=True), label="train (smoothed)", linewidth=1)
     if val:
         ax.plot(*zip(*val, strict=True), "o-", label="validation", linewidth=1.5, markersize=3)
+        best_step, best_loss = best_point(val)
+        ax.axvline(best_step, color="tab:green", linestyle="--", linewidth=1, alpha=0.7)
+        ax.plot(
+            [best_step],
+            [best_loss],
+            "*",
+            color="tab:green",
+            markersize=12,
+            label=f"best {best_loss:.3f} (step {best_step})",
+        )
     ax.set(xlabel="step", ylabel="loss (nats/char)", title=png_path.parent.name)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -42,3 +52,8 @@ def write_loss_curve(metrics_path: Path, png_path: Path) -> None:
     fig.savefig(buffer, format="png", bbox_inches="tight")
     with atomic_write(png_path) as fh:
         fh.write(buffer.getvalue())
+
+
+def best_point(val: list[tuple[int, float]]) -> tuple[int, float]:
+    """The (step, loss) of the lowest validation loss, the first of equals (as training keeps `best`)."""
+    return min(val, key=lambda point: point[1])

@@ -26,15 +26,20 @@ from torch import nn
 from model import plot
 from model.checkpoint import SUFFIX, load_checkpoint, save_checkpoint
 from model.config import RESUME_MAY_CHANGE, ModelConfig, TrainConfig
-from model.data import Corpus, TrackBatcher
+from model.data import Corpus, TrackBatcher, corpus_stats
 from model.distributed import Distributed
 from model.evaluate import bits_per_char, windowed_loss
 from model.network import CharRNN, State, detach_state, state_from_tensors, state_tensors
+from model.recipe import diagnose, text_warnings
+from model.sampling import SamplingParams, generate
 
 log = logging.getLogger(__name__)
 
 BEST, LAST = "best" + SUFFIX, "last" + SUFFIX
 PLOT_INTERVAL_S = 30.0
+SAMPLE_TEMPERATURES = (0.5, 1.0)  # the samples shown at each evaluation, each drawn with seed SEED
+SEED = 1
+EVAL_SHARE_CAP = 4.0  # evaluations by the clock wait for 4x their cost in training: at most ~20 % of the budget
 
 
 class TrainingError(RuntimeError):
@@ -51,7 +56,9 @@ class TrainResult:
     best_val_loss: float | None
     elapsed: float
     out_dir: Path
-    stopped_by: str  # "max_steps", "time_budget", "interrupt" or "stop_at_step"
+    stopped_by: str  # "max_steps", "time_budget", "patience", "interrupt" or "stop_at_step"
+    best_step: int | None = None
+    summary: str = ""  # how the run went (overfitted, still improving, ...) and what to try
 
 
 def resolve_device(name: str) -> torch.device:
@@ -122,8 +129,15 @@ class Trainer:
         self.train_loss: float | None = None
         self.val_loss: float | None = None
         self.best_val_loss: float | None = None
+        self.best_step: int | None = None
+        self.best_train_loss: float | None = None  # the training loss when `best` was saved
+        self.evals_since_best = 0  # evaluations without a new best, for --patience
         self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
         self._plotted_at = float("-inf")
+        self._last_eval_elapsed: float | None = None  # the agreed elapsed time of the last evaluation
+        # What the last evaluation cost, in agreed seconds (its step included), learnt at the first agreement
+        # after it: evaluations by the clock wait until training has had EVAL_SHARE_CAP x that much time.
+        self._eval_cost, self._measure_eval_cost = 0.0, False
         if resume:
             self._restore()
         elif (self.out_dir / LAST).exists() or (self.out_dir / BEST).exists():
@@ -131,6 +145,9 @@ class Trainer:
                 f"{self.out_dir} already holds a training run; pass --resume to continue it, "
                 "or choose another --out (nothing there is overwritten)"
             )
+        if self.dist.is_main:
+            for warning in text_warnings(corpus_stats(corpus, cfg.val_fraction), self.model.num_parameters()):
+                log.warning("%s", warning)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -146,8 +163,12 @@ class Trainer:
         with interrupted:
             while self.step < cfg.max_steps:
                 # Under torchrun the ranks' clocks and signals differ: every rank takes the longest elapsed
-                # time and any rank's interrupt, so all use the same lr and stop at the same step.
+                # time and any rank's interrupt, so all use the same lr and stop at the same step. The
+                # evaluation schedule is decided from this agreed time too, never from a rank's own clock.
                 self.elapsed, stop = self.dist.agree(self.elapsed, interrupted.flag)
+                agreed = self.elapsed
+                if self._measure_eval_cost:
+                    self._eval_cost, self._measure_eval_cost = agreed - (self._last_eval_elapsed or 0.0), False
                 if stop_at_step is not None and self.step >= stop_at_step:
                     stopped_by = "stop_at_step"
                     break
@@ -165,24 +186,87 @@ class Trainer:
                     rate = window_steps * chars_per_step / max(time.perf_counter() - window_start, 1e-9)
                     self._log_train(rate, bar)
                     window_start, window_steps = time.perf_counter(), 0
-                if self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                if self.step < cfg.max_steps and self.evaluation_due(agreed):
+                    self._last_eval_elapsed, self._measure_eval_cost = agreed, True
                     tick = time.perf_counter()
-                    self._evaluate_and_save(limit=cfg.eval_max_chars)
+                    self._evaluate_and_save()
                     self.elapsed += time.perf_counter() - tick
+                    self._show_samples()
                     window_start = time.perf_counter()
+                    if cfg.patience and self.evals_since_best >= cfg.patience:
+                        stopped_by = "patience"
+                        log.info(
+                            "stopping early: no better validation loss in %d evaluations (--patience %d); "
+                            "best %.4f nats/char at step %d",
+                            self.evals_since_best,
+                            cfg.patience,
+                            self.best_val_loss,
+                            self.best_step,
+                        )
+                        break
         if bar is not None:
             bar.close()
-        self._evaluate_and_save(limit=cfg.final_eval_max_chars, final=True)
-        log.info(
-            "stopped by %s at step %d: val loss %.4f nats/char (%.4f bits)",
-            stopped_by,
-            self.step,
-            self.val_loss,
-            bits_per_char(self.val_loss),
-        )
+        self._evaluate_and_save(final=True)
+        self._show_samples()
+        summary = self.summary()
+        if self.dist.is_main:
+            log.info(
+                "stopped by %s at step %d: val loss %.4f nats/char (%.4f bits)",
+                stopped_by,
+                self.step,
+                self.val_loss,
+                bits_per_char(self.val_loss),
+            )
+            log.info("%s", summary)
         self.dist.close()
         return TrainResult(
-            self.step, self.train_loss, self.val_loss, self.best_val_loss, self.elapsed, self.out_dir, stopped_by
+            self.step,
+            self.train_loss,
+            self.val_loss,
+            self.best_val_loss,
+            self.elapsed,
+            self.out_dir,
+            stopped_by,
+            self.best_step,
+            summary,
+        )
+
+    def evaluation_interval(self) -> float | None:
+        """Seconds of training between evaluations by the clock: the budget / eval_count (None: by steps only)."""
+        if self.cfg.time_budget is None or self.cfg.eval_count <= 0:
+            return None
+        return self.cfg.time_budget / self.cfg.eval_count
+
+    def evaluation_due(self, agreed_elapsed: float) -> bool:
+        """Evaluate after this step? Every `eval_every` steps, and with a time budget also each time the
+        agreed elapsed time crosses a multiple of budget / eval_count (whichever comes first; both count).
+
+        The clock's schedule is a fixed grid, so an evaluation by steps does not shift it. Where one
+        evaluation costs more than a share of its interval (a slow machine, a short budget, a large split),
+        the clock's evaluations wait until training has had EVAL_SHARE_CAP times the last one's cost, so
+        that evaluating never takes more than about 1 / (1 + EVAL_SHARE_CAP) of the budget.
+        """
+        if self.step % self.cfg.eval_every == 0:
+            return True
+        interval = self.evaluation_interval()
+        if interval is None:
+            return False
+        last = self._last_eval_elapsed if self._last_eval_elapsed is not None else 0.0
+        if agreed_elapsed - last - self._eval_cost < EVAL_SHARE_CAP * self._eval_cost:
+            return False
+        return math.floor(agreed_elapsed / interval) > math.floor(last / interval)
+
+    def summary(self) -> str:
+        """One paragraph on how the run went, from the best and final losses, and what to try next."""
+        return diagnose(
+            best=self.best_val_loss,
+            best_step=self.best_step,
+            best_train=self.best_train_loss,
+            final=self.val_loss,
+            final_train=self.train_loss,
+            step=self.step,
+            hidden=self.model.config.hidden,
+            dropout=self.model.config.dropout,
         )
 
     def _train_step(self) -> None:
@@ -242,29 +326,80 @@ class Trainer:
 
     # -- evaluation, checkpoints, logs ------------------------------------------------------------
 
-    def _evaluate_and_save(self, limit: int, final: bool = False) -> None:
-        self.val_loss = windowed_loss(self.model, self.val_ids, limit=limit)
-        improved = self.best_val_loss is None or self.val_loss < self.best_val_loss
+    def _validation_loss(self, limit: int) -> float:
+        """The windowed validation loss; every rank holds the same weights and split, and the mean makes
+        the ranks agree on it bit for bit anyway, since --patience stops (or not) on it."""
+        loss = windowed_loss(self.model, self.val_ids, limit=limit)
+        return self.dist.mean(torch.tensor(loss, dtype=torch.float64, device=self.device))
+
+    def _evaluate_and_save(self, final: bool = False) -> None:
+        # `best` is chosen on the windows every evaluation reads (eval_max_chars of the split, the same
+        # each time), the final one included, so that a checkpoint never wins by being read on other text;
+        # the final evaluation also reads up to final_eval_max_chars for the figure it reports.
+        compared = self._validation_loss(self.cfg.eval_max_chars)
+        whole = final and len(self.val_ids) > self.cfg.eval_max_chars
+        self.val_loss = self._validation_loss(self.cfg.final_eval_max_chars) if whole else compared
+        improved = self.best_val_loss is None or compared < self.best_val_loss
         if improved:
-            self.best_val_loss = self.val_loss
+            self.best_val_loss, self.best_step, self.best_train_loss = compared, self.step, self.train_loss
+            self.evals_since_best = 0
+        elif not final:
+            self.evals_since_best += 1
         if not self.dist.is_main:
             return
-        read = min(limit, len(self.val_ids))
-        self._write_metrics(
-            {
-                "step": self.step,
-                "val_loss": self.val_loss,
-                "val_bpc": bits_per_char(self.val_loss),
-                "val_chars": read,
-                "elapsed": round(self.elapsed, 3),
-            }
-        )
+        read = min(self.cfg.final_eval_max_chars if whole else self.cfg.eval_max_chars, len(self.val_ids))
+        record = {
+            "step": self.step,
+            "val_loss": self.val_loss,
+            "val_bpc": bits_per_char(self.val_loss),
+            "val_chars": read,
+            "best_val_loss": self.best_val_loss,
+            "best_step": self.best_step,
+            "elapsed": round(self.elapsed, 3),
+        }
+        self._write_metrics(record)
+        if not final:
+            log.info(
+                "step %d: val loss %.4f nats/char (best %.4f at step %d)",
+                self.step,
+                self.val_loss,
+                self.best_val_loss,
+                self.best_step,
+            )
         self._save(LAST, training_state=True)
         if improved:
             self._save(BEST, training_state=False)
         if final or time.monotonic() - self._plotted_at >= PLOT_INTERVAL_S:  # a PNG costs ~0.3 s: not every eval
             plot.write_loss_curve(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
             self._plotted_at = time.monotonic()
+
+    def _samples(self) -> dict[str, str]:
+        """A short text at each SAMPLE_TEMPERATURES, from a fixed seed, so that runs and steps compare."""
+        if self.cfg.sample_chars <= 0:
+            return {}
+        was_training = self.model.training
+        self.model.eval()  # no dropout, and no draw from the global RNG that training's dropout uses
+        try:
+            return {
+                f"{t:g}": "".join(
+                    token.char
+                    for token in generate(
+                        self.model, self.corpus.vocab, "", self.cfg.sample_chars, SamplingParams(temperature=t), SEED
+                    )
+                )
+                for t in SAMPLE_TEMPERATURES
+            }
+        finally:
+            self.model.train(was_training)
+
+    def _show_samples(self) -> None:
+        """Log the samples (rank 0) and write them to metrics.jsonl; not counted in the time budget."""
+        samples = self._samples() if self.dist.is_main else {}
+        if not samples:
+            return
+        self._write_metrics({"step": self.step, "samples": samples})
+        for temperature, text in samples.items():
+            log.info("  sample at step %d, temperature %s: %r", self.step, temperature, text)
 
     def _save(self, name: str, training_state: bool) -> None:
         meta = {
@@ -273,6 +408,9 @@ class Trainer:
             "train_loss": self.train_loss,
             "val_loss": self.val_loss,
             "best_val_loss": self.best_val_loss,
+            "best_step": self.best_step,
+            "best_train_loss": self.best_train_loss,
+            "evals_since_best": self.evals_since_best,
             "elapsed_s": round(self.elapsed, 3),
             "corpus": {"name": self.corpus.name, "sha256": self.corpus.sha256, "chars": len(self.corpus)},
             "train_config": self.cfg.to_dict(),
@@ -322,6 +460,9 @@ class Trainer:
         meta = ckpt.meta
         self.step, self.elapsed = meta["step"], meta["elapsed_s"]
         self.train_loss, self.val_loss, self.best_val_loss = meta["train_loss"], meta["val_loss"], meta["best_val_loss"]
+        self.best_step, self.best_train_loss = meta.get("best_step"), meta.get("best_train_loss")
+        self.evals_since_best = meta.get("evals_since_best", 0)
+        self._last_eval_elapsed = self.elapsed  # `last` is written at an evaluation
         self.started_at = meta["started_at"]
         log.info("resumed from %s at step %d", path, self.step)
 

@@ -114,3 +114,10 @@ def test_the_api_imports_from_a_script_in_another_folder(tmp_path: Path) -> None
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.rstrip("\n")) == 5
+
+
+def test_train_defaults_to_the_auto_recipe_for_the_text(tmp_path: Path) -> None:
+    trained = charrnn.train(text=make_text(6_000, seed=4), out=tmp_path / "run", max_steps=8, progress=False)
+    assert trained.meta["preset"] == "auto"
+    assert trained.checkpoint.config.hidden == 256 and trained.checkpoint.config.dropout == 0.5
+    assert trained.meta["train_config"]["patience"] > 0

@@ -196,9 +196,10 @@ def test_resume_may_change_how_long_and_how_often_to_evaluate(
     assert code == 0 and "step 160" in out, err
     last = load_checkpoint(run_dir / "last.safetensors")
     assert last.meta["train_config"]["max_steps"] == 160 and last.meta["preset"] == "tiny"
-    # Resuming without the preset it was trained with changes the whole recipe: the message says which.
+    # Resuming without the preset it was trained with (the default is auto, which chooses 256 units for
+    # this 40,000-character text) changes the whole recipe: the message says which.
     code, _, err = resume(capsys, run_dir, text_file, "--max-steps", "170")
-    assert code == 1 and "--hidden 512 (was 64)" in err and "(it was trained with --preset tiny)" in err
+    assert code == 1 and "--hidden 256 (was 64)" in err and "(it was trained with --preset tiny)" in err
 
 
 def test_resume_help_says_which_flags_may_change(capsys, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -207,3 +208,41 @@ def test_resume_help_says_which_flags_may_change(capsys, monkeypatch: pytest.Mon
     assert code == 0
     text = " ".join(out.split())
     assert "Only --max-steps, --time-budget, --eval-every" in text and "must match it" in text
+
+
+def test_train_defaults_to_auto_says_why_and_ends_with_a_verdict(
+    text_file: Path, tmp_path: Path, capsys, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from model.checkpoint import load_checkpoint
+
+    with caplog.at_level(logging.INFO):
+        code, out, err = run(
+            capsys, "train", "--corpus", str(text_file), "--out", str(tmp_path / "run"), "--no-progress",
+            "--max-steps", "20", "--patience", "3", "--eval-count", "10", "--sample-chars", "12", "--threads", "1",
+        )  # fmt: skip
+    assert code == 0, err
+    assert (
+        "--preset auto chose" in caplog.text and "dropout " in caplog.text and "patience      3 (given" in caplog.text
+    )
+    assert "sample at step 20, temperature 0.5: " in caplog.text
+    first, verdict = out.splitlines()[-2:]
+    assert first.startswith("step 20: ") and "at step 20" in first
+    assert verdict.startswith(("still improving", "levelled off", "overfitted"))
+    last = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert last.meta["preset"] == "auto" and last.config.hidden == 256
+    assert last.meta["train_config"]["patience"] == 3 and last.meta["train_config"]["eval_every"] == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--patience", "-1"], "argument --patience: must be between 0 and 1000000, got -1"),
+        (["--eval-count", "x"], "argument --eval-count: expected an integer, got 'x'"),
+        (["--sample-chars", "100000"], "argument --sample-chars: must be between 0 and 10000"),
+    ],
+)
+def test_bad_evaluation_flags_name_the_flag(text_file: Path, tmp_path: Path, capsys, argv, message) -> None:
+    code, _, err = run(capsys, "train", "--corpus", str(text_file), "--out", str(tmp_path / "o"), *argv)
+    assert code == 2 and message in err

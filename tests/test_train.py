@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -184,3 +185,152 @@ def test_resume_refuses_a_different_model(text_file: Path, tmp_path: Path) -> No
         Trainer(model_cfg, cfg, corpus, tmp_path / "run", progress=False)
     with pytest.raises(TrainingError, match=r"no last\.safetensors"):
         Trainer(model_cfg, cfg, corpus, tmp_path / "empty", resume=True, progress=False)
+
+
+class FakeClock:
+    """time.perf_counter advancing `tick` seconds per call: evaluation times that do not depend on the machine."""
+
+    def __init__(self, tick: float):
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def val_records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "val_loss" in r]
+
+
+def test_a_time_budget_evaluates_eval_count_times_whatever_the_speed(
+    text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("model.train.plot.write_loss_curve", lambda *args: None)  # it reads the clock too
+    corpus = load_corpus(text_file, cache_dir=tmp_path / "cache")
+    counts = {}
+    for tick in (0.001, 0.004):  # a fast machine and a slow one: 4x fewer steps, as many evaluations
+        monkeypatch.setattr("model.train.time.perf_counter", FakeClock(tick))
+        model_cfg, cfg = tiny_configs(
+            len(corpus.vocab), max_steps=10**6, time_budget=1.0, eval_count=10, eval_every=10**6, sample_chars=0
+        )
+        result = Trainer(model_cfg, cfg, corpus, tmp_path / str(tick), progress=False).run()
+        records = val_records(tmp_path / str(tick))
+        assert result.stopped_by == "time_budget"
+        assert len(records) == 10  # at 0.1, 0.2, ... 0.9 s of training, then the final one
+        assert [r["step"] for r in records] == sorted({r["step"] for r in records})
+        counts[tick] = result.step
+    assert counts[0.001] > 2 * counts[0.004]
+
+
+def test_steps_and_the_clock_both_schedule_evaluations(
+    text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("model.train.time.perf_counter", FakeClock(0.002))
+    monkeypatch.setattr("model.train.plot.write_loss_curve", lambda *args: None)
+    corpus = load_corpus(text_file, cache_dir=tmp_path / "cache")
+    model_cfg, cfg = tiny_configs(
+        len(corpus.vocab), max_steps=10**6, time_budget=1.0, eval_count=4, eval_every=25, sample_chars=0
+    )
+    Trainer(model_cfg, cfg, corpus, tmp_path / "run", progress=False).run()
+    steps = [r["step"] for r in val_records(tmp_path / "run")]
+    by_steps = [s for s in steps[:-1] if s % 25 == 0]
+    assert by_steps == list(range(25, by_steps[-1] + 1, 25))  # every 25th step, none missed
+    assert len(steps[:-1]) - len(by_steps) >= 2  # and the clock's, between them (at 0.25, 0.5, 0.75 s)
+
+
+def scripted_losses(monkeypatch: pytest.MonkeyPatch, losses: list[float]) -> None:
+    """Each validation measures the next of `losses` (the last one repeats)."""
+    queue = list(losses)
+    monkeypatch.setattr("model.train.windowed_loss", lambda *a, **k: queue.pop(0) if len(queue) > 1 else queue[0])
+
+
+def test_patience_stops_after_that_many_evaluations_without_a_better_loss(
+    text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    scripted_losses(monkeypatch, [3.0, 2.0, 2.5, 2.6, 2.6, 2.7])
+    corpus = load_corpus(text_file, cache_dir=tmp_path / "cache")
+    model_cfg, cfg = tiny_configs(len(corpus.vocab), max_steps=100, eval_every=5, patience=3, sample_chars=0)
+    first = Trainer(model_cfg, cfg, corpus, tmp_path / "run", progress=False).run(stop_at_step=20)
+    assert first.stopped_by == "stop_at_step" and first.best_step == 10
+    # The count survives a resume: two evaluations without a best before it, the third after it stops the run.
+    with caplog.at_level(logging.INFO, logger="model.train"):
+        result = Trainer(model_cfg, cfg, corpus, tmp_path / "run", resume=True, progress=False).run()
+    assert result.stopped_by == "patience" and result.step == 25
+    assert result.best_val_loss == 2.0 and result.best_step == 10
+    assert load_checkpoint(tmp_path / "run" / BEST).meta["step"] == 10
+    assert "stopping early: no better validation loss in 3 evaluations (--patience 3)" in caplog.text
+    assert result.summary.startswith("overfitted: the validation loss rose from its best 2.0000 (step 10)")
+    assert "best.safetensors keeps step 10" in result.summary
+
+
+def test_best_is_chosen_on_the_same_windows_at_the_final_evaluation(
+    text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    measured, losses = [], [2.0, 2.2, 1.0]  # step 10; the final on the same windows, then on the whole split
+
+    def loss(model, ids, limit=None, **kwargs):
+        measured.append(limit)
+        return losses[len(measured) - 1]
+
+    monkeypatch.setattr("model.train.windowed_loss", loss)
+    corpus = load_corpus(text_file, cache_dir=tmp_path / "cache")
+    model_cfg, cfg = tiny_configs(
+        len(corpus.vocab), max_steps=20, eval_every=10, eval_max_chars=512, final_eval_max_chars=10**7
+    )
+    result = Trainer(model_cfg, cfg, corpus, tmp_path / "run", progress=False).run()
+    assert measured == [512, 512, 10**7]  # step 10, then the final: its windows, then the whole split
+    # The whole split reads lower (1.0), but on the windows every evaluation reads, step 10 was better.
+    assert result.best_step == 10 and result.best_val_loss == 2.0
+    assert result.val_loss == 1.0  # the figure the final evaluation reports
+    assert load_checkpoint(tmp_path / "run" / BEST).meta["step"] == 10
+
+
+def test_each_evaluation_shows_samples_at_two_temperatures_from_a_fixed_seed(
+    text_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from model.sampling import SamplingParams, generate
+    from model.train import SAMPLE_TEMPERATURES, SEED
+
+    corpus = load_corpus(text_file, cache_dir=tmp_path / "cache")
+    model_cfg, cfg = tiny_configs(len(corpus.vocab), max_steps=20, eval_every=10, sample_chars=30)
+    with caplog.at_level(logging.INFO, logger="model.train"):
+        Trainer(model_cfg, cfg, corpus, tmp_path / "run", progress=False).run()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    samples = [r for r in map(json.loads, lines) if "samples" in r]
+    assert [r["step"] for r in samples] == [10, 20]  # the periodic evaluation and the final one
+    assert all(set(r["samples"]) == {"0.5", "1"} and all(len(t) == 30 for t in r["samples"].values()) for r in samples)
+    model = load_checkpoint(tmp_path / "run" / LAST).build_model()
+    for temperature in SAMPLE_TEMPERATURES:
+        text = "".join(t.char for t in generate(model, corpus.vocab, "", 30, SamplingParams(temperature), SEED))
+        assert samples[-1]["samples"][f"{temperature:g}"] == text
+        assert f"sample at step 10, temperature {temperature:g}: " in caplog.text
+
+
+def test_the_loss_plot_marks_the_first_lowest_validation_loss() -> None:
+    from model.plot import best_point
+
+    assert best_point([(10, 2.0), (20, 1.5), (30, 1.7), (40, 1.5)]) == (20, 1.5)
+
+
+def test_costly_evaluations_by_the_clock_take_at_most_a_fifth_of_the_budget(
+    text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from model.train import windowed_loss
+
+    clock = FakeClock(0.001)
+    monkeypatch.setattr("model.train.time.perf_counter", clock)
+
+    def slow(*args, **kwargs):  # each evaluation costs 0.05 s, half the clock's 0.1 s interval
+        clock.now += 0.05
+        return windowed_loss(*args, **kwargs)
+
+    monkeypatch.setattr("model.train.windowed_loss", slow)
+    monkeypatch.setattr("model.train.plot.write_loss_curve", lambda *args: None)
+    corpus = load_corpus(text_file, cache_dir=tmp_path / "cache")
+    model_cfg, cfg = tiny_configs(
+        len(corpus.vocab), max_steps=10**6, time_budget=1.0, eval_count=10, eval_every=10**6, sample_chars=0
+    )
+    Trainer(model_cfg, cfg, corpus, tmp_path / "run", progress=False).run()
+    periodic = len(val_records(tmp_path / "run")) - 1
+    assert 2 <= periodic <= 4  # not 9: each waits for 4 x its cost of training (0.2 s), the grid for the rest

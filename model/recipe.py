@@ -1,0 +1,301 @@
+"""`--preset auto`: a training recipe chosen for the text, warnings about the text, and a run's verdict.
+
+The recipe scales from what was measured (model/config.py's comments, README "Benchmarks"): on Tiny
+Shakespeare (1.0 M training characters) with 150 s on 2 CPU cores, an LSTM 1 x 512 with dropout 0.15,
+batch 24 x 64, lr 5e-3 and restarts every 4 windows (`cpu-fast`) reaches ~1.47 nats/char, reading the
+text ~7 times; on a 20,000-character text a 256-unit network with dropout 0.5, evaluated often, was at
+its best after a few hundred steps and then overfitted. So: the smaller the text, and the more times
+the budget will read it, the smaller the network, the more dropout, and the sooner to stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.config import PRESETS, ModelConfig, TrainConfig, split_settings
+from model.data import Corpus, CorpusStats
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+PRESET_NAMES = (AUTO, *sorted(PRESETS))
+DEFAULT_BUDGET_S = 150.0  # auto's time budget when none is given: cpu-fast's
+EVALUATIONS = 20  # evaluations per run that auto asks for (by the clock)
+PERIODIC_EVAL_CHARS = 16_384  # a larger split is sampled this much at each periodic evaluation
+# Characters per second of an LSTM 1 x 512, batch 24 x 64, training on a CPU: cpu-fast trains 5,000-7,000
+# steps of 1,536 characters in 150 s on an idle 2-core Zen 5 (~60,000/s), a third of that on the same
+# machine shared with other work. The conservative figure is used to guess how many steps the budget
+# takes, and how many times it reads the text: a guess too high would over-regularise a short run.
+CPU_CHARS_PER_S_512 = 25_000.0
+GPU_SPEEDUP = 20.0  # a guess, not measured here: no GPU was at hand
+
+# Warnings' thresholds.
+MIN_CHARS_PER_PARAM = 0.02  # below this the network can memorise the text many times over
+MAX_VOCAB = 5_000
+MIN_MEAN_OCCURRENCES = 10  # a character seen fewer times than this on average cannot be learnt
+DOMINANT_SHARE = 0.5  # one character this share of the text, or the top three TOP3_SHARE
+TOP3_SHARE = 0.8
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One setting of a recipe and why it was chosen."""
+
+    name: str
+    value: Any
+    reason: str
+
+
+STEPS_FOR = ((1_200, 512), (400, 256), (0, 128))  # the widest network a budget of about N steps trains well
+
+
+def hidden_for(train_chars: int, budget_s: float, device: str = "cpu", world: int = 1) -> tuple[int, str]:
+    """The recurrent layer's width for a text of `train_chars` characters and a budget."""
+    if train_chars >= 700_000:
+        hidden, why = 512, "as cpu-fast, measured best on Tiny Shakespeare's 1.0 M characters"
+    elif train_chars >= 200_000:
+        hidden, why = 384, "a text of 200 k-700 k characters: between cpu-fast's 512 and 256"
+    else:
+        hidden, why = 256, "a text under 200 k characters (256 units did best on a 20 k-character text)"
+    for min_steps, widest in STEPS_FOR:
+        steps = budget_s * chars_per_second(hidden, device, world) / (24 * 64 * world)
+        if hidden > widest and steps < STEPS_FOR[0][0] and steps >= min_steps:
+            hidden, why = widest, f"a short budget (about {steps:,.0f} steps): a smaller network learns sooner"
+    return hidden, why
+
+
+def chars_per_second(hidden: int, device: str, world: int) -> float:
+    """A rough training speed, to estimate how many times the budget reads the text."""
+    speed = CPU_CHARS_PER_S_512 * min(4.0, 512 / hidden) ** 0.5  # the step's fixed costs do not shrink
+    return speed * world * (GPU_SPEEDUP if device == "cuda" else 1.0)
+
+
+def auto_recipe(
+    train_chars: int,
+    vocab_size: int,
+    budget_s: float,
+    device: str = "cpu",
+    world: int = 1,
+    max_steps: int | None = None,
+    val_chars: int | None = None,
+) -> list[Choice]:
+    """The `auto` preset's settings for this text, budget and device, each with its reason."""
+    hidden, hidden_why = hidden_for(train_chars, budget_s, device, world)
+    epochs = budget_s * chars_per_second(hidden, device, world) / max(train_chars, 1)
+    reads = f"the budget reads the text about {epochs:,.0f} times"
+    if epochs <= 12:
+        dropout, dropout_why = 0.15, f"{reads} (cpu-fast's ~7 on Tiny Shakespeare): light regularisation"
+    elif epochs <= 40:
+        dropout, dropout_why = 0.3, f"{reads}: it would overfit with cpu-fast's 0.15"
+    else:
+        dropout, dropout_why = 0.5, f"{reads}: a small text overfits fast, so heavy dropout"
+    batch, seq_len = (96 if device == "cuda" else 24), 64
+    fits = max(1, train_chars // (world * (4 * seq_len + 1)))  # at least 4 windows per track and epoch
+    batch_why = "cpu-fast's (measured best of 16-32 on 2 cores)" if device != "cuda" else "a GPU runs 4x cpu-fast's"
+    if fits < batch:
+        batch, batch_why = fits, f"the most tracks that each still hold 4 windows of {seq_len} characters"
+    choices = [
+        Choice("cell", "lstm", "as every measured recipe"),
+        Choice("layers", 1, "one layer trains the most steps in a short budget (cpu-fast)"),
+        Choice("hidden", hidden, hidden_why),
+        Choice("embed", 64, "as cpu-fast"),
+        Choice("dropout", dropout, dropout_why),
+        Choice("batch", batch, batch_why),
+        Choice("seq_len", seq_len, "cpu-fast's window"),
+        Choice("reset_every", 4, "restarts every 256 characters: validation and prompts start from a zero state"),
+        Choice("lr", 5e-3, "cpu-fast's (measured best of 3e-3-8e-3)"),
+        Choice("warmup_frac", 0.03, "as cpu-fast"),
+        Choice("time_budget", budget_s, "cpu-fast's 150 s" if budget_s == DEFAULT_BUDGET_S else "as given"),
+    ]
+    choices += _evaluation_choices(epochs, budget_s, max_steps, val_chars)
+    return choices
+
+
+def _evaluation_choices(epochs: float, budget_s: float, max_steps: int | None, val_chars: int | None) -> list[Choice]:
+    every = budget_s / EVALUATIONS
+    choices = [Choice("eval_count", EVALUATIONS, f"evaluate every {every:.3g} s of training, {EVALUATIONS} times")]
+    if max_steps is not None:
+        step_every = max(1, max_steps // EVALUATIONS)
+        choices.append(Choice("eval_every", step_every, f"and every {step_every} steps of --max-steps {max_steps}"))
+    else:
+        choices.append(Choice("eval_every", 1_000_000, "by the clock, not by steps"))
+    if val_chars is not None and val_chars > PERIODIC_EVAL_CHARS:
+        choices.append(
+            Choice(
+                "eval_max_chars",
+                PERIODIC_EVAL_CHARS,
+                f"each evaluation reads the same {PERIODIC_EVAL_CHARS:,} of the split's {val_chars:,} characters "
+                "(a fraction of a second); the final one reads all",
+            )
+        )
+    if epochs > 12:
+        choices.append(Choice("patience", 5, "a text read this often overfits: stop 5 evaluations after the best"))
+    else:
+        choices.append(Choice("patience", 0, "off: too few passes over the text to overfit within the budget"))
+    return choices
+
+
+def resolve_recipe(
+    preset: str,
+    corpus: Corpus,
+    overrides: dict[str, Any],
+    out_dir: Path | None = None,
+    resume: bool = False,
+) -> tuple[ModelConfig, TrainConfig]:
+    """The configs of a run: a named preset or `auto`'s choices for this corpus, then `overrides` on top.
+
+    Resuming an `auto` run repeats the recipe its checkpoint recorded (a new budget must not change it).
+    """
+    if preset != AUTO:
+        if preset not in PRESETS:
+            raise ValueError(f"preset: unknown {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
+        settings = {**PRESETS[preset], **overrides}
+    else:
+        base = _recorded_recipe(out_dir) if resume and out_dir is not None else None
+        if base is None:
+            choices = _auto_choices(corpus, overrides)
+            _log_choices(choices, overrides)
+            base = {c.name: c.value for c in choices}
+        settings = {**base, **overrides}
+    model_settings, train_settings = split_settings(settings)
+    return ModelConfig(vocab_size=len(corpus.vocab), **model_settings), TrainConfig(**train_settings)
+
+
+def _auto_choices(corpus: Corpus, overrides: dict[str, Any]) -> list[Choice]:
+    import torch
+
+    val_fraction = overrides.get("val_fraction", TrainConfig.val_fraction)
+    train, val = corpus.split(val_fraction)
+    name = overrides.get("device", "auto")  # TrainConfig checks the name; here only its kind matters
+    device = "cuda" if name.startswith("cuda") or (name == "auto" and torch.cuda.is_available()) else "cpu"
+    return auto_recipe(
+        len(train),
+        len(corpus.vocab),
+        overrides.get("time_budget") or DEFAULT_BUDGET_S,
+        device,
+        int(os.environ.get("WORLD_SIZE", "1")),
+        overrides.get("max_steps"),
+        len(val),
+    )
+
+
+def _recorded_recipe(out_dir: Path) -> dict[str, Any] | None:
+    """The settings an `auto` run's last checkpoint was trained with (None: not an auto run, or none)."""
+    from model.checkpoint import load_checkpoint
+    from model.train import LAST
+
+    path = out_dir / LAST
+    if not path.exists():
+        return None
+    ckpt = load_checkpoint(path)
+    if ckpt.meta.get("preset") != AUTO:
+        return None
+    model = {k: v for k, v in ckpt.config.to_dict().items() if k != "vocab_size"}
+    log.info("--preset auto: resuming with the recipe %s recorded", path)
+    return {**model, **(ckpt.meta.get("train_config") or {})}
+
+
+def _log_choices(choices: list[Choice], overrides: dict[str, Any]) -> None:
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun every rank chooses the same; rank 0 says so
+    log.info("--preset auto chose, for this text and budget:")
+    for c in choices:
+        if c.name in overrides:
+            log.info("  %-13s %s (given; auto would choose %s: %s)", c.name, overrides[c.name], c.value, c.reason)
+        else:
+            log.info("  %-13s %s: %s", c.name, c.value, c.reason)
+
+
+# -- warnings ----------------------------------------------------------------------------------------
+
+
+def text_warnings(stats: CorpusStats, parameters: int) -> list[str]:
+    """What about this text (and this network's size) is likely to waste a user's run, in plain words."""
+    warnings = []
+    train_chars, vocab = stats.train_chars, len(stats.vocab)
+    per_param = train_chars / max(parameters, 1)
+    if per_param < MIN_CHARS_PER_PARAM:
+        warnings.append(
+            f"the text is small for this network: {train_chars:,} training characters for {parameters:,} "
+            f"parameters ({per_param:.3f} per parameter); it will memorise the text and overfit. "
+            "Use --preset auto, a smaller --hidden, more --dropout, or more text"
+        )
+    unseen = (stats.val_counts > 0) & (stats.train_counts == 0)
+    if unseen.any():
+        share = stats.val_counts[unseen].sum() / max(stats.val_chars, 1)
+        shown = "".join(stats.vocab.chars[i] for i in np.flatnonzero(unseen)[:20])
+        warnings.append(
+            f"{int(unseen.sum())} distinct characters of the validation split never occur in training "
+            f"({share:.2%} of the validation text, e.g. {shown!r}): the model cannot learn them, and they raise "
+            "the validation loss; shuffle or mix the text, or hold out another part (--val-fraction)"
+        )
+    mean = train_chars / max(vocab, 1)
+    if vocab > MAX_VOCAB or mean < MIN_MEAN_OCCURRENCES:
+        warnings.append(
+            f"{vocab:,} distinct characters, each seen {mean:.1f} times on average in training: is this a "
+            "text? A character model learns a character from many occurrences (binary data, or a list of "
+            "identifiers, rarely gives it that)"
+        )
+    warnings += _dominance_warning(stats)
+    return warnings
+
+
+def _dominance_warning(stats: CorpusStats) -> list[str]:
+    counts = stats.train_counts
+    total = max(int(counts.sum()), 1)
+    top = np.argsort(counts)[::-1][:3]
+    shares = counts[top] / total
+    if shares[0] < DOMINANT_SHARE and shares.sum() < TOP3_SHARE:
+        return []
+    named = ", ".join(f"{stats.vocab.chars[i]!r} {s:.0%}" for i, s in zip(top, shares, strict=True) if s > 0)
+    return [
+        f"a few characters dominate the text ({named}): the model can reach a low loss by predicting "
+        "them and little else; check the file (padding, repeated separators, whitespace runs)"
+    ]
+
+
+# -- the verdict on a run ------------------------------------------------------------------------------
+
+OVERFIT_MARGIN = 0.02  # nats/char the validation loss must rise from its best to call a run overfitted
+
+
+def diagnose(
+    best: float | None,
+    best_step: int | None,
+    best_train: float | None,
+    final: float | None,
+    final_train: float | None,
+    step: int,
+    hidden: int,
+    dropout: float,
+) -> str:
+    """Whether the run overfitted, was still improving, or levelled off, and what to try next."""
+    if best is None or final is None or best_step is None:
+        return "no evaluation was made"
+    rose = final - best
+    if rose > max(OVERFIT_MARGIN, 0.01 * best) and (
+        best_train is None or final_train is None or final_train < best_train
+    ):
+        train = f" while the training loss fell from {best_train:.3f} to {final_train:.3f}" if best_train else ""
+        return (
+            f"overfitted: the validation loss rose from its best {best:.4f} (step {best_step}) to {final:.4f}"
+            f"{train}; best.safetensors keeps step {best_step}. To try: more --dropout (now {dropout:g}), a "
+            f"smaller --hidden (now {hidden}), more text, or --patience to stop sooner"
+        )
+    if best_step >= step or rose <= 0:
+        gap = f" (train {final_train:.3f})" if final_train is not None else ""
+        hint = "a longer --time-budget (or --max-steps) should help"
+        if final_train is not None and math.isfinite(final_train) and final_train > final - 0.05:
+            hint += f", and with train and validation this close, a larger --hidden (now {hidden})"
+        return f"still improving at the end: best validation loss {best:.4f} at the last step {step}{gap}; {hint}"
+    return (
+        f"levelled off: best validation loss {best:.4f} at step {best_step}, {final:.4f} at the end (step {step}); "
+        "best.safetensors keeps the best"
+    )
