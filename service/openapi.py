@@ -15,7 +15,7 @@ from service.config import ServiceConfig
 REF = "#/components/schemas/{model}"
 
 NATIVE_ERRORS = {
-    "400": "Malformed JSON (also NaN/Infinity, duplicate keys, nesting too deep)",
+    "400": "Malformed JSON (also NaN/Infinity, duplicate keys, nesting too deep), or a Host not allowed",
     "401": "Missing or wrong API key (only when keys are configured)",
     "413": "Request body over the configured limit",
     "415": "Body not sent as application/json",
@@ -35,7 +35,8 @@ INSPECT_DESCRIPTION = (
     "The model reads the text from a zero state. For the chosen layer the answer holds, after each character, "
     "every cell's activation (tanh of the cell state for an LSTM, the hidden state for a GRU or RNN), and for "
     "each simple feature of the text (inside quotes, first character of a line, inside brackets, position in "
-    "the line) the cells whose activations follow it best, by absolute Pearson correlation over the text."
+    "the line) the cells whose activations follow it best, by absolute Pearson correlation over the text. "
+    "An answer holds at most CHARRNN_MAX_INSPECT_VALUES activations (characters x cells); a longer text is a 422."
 )
 
 STREAM_DESCRIPTION = (
