@@ -28,7 +28,8 @@ TOP_LOGPROBS = 5  # alternatives per character when /generate is asked for logpr
 
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
-PromptList = Annotated[list[str], Field(min_length=1, max_length=16)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]  # vocabulary indices
+PromptList = Annotated[list[str | TokenIds], Field(min_length=1, max_length=16)]
 
 
 def _listed(value: Any) -> Any:
@@ -36,9 +37,16 @@ def _listed(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+def _listed_prompts(value: Any) -> Any:
+    """As OpenAI's API: a string, a list of strings, one list of token ids, or a list of such lists."""
+    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return [value]
+    return _listed(value)
+
+
 # A string or a list of strings, validated as the list.
 StopStrings = Annotated[StopList, BeforeValidator(_listed, json_schema_input_type=StopString | StopList)]
-Prompts = Annotated[PromptList, BeforeValidator(_listed, json_schema_input_type=str | PromptList)]
+Prompts = Annotated[PromptList, BeforeValidator(_listed_prompts, json_schema_input_type=str | TokenIds | PromptList)]
 
 
 class StrictModel(BaseModel):
@@ -333,14 +341,24 @@ class CompletionRequest(SamplingFields):
     model_config = ConfigDict(json_schema_extra=_null_means_default)
 
     model: str | None = None
-    prompt: Prompts = Field(default_factory=lambda: [""], description="a string, or a list of up to 16")
-    max_tokens: int = Field(16, ge=1, description="characters to generate at most")
+    prompt: Prompts = Field(
+        default_factory=lambda: [""],
+        description="a string, a list of vocabulary indices (a token is one character; see POST /tokenize), "
+        "or a list of up to 16 of either",
+    )
+    max_tokens: int = Field(
+        16, ge=0, description="characters to generate at most; 0 (with `echo`) only scores the prompt"
+    )
     temperature: float = Field(1.0, ge=0.0, le=5.0)
     stop: StopStrings | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS, description="alternatives per character")
-    echo: bool = Field(False, description="return the prompt before the generated text")
+    echo: bool = Field(
+        False,
+        description="return the prompt before the generated text; with `logprobs`, the prompt's characters' "
+        "log-probabilities too (the first one's is null: nothing comes before it)",
+    )
     user: str | None = Field(None, description="accepted and ignored")
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="accepted only as 0")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="accepted only as 0")
@@ -367,8 +385,8 @@ class CompletionRequest(SamplingFields):
         _check_limit(info, "max_new_chars", value, "characters")
         return value
 
-    def prompts(self) -> list[str]:
-        """`prompt` as a list."""
+    def prompts(self) -> list[str | list[int]]:
+        """`prompt` as a list of strings or lists of vocabulary indices."""
         return list(self.prompt)
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -380,8 +398,8 @@ class OpenAILogprobs(BaseModel):
     """OpenAI's legacy logprobs object; a token is one character."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None] = Field(description="null only for the first character of an echoed prompt")
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 

@@ -9,14 +9,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from flask import Blueprint, Response, jsonify
 
 from model.sampling import Token
+from model.scoring import score_ids
+from service.engine import LoadedModel
 from service.errors import ApiError
 from service.generation import (
     Plan,
     Run,
+    Service,
     check_budget,
     choose_seed,
     client_id,
@@ -27,6 +31,7 @@ from service.generation import (
     sampling_params,
 )
 from service.schemas import (
+    TOP_LOGPROBS,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
@@ -35,6 +40,7 @@ from service.schemas import (
     OpenAIModel,
     OpenAIModelList,
 )
+from service.slots import slot
 from service.sse import sse_comment, sse_event, sse_response
 from service.validation import parse_json_body, validate
 
@@ -61,13 +67,27 @@ def completions() -> Response:
     body = validate(CompletionRequest, parse_json_body(), service.config)
     jobs = len(body.prompts()) * body.n
     check_budget(service.config, jobs=jobs, chars=body.max_tokens, top_logprobs=body.logprobs or 0, fields=FIELDS)
+    _check_scoring_only(body)
     loaded = service.model(body.model)
+    prompts = [_read_prompt(loaded, prompt, body.unknown_chars) for prompt in body.prompts()]
+    scored = _prompt_logprobs(service, loaded, prompts, body) if body.echo and body.logprobs is not None else None
+    head = {"id": new_id("cmpl"), "created": int(time.time()), "model": loaded.name}
+    prefixes = [prompt.text if body.echo else "" for prompt in prompts for _ in range(body.n)]
+    echoed = [lp for lp in scored for _ in range(body.n)] if scored is not None else None
+    if body.max_tokens == 0:  # echo only: score the prompts, generate nothing
+        choices = [
+            CompletionChoice(index=i, text=prefixes[i], finish_reason="length", logprobs=echoed[i] if echoed else None)
+            for i in range(len(prefixes))
+        ]
+        read = sum(len(prompt.ids) for prompt in prompts) * body.n
+        usage = CompletionUsage(prompt_tokens=read, completion_tokens=0, total_tokens=read)
+        return jsonify(CompletionResponse(**head, choices=choices, usage=usage).model_dump(mode="json"))
     params = sampling_params(body.temperature, body.top_k, body.top_p)
     seed = choose_seed(body.seed)
     plans = [
         Plan(
             model=loaded,
-            prompt_ids=encode_prompt(loaded, prompt, body.unknown_chars),
+            prompt_ids=prompt.ids,
             max_new_chars=body.max_tokens,
             params=params,
             seed=seed,
@@ -75,32 +95,110 @@ def completions() -> Response:
             stop=body.stop_strings(),
             top_logprobs=body.logprobs or 0,
         )
-        for prompt in body.prompts()
+        for prompt in prompts
     ]
     run = Run(service, client_id(service.config))
     run.submit(plans)
-    head = {"id": new_id("cmpl"), "created": int(time.time()), "model": loaded.name}
-    prefixes = [prompt if body.echo else "" for prompt in body.prompts() for _ in range(body.n)]
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        response = sse_response(_events(run, plans, head, prefixes, body.logprobs, include_usage))
+        response = sse_response(_events(run, plans, head, prefixes, body.logprobs, include_usage, echoed))
         response.call_on_close(run.cancel)  # also when the client leaves before the first event
         return response
-    choices = [
-        CompletionChoice(
-            index=i,
-            text=prefixes[i] + "".join(t.char for t in tokens),
-            finish_reason=_finish_reason(reason),
-            logprobs=None if body.logprobs is None else _logprobs(tokens, body.logprobs, len(prefixes[i])),
-        )
-        for i, (tokens, reason) in enumerate(run.results(disconnect_check()))
-    ]
+    choices = []
+    for i, (tokens, reason) in enumerate(run.results(disconnect_check())):
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = _joined(echoed[i] if echoed else None, _logprobs(tokens, body.logprobs, len(prefixes[i])))
+        text = prefixes[i] + "".join(t.char for t in tokens)
+        choices.append(CompletionChoice(index=i, text=text, finish_reason=_finish_reason(reason), logprobs=logprobs))
     answer = CompletionResponse(**head, choices=choices, usage=_usage(run, plans))
     return jsonify(answer.model_dump(mode="json"))
 
 
+@dataclass(frozen=True)
+class _Prompt:
+    """A prompt as read: its text (what `echo` returns), its vocabulary ids, and each id's offset in the text."""
+
+    text: str
+    ids: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+
+def _read_prompt(loaded: LoadedModel, prompt: str | list[int], unknown: str) -> _Prompt:
+    """A prompt given as text or as vocabulary indices; an index outside the vocabulary is a 422 on `prompt`."""
+    chars = loaded.vocab.chars
+    if isinstance(prompt, list):
+        bad = next((i for i in prompt if i >= len(chars)), None)
+        if bad is not None:
+            message = f"token {bad} is not in the model's vocabulary (0 to {len(chars) - 1}; see POST /tokenize)"
+            raise ApiError(422, "invalid_value", message, "prompt")
+        return _Prompt("".join(chars[i] for i in prompt), tuple(prompt), tuple(range(len(prompt))))
+    ids = encode_prompt(loaded, prompt, unknown)
+    offsets = tuple(i for i, char in enumerate(prompt) if char in loaded.vocab)  # unknown characters dropped
+    return _Prompt(prompt, ids, offsets)
+
+
+def _check_scoring_only(body: CompletionRequest) -> None:
+    """max_tokens 0 only scores the prompts: it needs echo, and there is nothing to stream."""
+    if body.max_tokens == 0 and not body.echo:
+        raise ApiError(
+            422, "invalid_value", "max_tokens 0 only scores the prompt, which needs echo: true", "max_tokens"
+        )
+    if body.max_tokens == 0 and body.stream:
+        raise ApiError(
+            422, "invalid_value", "max_tokens 0 only scores the prompt: there is nothing to stream", "stream"
+        )
+
+
+def _prompt_logprobs(service: Service, loaded: LoadedModel, prompts: list[_Prompt], body: CompletionRequest) -> list:
+    """For `echo` with `logprobs`: each prompt's characters with their log-probabilities read from a zero
+    state, as the generation after it reads the prompt (the first character's is null: nothing precedes it)."""
+    top = body.logprobs or 0
+    alternatives = sum(len(p.ids) for p in prompts) * body.n * max(top, 1)
+    limit = service.config.request_logprob_limit(TOP_LOGPROBS)
+    if alternatives > limit:
+        message = f"echo with logprobs asks for {alternatives} prompt log-probabilities and alternatives; "
+        message += f"at most {limit} per request (CHARRNN_MAX_REQUEST_LOGPROBS)"
+        raise ApiError(422, "request_too_large", message, "logprobs")
+    chars = loaded.vocab.chars
+    scored = []
+    with slot("score", "the server is busy scoring other texts; retry later"):
+        for prompt in prompts:
+            scores = score_ids(loaded.model, prompt.ids[:1], prompt.ids[1:], top=top) if prompt.ids else []
+            scored.append(
+                OpenAILogprobs(
+                    tokens=[chars[i] for i in prompt.ids],
+                    token_logprobs=[None] * bool(prompt.ids) + [s.logprob for s in scores],
+                    top_logprobs=[None] * bool(prompt.ids) + [{chars[i]: v for i, v in s.top} for s in scores]
+                    if top
+                    else None,
+                    text_offset=list(prompt.offsets),
+                )
+            )
+    return scored
+
+
+def _joined(first: OpenAILogprobs | None, second: OpenAILogprobs) -> OpenAILogprobs:
+    """The prompt's logprobs (when echoed) followed by the generated characters'."""
+    if first is None:
+        return second
+    tops = None if first.top_logprobs is None else first.top_logprobs + (second.top_logprobs or [])
+    return OpenAILogprobs(
+        tokens=first.tokens + second.tokens,
+        token_logprobs=first.token_logprobs + second.token_logprobs,
+        top_logprobs=tops,
+        text_offset=first.text_offset + second.text_offset,
+    )
+
+
 def _events(
-    run: Run, plans: list[Plan], head: dict, prefixes: list[str], logprobs: int | None, include_usage: bool
+    run: Run,
+    plans: list[Plan],
+    head: dict,
+    prefixes: list[str],
+    logprobs: int | None,
+    include_usage: bool,
+    echoed: list[OpenAILogprobs] | None,
 ) -> Iterator[str]:
     """`data: {chunk}` per piece of text, a chunk with each choice's finish_reason, then `data: [DONE]`."""
     offsets = [len(prefix) for prefix in prefixes]
@@ -110,12 +208,16 @@ def _events(
             if tokens is not None and not tokens:
                 yield sse_comment("keep-alive")
                 continue
-            text = "" if index in started else prefixes[index]  # echo: the prompt comes first
+            first = index not in started
+            text = prefixes[index] if first else ""  # echo: the prompt comes first
+            prompt_lp = echoed[index] if echoed is not None and first else None
             started.add(index)
             if reason is not None:
-                choice = CompletionChoice(index=index, text=text, finish_reason=_finish_reason(reason))
+                choice = CompletionChoice(
+                    index=index, text=text, finish_reason=_finish_reason(reason), logprobs=prompt_lp
+                )
             else:
-                lp = None if logprobs is None else _logprobs(tokens, logprobs, offsets[index])
+                lp = None if logprobs is None else _joined(prompt_lp, _logprobs(tokens, logprobs, offsets[index]))
                 offsets[index] += len(tokens)
                 choice = CompletionChoice(index=index, text=text + "".join(t.char for t in tokens), logprobs=lp)
             yield sse_event(CompletionResponse(**head, choices=[choice]).model_dump(mode="json"))

@@ -98,11 +98,12 @@ def test_a_list_of_prompts_gives_n_choices_each_in_order(client: FlaskClient) ->
 
 def test_logprobs_follow_the_openai_layout(client: FlaskClient) -> None:
     (choice,) = complete(client, {"prompt": "the", "max_tokens": 6, "logprobs": 3, "echo": True}).json["choices"]
-    logprobs = choice["logprobs"]
-    assert "".join(logprobs["tokens"]) == choice["text"][3:]
-    assert logprobs["text_offset"] == [3, 4, 5, 6, 7, 8]
-    assert all(len(top) == 3 for top in logprobs["top_logprobs"])
-    assert all(lp <= 0 for lp in logprobs["token_logprobs"])
+    logprobs = choice["logprobs"]  # with echo, the prompt's characters come first (OpenAI's layout)
+    assert "".join(logprobs["tokens"]) == choice["text"]
+    assert logprobs["text_offset"] == list(range(9))
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert all(len(top) == 3 for top in logprobs["top_logprobs"][1:])
+    assert all(lp <= 0 for lp in logprobs["token_logprobs"][1:])
 
 
 def test_a_stop_string_is_honoured(client: FlaskClient) -> None:
@@ -143,7 +144,8 @@ def test_models_are_listed_the_openai_way(client: FlaskClient) -> None:
         ({"prompt": "the", "max_tokens": 0}, 422, "max_tokens"),
         ({"prompt": "the", "logprobs": 6}, 422, "logprobs"),
         ({"prompt": "the", "presence_penalty": 0.5}, 422, "presence_penalty"),
-        ({"prompt": [1, 2]}, 422, "prompt"),
+        ({"prompt": [1.5, 2]}, 422, "prompt"),  # token ids are whole numbers
+        ({"prompt": [1, 99_999]}, 422, "prompt"),  # and in the vocabulary
         ({"prompt": "the", "suffix": "x"}, 422, "suffix"),
         ({"prompt": "THE"}, 422, "prompt"),
         ({"prompt": "the", "model": "nope"}, 422, "model"),
