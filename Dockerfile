@@ -12,6 +12,11 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
+# The compiler for the C kernel below (before the sources are copied, so that a code change keeps this layer).
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 # torch first, pinned as in the Makefile. TORCH_INDEX_URL is an extra index beside PyPI, so torch's own
 # dependencies come from PyPI; its `2.13.0+cpu` is a higher version than PyPI's (CUDA) `2.13.0`, so pip
 # takes the index's build. Then what neither `import torch` nor the service uses: C++ headers, CMake
@@ -31,15 +36,11 @@ COPY model ./model
 COPY service ./service
 COPY corpora ./corpora
 # The package without its optional extras (the `plot` extra, matplotlib, draws loss.png; without it
-# `charrnn train` logs that it skips the plot).
-RUN pip install .
-# The engine's C kernel (service/native_lstm.py) compiled here, where a compiler is, for the runtime
-# image, which has none: the runtime finds it in CHARRNN_KERNEL_DIR by a hash of its source and flags.
-# Both variants are built (AVX2/FMA/F16C and portable C), so a runtime CPU without AVX2 finds its own.
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends gcc libc6-dev \
- && rm -rf /var/lib/apt/lists/* \
+# `charrnn train` logs that it skips the plot). Then the engine's C kernel (service/native_lstm.py),
+# compiled here, where a compiler is, for the runtime image, which has none: the runtime finds it in
+# CHARRNN_KERNEL_DIR by a hash of its source and flags. Both variants are built (AVX2/FMA/F16C and
+# portable C), so a runtime CPU without AVX2 finds its own.
+RUN pip install . \
  && CC=gcc CHARRNN_KERNEL_DIR=/opt/kernels python -c "from service import native_lstm; native_lstm.build_all(); assert native_lstm.load()"
 
 # ---- runtime ------------------------------------------------------------------------------------

@@ -28,8 +28,8 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 BASE = "charrnn-base:bookworm"
 IMAGE = "charrnn:test"
 WHEEL_DIR = Path(os.environ.get("CHARRNN_TORCH_WHEELS", "/opt/wheels"))
-# Filled in by the fixtures, reported at the end of the session (what the tier costs, what the image weighs).
-FIGURES: dict[str, str] = {}
+# What the tier measured (build time, image size), reported at the end of the session.
+FIGURES = pytest.StashKey[dict]()
 
 
 def unavailable(reason: str) -> None:
@@ -52,10 +52,20 @@ def docker(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return run(["docker", *args], **kwargs)
 
 
-def pytest_terminal_summary(terminalreporter) -> None:
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[FIGURES] = {}
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     """The figures of this run: build time and the image's size above its base."""
-    for key, value in FIGURES.items():
+    for key, value in config.stash.get(FIGURES, {}).items():
         terminalreporter.write_line(f"docker tier: {key}: {value}")
+
+
+@pytest.fixture(scope="session")
+def figures(pytestconfig: pytest.Config) -> dict[str, str]:
+    """Figures to report at the end of the session."""
+    return pytestconfig.stash[FIGURES]
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +94,7 @@ def torch_index() -> Iterator[int]:
         unavailable(f"no torch-2.13.0+cpu wheel in {WHEEL_DIR} (set CHARRNN_TORCH_WHEELS)")
     port = free_port()
     argv = commands.argv(commands.TORCH_INDEX, wheel_dir=WHEEL_DIR, index_port=port)
-    server = subprocess.Popen([sys.executable, *argv[1:]], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, *argv[1:]], cwd=REPO)
     try:
         wait_for(lambda: ok(f"http://127.0.0.1:{port}/simple/torch/"), 30, "the torch index", server)
         yield port
@@ -94,7 +104,7 @@ def torch_index() -> Iterator[int]:
 
 
 @pytest.fixture(scope="session")
-def image(base_image: str, torch_index: int, tmp_path_factory: pytest.TempPathFactory) -> str:
+def image(base_image: str, torch_index: int, figures: dict[str, str]) -> str:
     """The repository's Dockerfile built once per session (only its two build arguments set)."""
     template = commands.BUILD
     start = time.monotonic()
@@ -104,7 +114,7 @@ def image(base_image: str, torch_index: int, tmp_path_factory: pytest.TempPathFa
         cwd=REPO,
         env=os.environ | commands.env_of(template),
     )
-    FIGURES["image build"] = f"{time.monotonic() - start:.0f} s"
+    figures["image build"] = f"{time.monotonic() - start:.0f} s"
     return IMAGE
 
 
@@ -135,9 +145,10 @@ class Container:
     url: str
 
     def logs(self) -> str:
-        """What it wrote so far."""
-        result = docker("logs", self.name, check=False)
-        return (result.stdout + result.stderr)[-6000:]
+        """What it wrote so far, stdout and stderr in the order written (one pipe for both)."""
+        argv = ["docker", "logs", self.name]
+        result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+        return result.stdout[-20000:]
 
     def inspect(self, template: str) -> str:
         """`docker inspect --format TEMPLATE`."""
@@ -163,11 +174,15 @@ def start_container(image: str) -> Iterator[Callable[..., Container]]:
     """Runs `docker run` from a README template on a free port; removes the containers after the session."""
     names: list[str] = []
 
-    def start(template: str, **values: object) -> Container:
+    def start(template: str, *env: str, **values: object) -> Container:
+        """`env`: extra VAR=value settings for this container (before the image name)."""
         port = free_port()
         name = f"charrnn-test-{os.getpid()}-{len(names)}"
         names.append(name)
-        docker(*commands.argv(template, name=name, port=port, image=image, **values)[1:])
+        argv = commands.argv(template, name=name, port=port, image=image, **values)
+        for setting in env:
+            argv[-1:-1] = ["-e", setting]
+        docker(*argv[1:])
         container = Container(name, f"http://127.0.0.1:{port}")
         container.wait_until_ready()
         return container
