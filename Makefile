@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 # machine: make TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install serve test test-docker lint format bench default-model clean
+.PHONY: install serve test test-docker test-harness lint format bench default-model clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,20 @@ test: lint  ## lint, then the whole test suite (slow tests included)
 test-docker: install  ## the docker tier: the image built and run for real (minutes; see README "Docker")
 	$(BIN)/python -m pytest -m docker tests/docker
 
+# lm-evaluation-harness, a real client of the scoring API, evaluates the served default model. It is heavy
+# (transformers, datasets, ...), so it gets its own virtual environment, with the same CPU torch first.
+HARNESS_VENV ?= .venv-harness
+LM_EVAL_VERSION ?= 0.4.13
+
+$(HARNESS_VENV)/.installed:
+	$(PYTHON) -m venv $(HARNESS_VENV)
+	$(HARNESS_VENV)/bin/python -m pip install --quiet torch==$(TORCH_VERSION) --index-url $(TORCH_INDEX_URL)
+	$(HARNESS_VENV)/bin/python -m pip install --quiet 'lm-eval[api]==$(LM_EVAL_VERSION)'
+	touch $@
+
+test-harness: install $(HARNESS_VENV)/.installed  ## the harness tier: lm-eval scores and generates through the server
+	CHARRNN_REQUIRE_HARNESS=1 CHARRNN_LM_EVAL=$(HARNESS_VENV)/bin/lm_eval $(BIN)/python -m pytest -m harness tests/harness
+
 format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
@@ -50,4 +64,4 @@ default-model: install  ## retrain the shipped default model (55 minutes on 2 CP
 	    --out service/default_model/shakespeare.safetensors --command "$(DEFAULT_MODEL_COMMAND)"
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(HARNESS_VENV) .pytest_cache .ruff_cache *.egg-info
