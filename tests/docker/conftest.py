@@ -189,7 +189,7 @@ def start_container(image: str) -> Iterator[Callable[..., Container]]:
 
     yield start
     for name in names:
-        docker("rm", "-f", name, check=False)
+        docker("rm", "-f", "-v", name, check=False)  # -v: its anonymous /models and /data volumes too
 
 
 @pytest.fixture(scope="session")
