@@ -8,6 +8,7 @@ files or shows progress.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -218,6 +219,13 @@ class Trainer:
                 bits_per_char(self.val_loss),
             )
             log.info("%s", summary)
+        # Rank 0 has just saved and plotted while the others waited for nothing: one more agreement
+        # before leaving the group, so that no rank tears it down while another is still busy; and the
+        # DistributedDataParallel wrapper goes first (its reducer outliving the group aborted a rank at exit).
+        self.dist.agree(self.elapsed, False)
+        if self.wrapped is not self.model:
+            self.wrapped = self.model
+            gc.collect()
         self.dist.close()
         return TrainResult(
             self.step,
@@ -394,8 +402,8 @@ class Trainer:
 
     def _show_samples(self) -> None:
         """Log the samples (rank 0) and write them to metrics.jsonl; not counted in the time budget."""
-        samples = self._samples() if self.dist.is_main else {}
-        if not samples:
+        samples = self._samples()  # on every rank (the same text), so that the ranks stay in step
+        if not samples or not self.dist.is_main:
             return
         self._write_metrics({"step": self.step, "samples": samples})
         for temperature, text in samples.items():

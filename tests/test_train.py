@@ -311,6 +311,7 @@ def test_the_loss_plot_marks_the_first_lowest_validation_loss() -> None:
     from model.plot import best_point
 
     assert best_point([(10, 2.0), (20, 1.5), (30, 1.7), (40, 1.5)]) == (20, 1.5)
+    assert best_point([(10, 2.0), (20, 1.5), (30, 1.4)], recorded=20) == (20, 1.5)  # 30: the whole split
 
 
 def test_costly_evaluations_by_the_clock_take_at_most_a_fifth_of_the_budget(
