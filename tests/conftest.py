@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
 import random
+import shutil
+import subprocess
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import torch
@@ -11,6 +16,7 @@ import torch
 from model.config import PRESETS, ModelConfig, TrainConfig, split_settings
 from model.data import load_corpus
 from model.train import Trainer
+from service import native_lstm
 
 # Tests use tiny models, for which a second thread only adds synchronisation; on a busy 2-core
 # machine two threads per test process made the suite several times slower.
@@ -36,6 +42,30 @@ def make_text(chars: int, seed: int = 0) -> str:
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Encoded corpora go to a temporary cache, never the user's."""
     monkeypatch.setenv("CHARRNN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_kernels(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled C kernels go to a temporary directory shared by the session, never the user's cache."""
+    monkeypatch.setenv("CHARRNN_KERNEL_DIR", str(tmp_path_factory.getbasetemp() / "kernels"))
+
+
+def kernel_unavailable(reason: str) -> NoReturn:
+    """Where the C kernel cannot be built: a failure in CI (CI=true), else a skip that says why."""
+    if os.environ.get("CI", "").strip().lower() in ("true", "1"):
+        pytest.fail(f"the native kernel is required in CI (CI=true): {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def native_kernel(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    """The C kernel for this CPU, built into the session's temporary kernel directory and loaded."""
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        kernel_unavailable("no C compiler (cc) to build the native kernel with")
+    try:
+        return native_lstm.open_kernel(directory=tmp_path_factory.getbasetemp() / "kernels")
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        kernel_unavailable(f"the native kernel did not build or load: {exc}")
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,6 @@ from model.sampling import SamplingParams, prefill
 from service import native_lstm
 from service.batch import FastLSTMBatch, ModuleBatch, NativeLSTMBatch, Noise, RecurrentBatch, block_draws_are_sequential
 
-needs_kernel = pytest.mark.skipif(native_lstm.load() is None, reason="no C compiler for the native kernel")
-
 
 def odd_model(layers: int = 3, hidden: int = 37, vocab: int = 29, half: bool = False) -> CharRNN:
     """Sizes that are not multiples of any vector width, to exercise every loop tail.
@@ -40,6 +38,13 @@ def fake_job(seed: int) -> SimpleNamespace:
     )
 
 
+def make(kind: type, model: CharRNN, capacity: int, request: pytest.FixtureRequest) -> RecurrentBatch:
+    """A batch of `kind`; NativeLSTMBatch with the session's kernel (the native_kernel fixture)."""
+    if kind is NativeLSTMBatch:
+        return kind(model, capacity, request.getfixturevalue("native_kernel"))
+    return kind(model, capacity)
+
+
 def fill(batch: RecurrentBatch, model: CharRNN, rows: int) -> None:
     for row in range(rows):
         logits, state = prefill(model, [row % model.config.vocab_size, 3, 1])
@@ -48,32 +53,26 @@ def fill(batch: RecurrentBatch, model: CharRNN, rows: int) -> None:
 
 @pytest.mark.parametrize("half", [False, True], ids=["float32", "float16"])
 @pytest.mark.parametrize("rows", [1, 5, 30])  # 30: beyond NATIVE_MAX_ROWS, the PyTorch step
-@pytest.mark.parametrize("kind", [FastLSTMBatch, pytest.param(NativeLSTMBatch, marks=needs_kernel)])
-def test_batched_steps_match_the_module(kind: type, rows: int, half: bool) -> None:
+@pytest.mark.parametrize("kind", [FastLSTMBatch, NativeLSTMBatch])
+def test_batched_steps_match_the_module(kind: type, rows: int, half: bool, request: pytest.FixtureRequest) -> None:
     model = odd_model(half=half)
-    batch = kind(model, 32, native_lstm.load()) if kind is NativeLSTMBatch else kind(model, 32)
+    batch = make(kind, model, 32, request)
     if kind is NativeLSTMBatch:  # the kernel reads float16 copies exactly when the weights are float16 values
         assert [w is not None for w in batch.weights_half] == [half] * model.config.layers
     assert_steps_match_the_module(batch, model, rows)
 
 
-@needs_kernel
-def test_the_portable_kernel_reads_float16_weights_like_the_vector_one(monkeypatch, tmp_path) -> None:
+def test_the_portable_kernel_reads_float16_weights_like_the_vector_one(native_kernel: Any, tmp_path) -> None:
     """Built without AVX2/F16C (as on a CPU without them), float16 bits are converted in plain C."""
-    monkeypatch.setenv("CHARRNN_KERNEL_DIR", str(tmp_path))
-    monkeypatch.setattr(native_lstm, "_cpu_has_avx2", lambda: False)
-    monkeypatch.setattr(native_lstm, "_tried", False)
-    monkeypatch.setattr(native_lstm, "_library", None)
-    portable = native_lstm.load()
-    assert portable is not None and list(tmp_path.glob("*.so"))
+    portable = native_lstm.open_kernel(simd=False, directory=tmp_path)
+    assert list(tmp_path.glob("*.so")) == [native_lstm.kernel_path(simd=False, directory=tmp_path)]
     model = odd_model(half=True)
     assert_steps_match_the_module(NativeLSTMBatch(model, 8, portable), model, 3)
     assert_converts_every_float16(portable)
 
 
-@needs_kernel
-def test_the_kernel_converts_every_float16_value_exactly() -> None:
-    assert_converts_every_float16(native_lstm.load())
+def test_the_kernel_converts_every_float16_value_exactly(native_kernel: Any) -> None:
+    assert_converts_every_float16(native_kernel)
 
 
 def assert_converts_every_float16(kernel: Any) -> None:
@@ -97,10 +96,10 @@ def assert_steps_match_the_module(batch: RecurrentBatch, model: CharRNN, rows: i
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", [FastLSTMBatch, pytest.param(NativeLSTMBatch, marks=needs_kernel)])
-def test_keep_reorders_rows_with_their_state(kind: type) -> None:
+@pytest.mark.parametrize("kind", [FastLSTMBatch, NativeLSTMBatch])
+def test_keep_reorders_rows_with_their_state(kind: type, request: pytest.FixtureRequest) -> None:
     model = odd_model()
-    batch = kind(model, 8, native_lstm.load()) if kind is NativeLSTMBatch else kind(model, 8)
+    batch = make(kind, model, 8, request)
     fill(batch, model, 4)
     before = [s.clone() for s in batch.state], batch.logits.clone(), list(batch.jobs)
     batch.keep([3, 1])

@@ -19,7 +19,6 @@ from service.batch import FastLSTMBatch, NativeLSTMBatch, make_batch
 from service.engine import Engine, JobSpec
 from tests.test_engine import tiny_model
 
-pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build kernels with")
 OTHER_UID = 54321  # a user that is neither the tests' nor root
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,14 +39,15 @@ def planted_source(marker: Path) -> str:
     return f"#include <stdio.h>\n__attribute__((constructor)) static void planted(void) {{ {body} }}\n"
 
 
+@pytest.fixture(autouse=True)
+def _compiler(native_kernel: object) -> None:
+    """These tests compile libraries: without a compiler they fail in CI and skip elsewhere (see conftest)."""
+
+
 @pytest.fixture(scope="module")
-def good_kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def good_kernel(tmp_path_factory: pytest.TempPathFactory, native_kernel: object) -> Path:
     """A real kernel, compiled once for the module; tests copy it where they need it."""
-    os.environ["CHARRNN_KERNEL_DIR"] = str(tmp_path_factory.mktemp("built") / "kernels")
-    try:
-        return native_lstm._build()
-    finally:
-        del os.environ["CHARRNN_KERNEL_DIR"]
+    return native_lstm._build(directory=tmp_path_factory.mktemp("built") / "kernels")
 
 
 @pytest.fixture

@@ -1,0 +1,178 @@
+/* The LSTM step and the character draw for batches of a few rows (see lstm_step.h for the layouts,
+   service/native_lstm.py for why and how it is built and loaded).
+
+   Numerics: float32 throughout, like the model; sums run in another order than MKL's and exp is a
+   polynomial (Cephes expf, ~1 ulp), so results equal the PyTorch step's to float rounding, not bit
+   for bit. Float16 weights are converted exactly and the arithmetic stays float32. */
+#include "lstm_step.h"
+
+#include <math.h>
+#include <string.h>
+#if defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+int charrnn_max_layers(void) { return CHARRNN_MAX_LAYERS; }
+size_t charrnn_net_size(void) { return sizeof(Net); }
+
+/* Cephes expf: range reduction by ln 2, a degree-6 polynomial; branch-free so loops vectorize. */
+static inline float exp_(float x) {
+    x = fminf(fmaxf(x, -87.3f), 88.7f);
+    float fx = floorf(x * 1.44269504088896341f + 0.5f);
+    x -= fx * 0.693359375f;
+    x -= fx * -2.12194440e-4f;
+    float z = x * x;
+    float y = ((((1.9875691500e-4f * x + 1.3981999507e-3f) * x + 8.3334519073e-3f) * x + 4.1665795894e-2f) * x
+               + 1.6666665459e-1f) * x + 5.0000001201e-1f;
+    y = y * z + x + 1.0f;
+    union { int32_t i; float f; } scale;
+    scale.i = ((int32_t)fx + 127) << 23;
+    return y * scale.f;
+}
+
+static inline float sigmoid_(float x) { return 1.0f / (1.0f + exp_(-x)); }
+static inline float tanh_(float x) { return 2.0f / (1.0f + exp_(-2.0f * x)) - 1.0f; }
+
+/* y (n, N) += x (n, K; row stride ldx) @ W (K, N): four rows of W per pass, each row of y stays in L1. */
+static void matmul_acc(int n, int K, int N, const float *x, int ldx, const float *W, float *y) {
+    int k = 0;
+    for (; k + 4 <= K; k += 4) {
+        const float *w0 = W + (size_t)k * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
+        for (int r = 0; r < n; r++) {
+            const float *xr = x + (size_t)r * ldx + k;
+            const float a0 = xr[0], a1 = xr[1], a2 = xr[2], a3 = xr[3];
+            float *restrict yr = y + (size_t)r * N;
+            for (int j = 0; j < N; j++) yr[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j];
+        }
+    }
+    for (; k < K; k++) {
+        const float *w0 = W + (size_t)k * N;
+        for (int r = 0; r < n; r++) {
+            const float a0 = x[(size_t)r * ldx + k];
+            float *restrict yr = y + (size_t)r * N;
+            for (int j = 0; j < N; j++) yr[j] += a0 * w0[j];
+        }
+    }
+}
+
+static inline float half_to_float(uint16_t h) {
+#if defined(__F16C__) && defined(__FMA__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, bits;
+    if (e == 0x1f) bits = sign | 0x7f800000u | (m << 13);      /* inf, nan */
+    else if (e) bits = sign | ((e + 112) << 23) | (m << 13);   /* normal */
+    else if (!m) bits = sign;                                  /* zero */
+    else {                                                     /* subnormal: normalise */
+        e = 113;
+        while (!(m & 0x400)) { m <<= 1; e--; }
+        bits = sign | (e << 23) | ((m & 0x3ff) << 13);
+    }
+    union { uint32_t u; float f; } v = { bits };
+    return v.f;
+#endif
+}
+
+float charrnn_half_to_float(uint16_t h) { return half_to_float(h); }
+
+/* matmul_acc with float16 weights: each 8-column slice of four weight rows is converted once and
+   used for every row of x. Half the bytes of W per step, and W's reads are what bound one stream. */
+static void matmul_acc_h(int n, int K, int N, const float *x, int ldx, const uint16_t *W, float *y) {
+    int k = 0;
+    for (; k + 4 <= K; k += 4) {
+        const uint16_t *w0 = W + (size_t)k * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
+        int j = 0;
+#if defined(__F16C__) && defined(__FMA__)
+        for (; j + 8 <= N; j += 8) {
+            const __m256 v0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w0 + j)));
+            const __m256 v1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w1 + j)));
+            const __m256 v2 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w2 + j)));
+            const __m256 v3 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w3 + j)));
+            for (int r = 0; r < n; r++) {
+                const float *xr = x + (size_t)r * ldx + k;
+                float *yr = y + (size_t)r * N + j;
+                __m256 acc = _mm256_loadu_ps(yr);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(xr[0]), v0, acc);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(xr[1]), v1, acc);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(xr[2]), v2, acc);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(xr[3]), v3, acc);
+                _mm256_storeu_ps(yr, acc);
+            }
+        }
+#endif
+        for (; j < N; j++) {
+            const float a0 = half_to_float(w0[j]), a1 = half_to_float(w1[j]);
+            const float a2 = half_to_float(w2[j]), a3 = half_to_float(w3[j]);
+            for (int r = 0; r < n; r++) {
+                const float *xr = x + (size_t)r * ldx + k;
+                y[(size_t)r * N + j] += xr[0] * a0 + xr[1] * a1 + xr[2] * a2 + xr[3] * a3;
+            }
+        }
+    }
+    for (; k < K; k++) {
+        const uint16_t *w0 = W + (size_t)k * N;
+        for (int j = 0; j < N; j++) {
+            const float a0 = half_to_float(w0[j]);
+            for (int r = 0; r < n; r++) y[(size_t)r * N + j] += x[(size_t)r * ldx + k] * a0;
+        }
+    }
+}
+
+/* y (n, 4H) += x @ layer l's recurrent weights, in whichever precision the net holds them. */
+static void recurrent_acc(const Net *net, int l, int n, int K, const float *x, int ldx, float *y) {
+    if (net->wh[l]) matmul_acc_h(n, K, 4 * net->hidden, x, ldx, net->wh[l], y);
+    else matmul_acc(n, K, 4 * net->hidden, x, ldx, net->w[l], y);
+}
+
+/* gates (n, 4H) in order i, f, o, g -> new c (in place) and h (written at h, row stride ldh). */
+static void lstm_gates(int n, int H, const float *gates, float *c, float *h, int ldh) {
+    for (int r = 0; r < n; r++) {
+        const float *g = gates + (size_t)r * 4 * H;
+        float *restrict cr = c + (size_t)r * H;
+        float *restrict hr = h + (size_t)r * ldh;
+        for (int j = 0; j < H; j++) {
+            float i = sigmoid_(g[j]), f = sigmoid_(g[H + j]), o = sigmoid_(g[2 * H + j]), t = tanh_(g[3 * H + j]);
+            float cn = f * cr[j] + i * t;
+            cr[j] = cn;
+            hr[j] = o * tanh_(cn);
+        }
+    }
+}
+
+void charrnn_lstm_step(const Net *net, int n, const int64_t *ids) {
+    const int H = net->hidden, L = net->layers, G = 4 * H, ld = L * H;
+    for (int r = 0; r < n; r++) memcpy(net->gates + (size_t)r * G, net->table + (size_t)ids[r] * G, G * sizeof(float));
+    recurrent_acc(net, 0, n, H, net->hs, ld, net->gates);
+    lstm_gates(n, H, net->gates, net->cs, net->hs, ld);
+    for (int l = 1; l < L; l++) {
+        for (int r = 0; r < n; r++) memcpy(net->gates + (size_t)r * G, net->b[l], G * sizeof(float));
+        recurrent_acc(net, l, n, 2 * H, net->hs + (size_t)(l - 1) * H, ld, net->gates);
+        lstm_gates(n, H, net->gates, net->cs + (size_t)l * net->capacity * H, net->hs + (size_t)l * H, ld);
+    }
+    for (int r = 0; r < n; r++) memcpy(net->logits + (size_t)r * net->vocab, net->head_b, net->vocab * sizeof(float));
+    matmul_acc(n, H, net->vocab, net->hs + (size_t)(L - 1) * H, ld, net->head_w, net->logits);
+}
+
+/* The draw torch.multinomial(softmax(z / t), 1) makes from exponential noise q:
+   argmax(softmax(z / t) / q). Returns the id; *logprob = log_softmax(z)[id]. */
+int64_t charrnn_draw(const float *z, int V, float temperature, const float *q, float *logprob) {
+    float m = -INFINITY, mz = -INFINITY;
+    for (int j = 0; j < V; j++) { float s = z[j] / temperature; m = s > m ? s : m; mz = z[j] > mz ? z[j] : mz; }
+    float sum = 0.0f, sumz = 0.0f;
+    for (int j = 0; j < V; j++) { sum += exp_(z[j] / temperature - m); sumz += exp_(z[j] - mz); }
+    int64_t best = 0;
+    float best_ratio = -1.0f;
+    for (int j = 0; j < V; j++) {
+        float ratio = (exp_(z[j] / temperature - m) / sum) / q[j];
+        if (ratio > best_ratio) { best_ratio = ratio; best = j; }
+    }
+    *logprob = z[best] - mz - logf(sumz);
+    return best;
+}
+
+/* charrnn_draw for each row r of logits (n, V) whose temperature is > 0, with noise[r] (V,). */
+void charrnn_draw_rows(int n, int V, const float *logits, const float *temps, const float *const *noise,
+                       int64_t *ids, float *logprobs) {
+    for (int r = 0; r < n; r++)
+        if (temps[r] > 0) ids[r] = charrnn_draw(logits + (size_t)r * V, V, temps[r], noise[r], logprobs + r);
+}

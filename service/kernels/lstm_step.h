@@ -1,0 +1,52 @@
+/* The C kernel's interface: the LSTM step and the character draw of service/native_lstm.py, which
+   binds these functions with ctypes and mirrors Net as native_lstm.Net.
+
+   Layouts (row-major float32; gate columns reordered to i, f, o, g):
+       table (vocab, 4H)   layer 0's input projection, embedding and both biases folded in
+       w[0]  (H, 4H)       layer 0's recurrent weights; w[l] (2H, 4H) = [W_ih_l; W_hh_l] for l >= 1
+       wh[l]               w[l] as float16 (uint16 bits), or NULL
+       b[l]  (4H,)         b_ih_l + b_hh_l for l >= 1
+       hs    (capacity, layers * H)   every layer's h, side by side in a row
+       cs    (layers, capacity, H)
+*/
+#ifndef CHARRNN_LSTM_STEP_H
+#define CHARRNN_LSTM_STEP_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* The most layers a Net holds. Defined once, as native_lstm.MAX_LAYERS, which the loader passes as
+   -DCHARRNN_MAX_LAYERS=N; the library reports it back (charrnn_max_layers) so that a kernel built
+   for another limit is not used. */
+#ifndef CHARRNN_MAX_LAYERS
+#error "compile with -DCHARRNN_MAX_LAYERS=N (service/native_lstm.py does)"
+#endif
+
+typedef struct {
+    int layers, hidden, vocab, capacity;
+    const float *table, *head_w, *head_b;
+    const float *w[CHARRNN_MAX_LAYERS], *b[CHARRNN_MAX_LAYERS];
+    float *hs, *cs, *gates, *logits;
+    const uint16_t *wh[CHARRNN_MAX_LAYERS]; /* float16 copies of w[l] read instead of them; NULL: read w[l] */
+} Net;
+
+/* One step of n rows: ids (n,) -> logits (n, vocab); hs and cs move on by one character. */
+void charrnn_lstm_step(const Net *net, int n, const int64_t *ids);
+
+/* The draw torch.multinomial(softmax(z / t), 1) makes from exponential noise q (V,). Returns the id;
+   *logprob = log_softmax(z)[id]. */
+int64_t charrnn_draw(const float *z, int V, float temperature, const float *q, float *logprob);
+
+/* charrnn_draw for each row r of logits (n, V) whose temperature is > 0, with noise[r] (V,). */
+void charrnn_draw_rows(int n, int V, const float *logits, const float *temps, const float *const *noise,
+                       int64_t *ids, float *logprobs);
+
+/* A float16 value (its bits) as float32: exact; exported for the tests. */
+float charrnn_half_to_float(uint16_t h);
+
+/* CHARRNN_MAX_LAYERS and sizeof(Net), as this library was compiled: the loader checks them against
+   its ctypes mirror before a step is run. */
+int charrnn_max_layers(void);
+size_t charrnn_net_size(void);
+
+#endif
