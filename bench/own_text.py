@@ -15,8 +15,8 @@ zero state, nats/char). Usage:
 
     python bench/own_text.py [--quick] [--budget S] [--threads N] [--texts small,medium,large]
 
-The default budget (25 s per run, 18 runs) takes about 10 minutes; --quick (8 s per run, a 2 x 2
-sweep) about 3. Timings on a shared machine vary; compare the columns of one run.
+The default budget (25 s per run, 18 runs) takes about 10 minutes; --quick (10 s per run, a 2 x 2
+sweep) about 3.5. Timings on a shared machine vary; compare the columns of one run.
 """
 
 from __future__ import annotations
@@ -124,14 +124,14 @@ def bench_text(name: str, budget: float, quick: bool, tmp: Path) -> list[tuple[s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="8 s per run and a 2 x 2 sweep (~3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="10 s per run and a 2 x 2 sweep (~3.5 minutes)")
     parser.add_argument("--budget", type=float, help="seconds of training per run (default 25; --quick 8)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
     parser.add_argument("--texts", default="small,medium,large", help="which texts, comma-separated")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    budget = args.budget or (8.0 if args.quick else 25.0)
+    budget = args.budget or (10.0 if args.quick else 25.0)
     started = time.perf_counter()
     summary = []
     with tempfile.TemporaryDirectory() as tmp:

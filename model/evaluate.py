@@ -74,3 +74,48 @@ def carried_loss(model: CharRNN, ids: np.ndarray, chunk: int = 4096) -> float:
         count += len(block) - 1
     model.train(was_training)
     return total / max(count, 1)
+
+
+def dynamic_loss(
+    model: CharRNN,
+    ids: np.ndarray,
+    lr: float = 1e-3,
+    segment: int = 128,
+    decay: float = 0.0,
+    limit: int | None = None,
+) -> float:
+    """Mean next-character loss (nats) under dynamic evaluation (Krause et al., 2018).
+
+    The split is read as one sequence with the state carried (as `carried_loss` reads it), in segments
+    of `segment` characters: each segment is scored first, with the weights as they are, and only then
+    does the model take one SGD step of `lr` on that segment's loss (and, with `decay`, a pull of that
+    share back toward the trained weights), so every character is predicted by a model that has seen
+    only the text before it. Works on a copy: `model` is left as it was.
+    """
+    import copy
+
+    adapted = copy.deepcopy(model)
+    adapted.eval()  # no dropout; gradients still flow
+    device = next(adapted.parameters()).device
+    params = [p for p in adapted.parameters() if p.requires_grad]
+    trained = [p.detach().clone() for p in params]
+    end = len(ids) - 1 if limit is None else min(len(ids) - 1, limit)
+    total, count, state = 0.0, 0, None
+    for start in range(0, end, segment):
+        block = torch.from_numpy(np.asarray(ids[start : min(start + segment, end) + 1], dtype=np.int64)).to(device)
+        logits, state = adapted(block[None, :-1], state)  # (1, segment, vocab)
+        loss = F.cross_entropy(logits[0].float(), block[1:])
+        total += float(loss.detach()) * (len(block) - 1)
+        count += len(block) - 1
+        adapted.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            for param, original in zip(params, trained, strict=True):
+                if param.grad is not None:
+                    param -= lr * param.grad
+                if decay:
+                    param += decay * (original - param)
+        state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+    if count == 0:
+        raise ValueError("the split is too short to evaluate (needs at least 2 characters)")
+    return total / count

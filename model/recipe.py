@@ -56,7 +56,9 @@ class Choice:
 STEPS_FOR = ((1_200, 512), (400, 256), (0, 128))  # the widest network a budget of about N steps trains well
 
 
-def hidden_for(train_chars: int, budget_s: float, device: str = "cpu", world: int = 1) -> tuple[int, str]:
+def hidden_for(
+    train_chars: int, budget_s: float, device: str = "cpu", world: int = 1, vocab_size: int = 65
+) -> tuple[int, str]:
     """The recurrent layer's width for a text of `train_chars` characters and a budget."""
     if train_chars >= 700_000:
         hidden, why = 512, "as cpu-fast, measured best on Tiny Shakespeare's 1.0 M characters"
@@ -65,15 +67,21 @@ def hidden_for(train_chars: int, budget_s: float, device: str = "cpu", world: in
     else:
         hidden, why = 256, "a text under 200 k characters (256 units did best on a 20 k-character text)"
     for min_steps, widest in STEPS_FOR:
-        steps = budget_s * chars_per_second(hidden, device, world) / (24 * 64 * world)
+        steps = budget_s * chars_per_second(hidden, device, world, vocab_size) / (24 * 64 * world)
         if hidden > widest and steps < STEPS_FOR[0][0] and steps >= min_steps:
             hidden, why = widest, f"a short budget (about {steps:,.0f} steps): a smaller network learns sooner"
     return hidden, why
 
 
-def chars_per_second(hidden: int, device: str, world: int) -> float:
-    """A rough training speed, to estimate how many times the budget reads the text."""
-    speed = CPU_CHARS_PER_S_512 * min(4.0, 512 / hidden) ** 0.5  # the step's fixed costs do not shrink
+def step_cost(hidden: int, vocab_size: int) -> float:
+    """Multiply-adds per character (the LSTM's four gates, the head), plus a fixed cost per character
+    fitted to this machine's steps (128 units trained ~7x faster than 512, not the 11x the arithmetic says)."""
+    return 4 * hidden * (hidden + 64) + hidden * vocab_size + 85_000
+
+
+def chars_per_second(hidden: int, device: str, world: int, vocab_size: int = 65) -> float:
+    """A rough training speed, to estimate how many steps the budget takes and how often it reads the text."""
+    speed = CPU_CHARS_PER_S_512 * step_cost(512, 65) / step_cost(hidden, vocab_size)
     return speed * world * (GPU_SPEEDUP if device == "cuda" else 1.0)
 
 
@@ -87,8 +95,8 @@ def auto_recipe(
     val_chars: int | None = None,
 ) -> list[Choice]:
     """The `auto` preset's settings for this text, budget and device, each with its reason."""
-    hidden, hidden_why = hidden_for(train_chars, budget_s, device, world)
-    epochs = budget_s * chars_per_second(hidden, device, world) / max(train_chars, 1)
+    hidden, hidden_why = hidden_for(train_chars, budget_s, device, world, vocab_size)
+    epochs = budget_s * chars_per_second(hidden, device, world, vocab_size) / max(train_chars, 1)
     reads = f"the budget reads the text about {epochs:,.0f} times"
     if epochs <= 12:
         dropout, dropout_why = 0.15, f"{reads} (cpu-fast's ~7 on Tiny Shakespeare): light regularisation"
@@ -96,6 +104,9 @@ def auto_recipe(
         dropout, dropout_why = 0.3, f"{reads}: it would overfit with cpu-fast's 0.15"
     else:
         dropout, dropout_why = 0.5, f"{reads}: a small text overfits fast, so heavy dropout"
+    if hidden <= 128 and dropout > 0.15:  # one level down: 0.5 -> 0.3, 0.3 -> 0.15
+        dropout = 0.3 if dropout == 0.5 else 0.15
+        dropout_why = f"{reads}, but 128 units in a short budget underfit first: one level less"
     batch, seq_len = (96 if device == "cuda" else 24), 64
     fits = max(1, train_chars // (world * (4 * seq_len + 1)))  # at least 4 windows per track and epoch
     batch_why = "cpu-fast's (measured best of 16-32 on 2 cores)" if device != "cuda" else "a GPU runs 4x cpu-fast's"

@@ -246,3 +246,14 @@ def test_train_defaults_to_auto_says_why_and_ends_with_a_verdict(
 def test_bad_evaluation_flags_name_the_flag(text_file: Path, tmp_path: Path, capsys, argv, message) -> None:
     code, _, err = run(capsys, "train", "--corpus", str(text_file), "--out", str(tmp_path / "o"), *argv)
     assert code == 2 and message in err
+
+
+def test_eval_dynamic_reports_dynamic_evaluation_beside_the_static_figures(
+    trained_run: Path, text_file: Path, capsys
+) -> None:
+    code, out, err = run(capsys, "eval", str(trained_run), "--corpus", str(text_file), "--dynamic")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("loss: ") and "state carried" in lines[2]  # the static figures stay, first
+    assert lines[3].startswith("dynamic evaluation (state carried, an SGD step of 1 after each 128-character ")
+    assert "against the state-carried figure" in lines[3]

@@ -35,6 +35,8 @@ def test_auto_scales_down_for_small_texts() -> None:
     small = chosen(train_chars=18_000, vocab_size=1_000, budget_s=60.0)
     assert small["hidden"] == 256 and small["dropout"] == 0.5 and small["patience"] > 0
     assert small["eval_count"] == 20 and small["eval_every"] >= 10**6  # by the clock: every 3 s
+    short = chosen(train_chars=18_000, vocab_size=1_000, budget_s=10.0)  # a few hundred steps: fewer units
+    assert short["hidden"] == 128 and short["dropout"] == 0.3  # and one level less dropout
     previous = None
     for chars in (TINY_SHAKESPEARE_TRAIN, 270_000, 90_000, 18_000):
         now = chosen(train_chars=chars, vocab_size=80, budget_s=150.0)
@@ -54,8 +56,8 @@ def test_auto_logs_each_choice_with_its_reason_and_flags_override_it(
 ) -> None:
     corpus = load_corpus(text_file, cache_dir=tmp_path / "cache")
     with caplog.at_level(logging.INFO, logger="model.recipe"):
-        model_cfg, train_cfg = resolve_recipe("auto", corpus, {"dropout": 0.1, "time_budget": 30.0})
-    assert model_cfg.dropout == 0.1 and train_cfg.time_budget == 30.0
+        model_cfg, train_cfg = resolve_recipe("auto", corpus, {"dropout": 0.1, "time_budget": 10.0})
+    assert model_cfg.dropout == 0.1 and train_cfg.time_budget == 10.0
     assert "--preset auto chose" in caplog.text
     assert "hidden        128: a short budget" in caplog.text
     assert "dropout       0.1 (given; auto would choose" in caplog.text
