@@ -15,7 +15,7 @@ zero state, nats/char). Usage:
 
     python bench/own_text.py [--quick] [--budget S] [--threads N] [--texts small,medium,large]
 
-The default budget (25 s per run, 18 runs) takes about 10 minutes; --quick (10 s per run, a 2 x 2
+The default (25 s per run, a 3 x 3 sweep: 33 runs) takes about 15 minutes; --quick (10 s per run, a 2 x 2
 sweep) about 3.5. Timings on a shared machine vary; compare the columns of one run.
 """
 
