@@ -249,9 +249,9 @@ def _compile(command: list[str]) -> None:
     output = (result.stderr + result.stdout).strip()
     if result.returncode != 0:
         log.warning(
-            "compiling the native kernel (%s) failed with exit status %d: %s\n%s",
-            SOURCE_DIR / "lstm_step.c",
+            "compiling the native kernel failed with exit status %d (it compiles a copy of %s, same lines): %s\n%s",
             result.returncode,
+            SOURCE_DIR / "lstm_step.c",
             shown,
             output or "(no output)",
         )
