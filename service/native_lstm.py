@@ -93,7 +93,7 @@ def native_enabled(value: str | bool | None = None) -> bool:
         value = os.environ.get("CHARRNN_NATIVE", "1")
     if isinstance(value, bool):
         return value
-    return value.strip() != "0"
+    return value != "0"
 
 
 def kernel_dir(value: str | os.PathLike[str] | None = None) -> Path:
@@ -249,9 +249,9 @@ def _compile(command: list[str]) -> None:
     output = (result.stderr + result.stdout).strip()
     if result.returncode != 0:
         log.warning(
-            "compiling the native kernel failed with exit status %d (it compiles a copy of %s, same lines): %s\n%s",
-            result.returncode,
+            "compiling the native kernel (a copy of %s) failed with exit status %d: %s\n%s",
             SOURCE_DIR / "lstm_step.c",
+            result.returncode,
             shown,
             output or "(no output)",
         )
@@ -266,6 +266,7 @@ def kernel_path(simd: bool | None = None, directory: str | os.PathLike[str] | No
 
 
 def _kernel_path(flags: list[str], code: dict[str, bytes], directory: str | os.PathLike[str] | None) -> Path:
+    """The kernel's file in `directory`, named by a hash of every source file (name and bytes) and the flags."""
     digest = hashlib.sha256()
     for name, data in code.items():
         digest.update(b"%s\0%d\0" % (name.encode(), len(data)) + data)
