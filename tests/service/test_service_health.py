@@ -40,7 +40,9 @@ def test_a_full_batch_and_queue_is_healthy_while_steps_succeed(make_app, monkeyp
     app = make_app(MAX_BATCH=1, MAX_QUEUE=1, MAX_CLIENT_JOBS=0)
     engine = app.extensions["charrnn"].engine
     slow_steps(app, monkeypatch)
-    jobs = [engine.submit(LONG), engine.submit(LONG)]
+    jobs = [engine.submit(LONG)]
+    wait_for(lambda: engine.active == 1, "the first job in the batch")  # else the second finds the queue full
+    jobs.append(engine.submit(LONG))
     wait_for(lambda: engine.active == 1 and engine.queue_depth == 1 and engine.last_step_ok_at, "a full engine")
     submitted = engine.submit
     monkeypatch.setattr(engine, "submit", lambda spec: (_ for _ in ()).throw(AssertionError("health queued a job")))
