@@ -104,8 +104,8 @@ def auto_recipe(
         dropout, dropout_why = 0.3, f"{reads}: it would overfit with cpu-fast's 0.15"
     else:
         dropout, dropout_why = 0.5, f"{reads}: a small text overfits fast, so heavy dropout"
-    if hidden <= 128 and dropout > 0.15:  # one level down: 0.5 -> 0.3, 0.3 -> 0.15
-        dropout = 0.3 if dropout == 0.5 else 0.15
+    if hidden <= 128:  # one level down: 0.5 -> 0.3 -> 0.15 -> 0
+        dropout = {0.5: 0.3, 0.3: 0.15, 0.15: 0.0}[dropout]
         dropout_why = f"{reads}, but 128 units in a short budget underfit first: one level less"
     batch, seq_len = (96 if device == "cuda" else 24), 64
     fits = max(1, train_chars // (world * (4 * seq_len + 1)))  # at least 4 windows per track and epoch

@@ -129,7 +129,7 @@ def test_time_budget_stops_cleanly_and_saves(text_file: Path, tmp_path: Path, mo
 
     monkeypatch.setattr(torch.distributed, "all_reduce", collective)  # the clock is agreed on only under torchrun
     corpus = load_corpus(text_file, cache_dir=tmp_path / "cache")
-    model_cfg, cfg = tiny_configs(len(corpus.vocab), max_steps=10**6, time_budget=1.0, eval_every=10**6)
+    model_cfg, cfg = tiny_configs(len(corpus.vocab), max_steps=10**6, time_budget=1.0, eval_every=10**6, eval_count=0)
     result = Trainer(model_cfg, cfg, corpus, tmp_path / "run", progress=False).run()
     assert result.stopped_by == "time_budget"
     assert load_checkpoint(tmp_path / "run" / "best.safetensors").meta["step"] == result.step
