@@ -153,6 +153,13 @@ def _add_train(commands: Any) -> None:
         help="characters of the validation split read by the final evaluation",
     )
     opt.add_argument("--val-fraction", type=number(float, 0.0, 0.5), help="fraction of the text held out at its end")
+    opt.add_argument(
+        "--ema",
+        type=number(float, 0.0, 0.99999),
+        metavar="DECAY",
+        help="evaluate, and keep as best, an exponential moving average of the weights with this decay per step "
+        "(e.g. 0.999; last keeps the raw weights for --resume; default 0: off)",
+    )
     opt.add_argument("--seed", type=number(int, 0, 2**63 - 1), help="random seed")
     opt.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
     opt.add_argument(

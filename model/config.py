@@ -8,10 +8,15 @@ from typing import Any
 
 CELLS = ("rnn", "lstm", "gru")
 PRECISIONS = ("auto", "fp32", "bf16")
+MAX_LAYERS = 16  # recurrent layers a network may have (the C kernel and /inspect's `layer` follow it)
 
 
 class ConfigError(ValueError):
-    """A configuration value is out of range; `field` names it."""
+    """A configuration value is out of range; `field` names it (a config field, or a CHARRNN_* variable).
+
+    The one configuration error of the project: the model's and the trainer's configs raise it, and so
+    do the service's settings (service/config.py).
+    """
 
     def __init__(self, field: str, message: str):
         self.field = field
@@ -43,7 +48,7 @@ class ModelConfig:
         if self.cell not in CELLS:
             raise ConfigError("cell", f"must be one of {', '.join(CELLS)}, got {self.cell!r}")
         _check_range("vocab_size", self.vocab_size, 1)
-        _check_range("layers", self.layers, 1, 16)
+        _check_range("layers", self.layers, 1, MAX_LAYERS)
         _check_range("hidden", self.hidden, 1, 16384)
         _check_range("embed", self.embed, 1, 16384)
         _check_range("dropout", self.dropout, 0.0, 0.95)
@@ -84,6 +89,9 @@ class TrainConfig:
     # (0: by steps only).
     eval_count: int = 20
     patience: int = 0  # stop after this many evaluations in a row without a new best (0: never)
+    # Evaluate and keep as `best` an exponential moving average of the weights (this decay per step, with
+    # a warm-up of min(ema, (1 + step) / (10 + step))); `last` keeps the raw weights for --resume. 0: off.
+    ema: float = 0.0
     sample_chars: int = 80  # characters sampled (at two temperatures, a fixed seed) at each evaluation; 0: none
     eval_max_chars: int = 131_072  # periodic evaluations read about this much of the split, spread evenly
     final_eval_max_chars: int = 8_388_608  # the final evaluation too (all of Tiny Shakespeare's split)
@@ -115,6 +123,7 @@ class TrainConfig:
         _check_range("eval_count", self.eval_count, 0, 100_000)
         _check_range("patience", self.patience, 0, 1_000_000)
         _check_range("sample_chars", self.sample_chars, 0, 10_000)
+        _check_range("ema", self.ema, 0.0, 0.99999)
         _check_range("eval_max_chars", self.eval_max_chars, 256)
         _check_range("final_eval_max_chars", self.final_eval_max_chars, 256)
         _check_range("val_fraction", self.val_fraction, 0.0, 0.5)

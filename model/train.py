@@ -8,12 +8,14 @@ files or shows progress.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
 import math
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -121,6 +123,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
         )
+        # The moving average of the weights (--ema), one tensor per parameter, or None.
+        self.ema = [p.detach().clone() for p in self.model.parameters()] if cfg.ema else None
         train_ids, self.val_ids = corpus.split(cfg.val_fraction)
         self.batcher = TrackBatcher(train_ids, cfg.batch, cfg.seq_len, self.dist.rank, self.dist.world)
         if len(self.val_ids) < 2:
@@ -307,6 +311,11 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        if self.ema is not None:
+            decay = min(cfg.ema, (1 + self.step) / (10 + self.step))
+            with torch.no_grad():
+                for average, param in zip(self.ema, self.model.parameters(), strict=True):
+                    average.lerp_(param, 1 - decay)
         self.train_loss = loss_value if self.train_loss is None else 0.9 * self.train_loss + 0.1 * loss_value
         self.step += 1
 
@@ -340,7 +349,36 @@ class Trainer:
         loss = windowed_loss(self.model, self.val_ids, limit=limit)
         return self.dist.mean(torch.tensor(loss, dtype=torch.float64, device=self.device))
 
+    @contextlib.contextmanager
+    def _averaged(self) -> Iterator[None]:
+        """The model holds the moving average of its weights inside this block (no-op without --ema)."""
+        if self.ema is None:
+            yield
+            return
+        params = list(self.model.parameters())
+        raw = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for param, average in zip(params, self.ema, strict=True):
+                param.copy_(average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, weights in zip(params, raw, strict=True):
+                    param.copy_(weights)
+
     def _evaluate_and_save(self, final: bool = False) -> None:
+        """Evaluate (the averaged weights, with --ema) and save `best` if it improved, then `last` (raw)."""
+        with self._averaged():
+            self._evaluate_and_save_best(final)
+        if not self.dist.is_main:
+            return
+        self._save(LAST, training_state=True)
+        if final or time.monotonic() - self._plotted_at >= PLOT_INTERVAL_S:  # a PNG costs ~0.3 s: not every eval
+            plot.write_loss_curve(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
+            self._plotted_at = time.monotonic()
+
+    def _evaluate_and_save_best(self, final: bool) -> None:
         # `best` is chosen on the windows every evaluation reads (eval_max_chars of the split, the same
         # each time), the final one included, so that a checkpoint never wins by being read on other text;
         # the final evaluation also reads up to final_eval_max_chars for the figure it reports.
@@ -374,12 +412,8 @@ class Trainer:
                 self.best_val_loss,
                 self.best_step,
             )
-        self._save(LAST, training_state=True)
         if improved:
             self._save(BEST, training_state=False)
-        if final or time.monotonic() - self._plotted_at >= PLOT_INTERVAL_S:  # a PNG costs ~0.3 s: not every eval
-            plot.write_loss_curve(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
-            self._plotted_at = time.monotonic()
 
     def _samples(self) -> dict[str, str]:
         """A short text at each SAMPLE_TEMPERATURES, from a fixed seed, so that runs and steps compare."""
@@ -402,7 +436,8 @@ class Trainer:
 
     def _show_samples(self) -> None:
         """Log the samples (rank 0) and write them to metrics.jsonl; not counted in the time budget."""
-        samples = self._samples()  # on every rank (the same text), so that the ranks stay in step
+        with self._averaged():
+            samples = self._samples()  # on every rank (the same text), so that the ranks stay in step
         if not samples or not self.dist.is_main:
             return
         self._write_metrics({"step": self.step, "samples": samples})
@@ -450,6 +485,8 @@ class Trainer:
         if self.state is not None:
             for j, tensor in enumerate(state_tensors(self.state)):
                 tensors[f"carry.{j}"] = tensor
+        for i, average in enumerate(self.ema or []):
+            tensors[f"ema.{i}"] = average
         return tensors
 
     def _restore(self) -> None:
@@ -460,6 +497,12 @@ class Trainer:
         self._check_same_run(path, ckpt.meta, ckpt.config)
         self.model.load_state_dict(ckpt.weights)
         self._restore_optimizer(ckpt.extra)
+        if self.ema is not None:  # a checkpoint without one (written before --ema existed) starts it afresh
+            restored = [ckpt.extra.get(f"ema.{i}") for i in range(len(self.ema))]
+            self.ema = [
+                (r if r is not None else p.detach()).to(self.device).clone()
+                for r, p in zip(restored, self.model.parameters(), strict=True)
+            ]
         torch.set_rng_state(ckpt.extra["rng.torch"])
         if "rng.cuda" in ckpt.extra and self.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt.extra["rng.cuda"], self.device)

@@ -8,6 +8,7 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.data import load_corpus
+from model.evaluate import windowed_loss
 from model.train import BEST, LAST, Trainer, TrainingError, learning_rate, resolve_precision
 from tests.conftest import tiny_configs
 
@@ -335,3 +336,26 @@ def test_costly_evaluations_by_the_clock_take_at_most_a_fifth_of_the_budget(
     Trainer(model_cfg, cfg, corpus, tmp_path / "run", progress=False).run()
     periodic = len(val_records(tmp_path / "run")) - 1
     assert 2 <= periodic <= 4  # not 9: each waits for 4 x its cost of training (0.2 s), the grid for the rest
+
+
+def test_ema_keeps_the_averaged_weights_as_best_and_resumes_exactly(text_file: Path, tmp_path: Path) -> None:
+    corpus = load_corpus(text_file, cache_dir=tmp_path / "cache")
+    model_cfg, cfg = tiny_configs(len(corpus.vocab), max_steps=30, eval_every=10**6, ema=0.9, sample_chars=0)
+    trainer = Trainer(model_cfg, cfg, corpus, tmp_path / "whole", progress=False)
+    whole = trainer.run()
+    best = load_checkpoint(tmp_path / "whole" / BEST)
+    last = load_checkpoint(tmp_path / "whole" / LAST, with_training_state=True)
+    names = [name for name, _ in trainer.model.named_parameters()]
+    for i, name in enumerate(names):
+        assert torch.equal(best.weights[name], trainer.ema[i])  # evaluated and kept: the average
+        assert torch.equal(last.weights[name], trainer.model.state_dict()[name])  # for --resume: the raw weights
+        assert torch.equal(last.extra[f"ema.{i}"], trainer.ema[i])
+    assert not torch.equal(best.weights[names[0]], last.weights[names[0]])
+    assert whole.val_loss == pytest.approx(
+        windowed_loss(best.build_model(), corpus.split(cfg.val_fraction)[1], limit=cfg.eval_max_chars)
+    )
+    Trainer(model_cfg, cfg, corpus, tmp_path / "broken", progress=False).run(stop_at_step=12)
+    resumed = Trainer(model_cfg, cfg, corpus, tmp_path / "broken", resume=True, progress=False).run()
+    assert resumed.val_loss == whole.val_loss
+    again = load_checkpoint(tmp_path / "broken" / BEST)
+    assert all(torch.equal(t, again.weights[name]) for name, t in best.weights.items())
