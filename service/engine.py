@@ -3,7 +3,9 @@
 Request threads call `Engine.submit` and read `Job.chunks`; only the scheduler thread touches the
 network. Each scheduler iteration:
 
-    admit queued jobs (prefill each prompt in one fused call, or take its state from the cache)
+    admit queued jobs (a cached prompt state joins the batch at once; others start prefilling)
+    -> read one chunk of the oldest prefilling prompt (model.sampling.PREFILL_CHUNK characters), so a
+       long prompt is read between steps instead of stalling every running stream
     -> drop cancelled / expired jobs
     -> draw one character for every running job (row i with job i's own generator)
     -> publish tokens; jobs that finished leave the batch
@@ -28,10 +30,11 @@ from typing import Any
 import torch
 
 from model.network import CharRNN, state_tensors
-from model.sampling import SamplingError, SamplingParams, Token, prefill, start_ids
+from model.sampling import PREFILL_CHUNK, SamplingError, SamplingParams, Token, prefill_chunks, start_ids
 from model.stops import StopMatcher
 from model.vocab import Vocab
 from service.batch import RecurrentBatch, make_batch
+from service.config import DEFAULT_MAX_BATCH
 from service.prompt_cache import PromptCache
 
 log = logging.getLogger(__name__)
@@ -179,7 +182,7 @@ class Engine:
         self,
         models: dict[str, LoadedModel],
         *,
-        max_batch: int = 64,
+        max_batch: int = DEFAULT_MAX_BATCH,
         max_queue: int = 256,
         batching: bool = True,
         prompt_cache_bytes: int = 64 << 20,
@@ -200,7 +203,8 @@ class Engine:
         self._closing = False
         self._abort = False
         self._thread: threading.Thread | None = None
-        self._active = 0  # jobs in batches; written by the scheduler thread only
+        self._active = 0  # jobs in batches or prefilling; written by the scheduler thread only
+        self._prefilling: deque[_Prefill] = deque()  # admitted jobs whose prompts are being read
         self._mean_job_seconds = 1.0
         self.completed = 0
         # per model: time.monotonic() of its last batch step that went through (read by /health)
@@ -215,8 +219,13 @@ class Engine:
 
     @property
     def active(self) -> int:
-        """Jobs being stepped now."""
+        """Jobs admitted now: being stepped, or having their prompts read."""
         return self._active
+
+    @property
+    def prefilling(self) -> int:
+        """Admitted jobs whose prompts are still being read."""
+        return len(self._prefilling)
 
     def start(self) -> None:
         """Start the scheduler thread (idempotent)."""
@@ -318,14 +327,19 @@ class Engine:
                     break
                 for job in admitted:
                     self._start_job(job)
+                if self._prefilling:
+                    self._prefill_step()
                 for batch in self._batches.values():
                     if batch.jobs:
                         self._advance(batch)
-                self._active = sum(len(b.jobs) for b in self._batches.values())
+                self._active = sum(len(b.jobs) for b in self._batches.values()) + len(self._prefilling)
         for batch in self._batches.values():
             for job in batch.jobs:
                 job.publish([], "cancelled")
             batch.keep([])
+        for pending in self._prefilling:
+            pending.job.publish([], "cancelled")
+        self._prefilling.clear()
 
     def _next_admissions(self) -> list[Job] | None:
         """Queued jobs that may start now; waits while there is nothing to do; None: stop."""
@@ -361,26 +375,56 @@ class Engine:
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
     def _start_job(self, job: Job) -> None:
-        """Prefill (or take from the cache) and add the job to its model's batch."""
+        """Join the batch with the prompt's cached state, or start reading the prompt (see _prefill_step)."""
         loaded = self.models[job.spec.model]
         try:
             ids = tuple(start_ids(loaded.vocab, list(job.spec.prompt_ids)))
             key = (loaded.name, ids)
             entry = self.prompt_cache.get(key)
-            if entry is None:
-                logits, state = prefill(loaded.model, ids)
-                # clone: the logits are a view of the whole prompt's (1, time, vocab) output
-                entry = (logits.clone(), tuple(state_tensors(state)))
-                self.prompt_cache.put(key, entry)
+        except Exception:
+            log.exception("job %s failed to start", job.id)
+            job.publish([], "error")
+            return
+        self._active += 1
+        if entry is None:
+            self._prefilling.append(_Prefill(job, key, loaded.model, ids))
+        else:
+            self._join_batch(job, entry)
+
+    def _prefill_step(self) -> None:
+        """Read one chunk of the oldest prefilling prompt; a prompt read whole joins its batch."""
+        pending = self._prefilling[0]
+        reason = _stop_reason(pending.job, time.monotonic())
+        try:
+            if reason is None and not pending.read_one():
+                return
+        except Exception:
+            log.exception("job %s failed reading its prompt", pending.job.id)
+            reason = "error"
+        self._prefilling.popleft()
+        if reason is not None:
+            self._active -= 1
+            pending.job.publish([], reason)
+            return
+        logits, state = pending.last
+        # clone: the logits are a view of the chunk's (1, time, vocab) output
+        entry = (logits.clone(), tuple(state_tensors(state)))
+        self.prompt_cache.put(pending.key, entry)
+        self._join_batch(pending.job, entry)
+
+    def _join_batch(self, job: Job, entry: tuple[torch.Tensor, tuple[torch.Tensor, ...]]) -> None:
+        """Add a job whose prompt has been read to its model's batch (its `_active` is already counted)."""
+        loaded = self.models[job.spec.model]
+        try:
             job.generator = torch.Generator().manual_seed(job.spec.seed)
             job.admitted = time.monotonic()
             batch = self._batches.get(loaded.name)
             if batch is None:
                 batch = self._batches[loaded.name] = make_batch(loaded.model, self.max_batch, self.native)
             batch.add(job, entry[0], entry[1])
-            self._active += 1
         except Exception:
             log.exception("job %s failed to start", job.id)
+            self._active -= 1
             job.publish([], "error")
 
     def _advance(self, batch: RecurrentBatch) -> None:
@@ -444,6 +488,22 @@ class Engine:
         self.completed += 1
         elapsed = time.monotonic() - (job.admitted or job.submitted)
         self._mean_job_seconds += 0.05 * (elapsed - self._mean_job_seconds)
+
+
+class _Prefill:
+    """A job whose prompt is read one chunk per scheduler iteration (model.sampling.prefill_chunks)."""
+
+    def __init__(self, job: Job, key: tuple, model: CharRNN, ids: tuple[int, ...]):
+        self.job, self.key = job, key
+        self._chunks = prefill_chunks(model, ids)
+        self._left = -(-len(ids) // PREFILL_CHUNK)  # chunks still to read
+        self.last: tuple[torch.Tensor, Any] | None = None  # (logits (vocab,), state) after the chunks read
+
+    def read_one(self) -> bool:
+        """Read the next chunk; True once the whole prompt has been read."""
+        self.last = next(self._chunks)
+        self._left -= 1
+        return self._left == 0
 
 
 def _stop_reason(job: Job, now: float) -> str | None:

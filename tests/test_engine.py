@@ -304,3 +304,48 @@ def test_choose_rows_draws_what_choose_draws_row_by_row() -> None:
     batched = choose_rows(logits, params, [torch.Generator().manual_seed(i) for i in range(40)])
     one_by_one = [choose(logits[i], params[i], torch.Generator().manual_seed(i)) for i in range(40)]
     assert batched == one_by_one
+
+
+# -- long prompts are read in chunks between batch steps -------------------------------------------------
+
+
+def test_a_prompt_longer_than_a_chunk_gives_the_samplers_text(engine: Engine, loaded: LoadedModel) -> None:
+    from model.sampling import PREFILL_CHUNK
+
+    prompt = ("the quick brown fox jumps over the lazy dog. " * 20)[: 2 * PREFILL_CHUNK + 37]
+    job = spec(loaded, prompt, n=40, seed=9)
+    tokens, reason = engine.submit(job).result(timeout=60)
+    want, want_reason = reference(loaded, job)
+    assert_same(tokens, want)
+    assert reason == want_reason
+
+
+def test_streams_keep_stepping_while_a_long_prompt_is_read(loaded: LoadedModel, monkeypatch) -> None:
+    """Between two chunks of a long prompt, a running stream gets characters: the prompt does not stall it."""
+    import model.sampling as sampling
+
+    monkeypatch.setattr(sampling, "PREFILL_CHUNK", 8)
+    monkeypatch.setattr("service.engine.PREFILL_CHUNK", 8)
+    engine = Engine({loaded.name: loaded}, max_batch=4, max_queue=8)
+    engine.start()
+    try:
+        stream = engine.submit(spec(loaded, "a", n=LONG))
+        chunks = stream.chunks()
+        next(chunks)  # the stream is running
+        seen: list[int] = []  # the stream's characters so far, at each chunk of the long prompt
+        reading = sampling.prefill_chunks
+
+        def watched(model, ids, state=None):
+            for out in reading(model, ids, state):
+                seen.append(stream.generated_chars)
+                yield out
+
+        monkeypatch.setattr("service.engine.prefill_chunks", watched)
+        long_prompt = "the lazy dog sleeps. " * 10  # 210 characters: 27 chunks of 8
+        tokens, reason = engine.submit(spec(loaded, long_prompt, n=5)).result(timeout=60)
+        assert reason == "length" and len(tokens) == 5
+        assert len(seen) == 27
+        assert all(b > a for a, b in zip(seen, seen[1:], strict=False))  # a step between every two chunks
+        stream.cancel()
+    finally:
+        engine.close(timeout=5)
