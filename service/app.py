@@ -82,6 +82,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         max_queue=config.max_queue,
         batching=config.batching,
         prompt_cache_bytes=config.prompt_cache_bytes,
+        native=config.native,
+        kernel_dir=config.kernel_dir,
     )
     service = Service(config, entries, engine, _metrics(engine, entries), _default_model(config, loaded))
     app.extensions["charrnn"] = service

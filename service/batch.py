@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import functools
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -301,11 +302,15 @@ def _exact_in_half(weights: torch.Tensor) -> bool:
     return bool(torch.equal(weights.half().float(), weights))
 
 
-def make_batch(model: CharRNN, capacity: int, native: bool = True) -> RecurrentBatch:
-    """The batch implementation for this model: the lean LSTM step where it applies, else the module's."""
+def make_batch(model: CharRNN, capacity: int, native: bool = True, kernel_dir: Path | None = None) -> RecurrentBatch:
+    """The batch implementation for this model: the lean LSTM step where it applies, else the module's.
+
+    `native` False never asks for the C kernel (the CHARRNN_NATIVE setting); `kernel_dir` is where it is
+    kept (CHARRNN_KERNEL_DIR; None: the loader's default).
+    """
     if model.config.cell != "lstm":
         return ModuleBatch(model, capacity)
-    lib = native_lstm.load() if native else None
+    lib = native_lstm.load(directory=kernel_dir) if native else None
     if lib is not None and model.config.layers <= native_lstm.MAX_LAYERS:
         return NativeLSTMBatch(model, capacity, lib)
     return FastLSTMBatch(model, capacity)

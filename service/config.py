@@ -1,86 +1,135 @@
-"""The service's configuration: defaults, then CHARRNN_* environment variables, then a test mapping.
+"""The service's settings: defaults, then CHARRNN_* environment variables, then a test mapping.
 
-Every setting is a field of `ServiceConfig`; its environment variable is CHARRNN_ + the field name in
-upper case (CHARRNN_MODEL_DIR), and a test mapping uses the upper-case field name (MODEL_DIR).
+One object, `ServiceConfig`, read by `create_app` (service/app.py) and by Gunicorn's configuration
+(service/gunicorn.conf.py), so that a setting is parsed and checked in one place. Its environment
+variable is CHARRNN_ + the field name in upper case (CHARRNN_MODEL_DIR); a test mapping uses the
+upper-case field name (MODEL_DIR). A bad value is a `ConfigError` naming the variable and the allowed
+range. The hard bounds below are what no setting can raise: the request schemas (service/schemas.py)
+and the OpenAPI document (service/openapi.py) take them from here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
+import types
+import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from model.config import MAX_LAYERS, ConfigError
+
+__all__ = ["ConfigError", "ServiceConfig", "load_config"]
 
 ENV_PREFIX = "CHARRNN_"
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 
+# -- hard bounds: the most any request may ask for, whatever the settings ------------------------------
+MAX_SAMPLES = 16  # samples per request (`n`); CHARRNN_MAX_N may lower it, not raise it
+MAX_PROMPTS = 16  # prompts in one /v1/completions request
+MAX_LAYER_INDEX = MAX_LAYERS - 1  # /inspect's `layer`: the model's layers are 0 .. MAX_LAYERS - 1
+MAX_STOP_STRINGS = 4  # stop strings per request
+MAX_STOP_CHARS = 256  # characters per stop string
+TOP_LOGPROBS = 5  # alternatives per character a request may ask for
+DEFAULT_MAX_BATCH = 64  # generations stepped together (and, by default, Gunicorn threads per worker)
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
-class ConfigError(ValueError):
-    """A setting has a value the service cannot use; the message names the setting."""
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a setting allows: `low` <= value (or < when `strict`) <= `high`, or one of `choices`."""
+
+    low: float | None = None
+    high: float | None = None
+    strict: bool = False
+    choices: tuple[str, ...] = ()
+
+    def allows(self, value: Any) -> bool:
+        """Whether `value` (already of the setting's type) is within these bounds."""
+        if self.choices:
+            return value in self.choices
+        if self.low is not None and (value <= self.low if self.strict else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def text(self) -> str:
+        """The bounds as the end of a sentence: ' >= 1', ' between 1 and 16', ' > 0'."""
+        if self.low is not None and self.high is not None:
+            return f" between {self.low:g} and {self.high:g}"
+        if self.low is not None:
+            return f" {'>' if self.strict else '>='} {self.low:g}"
+        return ""
+
+
+def _setting(default: Any, low: float | None = None, high: float | None = None, **kwargs: Any) -> Any:
+    """A dataclass field with its allowed values (`Bounds`) as metadata."""
+    return field(default=default, metadata={"bounds": Bounds(low, high, **kwargs)})
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    """What the HTTP service reads at start-up. The README's configuration table lists these."""
+    """What the HTTP service and its Gunicorn master read at start-up. The README's configuration table lists these."""
 
     model_dir: Path = DEFAULT_MODEL_DIR  # checkpoints to serve: *.safetensors and */best.safetensors
     default_model: str | None = None  # served when a request names none; None: "default" if loaded, else first
     api_keys: tuple[str, ...] = ()  # accepted bearer keys; empty: no authentication
-    max_body_bytes: int = 64 * 1024  # larger request bodies get 413 before they are parsed
-    max_prompt_chars: int = 16_384
-    max_new_chars: int = 2_000  # the largest `max_new_chars` (and /v1 `max_tokens`) a request may ask for
-    max_n: int = 16  # the most samples one request may ask for (/v1: prompts x n)
+    max_body_bytes: int = _setting(64 * 1024, 1)  # larger request bodies get 413 before they are parsed
+    max_prompt_chars: int = _setting(16_384, 1)
+    # the largest `max_new_chars` (and /v1 `max_tokens`) a request may ask for
+    max_new_chars: int = _setting(2_000, 1)
+    max_n: int = _setting(MAX_SAMPLES, 1, MAX_SAMPLES)  # the most samples one request may ask for (/v1: prompts x n)
     # The most characters one request may ask for over all its samples (samples x max_new_chars), never
     # below max_new_chars; None: max_n x max_new_chars.
-    max_request_chars: int | None = None
+    max_request_chars: int | None = _setting(None, 1)
     # The most logprob alternatives one answer may hold (characters x alternatives per character), never
-    # below one sample of max_new_chars characters with 5 alternatives.
-    max_request_logprobs: int = 40_000
+    # below one sample of max_new_chars characters with TOP_LOGPROBS alternatives.
+    max_request_logprobs: int = _setting(40_000, 1)
     # Generations (queued + running) one client (its API key; without keys, its address) may hold in a
     # worker; beyond them 429. None: a quarter of max_batch; 0: no limit.
-    max_client_jobs: int | None = None
+    max_client_jobs: int | None = _setting(None, 0)
     # Without keys, tell clients apart by the last X-Forwarded-For address (the one a proxy in front
     # appended) instead of the connection's: only when every request comes through that proxy.
     trust_forwarded_for: bool = False
-    max_inspect_chars: int = 2_000  # the longest text POST /inspect reads
+    max_inspect_chars: int = _setting(2_000, 1)  # the longest text POST /inspect reads
     # The most activations one /inspect answer holds (characters x the model's cells): 2,000 characters
     # of the default model (512 cells); its JSON is about 6 bytes a value
-    max_inspect_values: int = 1 << 20
-    max_batch: int = 64  # generations stepped together by the engine
-    max_queue: int = 256  # generations waiting for a batch slot; beyond this, 429
+    max_inspect_values: int = _setting(1 << 20, 1)
+    max_batch: int = _setting(DEFAULT_MAX_BATCH, 1)  # generations stepped together by the engine
+    max_queue: int = _setting(256, 1)  # generations waiting for a batch slot; beyond this, 429
     batching: bool = True  # step concurrent generations as one batch
-    prompt_cache_bytes: int = 64 << 20  # memory for the recurrent states of recently seen prompts (0: off)
-    request_timeout: float = 300.0  # seconds a generation may run; then it ends with finish_reason "deadline"
-    health_timeout: float = 10.0  # seconds /health waits for its one-character generation
-    torch_threads: int | None = None  # torch intra-op threads; None: left as set by gunicorn.conf.py
+    # memory for the recurrent states of recently seen prompts (0: off)
+    prompt_cache_bytes: int = _setting(64 << 20, 0)
+    # seconds a generation may run; then it ends with finish_reason "deadline"
+    request_timeout: float = _setting(300.0, 0, strict=True)
+    health_timeout: float = _setting(10.0, 0, strict=True)  # seconds /health waits for its one-character generation
+    # torch intra-op threads per worker; None: the cores this process may use, shared between the workers
+    torch_threads: int | None = _setting(None, 1)
+    native: bool = True  # step small LSTM batches with the C kernel where it can be built (false: PyTorch only)
+    kernel_dir: Path | None = None  # where compiled kernels are kept; None: ~/.cache/charrnn/kernels
     docs: bool = True  # serve the API docs page at /docs
     playground: bool = True  # serve the playground page at /
-    host: str = "127.0.0.1"  # the address Gunicorn binds (gunicorn.conf.py reads CHARRNN_HOST too)
+    # -- read by Gunicorn's master (service/gunicorn.conf.py) --
+    host: str = "127.0.0.1"  # the address to listen on; not reachable from the network by default
+    port: int = _setting(8000, 0, 65535)  # the port to listen on (0: any free one)
+    workers: int = _setting(1, 1)  # worker processes, each with its own models and engine
+    threads: int | None = _setting(None, 1)  # concurrent requests (streams included) per worker; None: max_batch
+    worker_timeout: int = _setting(60, 0)  # seconds a silent worker lives before it is replaced (0: never)
+    graceful_timeout: int = _setting(30, 0)  # seconds workers get after SIGTERM to finish what is in flight
+    max_requests: int = _setting(0, 0)  # restart a worker after this many requests (0: never)
+    log_level: str = _setting("info", choices=LOG_LEVELS)  # Gunicorn's and the app's log level
     # Host header names answered, comma-separated (".example.com": and its subdomains; "*": any); empty:
     # loopback names when `host` is a loopback address, else any (service/web_security.py says why)
     allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        limits = ("max_body_bytes", "max_prompt_chars", "max_new_chars", "max_n", "max_inspect_chars")
-        limits += ("max_request_logprobs", "max_inspect_values")
-        for name in (*limits, "max_batch", "max_queue"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}")
-        if self.prompt_cache_bytes < 0:
-            raise ConfigError(f"{ENV_PREFIX}PROMPT_CACHE_BYTES must be >= 0, got {self.prompt_cache_bytes}")
-        for name in ("request_timeout", "health_timeout"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")
-        if self.max_request_chars is not None and self.max_request_chars < 1:
-            raise ConfigError(f"{ENV_PREFIX}MAX_REQUEST_CHARS must be >= 1, got {self.max_request_chars}")
-        if self.max_client_jobs is not None and self.max_client_jobs < 0:
-            raise ConfigError(f"{ENV_PREFIX}MAX_CLIENT_JOBS must be >= 0, got {self.max_client_jobs}")
-        if self.torch_threads is not None and self.torch_threads < 1:
-            raise ConfigError(f"{ENV_PREFIX}TORCH_THREADS must be >= 1, got {self.torch_threads}")
+        for name, kind in _types().items():
+            _check(name, kind, getattr(self, name))
         if any(not key for key in self.api_keys):
-            raise ConfigError(f"{ENV_PREFIX}API_KEYS must not contain empty keys")
+            raise ConfigError(variable("api_keys"), "must not contain empty keys")
 
     @property
     def request_char_limit(self) -> int:
@@ -100,51 +149,101 @@ class ServiceConfig:
             return max(1, self.max_batch // 4)
         return self.max_client_jobs or None
 
+    @property
+    def thread_count(self) -> int:
+        """Gunicorn threads per worker: as many as a batch has rows unless set, so that requests can fill it."""
+        return self.threads if self.threads is not None else self.max_batch
 
-_FIELDS = {f.name: f for f in dataclasses.fields(ServiceConfig)}
+    @property
+    def bind(self) -> str:
+        """The address Gunicorn listens on, as host:port."""
+        return f"{self.host}:{self.port}"
+
+
+def variable(name: str) -> str:
+    """The environment variable of the setting `name`: CHARRNN_MAX_N for max_n."""
+    return ENV_PREFIX + name.upper()
+
+
+def describe(error: ConfigError) -> str:
+    """A bad setting as one sentence: 'CHARRNN_WORKERS must be an integer >= 1, got 'x''."""
+    return f"{error.field} {error.message}"
 
 
 def load_config(environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> ServiceConfig:
     """Defaults, then CHARRNN_* variables from `environ`, then `overrides` (upper-case field names)."""
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
-    for name in _FIELDS:
-        text = environ.get(ENV_PREFIX + name.upper())
+    kinds = _types()
+    for name, kind in kinds.items():
+        text = environ.get(variable(name))
         if text is not None and text.strip() != "":
-            values[name] = _parse(name, text.strip())
+            values[name] = _parse(name, kind, text.strip())
     for key, value in (overrides or {}).items():
         name = key.lower()
-        if name in _FIELDS:
-            values[name] = _coerce(name, value)
+        if name in kinds:
+            values[name] = _parse(name, kinds[name], value) if isinstance(value, str) else _listed(value)
     return ServiceConfig(**values)
 
 
-def _parse(name: str, text: str) -> Any:
-    """The value of one environment variable, converted to its field's type."""
-    kind = _FIELDS[name].type
+def _listed(value: Any) -> Any:
+    """A test mapping's list stands for a tuple."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _types() -> dict[str, Any]:
+    """Each field's type, with `X | None` reduced to X (None is always allowed where it is the default)."""
+    return {name: _base(kind) for name, kind in typing.get_type_hints(ServiceConfig).items()}
+
+
+def _base(kind: Any) -> Any:
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        (kind,) = (arg for arg in typing.get_args(kind) if arg is not type(None))
+    return typing.get_origin(kind) or kind
+
+
+def _bounds(name: str) -> Bounds:
+    return ServiceConfig.__dataclass_fields__[name].metadata.get("bounds", Bounds())
+
+
+def _what(name: str, kind: Any) -> str:
+    """What a setting must be, as a sentence says it: 'an integer >= 1'."""
+    bounds = _bounds(name)
+    if bounds.choices:
+        return f"one of {', '.join(bounds.choices)}"
+    what = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, "text")
+    return what + bounds.text()
+
+
+def _parse(name: str, kind: Any, text: str) -> Any:
+    """The value of one environment variable (or a test mapping's string), converted to its field's type."""
     try:
-        if "bool" in kind:
-            lowered = text.lower()
-            if lowered not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                raise ValueError("expected true or false")
-            return lowered in ("1", "true", "yes", "on")
-        if "tuple" in kind:
+        if kind is bool:
+            if text.lower() not in _TRUE + _FALSE:
+                raise ValueError(text)
+            return text.lower() in _TRUE
+        if kind is tuple:
             return tuple(part.strip() for part in text.split(",") if part.strip())
-        if kind.startswith("int"):
+        if kind is int:
             return int(text)
-        if kind.startswith("float"):
+        if kind is float:
             return float(text)
-        if "Path" in kind:
+        if kind is Path:
             return Path(text)
-        return text
-    except ValueError as exc:
-        raise ConfigError(f"{ENV_PREFIX}{name.upper()}={text!r}: {exc}") from None
+        return text.lower() if _bounds(name).choices else text
+    except ValueError:
+        raise ConfigError(variable(name), f"must be {_what(name, kind)}, got {text!r}") from None
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """A test-mapping value: strings are parsed like environment variables, lists become tuples."""
-    if isinstance(value, str):
-        return _parse(name, value)
-    if isinstance(value, list):
-        return tuple(value)
-    return value
+def _check(name: str, kind: Any, value: Any) -> None:
+    """Raise ConfigError unless `value` has the field's type and is within its bounds (None: the default)."""
+    if value is None and ServiceConfig.__dataclass_fields__[name].default is None:
+        return
+    if kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and value == value
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok or not _bounds(name).allows(value):
+        raise ConfigError(variable(name), f"must be {_what(name, kind)}, got {value!r}")

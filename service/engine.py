@@ -187,6 +187,7 @@ class Engine:
         batching: bool = True,
         prompt_cache_bytes: int = 64 << 20,
         native: bool = True,
+        kernel_dir: Path | None = None,
     ):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
@@ -196,6 +197,7 @@ class Engine:
         self.batching = batching
         self.prompt_cache = PromptCache(prompt_cache_bytes)
         self.native = native  # step small LSTM batches with the C kernel when it can be built
+        self.kernel_dir = kernel_dir  # where that kernel is kept; None: the kernel loader's default
         self._slots = max_batch if batching else 1
         self._wake = threading.Condition()
         self._queue: deque[Job] = deque()
@@ -420,7 +422,9 @@ class Engine:
             job.admitted = time.monotonic()
             batch = self._batches.get(loaded.name)
             if batch is None:
-                batch = self._batches[loaded.name] = make_batch(loaded.model, self.max_batch, self.native)
+                batch = self._batches[loaded.name] = make_batch(
+                    loaded.model, self.max_batch, self.native, self.kernel_dir
+                )
             batch.add(job, entry[0], entry[1])
         except Exception:
             log.exception("job %s failed to start", job.id)

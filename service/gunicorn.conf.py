@@ -2,24 +2,34 @@
 
     gunicorn -c service/gunicorn.conf.py "service.app:create_app()"
 
-Every setting below says why it has its value. Values marked "env" come from CHARRNN_* variables
-(`charrnn serve` sets them from its flags).
+Every setting below says why it has its value. Values marked "env" come from the service's settings
+object (service/config.py: CHARRNN_* variables, which `charrnn serve` sets from its flags), read once
+here; a bad value stops Gunicorn before it starts, with a message naming the variable.
 """
 
 import logging
 import os
 import shutil
+import sys
 import tempfile
+
+from service.config import ConfigError, describe, load_config
+
+try:
+    settings = load_config()
+except ConfigError as error:
+    print(f"charrnn: {describe(error)}", file=sys.stderr)
+    sys.exit(2)  # SystemExit passes through Gunicorn's reading of this file: a message, not a traceback
 
 # -- where and how many -------------------------------------------------------------------------
 
 # env CHARRNN_HOST / CHARRNN_PORT: the address to listen on. 127.0.0.1 by default, so that a
 # development server is not reachable from the network; the Docker image sets CHARRNN_HOST=0.0.0.0.
-bind = f"{os.environ.get('CHARRNN_HOST', '127.0.0.1')}:{os.environ.get('CHARRNN_PORT', '8000')}"
+bind = settings.bind
 
 # env CHARRNN_WORKERS: worker processes. Each holds its own copy of every model and its own engine,
 # which batches concurrent requests, so one worker per 1-2 cores is plenty for a character model.
-workers = int(os.environ.get("CHARRNN_WORKERS", "1"))
+workers = settings.workers
 
 # gthread: each worker answers up to `threads` requests at once. A streamed response holds a thread
 # for as long as it runs; the default `sync` worker would serve one request at a time and be killed
@@ -30,7 +40,7 @@ worker_class = "gthread"
 # the engine's one scheduler thread, which steps up to CHARRNN_MAX_BATCH generations together, so the
 # threads mostly wait; by default there are as many as the batch has rows, so that concurrent
 # requests can fill it. Requests beyond this wait in the listen backlog.
-threads = int(os.environ.get("CHARRNN_THREADS") or os.environ.get("CHARRNN_MAX_BATCH") or "64")
+threads = settings.thread_count
 
 # Connections waiting to be accepted before the kernel refuses new ones (Gunicorn's default).
 backlog = 2048
@@ -40,11 +50,11 @@ backlog = 2048
 # env CHARRNN_WORKER_TIMEOUT: with gthread this is a liveness heartbeat between worker and master, not
 # a request limit (a stream may last far longer): a worker silent this long is killed and replaced.
 # Request length is bounded by CHARRNN_REQUEST_TIMEOUT.
-timeout = int(os.environ.get("CHARRNN_WORKER_TIMEOUT", "60"))
+timeout = settings.worker_timeout
 
 # env CHARRNN_GRACEFUL_TIMEOUT: after SIGTERM, workers stop accepting connections and get this long
 # to finish the requests (and streams) in flight before they are killed.
-graceful_timeout = int(os.environ.get("CHARRNN_GRACEFUL_TIMEOUT", "30"))
+graceful_timeout = settings.graceful_timeout
 
 # Seconds an idle keep-alive connection stays open for the next request.
 keepalive = 5
@@ -59,7 +69,7 @@ preload_app = False
 # env CHARRNN_MAX_REQUESTS: restart a worker after this many requests (plus up to 10% jitter, so
 # workers do not restart together), to bound slow memory leaks. Off (0) by default: no leak is
 # known, and a restart reloads the models, which stalls a single worker's requests for seconds.
-max_requests = int(os.environ.get("CHARRNN_MAX_REQUESTS", "0"))
+max_requests = settings.max_requests
 max_requests_jitter = max_requests // 10
 
 # The heartbeat file lives in memory: in Docker /tmp is an overlay on disk, where heartbeats can stall.
@@ -90,7 +100,7 @@ limit_request_field_size = 8190  # bytes per header field
 # -- logging --------------------------------------------------------------------------------------
 
 # env CHARRNN_LOG_LEVEL: Gunicorn's and the app's log level.
-loglevel = os.environ.get("CHARRNN_LOG_LEVEL", "info")
+loglevel = settings.log_level
 accesslog = "-"  # access log to stdout
 errorlog = "-"  # errors and the app's own logs to stderr
 # The access log never includes headers, so API keys in `Authorization` are never written.
@@ -148,7 +158,7 @@ def post_fork(server, worker):
     """In each new worker, before the app is built: torch threads so workers do not fight over cores."""
     import torch
 
-    threads = int(os.environ.get("CHARRNN_TORCH_THREADS") or _torch_threads())
+    threads = settings.torch_threads or _torch_threads()
     torch.set_num_threads(threads)
     server.log.info("worker %s: torch uses %d threads", worker.pid, threads)
 

@@ -96,21 +96,29 @@ def _component_schemas(config: ServiceConfig) -> dict[str, Any]:
     pairs = [(m, "validation" if m.__name__.endswith("Request") else "serialization") for m in _MODELS]
     _, document = models_json_schema(pairs, ref_template=REF)
     found = document["$defs"]
-    for name in ("GenerateRequest", "CompletionRequest"):
-        found[name]["properties"]["n"]["maximum"] = config.max_n
-    found["GenerateRequest"]["properties"]["max_new_chars"]["maximum"] = config.max_new_chars
-    found["GenerateRequest"]["properties"]["prompt"]["maxLength"] = config.max_prompt_chars
-    found["CompletionRequest"]["properties"]["max_tokens"]["maximum"] = config.max_new_chars
-    found["InspectRequest"]["properties"]["text"]["maxLength"] = config.max_inspect_chars
-    for name, field in (("ScoreRequest", "text"), ("ScoreRequest", "context"), ("TokenizeRequest", "prompt")):
-        found[name]["properties"][field]["maxLength"] = config.max_prompt_chars
-    found["DetokenizeRequest"]["properties"]["tokens"]["maxItems"] = config.max_prompt_chars
+    _write_configured_limits(found, config)
     for name, samples, length in (
         ("GenerateRequest", "n", "max_new_chars"),
         ("CompletionRequest", "prompts x n", "max_tokens"),
     ):
         found[name]["description"] += " " + _budget_text(config, samples, length)
     return found
+
+
+# The JSON-schema keyword that states a limit, by the limited value's type.
+LIMIT_KEYWORDS = {"integer": "maximum", "string": "maxLength", "array": "maxItems"}
+
+
+def _write_configured_limits(node: Any, config: ServiceConfig) -> None:
+    """Replace each `schemas.configured(setting)` mark in `node` by that setting's value as the field's limit."""
+    if isinstance(node, dict):
+        setting = node.pop(schemas.SETTING_KEY, None)
+        if setting is not None:
+            node[LIMIT_KEYWORDS[node["type"]]] = getattr(config, setting)
+        node = list(node.values())
+    if isinstance(node, list):
+        for child in node:
+            _write_configured_limits(child, config)
 
 
 def _budget_text(config: ServiceConfig, samples: str, length: str) -> str:

@@ -3,7 +3,8 @@
 Requests are strict (a string is never read as a number, a bool never as an integer) and forbid
 unknown fields. The limits that are configuration (prompt length, max_new_chars, n) are checked
 against the `ServiceConfig` passed as validation context, so the schema's static bounds are the
-hard ones and /openapi.json reports the configured ones.
+hard ones (service/config.py) and /openapi.json reports the configured ones: a field limited by a
+setting says which with `configured(setting)`, and service/openapi.py writes that setting's value.
 """
 
 from __future__ import annotations
@@ -21,15 +22,25 @@ from pydantic import (
     model_validator,
 )
 
+from service.config import MAX_LAYER_INDEX, MAX_PROMPTS, MAX_SAMPLES, MAX_STOP_CHARS, MAX_STOP_STRINGS, TOP_LOGPROBS
+
+__all__ = ["MAX_SEED", "MAX_STOP_CHARS", "MAX_STOP_STRINGS", "SETTING_KEY", "TOP_LOGPROBS", "configured"]
+
 MAX_SEED = 2**63 - 1
-MAX_STOP_STRINGS = 4
-MAX_STOP_CHARS = 256
-TOP_LOGPROBS = 5  # alternatives per character when /generate is asked for logprobs
+# In a field's JSON schema: the setting whose value is this field's configured limit (replaced in /openapi.json)
+SETTING_KEY = "x-charrnn-setting"
+
+
+def configured(setting: str) -> dict[str, str]:
+    """A field's `json_schema_extra`: its limit is the ServiceConfig setting `setting` (maximum, maxLength
+    or maxItems, by the field's type), which the OpenAPI document states."""
+    return {SETTING_KEY: setting}
+
 
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]  # vocabulary indices
-PromptList = Annotated[list[str | TokenIds], Field(min_length=1, max_length=16)]
+PromptList = Annotated[list[str | TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
 
 
 def _listed(value: Any) -> Any:
@@ -86,7 +97,13 @@ class SamplingFields(StrictModel):
     seed: int | None = Field(
         None, ge=0, le=MAX_SEED, description="the same request with the same seed gives the same text"
     )
-    n: int = Field(1, ge=1, le=16, description="independent samples; sample i uses seed + i")
+    n: int = Field(
+        1,
+        ge=1,
+        le=MAX_SAMPLES,
+        description="independent samples; sample i uses seed + i",
+        json_schema_extra=configured("max_n"),
+    )
     unknown_chars: Literal["error", "drop"] = Field(
         "error", description="prompt characters the model does not know: reject the request, or drop them"
     )
@@ -101,15 +118,23 @@ class SamplingFields(StrictModel):
 class GenerateRequest(SamplingFields):
     """POST /generate."""
 
-    prompt: str = Field("", description="text to continue; may be empty")
+    prompt: str = Field(
+        "", description="text to continue; may be empty", json_schema_extra=configured("max_prompt_chars")
+    )
     max_new_chars: int = Field(
-        200, ge=1, description="characters to generate at most (default 200, or the server's limit if lower)"
+        200,
+        ge=1,
+        description="characters to generate at most (default 200, or the server's limit if lower)",
+        json_schema_extra=configured("max_new_chars"),
     )
     stop: StopStrings = Field(
-        default_factory=list, description="up to 4 strings; generation ends when one appears (it is not returned)"
+        default_factory=list,
+        description=f"up to {MAX_STOP_STRINGS} strings; generation ends when one appears (it is not returned)",
     )
     model: str | None = Field(None, description="a name from GET /models; null: the default model")
-    logprobs: bool = Field(False, description="per generated character, its log-probability and 5 alternatives")
+    logprobs: bool = Field(
+        False, description=f"per generated character, its log-probability and {TOP_LOGPROBS} alternatives"
+    )
     stream: bool = Field(False, description="answer with Server-Sent Events as the characters are generated")
 
     @model_validator(mode="before")
@@ -214,9 +239,15 @@ class StreamDone(ResponseModel):
 class InspectRequest(StrictModel):
     """POST /inspect."""
 
-    text: str = Field(min_length=1, description="the text the model reads, from a zero state")
+    text: str = Field(
+        min_length=1,
+        description="the text the model reads, from a zero state",
+        json_schema_extra=configured("max_inspect_chars"),
+    )
     model: str | None = Field(None, description="a name from GET /models; null: the default model")
-    layer: int | None = Field(None, ge=0, le=15, description="recurrent layer, 0 = the lowest; null: the top one")
+    layer: int | None = Field(
+        None, ge=0, le=MAX_LAYER_INDEX, description="recurrent layer, 0 = the lowest; null: the top one"
+    )
     unknown_chars: Literal["error", "drop"] = Field(
         "error", description="characters the model does not know: reject the request, or drop them"
     )
@@ -344,10 +375,13 @@ class CompletionRequest(SamplingFields):
     prompt: Prompts = Field(
         default_factory=lambda: [""],
         description="a string, a list of vocabulary indices (a token is one character; see POST /tokenize), "
-        "or a list of up to 16 of either",
+        f"or a list of up to {MAX_PROMPTS} of either",
     )
     max_tokens: int = Field(
-        16, ge=0, description="characters to generate at most; 0 (with `echo`) only scores the prompt"
+        16,
+        ge=0,
+        description="characters to generate at most; 0 (with `echo`) only scores the prompt",
+        json_schema_extra=configured("max_new_chars"),
     )
     temperature: float = Field(1.0, ge=0.0, le=5.0)
     stop: StopStrings | None = None
@@ -469,9 +503,15 @@ class OpenAIErrorResponse(BaseModel):
 class ScoreRequest(StrictModel):
     """POST /score."""
 
-    text: str = Field(min_length=1, description="the text to score, character by character")
+    text: str = Field(
+        min_length=1,
+        description="the text to score, character by character",
+        json_schema_extra=configured("max_prompt_chars"),
+    )
     context: str = Field(
-        "", description="read before `text` and not scored; empty: the text starts after a newline, as generation does"
+        "",
+        description="read before `text` and not scored; empty: the text starts after a newline, as generation does",
+        json_schema_extra=configured("max_prompt_chars"),
     )
     model: str | None = Field(None, description="a name from GET /models; null: the default model")
     top_logprobs: int = Field(0, ge=0, le=TOP_LOGPROBS, description="alternatives to list per character")
@@ -499,7 +539,9 @@ class ScoreResponse(ResponseModel):
 class TokenizeRequest(StrictModel):
     """POST /tokenize, as vLLM's: a token is one character, its id the vocabulary index."""
 
-    prompt: str = Field(description="the text to turn into vocabulary indices")
+    prompt: str = Field(
+        description="the text to turn into vocabulary indices", json_schema_extra=configured("max_prompt_chars")
+    )
     model: str | None = Field(None, description="a name from GET /models; null: the default model")
     add_special_tokens: bool = Field(True, description="accepted and ignored: a character model has no special tokens")
     return_token_strs: bool = Field(False, description="also return each token's text (its character)")
@@ -523,7 +565,9 @@ class TokenizeResponse(ResponseModel):
 class DetokenizeRequest(StrictModel):
     """POST /detokenize: vocabulary indices back to text."""
 
-    tokens: list[Annotated[int, Field(ge=0)]] = Field(description="vocabulary indices")
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(
+        description="vocabulary indices", json_schema_extra=configured("max_prompt_chars")
+    )
     model: str | None = Field(None, description="a name from GET /models; null: the default model")
 
     @field_validator("tokens")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from service.app import HOW_TO_POINT
-from service.config import DEFAULT_MODEL_DIR
+from service.config import ConfigError, describe, load_config
 from service.loading import find_checkpoints
 
 GUNICORN_CONF = Path(__file__).resolve().with_name("gunicorn.conf.py")
@@ -25,7 +25,12 @@ def serve(
     """Replace this process with Gunicorn; flags left as None keep the CHARRNN_* environment or defaults."""
     settings = {"CHARRNN_MODEL_DIR": model_dir, "CHARRNN_HOST": host, "CHARRNN_PORT": port, "CHARRNN_WORKERS": workers}
     env = dict(os.environ) | {name: str(value) for name, value in settings.items() if value is not None}
-    check_model_dir(Path(env.get("CHARRNN_MODEL_DIR") or DEFAULT_MODEL_DIR))
+    try:
+        config = load_config(env)  # what Gunicorn's configuration will read: a bad value stops here
+    except ConfigError as error:
+        print(f"charrnn: {describe(error)}", file=sys.stderr)
+        return 2
+    check_model_dir(config.model_dir)
     command = gunicorn_command()
     os.execve(command[0], command, env)
     return 0  # not reached: execve replaces the process
