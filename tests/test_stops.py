@@ -82,7 +82,8 @@ def test_what_is_released_plus_what_is_held_is_the_text_up_to_the_stop(stops: li
             seen = text[: at + 1]
             first = min(seen.find(s) + len(s) for s in stops if s in seen)
             assert first == at + 1  # it stops at the first character that completes a stop string
-            assert released == seen[: max(at + 1 - len(s) for s in stops if seen.endswith(s))]
+            # the text before the earliest-starting stop, i.e. the longest one that ends here
+            assert released == seen[: min(at + 1 - len(s) for s in stops if seen.endswith(s))]
             return
         assert released + "".join(t.char for t in matcher.pending) == text[: at + 1]
         assert len(matcher.pending) < max(map(len, stops))
