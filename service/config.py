@@ -10,6 +10,7 @@ and the OpenAPI document (service/openapi.py) take them from here.
 
 from __future__ import annotations
 
+import functools
 import os
 import types
 import typing
@@ -59,9 +60,9 @@ class Bounds:
     def text(self) -> str:
         """The bounds as the end of a sentence: ' >= 1', ' between 1 and 16', ' > 0'."""
         if self.low is not None and self.high is not None:
-            return f" between {self.low:g} and {self.high:g}"
+            return f" between {self.low} and {self.high}"
         if self.low is not None:
-            return f" {'>' if self.strict else '>='} {self.low:g}"
+            return f" {'>' if self.strict else '>='} {self.low}"
         return ""
 
 
@@ -191,6 +192,7 @@ def _listed(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+@functools.cache
 def _types() -> dict[str, Any]:
     """Each field's type, with `X | None` reduced to X (None is always allowed where it is the default)."""
     return {name: _base(kind) for name, kind in typing.get_type_hints(ServiceConfig).items()}
