@@ -294,7 +294,7 @@ def _info_paths() -> dict[str, Any]:
         },
         "/health": {
             "get": {
-                "summary": "Readiness: every loaded model generates one character",
+                "summary": "Readiness: each loaded model is known to generate (a recent step, or a 1-character check)",
                 "security": OPEN,
                 "responses": {
                     "200": {"description": "Ready", "content": _json("HealthResponse")},
@@ -304,9 +304,9 @@ def _info_paths() -> dict[str, Any]:
         },
         "/health/live": {
             "get": {
-                "summary": "Liveness: the process answers",
+                "summary": "Liveness: the worker answers and, with jobs, has stepped them recently",
                 "security": OPEN,
-                "responses": {"200": {"description": "Alive"}},
+                "responses": {"200": {"description": "Alive"}, "503": {"description": "Jobs have stopped stepping"}},
             }
         },
         "/metrics": {
