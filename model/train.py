@@ -133,6 +133,7 @@ class Trainer:
         self.state: State | None = None
         self.train_loss: float | None = None
         self.val_loss: float | None = None
+        self.compared_val_loss: float | None = None  # the last evaluation on the windows `best` is chosen on
         self.best_val_loss: float | None = None
         self.best_step: int | None = None
         self.best_train_loss: float | None = None  # the training loss when `best` was saved
@@ -274,7 +275,7 @@ class Trainer:
             best=self.best_val_loss,
             best_step=self.best_step,
             best_train=self.best_train_loss,
-            final=self.val_loss,
+            final=self.compared_val_loss,
             final_train=self.train_loss,
             step=self.step,
             hidden=self.model.config.hidden,
@@ -383,6 +384,7 @@ class Trainer:
         # each time), the final one included, so that a checkpoint never wins by being read on other text;
         # the final evaluation also reads up to final_eval_max_chars for the figure it reports.
         compared = self._validation_loss(self.cfg.eval_max_chars)
+        self.compared_val_loss = compared  # what the verdict compares with the best: the same windows
         whole = final and len(self.val_ids) > self.cfg.eval_max_chars
         self.val_loss = self._validation_loss(self.cfg.final_eval_max_chars) if whole else compared
         improved = self.best_val_loss is None or compared < self.best_val_loss

@@ -359,3 +359,19 @@ def test_ema_keeps_the_averaged_weights_as_best_and_resumes_exactly(text_file: P
     assert resumed.val_loss == whole.val_loss
     again = load_checkpoint(tmp_path / "broken" / BEST)
     assert all(torch.equal(t, again.weights[name]) for name, t in best.weights.items())
+
+
+def test_the_verdict_compares_the_best_with_the_final_loss_on_the_same_windows(
+    text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The final whole-split figure reads other text than the windows `best` is chosen on: it is not a rise."""
+
+    def loss(model, ids, limit=None, **kwargs):
+        return 1.0 if limit <= 2_000 else 1.5  # the whole split is harder than the windows read each time
+
+    monkeypatch.setattr("model.train.windowed_loss", loss)
+    corpus = load_corpus(text_file, cache_dir=tmp_path / "cache")
+    model_cfg, cfg = tiny_configs(len(corpus.vocab), max_steps=20, eval_every=5, eval_max_chars=2_000, sample_chars=0)
+    result = Trainer(model_cfg, cfg, corpus, tmp_path / "run", progress=False).run()
+    assert result.val_loss == 1.5 and result.best_val_loss == 1.0
+    assert not result.summary.startswith("overfitted"), result.summary
