@@ -289,8 +289,9 @@ def _run_train(args: argparse.Namespace) -> int:
     result = trainer.run()
     if trainer.dist.is_main:
         print(
-            f"step {result.step}: val loss {result.val_loss:.4f} nats/char; best {result.best_val_loss:.4f} "
-            f"at step {result.best_step}; checkpoints in {result.out_dir} (stopped by {result.stopped_by})"
+            f"step {result.step}: val loss {result.val_loss:.4f} nats/char; best {result.best_val_loss:.4f} at step "
+            f"{result.best_step} on the evaluation windows (`charrnn eval` gives best's figure on the whole split); "
+            f"checkpoints in {result.out_dir} (stopped by {result.stopped_by})"
         )
         print(result.summary)
     return 0
