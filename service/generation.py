@@ -132,11 +132,17 @@ def check_budget(config: ServiceConfig, *, jobs: int, chars: int, top_logprobs: 
     if total > char_limit:
         message = f"this request asks for up to {total} characters ({jobs} samples x {chars} {fields['length']})"
         _over(f"{message}; at most {char_limit} per request", "MAX_REQUEST_CHARS", fields["length"])
-    alternatives, alternative_limit = total * top_logprobs, config.request_logprob_limit(TOP_LOGPROBS)
-    if alternatives > alternative_limit:
-        message = f"this request asks for up to {alternatives} logprob alternatives"
-        message += f" ({total} characters x {top_logprobs}); at most {alternative_limit} per request"
-        _over(message, "MAX_REQUEST_LOGPROBS", fields["logprobs"])
+    check_logprob_budget(config, total * top_logprobs, f"{total} characters x {top_logprobs}", fields["logprobs"])
+
+
+def check_logprob_budget(config: ServiceConfig, alternatives: int, how: str, field_name: str) -> None:
+    """422 naming the limit when one answer would hold more logprob alternatives than this server allows;
+    `how` says how the request adds them up."""
+    limit = config.request_logprob_limit(TOP_LOGPROBS)
+    if alternatives > limit:
+        message = f"this request asks for up to {alternatives} logprob alternatives ({how})"
+        message += f"; at most {limit} per request"
+        _over(message, "MAX_REQUEST_LOGPROBS", field_name)
 
 
 def _over(message: str, setting: str, field_name: str) -> None:

@@ -14,18 +14,21 @@ from flask import Flask, current_app
 
 from service.errors import ApiError
 
-_KEY = "charrnn.slots"
+
+def slots_key(kind: str) -> str:
+    """Where an app keeps its slots of `kind` (in `app.extensions`)."""
+    return f"charrnn.{kind}_slots"
 
 
 def make_slots(app: Flask, kind: str, count: int) -> None:
     """Give `app` `count` slots for work of `kind`."""
-    app.extensions.setdefault(_KEY, {})[kind] = threading.BoundedSemaphore(count)
+    app.extensions[slots_key(kind)] = threading.BoundedSemaphore(count)
 
 
 @contextmanager
 def slot(kind: str, busy_message: str) -> Iterator[None]:
     """Hold one of the current app's slots of `kind`; 429 with Retry-After when all are taken."""
-    slots: threading.BoundedSemaphore = current_app.extensions[_KEY][kind]
+    slots: threading.BoundedSemaphore = current_app.extensions[slots_key(kind)]
     if not slots.acquire(blocking=False):
         raise ApiError(429, "busy", busy_message, headers={"Retry-After": "1"})
     try:

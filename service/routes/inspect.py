@@ -7,12 +7,10 @@ INSPECT_SLOTS of them at a time; one more is a 429, as a full generation queue i
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import numpy as np
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, jsonify
 from flask.blueprints import BlueprintSetupState
 
 from service.activations import QUANTITIES, cell_activations
@@ -20,6 +18,7 @@ from service.engine import LoadedModel
 from service.errors import ApiError
 from service.generation import current_service, encode_prompt
 from service.schemas import CellCorrelation, FeatureCells, InspectRequest, InspectResponse, dump
+from service.slots import make_slots, slot, slots_key
 from service.text_features import FEATURES, top_cells
 from service.validation import parse_json_body, validate
 
@@ -28,12 +27,12 @@ bp = Blueprint("inspect", __name__)
 INSPECT_SLOTS = 2  # inspections one worker runs at the same time
 TOP_CELLS = 5  # cells listed per feature
 DECIMALS = 3  # activations and correlations are rounded to this, to keep the answer small
-_SLOTS_KEY = "charrnn.inspect_slots"
+_SLOTS_KEY = slots_key("inspect")
 
 
 @bp.record_once
 def _make_slots(state: BlueprintSetupState) -> None:
-    state.app.extensions[_SLOTS_KEY] = threading.BoundedSemaphore(INSPECT_SLOTS)
+    make_slots(state.app, "inspect", INSPECT_SLOTS)
 
 
 @bp.post("/inspect")
@@ -47,7 +46,8 @@ def inspect() -> Response:
     if not ids:
         raise ApiError(422, "invalid_value", "none of the text's characters is in the model's vocabulary", "text")
     _check_size(loaded, len(ids), service.config.max_inspect_values)
-    with _slot():  # the answer is built and serialised in the slot too: for a big model that is most of the work
+    # the answer is built and serialised in the slot too: for a big model that is most of the work
+    with slot("inspect", "the server is busy with other inspections; retry later"):
         values = np.round(cell_activations(loaded.model, ids, layer).astype(np.float64), DECIMALS)  # (time, cells)
         return jsonify(dump(_answer(loaded, layer, ids, values)))
 
@@ -110,16 +110,3 @@ def _features(text: str, values: np.ndarray) -> list[FeatureCells]:
             )
         )
     return found
-
-
-@contextmanager
-def _slot() -> Iterator[None]:
-    """Hold one of the worker's inspection slots; 429 with Retry-After when all are taken."""
-    slots: threading.BoundedSemaphore = current_app.extensions[_SLOTS_KEY]
-    if not slots.acquire(blocking=False):
-        message = "the server is busy with other inspections; retry later"
-        raise ApiError(429, "busy", message, headers={"Retry-After": "1"})
-    try:
-        yield
-    finally:
-        slots.release()

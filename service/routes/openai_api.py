@@ -22,6 +22,7 @@ from service.generation import (
     Run,
     Service,
     check_budget,
+    check_logprob_budget,
     choose_seed,
     client_id,
     current_service,
@@ -31,7 +32,6 @@ from service.generation import (
     sampling_params,
 )
 from service.schemas import (
-    TOP_LOGPROBS,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
@@ -154,12 +154,9 @@ def _prompt_logprobs(service: Service, loaded: LoadedModel, prompts: list[_Promp
     """For `echo` with `logprobs`: each prompt's characters with their log-probabilities read from a zero
     state, as the generation after it reads the prompt (the first character's is null: nothing precedes it)."""
     top = body.logprobs or 0
-    alternatives = sum(len(p.ids) for p in prompts) * body.n * max(top, 1)
-    limit = service.config.request_logprob_limit(TOP_LOGPROBS)
-    if alternatives > limit:
-        message = f"echo with logprobs asks for {alternatives} prompt log-probabilities and alternatives; "
-        message += f"at most {limit} per request (CHARRNN_MAX_REQUEST_LOGPROBS)"
-        raise ApiError(422, "request_too_large", message, "logprobs")
+    read = sum(len(p.ids) for p in prompts) * body.n
+    how = f"echo: {read} prompt characters x {max(top, 1)}"
+    check_logprob_budget(service.config, read * max(top, 1), how, "logprobs")
     chars = loaded.vocab.chars
     scored = []
     with slot("score", "the server is busy scoring other texts; retry later"):

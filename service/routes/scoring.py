@@ -17,9 +17,8 @@ from model.sampling import start_ids
 from model.scoring import CharScore, score_ids
 from service.engine import LoadedModel
 from service.errors import ApiError
-from service.generation import current_service, encode_prompt
+from service.generation import check_logprob_budget, current_service, encode_prompt
 from service.schemas import (
-    TOP_LOGPROBS,
     Alternative,
     CharLogprob,
     DetokenizeRequest,
@@ -53,11 +52,8 @@ def score() -> Response:
     ids = encode_prompt(loaded, body.text, body.unknown_chars, field_name="text")
     if not ids:
         raise ApiError(422, "invalid_value", "none of the text's characters is in the model's vocabulary", "text")
-    alternatives, limit = len(ids) * body.top_logprobs, service.config.request_logprob_limit(TOP_LOGPROBS)
-    if alternatives > limit:
-        message = f"this request asks for {alternatives} logprob alternatives ({len(ids)} characters x "
-        message += f"{body.top_logprobs}); at most {limit} per request (CHARRNN_MAX_REQUEST_LOGPROBS)"
-        raise ApiError(422, "request_too_large", message, "top_logprobs")
+    how = f"{len(ids)} characters x {body.top_logprobs}"
+    check_logprob_budget(service.config, len(ids) * body.top_logprobs, how, "top_logprobs")
     context = start_ids(loaded.vocab, list(encode_prompt(loaded, body.context, body.unknown_chars, "context")))
     with slot("score", "the server is busy scoring other texts; retry later"):
         scores = score_ids(loaded.model, context, ids, top=body.top_logprobs)
