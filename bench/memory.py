@@ -27,7 +27,7 @@ def train_once(corpus: Path, out: Path, cache: Path) -> tuple[float, float]:
     command = [
         sys.executable,
         "-m",
-        "model.cli",
+        "charrnn.cli",
         "train",
         "--corpus",
         str(corpus),

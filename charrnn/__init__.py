@@ -12,7 +12,32 @@
 The same seed gives the same text as `charrnn sample` and the HTTP service.
 """
 
-from charrnn.api import Completion, Model, Score, load, train
-from model.sampling import SamplingError, SamplingParams, Token
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from charrnn.api import Completion, Model, Score, load, train
+    from model.sampling import SamplingError, SamplingParams, Token
+
+# Imported on first use (PEP 562), so that `charrnn --help` (charrnn.cli) does not wait for torch.
+_HOMES = {
+    "Completion": "charrnn.api",
+    "Model": "charrnn.api",
+    "Score": "charrnn.api",
+    "load": "charrnn.api",
+    "train": "charrnn.api",
+    "SamplingError": "model.sampling",
+    "SamplingParams": "model.sampling",
+    "Token": "model.sampling",
+}
 __all__ = ["Completion", "Model", "SamplingError", "SamplingParams", "Score", "Token", "load", "train"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'charrnn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value
+    return value

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from model.cli import main
+from charrnn.cli import main
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -13,7 +13,7 @@ import pytest
 
 from model.atomic import TMP_MARKER
 from model.checkpoint import load_checkpoint
-from model.cli import main
+from charrnn.cli import main
 from model.train import BEST, LAST
 
 pytestmark = pytest.mark.slow
@@ -59,7 +59,7 @@ def test_sigkill_during_saves_never_damages_the_last_checkpoint(tmp_path: Path) 
 def test_training_killed_during_saves_resumes_from_the_last_good_checkpoint(text_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     flags = "--preset tiny --max-steps 80 --eval-every 1 --eval-max-chars 256 --threads 1 --no-progress".split()
-    base = [sys.executable, "-m", "model.cli", "train", "--corpus", str(text_file), "--out", str(out), *flags]
+    base = [sys.executable, "-m", "charrnn.cli", "train", "--corpus", str(text_file), "--out", str(out), *flags]
     proc = subprocess.Popen(base, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not (out / LAST).exists() and time.monotonic() < deadline:

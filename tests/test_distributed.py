@@ -64,12 +64,12 @@ def torchrun(module: str, *argv: str) -> list[str]:
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(text_file: Path, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp_args = ["train", "--corpus", str(text_file), "--out", str(tmp_path / "ddp"), "--batch", "4", *FLAGS]
-    subprocess.run(torchrun("model.cli", *ddp_args), check=True, env=env, capture_output=True, timeout=240)
+    subprocess.run(torchrun("charrnn.cli", *ddp_args), check=True, env=env, capture_output=True, timeout=240)
     subprocess.run(
         [
             sys.executable,
             "-m",
-            "model.cli",
+            "charrnn.cli",
             "train",
             "--corpus",
             str(text_file),
@@ -170,7 +170,7 @@ def digest(weights: dict) -> str:
 def record_every_rank(records: Path) -> int:
     """`charrnn`, with every rank writing rankN.pid as it starts and rankN.json (its step, elapsed time,
     learning rate, stop reason and a digest of its weights) when training ends."""
-    from model.cli import main
+    from charrnn.cli import main
     from model.train import Trainer
 
     rank = int(os.environ.get("RANK", "0"))

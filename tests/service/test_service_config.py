@@ -98,7 +98,7 @@ def test_gunicorn_with_a_bad_value_exits_with_a_message_not_a_traceback(model_di
 
 
 def test_charrnn_serve_with_a_bad_value_exits_with_a_message(model_dir: Path) -> None:
-    command = [sys.executable, "-m", "model.cli", "serve", "--model-dir", str(model_dir)]
+    command = [sys.executable, "-m", "charrnn.cli", "serve", "--model-dir", str(model_dir)]
     env = {"CHARRNN_THREADS": "none", "PATH": str(Path(sys.executable).parent)}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2

@@ -167,7 +167,7 @@ def test_sigterm_lets_streams_in_flight_finish(start_server: Callable[..., Gunic
 def test_charrnn_serve_runs_the_service(model_dir: Path, start_server: Callable[..., GunicornServer]) -> None:
     # The flags win over the environment the fixture sets (its CHARRNN_MODEL_DIR points elsewhere).
     port = free_port()
-    command = [sys.executable, "-m", "model.cli", "serve", "--model-dir", str(model_dir), "--port", str(port)]
+    command = [sys.executable, "-m", "charrnn.cli", "serve", "--model-dir", str(model_dir), "--port", str(port)]
     server = start_server(command, CHARRNN_MODEL_DIR="/nonexistent", CHARRNN_PORT=str(port))
     assert Client(server.url).generate("the", max_new_chars=5)["usage"]["generated_chars"] == 5
     assert server.stop() == 0
