@@ -19,7 +19,7 @@ from service.auth import require_api_keys
 from service.config import ServiceConfig, load_config
 from service.engine import Engine, LoadedModel
 from service.errors import register_error_handlers
-from service.generation import Service
+from service.jobs import Service
 from service.loading import ModelEntry, find_checkpoints, load_models
 from service.metrics import Metrics, instrument
 from service.routes import register_blueprints

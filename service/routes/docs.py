@@ -8,7 +8,7 @@ from pathlib import Path
 from flask import Blueprint, Response, current_app
 
 from service.errors import ApiError
-from service.generation import current_service
+from service.jobs import current_service
 from service.openapi import openapi_json
 
 bp = Blueprint("docs", __name__)

@@ -9,7 +9,7 @@ from flask import Blueprint, Response, jsonify
 
 from model.sampling import Token
 from service.errors import ApiError
-from service.generation import (
+from service.jobs import (
     Plan,
     Run,
     check_budget,

@@ -10,7 +10,7 @@ from flask import Blueprint, Response, jsonify
 from model.sampling import SamplingParams
 from service.auth import may_see_details
 from service.engine import Engine, EngineClosedError, JobSpec, QueueFullError
-from service.generation import Service, current_service
+from service.jobs import Service, current_service
 from service.schemas import HealthResponse, ModelInfo, ModelsResponse, dump
 
 bp = Blueprint("info", __name__)

@@ -17,7 +17,7 @@ from model.sampling import Token
 from model.scoring import score_ids
 from service.engine import LoadedModel
 from service.errors import ApiError
-from service.generation import (
+from service.jobs import (
     Plan,
     Run,
     Service,

@@ -17,7 +17,7 @@ from model.sampling import start_ids
 from model.scoring import CharScore, score_ids
 from service.engine import LoadedModel
 from service.errors import ApiError
-from service.generation import check_logprob_budget, current_service, encode_prompt
+from service.jobs import check_logprob_budget, current_service, encode_prompt
 from service.schemas import (
     Alternative,
     CharLogprob,

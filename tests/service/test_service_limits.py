@@ -17,7 +17,7 @@ import requests
 from model.sampling import SamplingParams
 from service.config import load_config
 from service.engine import ClientBusyError, Engine, JobSpec, QueueFullError
-from service.generation import _peer_closed, client_id
+from service.jobs import _peer_closed, client_id
 from service.openapi import openapi_document
 from tests.test_engine import tiny_model
 
