@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from charrnn.cli import main
 from model.atomic import TMP_MARKER
 from model.checkpoint import load_checkpoint
-from charrnn.cli import main
 from model.train import BEST, LAST
 
 pytestmark = pytest.mark.slow
