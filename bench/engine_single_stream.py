@@ -33,7 +33,8 @@ from model.config import ModelConfig
 from model.network import CharRNN
 from model.sampling import SamplingParams
 from model.vocab import Vocab
-from service.engine import Engine, JobSpec, LoadedModel
+from service.engine import Engine, JobSpec
+from service.loading import LoadedModel
 
 VOCAB = Vocab([chr(c) for c in range(58, 123)])  # 65 characters, as many as tinyshakespeare has
 TEMPERATURE = 0.8

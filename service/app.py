@@ -17,10 +17,10 @@ from flask.json.provider import DefaultJSONProvider
 
 from service.auth import require_api_keys
 from service.config import ServiceConfig, load_config
-from service.engine import Engine, LoadedModel
+from service.engine import Engine
 from service.errors import register_error_handlers
 from service.jobs import Service
-from service.loading import ModelEntry, find_checkpoints, load_models
+from service.loading import LoadedModel, ModelEntry, find_checkpoints, load_models
 from service.metrics import Metrics, instrument
 from service.routes import register_blueprints
 from service.web_security import add_security_headers, check_hosts

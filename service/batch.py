@@ -9,19 +9,15 @@ steps; `step` feeds one character id per row through the network:
 from __future__ import annotations
 
 import ctypes
-import functools
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from model.network import CharRNN, state_from_tensors, state_tensors
-from model.sampling import SamplingParams, choose, choose_rows
 from service import native_lstm
 
 NATIVE_MAX_ROWS = 24  # the C kernel steps batches up to this size; MKL's GEMM is faster beyond
-NOISE_FLOATS = 4096  # per job, exponential noise drawn ahead (see Noise)
 
 
 class RecurrentBatch:
@@ -49,14 +45,6 @@ class RecurrentBatch:
     def step(self, ids: list[int]) -> None:
         """Feed one id per row; logits and state move on by one character."""
         raise NotImplementedError
-
-    def sample(self, params: list[SamplingParams], generators: list[torch.Generator]) -> tuple[list[int], list[float]]:
-        """One id per row, drawn as `model.sampling.choose` draws, and its log-probability under the model."""
-        ids = choose_rows(self.logits, params, generators)
-        logprobs = self.logits.log_softmax(-1)  # (batch, vocab), before temperature and cut-offs
-        if len(ids) == 1:
-            return ids, [logprobs[0].tolist()[ids[0]]]
-        return ids, logprobs.gather(1, torch.tensor(ids).unsqueeze(1)).squeeze(1).tolist()
 
 
 class ModuleBatch(RecurrentBatch):
@@ -187,47 +175,11 @@ class FastLSTMBatch(RecurrentBatch):
         return views
 
 
-class Noise:
-    """One job's exponential noise for `multinomial`-style draws, drawn from its generator ahead of use.
-
-    Drawing k rows at once takes from the generator exactly what k one-row draws take in turn
-    (checked by `block_draws_are_sequential`; if a torch version differs, a block is one row), so
-    the text is the same; one call per k characters instead of one per character.
-    """
-
-    def __init__(self, vocab: int, generator: torch.Generator):
-        rows = max(1, NOISE_FLOATS // vocab) if block_draws_are_sequential() else 1
-        self.block = torch.empty(rows, vocab)  # (rows, vocab)
-        self.generator = generator
-        self.row_bytes = vocab * self.block.element_size()
-        self.next = rows
-
-    def pointer(self) -> int:
-        """Address of the next unused row of noise."""
-        if self.next == len(self.block):
-            self.block.exponential_(1, generator=self.generator)
-            self.next = 0
-        self.next += 1
-        return self.block.data_ptr() + (self.next - 1) * self.row_bytes
-
-
-@functools.cache
-def block_draws_are_sequential() -> bool:
-    """Whether exponential_ on (k, vocab) draws what k exponential_ calls on (vocab,) draw in turn."""
-    for vocab in (1, 7, 65, 300):
-        one = torch.Generator().manual_seed(vocab)
-        rows = torch.stack([torch.empty(vocab).exponential_(1, generator=one) for _ in range(5)])
-        block = torch.empty(5, vocab).exponential_(1, generator=torch.Generator().manual_seed(vocab))
-        if not torch.equal(rows, block):
-            return False
-    return True
-
-
 class NativeLSTMBatch(FastLSTMBatch):
-    """FastLSTMBatch whose small batches are stepped, and whose plain draws are made, by the C kernel.
+    """FastLSTMBatch whose batches of up to NATIVE_MAX_ROWS rows are stepped by the C kernel.
 
-    Same buffers and weight layouts as the parent (see service/native_lstm.py); batches larger than
-    NATIVE_MAX_ROWS go through the parent's PyTorch step.
+    The same buffers and weight layouts as the parent (see service/native_lstm.py), so the two steps
+    can take turns on one batch; larger batches go through the parent's PyTorch step.
     """
 
     def __init__(self, model: CharRNN, capacity: int, lib: Any):
@@ -235,13 +187,7 @@ class NativeLSTMBatch(FastLSTMBatch):
         if model.config.layers > native_lstm.MAX_LAYERS:
             raise ValueError("too many layers for the native kernel")
         self.lib = lib
-        self.noises: list[Noise | None] = []  # per row; None: the row is not a plain-temperature draw
-        self.temperatures = torch.zeros(capacity)  # > 0 marks the rows the kernel draws
-        self.noise_pointers = (ctypes.c_void_p * capacity)()
-        self.drawn = torch.zeros(capacity, dtype=torch.long)
-        self.drawn_logprobs = torch.zeros(capacity)
         self._ids_np = self.ids.numpy()
-        self._temperatures_np = self.temperatures.numpy()
         net = native_lstm.Net(layers=model.config.layers, hidden=model.config.hidden)
         net.vocab, net.capacity = model.config.vocab_size, capacity
         net.table, net.head_w, net.head_b = self.table.data_ptr(), self.head_w.data_ptr(), self.head_b.data_ptr()
@@ -254,39 +200,6 @@ class NativeLSTMBatch(FastLSTMBatch):
         net.hs, net.cs, net.gates, net.logits = (t.data_ptr() for t in (self.hs, self.cs, self.gates, self.out))
         self.net = ctypes.byref(net)
         self._net = net  # keeps the struct alive; the tensors it points into are attributes of self
-
-    def add(self, job: Any, logits: torch.Tensor, state: Sequence[torch.Tensor]) -> None:
-        super().add(job, logits, state)
-        p = job.spec.params
-        plain = p.temperature > 0 and p.top_k is None and p.top_p >= 1.0
-        self.noises.append(Noise(self.model.config.vocab_size, job.generator) if plain else None)
-        self._temperatures_np[len(self.jobs) - 1] = max(p.temperature, 1e-6) if plain else 0.0
-
-    def keep(self, rows: list[int]) -> None:
-        super().keep(rows)
-        self.noises = [self.noises[r] for r in rows]
-        self._temperatures_np[: len(rows)] = self._temperatures_np[rows]
-
-    def sample(self, params: list[SamplingParams], generators: list[torch.Generator]) -> tuple[list[int], list[float]]:
-        n = len(params)
-        for row, noise in enumerate(self.noises):
-            if noise is not None:
-                self.noise_pointers[row] = noise.pointer()
-        self.lib.charrnn_draw_rows(
-            n,
-            self.model.config.vocab_size,
-            self.out.data_ptr(),
-            self.temperatures.data_ptr(),
-            self.noise_pointers,
-            self.drawn.data_ptr(),
-            self.drawn_logprobs.data_ptr(),
-        )
-        ids, logprobs = self.drawn[:n].tolist(), self.drawn_logprobs[:n].tolist()
-        for row, noise in enumerate(self.noises):
-            if noise is None:  # greedy, top-k or top-p: exactly as model.sampling does it
-                ids[row] = choose(self.out[row], params[row], generators[row])
-                logprobs[row] = self.out[row].log_softmax(-1)[ids[row]].item()
-        return ids, logprobs
 
     def step(self, ids: list[int]) -> None:
         n = len(ids)
@@ -302,15 +215,11 @@ def _exact_in_half(weights: torch.Tensor) -> bool:
     return bool(torch.equal(weights.half().float(), weights))
 
 
-def make_batch(model: CharRNN, capacity: int, native: bool = True, kernel_dir: Path | None = None) -> RecurrentBatch:
-    """The batch implementation for this model: the lean LSTM step where it applies, else the module's.
-
-    `native` False never asks for the C kernel (the CHARRNN_NATIVE setting); `kernel_dir` is where it is
-    kept (CHARRNN_KERNEL_DIR; None: the loader's default).
-    """
+def make_batch(model: CharRNN, capacity: int, lib: Any = None) -> RecurrentBatch:
+    """The batch implementation for this model: the C kernel's step where there is one (`lib`, from
+    `native_lstm.load`) and the model is an LSTM, else the lean PyTorch LSTM step, else the module's."""
     if model.config.cell != "lstm":
         return ModuleBatch(model, capacity)
-    lib = native_lstm.load(directory=kernel_dir) if native else None
     if lib is not None and model.config.layers <= native_lstm.MAX_LAYERS:
         return NativeLSTMBatch(model, capacity, lib)
     return FastLSTMBatch(model, capacity)

@@ -7,8 +7,8 @@ network. Each scheduler iteration:
     -> read one chunk of the oldest prefilling prompt (model.sampling.PREFILL_CHUNK characters), so a
        long prompt is read between steps instead of stalling every running stream
     -> drop cancelled / expired jobs
-    -> draw one character for every running job (row i with job i's own generator)
-    -> publish tokens; jobs that finished leave the batch
+    -> draw one character for every running job (model.decoding's Decoder: row i with job i's own
+       generator, stop strings and length), publish; jobs that finished leave the batch
     -> one recurrent step of the whole batch, (batch, 1) ids -> (batch, vocab) logits
 
 Jobs join and leave at any iteration (continuous batching). See docs/ENGINE_INTERFACE.md.
@@ -29,12 +29,13 @@ from typing import Any
 
 import torch
 
+from model.decoding import Decoder, Sample, SamplingParams, Token, check_request
 from model.network import CharRNN, state_tensors
-from model.sampling import PREFILL_CHUNK, SamplingError, SamplingParams, Token, prefill_chunks, start_ids
-from model.stops import StopMatcher
-from model.vocab import Vocab
+from model.sampling import PREFILL_CHUNK, prefill_chunks, start_ids
+from service import native_lstm
 from service.batch import RecurrentBatch, make_batch
 from service.config import DEFAULT_MAX_BATCH
+from service.loading import LoadedModel
 from service.prompt_cache import PromptCache
 
 log = logging.getLogger(__name__)
@@ -64,17 +65,6 @@ class ClientBusyError(Exception):
 
 class EngineClosedError(Exception):
     """The engine is shutting down and takes no new jobs (HTTP 503)."""
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A model the engine serves under `name`."""
-
-    name: str
-    model: CharRNN  # eval mode, CPU
-    vocab: Vocab
-    meta: dict[str, Any]
-    path: Path
 
 
 @dataclass(frozen=True)
@@ -112,9 +102,7 @@ class Job:
         self.cancel_requested = False
         # Set and used by the scheduler thread only.
         self.admitted: float | None = None  # time.monotonic() when it joined a batch
-        self.generator: torch.Generator | None = None
-        self.matcher = StopMatcher(spec.stop)
-        self.left = spec.max_new_chars
+        self.sample: Sample | None = None  # its decoding state, made when it joins a batch
 
     def __repr__(self) -> str:
         return f"Job({self.id}, {self.finish_reason or 'running'}, {self.generated_chars} chars)"
@@ -196,8 +184,9 @@ class Engine:
         self.max_queue = max_queue
         self.batching = batching
         self.prompt_cache = PromptCache(prompt_cache_bytes)
-        self.native = native  # step small LSTM batches with the C kernel when it can be built
+        self.native = native  # step and draw with the C kernel when it can be built
         self.kernel_dir = kernel_dir  # where that kernel is kept; None: the kernel loader's default
+        self._decoders: dict[str, Decoder] = {}
         self._slots = max_batch if batching else 1
         self._wake = threading.Condition()
         self._queue: deque[Job] = deque()
@@ -240,7 +229,8 @@ class Engine:
         """Queue a job; never blocks. QueueFullError, EngineClosedError, KeyError(model), SamplingError."""
         if spec.model not in self.models:
             raise KeyError(spec.model)
-        _check_spec(spec, len(self.models[spec.model].vocab))
+        vocab_size = len(self.models[spec.model].vocab)
+        check_request(spec.max_new_chars, spec.stop, spec.top_logprobs, spec.prompt_ids, vocab_size)
         job = Job(spec, self._wake)
         with self._wake:
             if self._closing:
@@ -418,13 +408,17 @@ class Engine:
         """Add a job whose prompt has been read to its model's batch (its `_active` is already counted)."""
         loaded = self.models[job.spec.model]
         try:
-            job.generator = torch.Generator().manual_seed(job.spec.seed)
-            job.admitted = time.monotonic()
             batch = self._batches.get(loaded.name)
             if batch is None:
-                batch = self._batches[loaded.name] = make_batch(
-                    loaded.model, self.max_batch, self.native, self.kernel_dir
-                )
+                lib = native_lstm.load(directory=self.kernel_dir) if self.native else None
+                batch = self._batches[loaded.name] = make_batch(loaded.model, self.max_batch, lib)
+                fast = None if lib is None else native_lstm.NativeDraw(lib, len(loaded.vocab))
+                self._decoders[loaded.name] = Decoder(loaded.vocab, fast)
+            spec = job.spec
+            job.sample = self._decoders[loaded.name].sample(
+                spec.params, spec.seed, spec.max_new_chars, spec.stop, spec.top_logprobs
+            )
+            job.admitted = time.monotonic()
             batch.add(job, entry[0], entry[1])
         except Exception:
             log.exception("job %s failed to start", job.id)
@@ -438,14 +432,16 @@ class Engine:
             if not batch.jobs:
                 return
             jobs_model = batch.jobs[0].spec.model
-            vocab = self.models[jobs_model].vocab
-            ids, picked = batch.sample([j.spec.params for j in batch.jobs], [j.generator for j in batch.jobs])
+            ids, tokens = self._decoders[jobs_model].draw(batch.logits, [job.sample for job in batch.jobs])
             running = []
-            for row, job in enumerate(batch.jobs):
-                top = _top(vocab, batch.logits[row], job.spec.top_logprobs) if job.spec.top_logprobs else None
-                token = Token(vocab.chars[ids[row]], picked[row], top)
-                if self._emit(job, token):
+            for row, (job, token) in enumerate(zip(batch.jobs, tokens, strict=True)):
+                ready = job.sample.push(token)
+                if job.sample.finish_reason is None:
+                    if ready:
+                        job.publish(ready)
                     running.append(row)
+                else:
+                    self._finish(job, ready, job.sample.finish_reason)
             if len(running) < len(batch.jobs):
                 batch.keep(running)
             if batch.jobs:
@@ -471,20 +467,6 @@ class Engine:
                 self._finish(job, [], reason)
         if len(running) < len(batch.jobs):
             batch.keep(running)
-
-    def _emit(self, job: Job, token: Token) -> bool:
-        """Pass a token through the job's stop matcher and publish; False when the job has finished."""
-        ready, stopped = job.matcher.push(token) if job.spec.stop else ([token], False)
-        job.left -= 1
-        if stopped:
-            self._finish(job, ready, "stop")
-        elif job.left == 0:
-            self._finish(job, ready + job.matcher.flush(), "length")
-        else:
-            if ready:
-                job.publish(ready)
-            return True
-        return False
 
     def _finish(self, job: Job, tokens: list[Token], reason: str) -> None:
         self._active -= 1  # before readers can see the job finished
@@ -517,24 +499,3 @@ def _stop_reason(job: Job, now: float) -> str | None:
     if job.deadline is not None and now >= job.deadline:
         return "deadline"
     return None
-
-
-def _check_spec(spec: JobSpec, vocab_size: int) -> None:
-    """The checks `model.sampling.generate` makes, so that a bad spec fails at submit, not later."""
-    if spec.max_new_chars < 1:
-        raise SamplingError("max_new_chars", f"must be >= 1, got {spec.max_new_chars}")
-    if any(not s for s in spec.stop):
-        raise SamplingError("stop", "stop strings must be non-empty")
-    if any(not 0 <= i < vocab_size for i in spec.prompt_ids):
-        raise SamplingError("prompt", "holds ids outside the model's vocabulary")
-    if spec.top_logprobs < 0:
-        raise SamplingError("top_logprobs", f"must be >= 0, got {spec.top_logprobs}")
-
-
-def _top(vocab: Vocab, logits: torch.Tensor, k: int) -> tuple[tuple[str, float], ...] | None:
-    """The k most likely characters and their log-probabilities, as `model.sampling` reports them."""
-    if not k:
-        return None
-    logprobs = logits.log_softmax(-1)
-    values, ids = torch.topk(logprobs, min(k, logprobs.numel()))
-    return tuple((vocab.chars[i], v) for v, i in zip(values.tolist(), ids.tolist(), strict=True))

@@ -20,9 +20,9 @@ from model.sampling import SamplingError, SamplingParams, Token, random_seed
 from model.vocab import UnknownCharactersError
 from service.auth import presented_key
 from service.config import ServiceConfig
-from service.engine import ClientBusyError, Engine, EngineClosedError, Job, JobSpec, LoadedModel, QueueFullError
+from service.engine import ClientBusyError, Engine, EngineClosedError, Job, JobSpec, QueueFullError
 from service.errors import ApiError
-from service.loading import ModelEntry
+from service.loading import LoadedModel, ModelEntry
 from service.metrics import Metrics
 from service.schemas import TOP_LOGPROBS
 

@@ -19,11 +19,23 @@ from typing import Any
 
 from model.atomic import TMP_MARKER
 from model.checkpoint import SUFFIX, CheckpointError, load_checkpoint
-from service.engine import LoadedModel
+from model.network import CharRNN
+from model.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
 RUN_CHECKPOINT = "best" + SUFFIX
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model the engine serves under `name`."""
+
+    name: str
+    model: CharRNN  # eval mode, CPU
+    vocab: Vocab
+    meta: dict[str, Any]
+    path: Path
 
 
 @dataclass(frozen=True)

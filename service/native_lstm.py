@@ -41,9 +41,12 @@ import shutil
 import stat
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from model.decoding import Sample
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,44 @@ class Net(ctypes.Structure):
         ("logits", ctypes.c_void_p),
         ("wh", ctypes.c_void_p * MAX_LAYERS),
     ]
+
+
+class NativeDraw:
+    """model.decoding's plain draw made by the kernel (`charrnn_draw_rows`): every plain row of a batch
+    in one call, without the GIL (a `model.decoding.FastDraw`)."""
+
+    def __init__(self, lib: ctypes.CDLL, vocab_size: int):
+        self.lib = lib
+        self.vocab_size = vocab_size
+        self._grow(8)
+
+    def _grow(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.temperatures = torch.zeros(capacity)  # > 0 marks the rows the kernel draws
+        self._temperatures = self.temperatures.numpy()
+        self.noise = (ctypes.c_void_p * capacity)()
+        self.ids = torch.zeros(capacity, dtype=torch.long)
+        self.logprobs = torch.zeros(capacity)
+
+    def draw(self, logits: torch.Tensor, rows: Sequence[Sample]) -> tuple[list[int], list[float]]:
+        n = len(rows)
+        if n > self.capacity:
+            self._grow(max(n, 2 * self.capacity))
+        for r, row in enumerate(rows):
+            self._temperatures[r] = row.temperature
+            if row.noise is not None:
+                self.noise[r] = row.noise.pointer()
+        logits = logits if logits.dtype == torch.float32 and logits.is_contiguous() else logits.float().contiguous()
+        self.lib.charrnn_draw_rows(
+            n,
+            self.vocab_size,
+            logits.data_ptr(),
+            self.temperatures.data_ptr(),
+            self.noise,
+            self.ids.data_ptr(),
+            self.logprobs.data_ptr(),
+        )
+        return self.ids[:n].tolist(), self.logprobs[:n].tolist()
 
 
 _library: ctypes.CDLL | None = None

@@ -10,9 +10,9 @@ import torch
 
 from model.config import ModelConfig
 from model.network import CharRNN, state_tensors
-from model.sampling import SamplingParams, prefill
+from model.sampling import prefill
 from service import native_lstm
-from service.batch import FastLSTMBatch, ModuleBatch, NativeLSTMBatch, Noise, RecurrentBatch, block_draws_are_sequential
+from service.batch import FastLSTMBatch, ModuleBatch, NativeLSTMBatch, RecurrentBatch
 
 
 def odd_model(layers: int = 3, hidden: int = 37, vocab: int = 29, half: bool = False) -> CharRNN:
@@ -33,9 +33,7 @@ def odd_model(layers: int = 3, hidden: int = 37, vocab: int = 29, half: bool = F
 
 
 def fake_job(seed: int) -> SimpleNamespace:
-    return SimpleNamespace(
-        spec=SimpleNamespace(params=SamplingParams(temperature=0.9)), generator=torch.Generator().manual_seed(seed)
-    )
+    return SimpleNamespace(id=seed)
 
 
 def make(kind: type, model: CharRNN, capacity: int, request: pytest.FixtureRequest) -> RecurrentBatch:
@@ -107,13 +105,3 @@ def test_keep_reorders_rows_with_their_state(kind: type, request: pytest.Fixture
     torch.testing.assert_close(batch.logits, before[1][[3, 1]], rtol=0, atol=0)
     for now, then in zip(batch.state, before[0], strict=True):
         torch.testing.assert_close(now, then[:, [3, 1]], rtol=0, atol=0)
-
-
-def test_noise_drawn_ahead_is_the_noise_drawn_one_row_at_a_time() -> None:
-    assert block_draws_are_sequential()
-    noise = Noise(29, torch.Generator().manual_seed(5))
-    one_by_one = torch.Generator().manual_seed(5)
-    for _ in range(300):  # several refills of the block
-        pointer = noise.pointer()
-        row = (pointer - noise.block.data_ptr()) // noise.row_bytes
-        assert torch.equal(noise.block[row], torch.empty(29).exponential_(1, generator=one_by_one))

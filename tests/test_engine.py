@@ -14,7 +14,8 @@ from model.config import ModelConfig
 from model.network import CharRNN
 from model.sampling import SamplingError, SamplingParams, Token, generate
 from model.vocab import Vocab
-from service.engine import Engine, EngineClosedError, JobSpec, LoadedModel, QueueFullError
+from service.engine import Engine, EngineClosedError, JobSpec, QueueFullError
+from service.loading import LoadedModel
 
 ALPHABET = "\n !,.?abcdefghijklmnopqrstuvwxyz"
 LONG = 1_000_000  # max_new_chars for a job that is stopped some other way
@@ -295,16 +296,6 @@ def test_two_models_are_batched_apart() -> None:
     for job, s in zip(jobs, specs, strict=True):
         assert_same(job.result(timeout=60)[0], reference(a if s.model == a.name else b, s)[0])
     engine.close()
-
-
-def test_choose_rows_draws_what_choose_draws_row_by_row() -> None:
-    from model.sampling import choose, choose_rows
-
-    logits = torch.randn(40, 31, generator=torch.Generator().manual_seed(0)) * 3
-    params = [PARAMS[i % len(PARAMS)] for i in range(40)]
-    batched = choose_rows(logits, params, [torch.Generator().manual_seed(i) for i in range(40)])
-    one_by_one = [choose(logits[i], params[i], torch.Generator().manual_seed(i)) for i in range(40)]
-    assert batched == one_by_one
 
 
 # -- long prompts are read in chunks between batch steps -------------------------------------------------

@@ -181,7 +181,8 @@ def test_generation_goes_on_through_the_pytorch_step_when_the_kernel_is_refused(
     plant(kernels, tmp_path, mode=0o777)
     no_compiler(monkeypatch, tmp_path)
     loaded = tiny_model("lstm")
-    assert isinstance(make_batch(loaded.model, 4), FastLSTMBatch)
+    assert native_lstm.load() is None
+    assert isinstance(make_batch(loaded.model, 4, None), FastLSTMBatch)
     engine = Engine({loaded.name: loaded}, max_batch=4, native=True)
     engine.start()
     try:
@@ -240,4 +241,14 @@ def test_root_owned_kernels_are_trusted_by_every_user(
 
 def test_the_batch_uses_the_kernel_it_trusts(kernels: Path) -> None:
     loaded = tiny_model("lstm")
-    assert isinstance(make_batch(loaded.model, 4), NativeLSTMBatch)
+    lib = native_lstm.load()
+    assert lib is not None and isinstance(make_batch(loaded.model, 4, lib), NativeLSTMBatch)
+    engine = Engine({loaded.name: loaded}, max_batch=4, native=True)
+    engine.start()
+    try:
+        spec = JobSpec(model=loaded.name, prompt_ids=(), max_new_chars=5, params=SamplingParams(), seed=1, timeout=60)
+        engine.submit(spec).result(timeout=60)
+    finally:
+        engine.close()
+    assert isinstance(engine._batches[loaded.name], NativeLSTMBatch)
+    assert isinstance(engine._decoders[loaded.name].fast, native_lstm.NativeDraw)  # the draw: the kernel's too

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from model.checkpoint import load_checkpoint
-from model.sampling import SamplingError, SamplingParams, StopMatcher, Token, filtered_logits, generate
+from model.sampling import SamplingError, SamplingParams, Token, filtered_logits, generate
+from model.stops import StopMatcher
 from model.vocab import UnknownCharactersError
 
 

@@ -14,9 +14,9 @@ from flask import Blueprint, Response, jsonify
 from flask.blueprints import BlueprintSetupState
 
 from service.activations import QUANTITIES, cell_activations
-from service.engine import LoadedModel
 from service.errors import ApiError
 from service.jobs import current_service, encode_prompt
+from service.loading import LoadedModel
 from service.schemas import CellCorrelation, FeatureCells, InspectRequest, InspectResponse, dump
 from service.slots import make_slots, slot, slots_key
 from service.text_features import FEATURES, top_cells

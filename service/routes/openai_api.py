@@ -15,7 +15,6 @@ from flask import Blueprint, Response, jsonify
 
 from model.sampling import Token
 from model.scoring import score_ids
-from service.engine import LoadedModel
 from service.errors import ApiError
 from service.jobs import (
     Plan,
@@ -31,6 +30,7 @@ from service.jobs import (
     new_id,
     sampling_params,
 )
+from service.loading import LoadedModel
 from service.schemas import (
     CompletionChoice,
     CompletionRequest,

@@ -15,9 +15,9 @@ from flask.blueprints import BlueprintSetupState
 
 from model.sampling import start_ids
 from model.scoring import CharScore, score_ids
-from service.engine import LoadedModel
 from service.errors import ApiError
 from service.jobs import check_logprob_budget, current_service, encode_prompt
+from service.loading import LoadedModel
 from service.schemas import (
     Alternative,
     CharLogprob,

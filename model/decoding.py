@@ -1,0 +1,304 @@
+"""The decoding rule: how a batch of next-character logits becomes characters, and when a sample ends.
+
+Every character this project generates is drawn here: by `charrnn sample` and the Python API (a
+batch of one row) and by the service's engine (a row per running request). Per step and row:
+
+    logits (vocab,) -> the draw, from the row's own generator:
+                         temperature 0        argmax
+                         a temperature only   argmax(softmax(logits / T) / E), E ~ Exp(1) noise ("plain")
+                         top-k and/or top-p   cut-offs, then torch.multinomial
+                    -> the character's log-probability under the model (before temperature and
+                       cut-offs) and, if asked, the most likely alternatives
+                    -> stop strings and the length limit -> a finish reason ("stop", "length")
+
+A row draws from its own generator and nothing else, so a seed gives the same text whatever else
+shares the batch. The plain draw is what torch.multinomial(p, 1) draws from the same generator
+(checked once per process; should a torch version differ, such rows go through multinomial itself),
+so a plain row's text is the text multinomial sampling gives; its noise is drawn a block at a time
+(`Noise`). `FastDraw` is the interface of an accelerated plain draw (the service's C kernel): the
+`Decoder` hands it the plain rows when it has one, and draws the rest itself.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from model.stops import StopMatcher
+from model.vocab import Vocab
+
+MAX_TEMPERATURE = 5.0
+NOISE_FLOATS = 4096  # per plain row, exponential noise drawn ahead (see Noise)
+
+
+class SamplingError(ValueError):
+    """A sampling parameter is out of range; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next character is drawn: temperature 0 is greedy (argmax)."""
+
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, int | float) and 0.0 <= self.temperature <= MAX_TEMPERATURE):
+            raise SamplingError("temperature", f"must be between 0 and {MAX_TEMPERATURE}, got {self.temperature}")
+        if self.top_k is not None and not (isinstance(self.top_k, int) and self.top_k >= 1):
+            raise SamplingError("top_k", f"must be an integer >= 1 or None, got {self.top_k}")
+        if not (isinstance(self.top_p, int | float) and 0.0 < self.top_p <= 1.0):
+            raise SamplingError("top_p", f"must be in (0, 1], got {self.top_p}")
+
+    @property
+    def plain(self) -> bool:
+        """A temperature and nothing else: drawn by the exponential race (or its accelerated form)."""
+        return self.temperature > 0 and self.top_k is None and self.top_p >= 1.0 and exponential_race_is_multinomial()
+
+
+@dataclass(frozen=True)
+class Token:
+    """One generated character, its log-probability under the model and, if asked, the top alternatives."""
+
+    char: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] | None = None
+
+
+def check_request(
+    max_new_chars: int,
+    stop: Sequence[str] = (),
+    top_logprobs: int = 0,
+    prompt_ids: Sequence[int] = (),
+    vocab_size: int | None = None,
+) -> None:
+    """SamplingError naming the field when a request cannot be decoded (the one set of checks)."""
+    if max_new_chars < 1:
+        raise SamplingError("max_new_chars", f"must be >= 1, got {max_new_chars}")
+    if any(not s for s in stop):
+        raise SamplingError("stop", "stop strings must be non-empty")
+    if top_logprobs < 0:
+        raise SamplingError("top_logprobs", f"must be >= 0, got {top_logprobs}")
+    if vocab_size is not None and any(not 0 <= i < vocab_size for i in prompt_ids):
+        raise SamplingError("prompt", "holds ids outside the model's vocabulary")
+
+
+def filtered_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits (..., vocab) scaled by temperature, with top-k/top-p cut-offs set to -inf."""
+    logits = logits / max(params.temperature, 1e-6)
+    if params.top_k is not None and params.top_k < logits.size(-1):
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a character once the mass before it already reaches top_p; the first always stays.
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
+        drop_sorted[..., 0] = False  # even when top_p underflows to 0 in float32
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """The reference draw of one id from logits (vocab,): argmax at temperature 0, else multinomial.
+
+    `Decoder.draw` gives the same id from the same generator state, for a whole batch at once.
+    """
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = filtered_logits(logits.float(), params).softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@functools.cache
+def exponential_race_is_multinomial() -> bool:
+    """Whether torch.multinomial(p, 1) draws argmax(p / Exp(1) noise) from its generator, as torch does today."""
+    probs = torch.linspace(0.1, 1.0, 17)
+    probs = probs / probs.sum()
+    for seed in range(32):
+        expected = int(torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)))
+        race = torch.empty_like(probs).exponential_(1, generator=torch.Generator().manual_seed(seed))
+        if int((probs / race).argmax()) != expected:
+            return False
+    return True
+
+
+@functools.cache
+def block_draws_are_sequential() -> bool:
+    """Whether exponential_ on (k, vocab) draws what k exponential_ calls on (vocab,) draw in turn."""
+    for vocab in (1, 7, 65, 300):
+        one = torch.Generator().manual_seed(vocab)
+        rows = torch.stack([torch.empty(vocab).exponential_(1, generator=one) for _ in range(5)])
+        block = torch.empty(5, vocab).exponential_(1, generator=torch.Generator().manual_seed(vocab))
+        if not torch.equal(rows, block):
+            return False
+    return True
+
+
+class Noise:
+    """A plain row's Exp(1) noise, drawn from its generator a block of rows at a time.
+
+    A block of k rows takes from the generator exactly what k one-row draws take in turn (checked by
+    `block_draws_are_sequential`; where it is not so, a block is one row), so the text is the same
+    with one generator call per k characters instead of one per character.
+    """
+
+    def __init__(self, vocab_size: int, generator: torch.Generator):
+        rows = max(1, NOISE_FLOATS // vocab_size) if block_draws_are_sequential() else 1
+        self.block = torch.empty(rows, vocab_size)  # (rows, vocab)
+        self.generator = generator
+        self._row_bytes = vocab_size * self.block.element_size()
+        self._next = rows
+
+    def _take(self) -> int:
+        if self._next == len(self.block):
+            self.block.exponential_(1, generator=self.generator)
+            self._next = 0
+        self._next += 1
+        return self._next - 1
+
+    def row(self) -> torch.Tensor:
+        """The next unused row of noise, (vocab,)."""
+        return self.block[self._take()]
+
+    def pointer(self) -> int:
+        """The address of the next unused row of noise (vocab float32 values), for an accelerated draw."""
+        return self.block.data_ptr() + self._take() * self._row_bytes
+
+
+class Sample:
+    """One sample being decoded: its rule, its own generator, its stop strings and what is left of its length."""
+
+    __slots__ = ("_matcher", "finish_reason", "generator", "left", "noise", "params", "temperature", "top_logprobs")
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        seed: int,
+        max_new_chars: int,
+        vocab_size: int,
+        stop: Sequence[str] = (),
+        top_logprobs: int = 0,
+    ):
+        self.params = params
+        self.generator = torch.Generator().manual_seed(seed)
+        plain = params.plain
+        self.temperature = max(params.temperature, 1e-6) if plain else 0.0  # > 0: a plain row
+        self.noise = Noise(vocab_size, self.generator) if plain else None
+        self.top_logprobs = top_logprobs
+        self.left = max_new_chars
+        self.finish_reason: str | None = None  # "stop" or "length" once the sample has ended
+        self._matcher = StopMatcher(stop) if stop else None
+
+    def push(self, token: Token) -> list[Token]:
+        """The tokens to emit now that `token` was drawn; sets `finish_reason` when the sample has ended.
+
+        A stop string is cut (never emitted); text that could still begin one is held back until it
+        cannot, or until the end.
+        """
+        self.left -= 1
+        if self._matcher is None:
+            ready, stopped = [token], False
+        else:
+            ready, stopped = self._matcher.push(token)
+        if stopped:
+            self.finish_reason = "stop"
+        elif self.left == 0:
+            if self._matcher is not None:
+                ready = ready + self._matcher.flush()
+            self.finish_reason = "length"
+        return ready
+
+
+class FastDraw(Protocol):
+    """An accelerated plain draw: for each row whose `temperature` is > 0, the id that
+    argmax(softmax(logits / temperature) / noise) gives with the row's next `Noise` row, and its
+    log-probability under log_softmax(logits). Other rows are left to the decoder (their entries are
+    not read)."""
+
+    def draw(self, logits: torch.Tensor, rows: Sequence[Sample]) -> tuple[list[int], list[float]]: ...
+
+
+class Decoder:
+    """The per-step rule for a batch of rows of one vocabulary (see the module's docstring)."""
+
+    def __init__(self, vocab: Vocab, fast: FastDraw | None = None):
+        self.chars = vocab.chars
+        self.vocab_size = len(vocab)
+        self.fast = fast
+
+    def sample(
+        self, params: SamplingParams, seed: int, max_new_chars: int, stop: Sequence[str] = (), top_logprobs: int = 0
+    ) -> Sample:
+        """A new row, drawing from torch.Generator().manual_seed(seed)."""
+        return Sample(params, seed, max_new_chars, self.vocab_size, stop, top_logprobs)
+
+    def draw(self, logits: torch.Tensor, rows: Sequence[Sample]) -> tuple[list[int], list[Token]]:
+        """One character for each row: logits (rows, vocab), float32 -> (ids, Tokens), row i with rows[i]."""
+        n = len(rows)
+        if n == 1:
+            return self._draw_one(logits[0], rows[0])
+        ids = [0] * n
+        logprobs: list[float | None] = [None] * n
+        plain = [i for i, row in enumerate(rows) if row.noise is not None]
+        if plain and self.fast is not None:
+            fast_ids, fast_logprobs = self.fast.draw(logits, rows)
+            for i in plain:
+                ids[i], logprobs[i] = fast_ids[i], fast_logprobs[i]
+        elif plain:
+            sub = logits if len(plain) == n else logits[plain]
+            temperatures = torch.tensor([[rows[i].temperature] for i in plain])  # (plain, 1)
+            probs = (sub.float() / temperatures).softmax(-1)
+            noise = torch.stack([rows[i].noise.row() for i in plain])  # type: ignore[union-attr]
+            for i, pick in zip(plain, (probs / noise).argmax(-1).tolist(), strict=True):
+                ids[i] = pick
+        if len(plain) < n:
+            greedy = [i for i, row in enumerate(rows) if row.noise is None and row.params.temperature == 0]
+            if greedy:
+                for i, pick in zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True):
+                    ids[i] = pick
+            for i, row in enumerate(rows):
+                if row.noise is None and row.params.temperature > 0:
+                    ids[i] = choose(logits[i], row.params, row.generator)
+        missing = [i for i in range(n) if logprobs[i] is None]
+        if missing:
+            all_logprobs = logits.float().log_softmax(-1)  # under the model, before temperature and cut-offs
+            picked = all_logprobs.gather(1, torch.tensor(ids).unsqueeze(1)).squeeze(1).tolist()
+            for i in missing:
+                logprobs[i] = picked[i]
+        tokens = [
+            Token(self.chars[ids[i]], logprobs[i], self._top(logits[i], row.top_logprobs) if row.top_logprobs else None)  # type: ignore[arg-type]
+            for i, row in enumerate(rows)
+        ]
+        return ids, tokens
+
+    def _draw_one(self, logits: torch.Tensor, row: Sample) -> tuple[list[int], list[Token]]:
+        """`draw` for a batch of one row, logits (vocab,): the same rule without gathering rows."""
+        logprob = None
+        if row.noise is not None and self.fast is not None:
+            (pick,), (logprob,) = self.fast.draw(logits.unsqueeze(0), (row,))
+        elif row.noise is not None:
+            probs = (logits.float() / row.temperature).softmax(-1)
+            pick = int((probs / row.noise.row()).argmax())
+        else:
+            pick = choose(logits, row.params, row.generator)
+        if logprob is None:
+            logprob = logits.float().log_softmax(-1)[pick].item()
+        top = self._top(logits, row.top_logprobs) if row.top_logprobs else None
+        return [pick], [Token(self.chars[pick], logprob, top)]
+
+    def _top(self, logits: torch.Tensor, k: int) -> tuple[tuple[str, float], ...]:
+        """The k most likely characters and their log-probabilities under the model."""
+        logprobs = logits.float().log_softmax(-1)
+        values, ids = torch.topk(logprobs, min(k, logprobs.numel()))
+        return tuple((self.chars[i], v) for v, i in zip(values.tolist(), ids.tolist(), strict=True))
