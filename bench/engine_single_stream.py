@@ -7,9 +7,9 @@ single timings vary several-fold; ratios within one run are what mean something)
 
 - eager: the model module one character at a time (nn.LSTM step, softmax, multinomial), as a
   first sampler would be written;
-- lean:  the loop the engine issue describes: the embedding folded into layer 0's input weights as a
-  (vocab, 4 x hidden) table, one addmm per layer plus the gate arithmetic, the temperature folded
-  into the head, multinomial;
+- lean:  the engine's folded-weight PyTorch step (service.batch.FastLSTMBatch: the embedding folded
+  into layer 0's input weights, one addmm per layer plus the gate arithmetic) and multinomial,
+  with nothing around them;
 - engine: one job through `service.engine.Engine` (prompt prefill, sampling, tokens, stop matching,
   publishing to the reading thread included), read as a stream by a second thread;
 - engine f16: the same with the weights rounded to float16, as `charrnn export --half` stores them
@@ -33,6 +33,7 @@ from model.config import ModelConfig
 from model.network import CharRNN
 from model.sampling import SamplingParams
 from model.vocab import Vocab
+from service.batch import FastLSTMBatch
 from service.engine import Engine, JobSpec
 from service.loading import LoadedModel
 
@@ -66,40 +67,20 @@ def eager_loop(model: CharRNN, chars: int) -> None:
 
 
 def lean_loop(model: CharRNN) -> Callable[[int], None]:
-    """The issue's lean loop, weights prepared once: returns run(chars)."""
-    cfg, rnn = model.config, model.rnn
-    assert cfg.cell == "lstm"
-    with torch.no_grad():
-        table = model.embed.weight @ rnn.weight_ih_l0.T + rnn.bias_ih_l0 + rnn.bias_hh_l0  # (vocab, 4 hidden)
-        w_hh0 = rnn.weight_hh_l0.T.contiguous()
-        upper = [
-            (
-                torch.cat([getattr(rnn, f"weight_ih_l{i}"), getattr(rnn, f"weight_hh_l{i}")], 1).T.contiguous(),
-                (getattr(rnn, f"bias_ih_l{i}") + getattr(rnn, f"bias_hh_l{i}")).unsqueeze(0),
-            )
-            for i in range(1, cfg.layers)
-        ]
-        head_w = (model.head.weight / TEMPERATURE).T.contiguous()
-        head_b = (model.head.bias / TEMPERATURE).unsqueeze(0)
-
-    def cell(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        i, f, g, o = gates.chunk(4, 1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
+    """The folded-weight PyTorch step the engine uses (service.batch.FastLSTMBatch, one row) and a
+    multinomial draw, with nothing around them: returns run(chars)."""
+    hidden, layers = model.config.hidden, model.config.layers
 
     @torch.inference_mode()
     def run(chars: int) -> None:
         generator = torch.Generator().manual_seed(0)
-        hs = [torch.zeros(1, cfg.hidden) for _ in range(cfg.layers)]
-        cs = [torch.zeros(1, cfg.hidden) for _ in range(cfg.layers)]
+        batch = FastLSTMBatch(model, 1)
+        batch.add(None, torch.zeros(model.config.vocab_size), [torch.zeros(layers, 1, hidden)] * 2)
         idx = 0
         for _ in range(chars):
-            hs[0], cs[0] = cell(torch.addmm(table[idx : idx + 1], hs[0], w_hh0), cs[0])
-            for layer, (w, b) in enumerate(upper, start=1):
-                gates = torch.addmm(b, torch.cat([hs[layer - 1], hs[layer]], 1), w)
-                hs[layer], cs[layer] = cell(gates, cs[layer])
-            probs = torch.addmm(head_b, hs[-1], head_w).softmax(-1)
-            idx = int(torch.multinomial(probs[0], 1, generator=generator))
+            batch.step([idx])
+            probs = (batch.logits[0] / TEMPERATURE).softmax(-1)
+            idx = int(torch.multinomial(probs, 1, generator=generator))
 
     return run
 

@@ -4,10 +4,12 @@ For an LSTM that is tanh of the cell state c, the quantity Karpathy, Johnson and
 "Visualizing and Understanding Recurrent Networks" (2015); a GRU or a vanilla RNN has only its
 hidden state h, which is already squashed into (-1, 1).
 
-PyTorch's fused layers return every step's h of the top layer only, and c of no step but the last,
-so each layer is run here step by step with its own weights and the gate equations of nn.LSTM,
-nn.GRU and nn.RNN (the PyTorch documentation's, gate order i, f, g, o and r, z, n). The weights are
-only read: the engine's thread reads the same tensors at the same time, which is safe.
+PyTorch's fused layers return every step's h of the top layer only, and c of no step but the last.
+So a GRU's or vanilla RNN's layer l is read by the model's own fused layer cut after layer l (its
+top output is then layer l's h), and an LSTM is stepped character by character by the engine's
+folded-weight step (service.batch.FastLSTMBatch), whose cell states are read after each step. No
+gate equations are written here. The weights are only read: the engine's thread reads the same
+tensors at the same time, which is safe.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from model.network import CharRNN
+from service.batch import FastLSTMBatch
 
 QUANTITIES = {"lstm": "tanh(c)", "gru": "h", "rnn": "h"}  # what a value of each cell type is
 
@@ -30,48 +34,29 @@ def cell_activations(model: CharRNN, ids: Sequence[int], layer: int) -> np.ndarr
         raise ValueError(f"layer must be between 0 and {cfg.layers - 1}, got {layer}")
     if not ids:
         return np.zeros((0, cfg.hidden), dtype=np.float32)
-    x = model.embed(torch.tensor(list(ids), dtype=torch.long))  # (time, embed)
-    for below in range(layer):
-        x = _run_layer(model, below, x)[0]  # (time, hidden): the next layer's input (no dropout in eval)
-    h, c = _run_layer(model, layer, x)
-    values = torch.tanh(c) if cfg.cell == "lstm" else h
-    return values.float().numpy()
+    if cfg.cell == "lstm":
+        return _lstm_cells(model, ids, layer).numpy()
+    return _layer_outputs(model, ids, layer).float().numpy()
 
 
-def _weights(model: CharRNN, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """W_ih (gates*hidden, input), W_hh (gates*hidden, hidden), b_ih, b_hh of one layer."""
+def _lstm_cells(model: CharRNN, ids: Sequence[int], layer: int) -> torch.Tensor:
+    """(time, hidden): tanh(c) of `layer` after each character, from the engine's step (one row)."""
+    cfg = model.config
+    batch = FastLSTMBatch(model, 1)
+    zeros = torch.zeros(cfg.layers, 1, cfg.hidden)
+    batch.add(None, torch.zeros(cfg.vocab_size), [zeros, zeros])
+    values = torch.empty(len(ids), cfg.hidden)
+    for t, char in enumerate(ids):
+        batch.step([char])
+        torch.tanh(batch.cs[layer, 0], out=values[t])
+    return values
+
+
+def _layer_outputs(model: CharRNN, ids: Sequence[int], layer: int) -> torch.Tensor:
+    """(time, hidden): h of `layer` after each character: the model's fused layer, cut after `layer`."""
     rnn = model.rnn
-    return (
-        getattr(rnn, f"weight_ih_l{layer}"),
-        getattr(rnn, f"weight_hh_l{layer}"),
-        getattr(rnn, f"bias_ih_l{layer}"),
-        getattr(rnn, f"bias_hh_l{layer}"),
-    )
-
-
-def _run_layer(model: CharRNN, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer reading x (time, input): every step's h, and c for an LSTM (h again otherwise)."""
-    w_ih, w_hh, b_ih, b_hh = _weights(model, layer)
-    projected = x @ w_ih.T + b_ih  # (time, gates*hidden): the input's share of every gate, all steps at once
-    hidden = model.config.hidden
-    h = x.new_zeros(hidden)
-    c = x.new_zeros(hidden)
-    hs, cs = [], []
-    cell = model.config.cell
-    for step in projected:
-        recurrent = w_hh @ h + b_hh  # (gates*hidden,)
-        if cell == "lstm":
-            i, f, g, o = (step + recurrent).chunk(4)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            cs.append(c)
-        elif cell == "gru":
-            x_r, x_z, x_n = step.chunk(3)
-            h_r, h_z, h_n = recurrent.chunk(3)
-            z = torch.sigmoid(x_z + h_z)
-            h = (1 - z) * torch.tanh(x_n + torch.sigmoid(x_r + h_r) * h_n) + z * h
-        else:
-            h = torch.tanh(step + recurrent)
-        hs.append(h)
-    h_all = torch.stack(hs)
-    return h_all, torch.stack(cs) if cs else h_all
+    options = {"nonlinearity": rnn.nonlinearity} if isinstance(rnn, nn.RNN) else {}
+    cut = type(rnn)(rnn.input_size, rnn.hidden_size, num_layers=layer + 1, bias=rnn.bias, batch_first=True, **options)
+    cut.load_state_dict({name: w for name, w in rnn.state_dict().items() if int(name.rsplit("_l", 1)[1]) <= layer})
+    out, _ = cut.eval()(model.embed(torch.tensor([list(ids)], dtype=torch.long)))  # (1, time, hidden)
+    return out[0]
