@@ -1,10 +1,10 @@
-"""Shared fixtures: a small generated corpus, a tiny trained checkpoint (once per session)."""
+"""Shared fixtures: a small generated corpus, a tiny trained checkpoint (once per session), isolated caches,
+the native kernel. The plain helpers they use are in tests/helpers.py."""
 
 from __future__ import annotations
 
 import ctypes
 import os
-import random
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,29 +13,13 @@ from typing import NoReturn
 import pytest
 import torch
 
-from model.config import PRESETS, ModelConfig, TrainConfig, split_settings
 from model.data import load_corpus
-from model.train import Trainer
 from service import native_lstm
+from tests.helpers import make_text, train_tiny
 
 # Tests use tiny models, for which a second thread only adds synchronisation; on a busy 2-core
 # machine two threads per test process made the suite several times slower.
 torch.set_num_threads(1)
-
-WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly bumpkins".split()
-
-
-def make_text(chars: int, seed: int = 0) -> str:
-    """A deterministic pseudo-English text with lines, punctuation and quotes."""
-    rng = random.Random(seed)
-    lines = []
-    while sum(len(line) + 1 for line in lines) < chars:
-        words = [rng.choice(WORDS) for _ in range(rng.randint(3, 9))]
-        line = " ".join(words).capitalize() + rng.choice(".!?")
-        if rng.random() < 0.2:
-            line = f'"{line}" said {rng.choice(["Ann", "Bo", "Cy"])}.'
-        lines.append(line)
-    return "\n".join(lines)[:chars]
 
 
 @pytest.fixture(autouse=True)
@@ -76,17 +60,8 @@ def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def tiny_configs(vocab_size: int, **overrides: object) -> tuple[ModelConfig, TrainConfig]:
-    """The `tiny` preset as configs, with overrides."""
-    model_settings, train_settings = split_settings({**PRESETS["tiny"], **overrides})
-    return ModelConfig(vocab_size=vocab_size, **model_settings), TrainConfig(**train_settings)
-
-
 @pytest.fixture(scope="session")
 def trained_run(text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run directory holding best/last checkpoints of the tiny preset trained on `text_file`."""
-    out = tmp_path_factory.mktemp("run")
     corpus = load_corpus(text_file, cache_dir=tmp_path_factory.mktemp("cache"))
-    model_cfg, train_cfg = tiny_configs(len(corpus.vocab), max_steps=150, eval_every=50)
-    Trainer(model_cfg, train_cfg, corpus, out, progress=False).run()
-    return out
+    return train_tiny(corpus, tmp_path_factory.mktemp("run"), max_steps=150, eval_every=50)

@@ -10,7 +10,7 @@ import torch
 
 import charrnn
 from model.sampling import SamplingParams, generate
-from tests.conftest import make_text
+from tests.helpers import make_text
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from model.data import CorpusStats, corpus_stats, load_corpus
 from model.recipe import auto_recipe, diagnose, resolve_recipe, text_warnings
 from model.train import Trainer
 from model.vocab import Vocab
-from tests.conftest import make_text
+from tests.helpers import make_text
 
 TINY_SHAKESPEARE_TRAIN = 1_003_854  # characters of its training split (90 % of 1,115,394)
 

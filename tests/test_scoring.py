@@ -8,7 +8,7 @@ import torch
 from model import scoring
 from model.checkpoint import load_checkpoint
 from model.sampling import start_ids
-from tests.conftest import make_text
+from tests.helpers import make_text
 
 
 @pytest.fixture(scope="module")

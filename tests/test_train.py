@@ -10,7 +10,7 @@ from model.checkpoint import load_checkpoint
 from model.data import load_corpus
 from model.evaluate import windowed_loss
 from model.train import BEST, LAST, Trainer, TrainingError, learning_rate, resolve_precision
-from tests.conftest import tiny_configs
+from tests.helpers import tiny_configs
 
 
 def test_training_writes_checkpoints_metrics_and_a_loss_curve(trained_run: Path) -> None:

@@ -16,7 +16,7 @@ from model.scoring import score_ids
 from service.schemas import CompletionResponse
 
 if TYPE_CHECKING:
-    from conftest import GunicornServer
+    from tests.helpers import GunicornServer
 
 PROMPT = "the cat sat on the mat.\nthe dog"
 

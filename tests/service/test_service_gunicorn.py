@@ -21,7 +21,7 @@ from model.sampling import SamplingParams, generate
 from service.client import Client, ClientError
 
 if TYPE_CHECKING:
-    from conftest import GunicornServer
+    from tests.helpers import GunicornServer
 
 
 def free_port() -> int:

@@ -21,7 +21,7 @@ from model.sampling import prefill
 from service.prompt_cache import TENSOR_OVERHEAD, PromptCache
 
 if TYPE_CHECKING:
-    from conftest import GunicornServer
+    from tests.helpers import GunicornServer
 
 LIMIT = 64 * 1024  # the default CHARRNN_MAX_BODY_BYTES
 

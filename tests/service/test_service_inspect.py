@@ -21,7 +21,7 @@ from model.vocab import Vocab
 from service.routes.inspect import INSPECT_SLOTS
 from service.schemas import ErrorResponse, InspectResponse
 from service.text_features import FEATURES
-from tests.service.conftest import make_text
+from tests.helpers import make_word_text as make_text
 
 TEXT = make_text(300, seed=5)  # lines of the tiny model's words: line starts and positions vary
 FEATURE_NAMES = [f.name for f in FEATURES]

@@ -15,7 +15,7 @@ from flask.testing import FlaskClient
 from service.schemas import CompletionResponse, OpenAIErrorResponse
 
 if TYPE_CHECKING:
-    from conftest import GunicornServer
+    from tests.helpers import GunicornServer
 
 
 def complete(client: FlaskClient, body: dict[str, Any]) -> Any:

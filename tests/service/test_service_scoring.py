@@ -14,7 +14,7 @@ from model.scoring import score_ids
 from service.schemas import ScoreResponse, TokenizeResponse, TokenizerInfoResponse
 
 if TYPE_CHECKING:
-    from conftest import GunicornServer
+    from tests.helpers import GunicornServer
 
 
 def loaded_model(client: FlaskClient):

@@ -1,0 +1,150 @@
+"""What more than one test module needs: generated texts, the tiny training run, waiting for an event,
+and a Gunicorn process to talk to. Plain functions, imported by both conftests and by test modules
+(`from tests.helpers import ...`); the fixtures built on them live in the conftests."""
+
+from __future__ import annotations
+
+import random
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import requests
+
+from model.config import PRESETS, ModelConfig, TrainConfig, split_settings
+from model.data import Corpus
+from model.train import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
+
+# -- generated texts ----------------------------------------------------------------------------------
+
+ENGLISH_WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly bumpkins".split()
+SMALL_WORDS = "the cat sat on a mat and a dog ran to the red hen by the sea".split()
+
+
+def make_text(chars: int, seed: int = 0) -> str:
+    """A deterministic pseudo-English text with lines, punctuation and quotes."""
+    rng = random.Random(seed)
+    lines: list[str] = []
+    while sum(len(line) + 1 for line in lines) < chars:
+        words = [rng.choice(ENGLISH_WORDS) for _ in range(rng.randint(3, 9))]
+        line = " ".join(words).capitalize() + rng.choice(".!?")
+        if rng.random() < 0.2:
+            line = f'"{line}" said {rng.choice(["Ann", "Bo", "Cy"])}.'
+        lines.append(line)
+    return "\n".join(lines)[:chars]
+
+
+def make_word_text(chars: int, seed: int = 0) -> str:
+    """Deterministic lines of lower-case words ending in a period: a small, learnable vocabulary (no capitals,
+    so that the service tests can send characters the model does not know)."""
+    rng = random.Random(seed)
+    lines: list[str] = []
+    while sum(len(line) + 1 for line in lines) < chars:
+        lines.append(" ".join(rng.choice(SMALL_WORDS) for _ in range(rng.randint(3, 8))) + ".")
+    return "\n".join(lines)[:chars]
+
+
+# -- the tiny model -----------------------------------------------------------------------------------
+
+
+def tiny_configs(vocab_size: int, **overrides: object) -> tuple[ModelConfig, TrainConfig]:
+    """The `tiny` preset as configs, with overrides."""
+    model_settings, train_settings = split_settings({**PRESETS["tiny"], **overrides})
+    return ModelConfig(vocab_size=vocab_size, **model_settings), TrainConfig(**train_settings)
+
+
+def train_tiny(corpus: Corpus, out: Path, **overrides: object) -> Path:
+    """Train the `tiny` preset (with overrides) on `corpus` into the run directory `out`; `out`."""
+    model_cfg, train_cfg = tiny_configs(len(corpus.vocab), **overrides)
+    Trainer(model_cfg, train_cfg, corpus, out, progress=False).run()
+    return out
+
+
+# -- waiting for an event -----------------------------------------------------------------------------
+
+
+def wait_until(condition: Callable[[], T], timeout: float, message: str | Callable[[], str]) -> T:
+    """Poll `condition` until it returns something truthy, and return that; past `timeout` seconds, fail
+    with `message` (a callable is called then, e.g. to attach a server's log).
+
+    This waits for an event the test can observe (a file, a log line, a metric, an engine attribute),
+    never for a fixed time: the deadline is generous and only bounds a failure."""
+    deadline = time.monotonic() + timeout
+    interval = 0.005
+    while not (result := condition()):
+        if time.monotonic() >= deadline:
+            text = message() if callable(message) else message
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {text}")
+        time.sleep(interval)
+        interval = min(interval * 2, 0.1)
+    return result
+
+
+# -- a real Gunicorn ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class GunicornServer:
+    """A running Gunicorn process and its base URL."""
+
+    process: subprocess.Popen
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        """Everything the server has written so far."""
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        """Send `sig` and wait for the process to exit; its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+def wait_until_healthy(server: GunicornServer, timeout: float) -> None:
+    """Poll /health until it answers 200; RuntimeError with the server's log if it exits or never does."""
+
+    def healthy() -> bool:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with {server.process.returncode}:\n{server.log()}")
+        try:
+            return requests.get(server.url + "/health", timeout=5).status_code == 200
+        except requests.RequestException:  # not listening yet, or the worker is still booting
+            return False
+
+    try:
+        wait_until(healthy, timeout, "gunicorn to become healthy")
+    except AssertionError:
+        raise RuntimeError(f"gunicorn did not become healthy:\n{server.log()}") from None
+
+
+def log_shows(server: GunicornServer, line: str, timeout: float = 60) -> None:
+    """Wait until the server's log contains `line`."""
+    wait_until(lambda: line in server.log(), timeout, lambda: f"{line!r} in the log:\n{server.log()[-4000:]}")
+
+
+def active_generations(server: GunicornServer, headers: Mapping[str, str] | None = None) -> float:
+    """The server's `charrnn_engine_active_generations` gauge, from /metrics."""
+    text = requests.get(server.url + "/metrics", headers=dict(headers or {}), timeout=30).text
+    (line,) = (line for line in text.splitlines() if line.startswith("charrnn_engine_active_generations "))
+    return float(line.split()[1])
