@@ -1,12 +1,11 @@
-"""SIGKILL at random moments while checkpoints are being written: the newest complete one always loads."""
+"""SIGKILL at each moment of a checkpoint write (half written, before fsync, before the rename, before the
+directory's fsync, just after): the newest complete checkpoint always loads, and training resumes from it."""
 
 import errno
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,72 @@ from model.train import BEST, LAST
 
 pytestmark = pytest.mark.slow
 
-SAVER = """
-import sys, torch
+# Run inside a child process before it saves: the child stops at one point of its `KILL_AT`-th checkpoint write,
+# says so on stdout ("paused <point>"), and waits there for the test's SIGKILL. So every kill lands at a known
+# moment of a save, whatever the machine's speed.
+PAUSE_IN_SAVE = """
+import os, signal, sys
+import model.atomic
+
+point, kill_at = os.environ["PAUSE_POINT"], int(os.environ["PAUSE_AT_SAVE"])
+saves = 0  # checkpoint writes begun (temporary files whose name starts with PAUSE_TARGET)
+
+
+def pause(where):
+    if where == point and saves == kill_at:
+        print("paused", where, flush=True)
+        while True:
+            signal.pause()
+
+
+class HalfThenPause:
+    def __init__(self, fh):
+        self.fh = fh
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.fh.__exit__(*exc)
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def write(self, data):
+        half = len(data) // 2
+        written = self.fh.write(data[:half])
+        self.fh.flush()
+        pause("writing")  # half of the file is on disk
+        return written + self.fh.write(data[half:])
+
+
+def patched_open(path, mode="r", *args, **kwargs):
+    global saves
+    fh = open(path, mode, *args, **kwargs)
+    if not os.path.basename(path).startswith(os.environ["PAUSE_TARGET"]):
+        return fh
+    saves += 1
+    return HalfThenPause(fh)
+
+
+def patched(real, where):
+    def call(*args, **kwargs):
+        pause(where)
+        return real(*args, **kwargs)
+    return call
+
+
+model.atomic.open = patched_open
+os.fsync = patched(os.fsync, "fsync")  # the file's fsync comes first in a save, then the directory's
+os.replace = patched(os.replace, "rename")
+model.atomic.fsync_directory = patched(model.atomic.fsync_directory, "directory fsync")
+"""
+POINTS = ("writing", "fsync", "rename", "directory fsync", "saved")
+
+SAVER = (
+    PAUSE_IN_SAVE
+    + """
+import torch
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.network import CharRNN
@@ -32,44 +95,76 @@ step = 0
 while True:
     step += 1
     save_checkpoint(sys.argv[1], model, vocab, {"step": step})
+    pause("saved")
     print(step, flush=True)
 """
+)
+
+# `charrnn` itself, with its checkpoint writes paused as above.
+TRAINER = PAUSE_IN_SAVE + "from charrnn.cli import main\nsys.exit(main(sys.argv[1:]))\n"
 
 
-def test_sigkill_during_saves_never_damages_the_last_checkpoint(tmp_path: Path) -> None:
-    rng = random.Random(0)
+def pause_env(target: str, point: str, save: int) -> dict[str, str]:
+    """The environment of a child that pauses at `point` of its `save`-th write of `target`."""
+    environ = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return environ | {"PAUSE_TARGET": f".{target}", "PAUSE_POINT": point, "PAUSE_AT_SAVE": str(save)}
+
+
+def read_until_paused(proc: subprocess.Popen, point: str) -> list[str]:
+    """The lines the child prints before it says it has paused at `point`."""
+    lines = []
+    for line in proc.stdout:
+        if line.strip() == f"paused {point}":
+            return lines
+        lines.append(line.strip())
+    raise AssertionError(f"the child exited with {proc.wait()} before pausing at {point!r}: {lines[-5:]}")
+
+
+@pytest.mark.parametrize("save", [1, 3])
+@pytest.mark.parametrize("point", POINTS)
+def test_sigkill_during_saves_never_damages_the_last_checkpoint(tmp_path: Path, point: str, save: int) -> None:
     path = tmp_path / "last.safetensors"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for trial in range(20):
-        with subprocess.Popen(
-            [sys.executable, "-c", SAVER, str(path)], stdout=subprocess.PIPE, text=True, env=env
-        ) as proc:
-            assert proc.stdout.readline().strip() == "ready"
-            time.sleep(rng.uniform(0.0, 0.4))  # lands anywhere in a save: writing, fsync, rename
-            proc.send_signal(signal.SIGKILL)
-            printed = [int(line) for line in proc.stdout.read().split()]
-        if not path.exists():  # killed before the first save completed
-            assert not printed
-            continue
-        step = load_checkpoint(path).meta["step"]
-        assert not printed or step >= printed[-1], f"trial {trial}: loaded step {step}, saved {printed[-1]}"
-        path.unlink()
+    with subprocess.Popen(
+        [sys.executable, "-c", SAVER, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=pause_env(path.name, point, save),
+    ) as proc:
+        assert proc.stdout.readline().strip() == "ready"
+        printed = [int(line) for line in read_until_paused(proc, point)]
+        proc.send_signal(signal.SIGKILL)
+        printed += [int(line) for line in proc.stdout.read().split()]
+    assert printed == list(range(1, save))  # the kill landed in the save it was meant for
+    if not path.exists():  # killed before the first save completed
+        assert not printed
+        assert save == 1 and point in ("writing", "fsync", "rename")
+        return
+    step = load_checkpoint(path).meta["step"]
+    assert not printed or step >= printed[-1], f"{point} of save {save}: loaded step {step}, saved {printed[-1]}"
+    # the checkpoint is the one before the interrupted save, or that save's once its rename is done
+    assert step == (save if point in ("directory fsync", "saved") else save - 1)
 
 
 def test_training_killed_during_saves_resumes_from_the_last_good_checkpoint(text_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     flags = "--preset tiny --max-steps 80 --eval-every 1 --eval-max-chars 256 --threads 1 --no-progress".split()
-    base = [sys.executable, "-m", "charrnn.cli", "train", "--corpus", str(text_file), "--out", str(out), *flags]
-    proc = subprocess.Popen(base, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (out / LAST).exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)  # it saves after every step now: the kill lands in or near a save
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    argv = ["train", "--corpus", str(text_file), "--out", str(out), *flags]
+    # It saves after every step: killed halfway through writing its fifth last.safetensors.
+    with subprocess.Popen(
+        [sys.executable, "-c", TRAINER, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=pause_env(LAST, "writing", 5),
+    ) as proc:
+        read_until_paused(proc, "writing")
+        proc.send_signal(signal.SIGKILL)
+    assert [p.name for p in out.iterdir() if TMP_MARKER in p.name]  # the kill left a half-written file behind
     step = load_checkpoint(out / LAST).meta["step"]
     assert 0 < step < 80
-    result = subprocess.run([*base, "--resume"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "charrnn.cli", *argv, "--resume"], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert load_checkpoint(out / LAST).meta["step"] == 80
 
