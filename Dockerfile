@@ -30,8 +30,10 @@ RUN pip install --extra-index-url "${TORCH_INDEX_URL}" "torch==2.13.0" \
            "$torch_dir"/lib/libjitbackend_test.so "$torch_dir"/lib/libtorchbind_test.so \
            "$torch_dir"/lib/libbackend_with_compiler.so "$torch_dir"/lib/libaoti_custom_ops.so \
  && python -c "import torch; torch.ones(1)"
+# The sources live only in this stage: the runtime image gets the installed package, /opt/venv.
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY charrnn ./charrnn
 COPY model ./model
 COPY service ./service
 COPY corpora ./corpora
@@ -39,9 +41,11 @@ COPY corpora ./corpora
 # `charrnn train` logs that it skips the plot). Then the engine's C kernel (service/native_lstm.py),
 # compiled here, where a compiler is, for the runtime image, which has none: the runtime finds it in
 # CHARRNN_KERNEL_DIR by a hash of its source and flags. Both variants are built (AVX2/FMA/F16C and
-# portable C), so a runtime CPU without AVX2 finds its own.
+# portable C), so a runtime CPU without AVX2 finds its own. `python -P` keeps /src off sys.path, so this
+# compiles (and checks for the default model in) the installed package, the one the runtime image gets.
 RUN pip install . \
- && CC=gcc CHARRNN_KERNEL_DIR=/opt/kernels python -c "from service import native_lstm; native_lstm.build_all(); assert native_lstm.load()"
+ && CC=gcc CHARRNN_KERNEL_DIR=/opt/kernels python -P -c "from service import native_lstm; native_lstm.build_all(); assert native_lstm.load()" \
+ && python -P -c "from service.config import DEFAULT_MODEL_DIR as d; assert '/opt/venv/' in str(d) and any(d.glob('*.safetensors')), d"
 
 # ---- runtime ------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}
@@ -52,7 +56,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     CHARRNN_HOST=0.0.0.0 \
     CHARRNN_PORT=8000 \
-    CHARRNN_MODEL_DIR=/app/service/default_model \
     CHARRNN_CACHE_DIR=/tmp/charrnn-cache \
     CHARRNN_KERNEL_DIR=/opt/kernels \
     HOME=/tmp
@@ -62,12 +65,10 @@ RUN groupadd --system --gid 10001 app \
  && chown 10001:10001 /models /data
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/kernels /opt/kernels
+# The code, its Gunicorn config (the module service.gunicorn_conf) and the default model (service/default_model,
+# the default CHARRNN_MODEL_DIR) are all in the installed package in /opt/venv. The working directory holds
+# nothing and belongs to root: Gunicorn puts it first on sys.path, so no Python may ever be found there.
 WORKDIR /app
-# The same files the package was built from: gunicorn reads its config from service/gunicorn.conf.py,
-# and the default model lives in service/default_model (models mount over CHARRNN_MODEL_DIR instead).
-COPY --chown=root:root service ./service
-COPY --chown=root:root model ./model
-COPY --chown=root:root corpora ./corpora
 # Models to serve: mount a directory of checkpoints here and set CHARRNN_MODEL_DIR=/models.
 # (Owned by the app user, so a named volume mounted there is writable by `charrnn train`.)
 VOLUME ["/models", "/data"]
@@ -77,6 +78,9 @@ EXPOSE 8000
 # jobs but no step succeeded for CHARRNN_HEALTH_TIMEOUT seconds. (/health is the readiness check.)
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health/live' % os.environ.get('CHARRNN_PORT', '8000'), timeout=4)"]
-# Gunicorn with the project's config (gthread workers, models loaded in each worker after fork).
+# Gunicorn with the project's config module (gthread workers, models loaded in each worker after fork).
+# Gunicorn itself, not `charrnn serve`: serve would check the flags, change to a directory without foreign
+# code and exec this same command, but here WORKDIR is empty already, and this is the very command the
+# end-to-end tests run (GUNICORN_COMMAND, tests/service/conftest.py), so the image runs what is tested.
 # `docker stop` must wait longer than CHARRNN_GRACEFUL_TIMEOUT (30 s) for streams to finish: -t 40.
-CMD ["gunicorn", "-c", "service/gunicorn.conf.py", "service.app:create_app()"]
+CMD ["gunicorn", "-c", "python:service.gunicorn_conf", "service.app:create_app()"]

@@ -1,7 +1,7 @@
 """The service's settings: defaults, then CHARRNN_* environment variables, then a test mapping.
 
 One object, `ServiceConfig`, read by `create_app` (service/app.py) and by Gunicorn's configuration
-(service/gunicorn.conf.py), so that a setting is parsed and checked in one place. Its environment
+(service/gunicorn_conf.py), so that a setting is parsed and checked in one place. Its environment
 variable is CHARRNN_ + the field name in upper case (CHARRNN_MODEL_DIR); a test mapping uses the
 upper-case field name (MODEL_DIR). A bad value is a `ConfigError` naming the variable and the allowed
 range. The hard bounds below are what no setting can raise: the request schemas (service/schemas.py)
@@ -113,7 +113,7 @@ class ServiceConfig:
     kernel_dir: Path | None = None  # where compiled kernels are kept; None: ~/.cache/charrnn/kernels
     docs: bool = True  # serve the API docs page at /docs
     playground: bool = True  # serve the playground page at /
-    # -- read by Gunicorn's master (service/gunicorn.conf.py) --
+    # -- read by Gunicorn's master (service/gunicorn_conf.py) --
     host: str = "127.0.0.1"  # the address to listen on; not reachable from the network by default
     port: int = _setting(8000, 0, 65535)  # the port to listen on (0: any free one)
     workers: int = _setting(1, 1)  # worker processes, each with its own models and engine

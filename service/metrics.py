@@ -1,6 +1,6 @@
 """Prometheus metrics, in a registry of the app's own (so that apps built by tests never collide).
 
-With several Gunicorn workers, service/gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR: every worker
+With several Gunicorn workers, service/gunicorn_conf.py sets PROMETHEUS_MULTIPROC_DIR: every worker
 then writes its values to files there, and whichever worker answers /metrics reports the sum over
 all of them (prometheus-client's multiprocess mode). With one worker, values stay in memory.
 """

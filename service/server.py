@@ -1,22 +1,30 @@
-"""`charrnn serve`: run the service under Gunicorn with service/gunicorn.conf.py."""
+"""`charrnn serve`: run the service under Gunicorn with its config module, service.gunicorn_conf."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from service.app import HOW_TO_POINT
-from service.config import ConfigError, describe, load_config
+from service.config import ConfigError, ServiceConfig, describe, load_config, variable
 from service.loading import find_checkpoints
 
-GUNICORN_CONF = Path(__file__).resolve().with_name("gunicorn.conf.py")
+# A module, not a file: Gunicorn imports it from wherever the package is installed (`-c python:MODULE`).
+GUNICORN_CONF = "python:service.gunicorn_conf"
 APP = "service.app:create_app()"
+# The directory this package is imported from. Gunicorn (and `python -m`) put the working directory first on
+# sys.path, where a user's own model.py or service/ would be imported instead of ours: Gunicorn starts here.
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+# Paths read from the environment outside the settings object, relative to the caller's directory too.
+OTHER_PATH_VARIABLES = ("PROMETHEUS_MULTIPROC_DIR",)
 
 
 def gunicorn_command() -> list[str]:
-    """The command line that runs the service (the Dockerfile runs the same one)."""
-    return [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), APP]
+    """The command line that runs the service: the Dockerfile's, under this interpreter."""
+    return [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONF, APP]
 
 
 def serve(
@@ -31,9 +39,19 @@ def serve(
         print(f"charrnn: {describe(error)}", file=sys.stderr)
         return 2
     check_model_dir(config.model_dir)
+    env |= absolute_paths(config, env) | {"PWD": str(PACKAGE_ROOT)}
     command = gunicorn_command()
+    os.chdir(PACKAGE_ROOT)
     os.execve(command[0], command, env)
     return 0  # not reached: execve replaces the process
+
+
+def absolute_paths(config: ServiceConfig, env: Mapping[str, str]) -> dict[str, str]:
+    """The path settings as absolute paths (Gunicorn runs in PACKAGE_ROOT, so `--model-dir runs` must not move)."""
+    paths = {variable(f.name): getattr(config, f.name) for f in dataclasses.fields(config)}
+    paths = {name: path for name, path in paths.items() if isinstance(path, Path)}
+    paths |= {name: Path(env[name]) for name in OTHER_PATH_VARIABLES if env.get(name)}
+    return {name: os.path.abspath(path) for name, path in paths.items()}
 
 
 def check_model_dir(model_dir: Path) -> None:

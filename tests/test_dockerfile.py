@@ -10,12 +10,14 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
+import service
 from service import server
 from service.config import ServiceConfig
 from tests.docker import commands
@@ -44,14 +46,14 @@ def test_cmd_is_the_gunicorn_command_the_end_to_end_tests_run(dockerfile: Docker
     (cmd,) = instructions(dockerfile, "CMD")
     command = json.loads(cmd)
     assert command == GUNICORN_COMMAND
-    assert command[-1] == server.APP and command[1:3] == ["-c", "service/gunicorn.conf.py"]
+    assert command[-1] == server.APP and command[1:3] == ["-c", server.GUNICORN_CONF]  # python:service.gunicorn_conf
 
 
 def test_exposed_port_and_health_check_match_the_gunicorn_config(dockerfile: DockerfileParser) -> None:
     env = dockerfile.envs
     assert env["CHARRNN_HOST"] == "0.0.0.0"
     assert instructions(dockerfile, "EXPOSE") == [env["CHARRNN_PORT"]]
-    conf = (ROOT / "service" / "gunicorn.conf.py").read_text()
+    conf = (ROOT / "service" / "gunicorn_conf.py").read_text()
     assert "bind = settings.bind" in conf and env["CHARRNN_PORT"] == str(ServiceConfig().port) == "8000"
     (health,) = instructions(dockerfile, "HEALTHCHECK")
     assert "/health/live" in health and "CHARRNN_PORT" in health  # liveness: a busy server is a live one
@@ -66,9 +68,24 @@ def test_runs_as_a_numeric_non_root_user(dockerfile: DockerfileParser) -> None:
 def test_slim_python_311_base_cpu_torch_and_default_model_inside(dockerfile: DockerfileParser) -> None:
     assert "ARG PYTHON_IMAGE=python:3.11-slim-bookworm" in dockerfile.content
     assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu\n" in dockerfile.content
-    assert dockerfile.envs["CHARRNN_MODEL_DIR"] == "/app/service/default_model"
-    assert any("service" in line for line in instructions(dockerfile, "COPY"))
+    # The default model is the installed package's own copy: the settings' default, not a path in the image.
+    assert "CHARRNN_MODEL_DIR" not in dockerfile.envs
     assert "/models" in " ".join(instructions(dockerfile, "VOLUME"))
+
+
+def test_the_runtime_image_holds_the_code_once_in_the_installed_package(dockerfile: DockerfileParser) -> None:
+    """No copy of the sources beside /opt/venv, and a working directory (first on Gunicorn's sys.path) with none."""
+    assert all(line.startswith("--from=build /opt/") for line in instructions(dockerfile, "COPY"))
+    (workdir,) = instructions(dockerfile, "WORKDIR")
+    assert workdir not in ("/opt/venv", "/models", "/data", "/tmp")
+    copied = {line.split()[0] for line in instructions(dockerfile, "COPY", stage=0)}
+    assert {"charrnn", "model", "service", "corpora"} <= copied  # the build stage installs every package
+
+
+def test_the_default_model_dir_is_the_installed_packages_own_copy() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "default_model/*" in pyproject["tool"]["setuptools"]["package-data"]["service"]
+    assert ServiceConfig().model_dir == Path(service.__file__).resolve().parent / "default_model"
 
 
 def test_the_only_build_arguments_are_the_base_image_and_the_torch_index(dockerfile: DockerfileParser) -> None:
@@ -153,7 +170,7 @@ def test_compose_publishes_the_service_on_loopback_only_by_default(compose: dict
 
 def test_compose_waits_for_streams_longer_than_gunicorn_lets_them_run(compose: dict) -> None:
     grace = int(compose["services"]["serve"]["stop_grace_period"].removesuffix("s"))
-    graceful = ServiceConfig().graceful_timeout  # what service/gunicorn.conf.py gives Gunicorn
+    graceful = ServiceConfig().graceful_timeout  # what service.gunicorn_conf gives Gunicorn
     assert grace > graceful and f"-t {grace}" in commands.STOP
 
 

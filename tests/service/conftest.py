@@ -23,7 +23,7 @@ from tests.helpers import REPO, GunicornServer, free_port, make_word_text, train
 # The service's corpus text by the name tests/docker/conftest.py imports from here (with free_port).
 make_text = make_word_text
 
-GUNICORN_COMMAND = ["gunicorn", "-c", "service/gunicorn.conf.py", "service.app:create_app()"]  # as the Dockerfile
+GUNICORN_COMMAND = ["gunicorn", "-c", "python:service.gunicorn_conf", "service.app:create_app()"]  # as the Dockerfile
 
 
 @pytest.fixture(scope="session")

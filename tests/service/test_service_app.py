@@ -124,5 +124,5 @@ def test_serve_checks_the_model_dir_before_starting_gunicorn(tmp_path: Path, mod
 def test_serve_runs_gunicorn_with_the_shipped_config() -> None:
     command = gunicorn_command()
     assert command[1:3] == ["-m", "gunicorn"]
-    assert command[3] == "-c" and command[4].endswith("service/gunicorn.conf.py")
+    assert command[3:5] == ["-c", "python:service.gunicorn_conf"]  # a module: found wherever the package is
     assert command[5] == "service.app:create_app()"

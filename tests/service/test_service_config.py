@@ -18,7 +18,7 @@ from service.config import ConfigError, ServiceConfig, load_config
 from service.openapi import openapi_document
 from tests.service.conftest import GUNICORN_COMMAND, REPO
 
-GUNICORN_CONF = REPO / "service" / "gunicorn.conf.py"
+GUNICORN_CONF = GUNICORN_COMMAND[2].removeprefix("python:")  # service.gunicorn_conf
 
 
 @pytest.mark.parametrize(
@@ -67,12 +67,12 @@ def test_values_are_parsed_by_their_fields_type() -> None:
 
 
 def run_gunicorn_conf(monkeypatch: pytest.MonkeyPatch, **env: str) -> dict[str, object]:
-    """The settings Gunicorn reads from service/gunicorn.conf.py under `env` (every other CHARRNN_* unset)."""
+    """The settings Gunicorn reads from service.gunicorn_conf under `env` (every other CHARRNN_* unset)."""
     for name in [n for n in __import__("os").environ if n.startswith("CHARRNN_")]:
         monkeypatch.delenv(name)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    return runpy.run_path(str(GUNICORN_CONF))
+    return runpy.run_module(GUNICORN_CONF)
 
 
 def test_gunicorn_takes_its_settings_from_the_settings_object(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,6 +1,10 @@
-"""Gunicorn settings for the charrnn service. Run it with:
+"""Gunicorn settings for the charrnn service, a module of the installed package. Run it with:
 
-    gunicorn -c service/gunicorn.conf.py "service.app:create_app()"
+    gunicorn -c python:service.gunicorn_conf "service.app:create_app()"
+
+(`charrnn serve` runs that command.) Gunicorn puts its working directory first on sys.path, so start it
+in a directory that holds no Python of its own (the Docker image's WORKDIR is empty; `charrnn serve`
+starts it in the directory the package is imported from).
 
 Every setting below says why it has its value. Values marked "env" come from the service's settings
 object (service/config.py: CHARRNN_* variables, which `charrnn serve` sets from its flags), read once
