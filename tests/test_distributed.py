@@ -12,13 +12,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -29,12 +29,6 @@ FLAGS = (
 # evaluations and checkpoints on the way.
 BUDGET_FLAGS = "--preset tiny --max-steps 1000000 --eval-every 10 --log-every 5 --batch 4 --seq-len 16".split()
 RECORDS_ENV = "CHARRNN_TEST_RANK_RECORDS"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def losses(run: Path) -> list[float]:
@@ -145,10 +139,12 @@ def test_ranks_with_a_time_budget_stop_at_the_same_step_with_identical_weights(
 def test_sigint_to_one_rank_stops_every_rank_cleanly(text_file: Path, tmp_path: Path, rank: int) -> None:
     process, out, records = start_recorded_run(text_file, tmp_path, *BUDGET_FLAGS, "--time-budget", "120")
     metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and '"train_loss"' in metrics.read_text()):  # both ranks are in the loop
-        assert process.poll() is None and time.monotonic() < deadline, "training never started"
-        time.sleep(0.1)
+
+    def training() -> bool:  # a logged step: both ranks are in the loop
+        assert process.poll() is None, "torchrun exited before training started"
+        return metrics.exists() and '"train_loss"' in metrics.read_text()
+
+    wait_until(training, 120, "the first logged training step")
     os.kill(int((records / f"rank{rank}.pid").read_text()), signal.SIGINT)  # that rank only, not the group
     output = finish(process, timeout=120)
     record = assert_ranks_agree(out, records, "interrupt")
