@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +15,7 @@ from model.checkpoint import load_checkpoint
 from model.sampling import SamplingParams, generate
 from service.engine import QueueFullError
 from service.schemas import ErrorResponse, GenerateResponse, StreamChunk, StreamDone
+from tests.helpers import wait_until
 
 SEEDED = {"prompt": "the cat", "max_new_chars": 40, "seed": 7}
 
@@ -527,8 +527,6 @@ def test_a_request_larger_than_the_queue_is_429(make_app: Callable[..., Flask]) 
     error(response, 429, "queue_full")
     assert int(response.headers["Retry-After"]) >= 1
     engine = app.extensions["charrnn"].engine
-    for _ in range(600):  # what was queued was cancelled: the engine empties (within a few steps)
-        if engine.queue_depth == 0 and engine.active == 0:
-            break
-        time.sleep(0.05)
+    # what was queued was cancelled: the engine empties (within a few steps)
+    wait_until(lambda: engine.queue_depth == 0 and engine.active == 0, 30, "the cancelled jobs to leave the engine")
     assert ok(app.test_client(), SEEDED)["choices"]

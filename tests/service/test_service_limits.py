@@ -19,12 +19,13 @@ from service.config import load_config
 from service.engine import ClientBusyError, Engine, JobSpec, QueueFullError
 from service.jobs import _peer_closed, client_id
 from service.openapi import openapi_document
+from tests.helpers import active_generations, wait_until
 from tests.test_engine import tiny_model
 
 if TYPE_CHECKING:
     from flask import Flask
 
-    from tests.service.conftest import GunicornServer
+    from tests.helpers import GunicornServer
 
 LONG = 1_000_000  # characters: a generation still running when the test is done with it
 
@@ -54,7 +55,7 @@ def test_a_request_over_a_budget_is_422_naming_the_limit(
     else:
         assert error["field"] == field
     assert error["code"] == "request_too_large" and setting in error["message"], error
-    assert active_generations(gunicorn_server) == 0  # refused before any job was queued
+    assert active_generations(gunicorn_server, KEY_HEADERS["other"]) == 0  # refused before any job was queued
 
 
 def test_requests_within_the_budgets_are_served(gunicorn_server: GunicornServer) -> None:
@@ -123,12 +124,6 @@ def test_a_request_is_queued_whole_or_not_at_all(engine: Engine) -> None:
 # -- one client cannot hold the batch -------------------------------------------------------------------
 
 
-def active_generations(server: GunicornServer) -> float:
-    text = requests.get(server.url + "/metrics", timeout=30, headers=KEY_HEADERS["other"]).text
-    (line,) = (line for line in text.splitlines() if line.startswith("charrnn_engine_active_generations "))
-    return float(line.split()[1])
-
-
 KEY_HEADERS = {"flood": {"Authorization": "Bearer flood-key"}, "other": {"Authorization": "Bearer other-key"}}
 
 
@@ -182,7 +177,7 @@ def test_a_flooding_client_gets_429_and_another_clients_small_request_is_answere
     else:
         status, body = post_from(server, "127.0.0.2", "/generate", small)
     assert status == 200 and body["usage"]["generated_chars"] == 1, body
-    assert active_generations(server) == 2  # answered while the flood's generations still run
+    assert active_generations(server, KEY_HEADERS["other"]) == 2  # answered while the flood's generations still run
     held.close()
 
 
@@ -197,10 +192,7 @@ def send_and_leave_after_start(server: GunicornServer, path: str, body: dict, jo
     head += f"Content-Length: {len(payload)}\r\n"
     sock = socket.create_connection((host, int(port)))
     sock.sendall(head.encode() + b"\r\n" + payload)
-    deadline = time.monotonic() + 30
-    while active_generations(server) != jobs:
-        assert time.monotonic() < deadline, "the request's jobs never started"
-        time.sleep(0.02)
+    wait_until(lambda: active_generations(server, KEY_HEADERS["other"]) == jobs, 30, "the request's jobs to start")
     sock.close()
 
 
@@ -219,9 +211,7 @@ def test_a_non_streamed_request_whose_client_left_is_cancelled(
     server = start_server(CHARRNN_MAX_NEW_CHARS=str(LONG), CHARRNN_MAX_REQUEST_CHARS=str(4 * LONG))
     send_and_leave_after_start(server, path, body, jobs)
     left = time.monotonic()
-    while active_generations(server) != 0:
-        assert time.monotonic() - left < 10, "the jobs of a request whose client left ran on"
-        time.sleep(0.02)
+    wait_until(lambda: active_generations(server, KEY_HEADERS["other"]) == 0, 10, "the left request's jobs to end")
     print(f"{jobs} generations cancelled {time.monotonic() - left:.3f} s after the client left")
     answer = requests.post(server.url + "/generate", json={"prompt": "the", "max_new_chars": 3}, timeout=30)
     assert answer.status_code == 200
