@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,16 +17,10 @@ import requests
 from model.checkpoint import load_checkpoint
 from model.sampling import SamplingParams, generate
 from service.client import Client, ClientError
+from tests.helpers import free_port, log_shows, wait_until
 
 if TYPE_CHECKING:
     from tests.helpers import GunicornServer
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 pytestmark = pytest.mark.slow
@@ -147,6 +139,7 @@ def test_sigterm_lets_streams_in_flight_finish(start_server: Callable[..., Gunic
         for event in started:
             assert event.wait(60), server.log()
         server.process.send_signal(signal.SIGTERM)
+        log_shows(server, "Handling signal: term")  # the master has it, and passes it to the worker now
         signalled.set()
         for thread in threads:
             thread.join(150)
@@ -178,15 +171,21 @@ def test_with_two_workers_metrics_add_up_over_both(start_server: Callable[..., G
     api = Client(server.url)
     for seed in range(8):
         api.generate("the", max_new_chars=5, seed=seed)
-    in_flight = []
-    for _ in range(8):  # whichever worker answers the scrape, it reports the sum over both
+    in_flight: list[float] = []
+
+    def scrape() -> float:  # whichever worker answers the scrape, it reports the sum over both
         text = requests.get(server.url + "/metrics", timeout=30).text
         assert 'charrnn_http_requests_total{method="POST",route="/generate",status="200"} 8.0' in text
         assert 'charrnn_generated_chars_total{model="tiny"} 40.0' in text
         (line,) = (line for line in text.splitlines() if line.startswith("charrnn_http_requests_in_flight "))
         in_flight.append(float(line.split()[1]))
-        time.sleep(0.1)
-    # The scrape itself is in flight; the previous scrape may not have been closed yet when this one is counted.
+        return in_flight[-1]
+
+    for _ in range(8):
+        scrape()
+    # The scrape itself is in flight; the previous scrape may not have been closed yet when this one is
+    # counted. Once it has, a scrape counts itself alone.
+    wait_until(lambda: 1.0 in in_flight or scrape() == 1.0, 30, lambda: f"a scrape counting only itself: {in_flight}")
     assert all(1.0 <= count <= 2.0 for count in in_flight), in_flight
     assert 1.0 in in_flight, in_flight
     assert server.stop() == 0
