@@ -10,8 +10,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,8 @@ import torch
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig
 from model.network import CharRNN
-from tests.service.conftest import REPO, GunicornServer, start_gunicorn
+from tests.helpers import REPO, GunicornServer, wait_until
+from tests.service.conftest import start_gunicorn
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
@@ -118,13 +118,6 @@ def generated_length(page: Page) -> int:
     return page.evaluate("() => document.getElementById('generated').textContent.length")
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def engine_load(server: GunicornServer) -> tuple[int, int]:
     """(queue depth, active generations) as /health reports them (to a caller with the key, on a keyed server)."""
     health = requests.get(server.url + "/health", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
@@ -153,7 +146,7 @@ def test_the_text_streams_in_as_it_is_generated_and_stop_cancels_it(page: Page, 
     expect(page.locator("#stop-button")).to_be_enabled()
     lengths = [0]
     for _ in range(3):  # the output grows while the stream runs
-        wait_for(lambda: generated_length(page) > lengths[-1], what="the output to grow")
+        wait_until(lambda: generated_length(page) > lengths[-1], 30, "the output to grow")
         lengths.append(generated_length(page))
     assert lengths == sorted(set(lengths)) and lengths[-1] < LONG
     assert page.locator("#prompt-echo").text_content() == "the cat"
@@ -162,11 +155,10 @@ def test_the_text_streams_in_as_it_is_generated_and_stop_cancels_it(page: Page, 
     page.click("#stop-button")
     expect(page.locator("#status")).to_contain_text("Stopped after")
     stopped = generated_length(page)
-    time.sleep(0.5)
-    assert generated_length(page) == stopped < LONG
     expect(page.locator("#generate")).to_be_enabled()
     expect(page.locator("#stop-button")).to_be_disabled()
-    wait_for(lambda: engine_load(server) == (0, 0), what="the server to cancel the generation")
+    wait_until(lambda: engine_load(server) == (0, 0), 30, "the server to cancel the generation")
+    assert generated_length(page) == stopped < LONG  # nothing more arrived: the server has nothing left to send
     screenshot(page, "2-stopped")
 
 
@@ -331,7 +323,7 @@ def test_a_keyed_server_asks_for_the_key_and_a_full_queue_is_explained(page: Pag
     finally:
         for stream, _ in streams:
             stream.close()
-    wait_for(lambda: engine_load(busy_server) == (0, 0), what="the server to cancel the streams")
+    wait_until(lambda: engine_load(busy_server) == (0, 0), 30, "the server to cancel the streams")
     page.click("#generate")
     expect(page.locator("#status")).to_contain_text("Done: 50 characters")
     assert page.locator("#api-key").input_value() == KEY
