@@ -21,6 +21,7 @@ import pytest
 import requests
 
 from tests.docker import commands
+from tests.helpers import wait_until
 from tests.service.conftest import free_port, make_text, model_dir, start_server  # noqa: F401 -- fixtures
 
 REPO = Path(__file__).resolve().parents[2]
@@ -128,13 +129,13 @@ def ok(url: str) -> bool:
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, process=None, logs=None) -> None:
     """Poll `condition` until true; fail (with logs) after `timeout` s or if `process` exits."""
-    deadline = time.monotonic() + timeout
-    while not condition():
+
+    def done() -> bool:
         if process is not None and process.poll() is not None:
             pytest.fail(f"{what}: the process exited with {process.returncode}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}" + (f"\n{logs()}" if logs else ""))
-        time.sleep(0.2)
+        return condition()
+
+    wait_until(done, timeout, lambda: what + (f"\n{logs()}" if logs else ""))
 
 
 @dataclass
@@ -160,13 +161,15 @@ class Container:
 
     def wait_until_ready(self, timeout: float = 180) -> None:
         """Poll /health until it answers 200; fail with the logs if the container exits."""
-        deadline = time.monotonic() + timeout
-        while not ok(self.url + "/health"):
+
+        def ready() -> bool:
+            if ok(self.url + "/health"):
+                return True
             if not self.running():
                 pytest.fail(f"container {self.name} exited:\n{self.logs()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"container {self.name} never answered /health:\n{self.logs()}")
-            time.sleep(0.5)
+            return False
+
+        wait_for(ready, timeout, f"container {self.name} to answer /health", logs=self.logs)
 
 
 @pytest.fixture(scope="session")

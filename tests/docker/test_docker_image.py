@@ -58,6 +58,20 @@ def test_the_image_has_cpu_torch_and_the_kernels_for_every_cpu(image: str) -> No
     assert result.stdout.split() == ["2.13.0+cpu", "True"], result.stderr
 
 
+def test_the_image_holds_the_code_once_in_the_installed_package(image: str) -> None:
+    """No sources beside /opt/venv; the working directory (first on Gunicorn's sys.path) is empty."""
+    (workdir,) = docker("image", "inspect", "--format", "{{.Config.WorkingDir}}", image).stdout.split()
+    listing = docker("run", "--rm", "--network", "none", image, "ls", "-A", workdir).stdout
+    assert listing == "", f"{workdir} holds {listing.split()}"
+    find = ["find", "/", "-xdev", "-name", "gunicorn_conf.py"]  # as root: the app user cannot read all of /
+    found = docker("run", "--rm", "--network", "none", "--user", "0", image, *find)
+    (conf,) = found.stdout.split()
+    assert conf.startswith("/opt/venv/lib/") and conf.endswith("/site-packages/service/gunicorn_conf.py")
+    probe = "from service.config import ServiceConfig; print(ServiceConfig().model_dir)"
+    (model_dir,) = docker("run", "--rm", "--network", "none", image, "python", "-c", probe).stdout.split()
+    assert model_dir == conf.replace("gunicorn_conf.py", "default_model")  # the package's own default model
+
+
 def test_the_container_runs_as_a_non_root_user_on_a_read_only_root(default_container: Container) -> None:
     status = docker("exec", default_container.name, "cat", "/proc/1/status").stdout
     uids = next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
