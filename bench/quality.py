@@ -2,8 +2,8 @@
 
 Trains each recipe for the same wall-clock budget (default 150 s, one after the other in this
 process) and prints validation loss in nats and bits per character on the last 10 % of the text, read
-in windows of 256 characters from a zero state. The baseline is the carried-state LSTM recipe that
-issue #3 measured at 1.52 in 150 s (1 layer of 512, batch 32, windows of 64, AdamW 3e-3, betas
+in windows of 256 characters from a zero state. The baseline is the first carried-state LSTM recipe, which
+reached 1.52 in 150 s (1 layer of 512, batch 32, windows of 64, AdamW 3e-3, betas
 0.9/0.99, 3 % warmup then cosine to 5 %, clipping 5). Usage:
 python bench/quality.py [--budget 150] [--recipes cpu-fast,baseline] [--threads N]
 """
@@ -35,10 +35,10 @@ BASELINE = dict(
     min_lr_ratio=0.05,
     weight_decay=0.0,
     eval_every=10**6,
-    precision="fp32",  # as issue #3 measured it
+    precision="fp32",  # as its 1.52 was measured
 )
-# Figures issue #3 measured on this machine in 150 s, for reference (not re-run here).
-REFERENCE = {"plain nn.LSTM, random windows (issue #3)": 1.80, "nanoGPT small CPU transformer (issue #3)": 1.87}
+# Other approaches' figures in 150 s on a 2-core CPU, for reference (not re-run here: docs/BENCHMARKS.md).
+REFERENCE = {"plain nn.LSTM, random windows (not re-run)": 1.80, "nanoGPT small CPU transformer (not re-run)": 1.87}
 
 
 def recipe(name: str) -> dict:

@@ -157,7 +157,8 @@ def _from_dict(cls: type, data: dict[str, Any]):
 
 
 # Named recipes. Model keys go to ModelConfig, the rest to TrainConfig; command-line flags override.
-# What each reaches is in README.md ("Benchmarks"); bench/quality.py measures cpu-fast against its baseline.
+# What each reaches, and the runs behind each value, are in docs/BENCHMARKS.md; bench/quality.py measures
+# cpu-fast against its baseline.
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on a laptop: for tests and smoke runs, not for quality.
     "tiny": dict(
@@ -174,14 +175,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         warmup_frac=0.05,
         precision="fp32",  # a 64-unit network gains nothing from bf16; tests stay float32 on every machine
     ),
-    # The best validation loss a 2-core CPU reaches in 150 s (val nats/char, 150 s runs on 2 threads, one run
-    # varies ~0.01). On the earlier, ~3.5x slower machine (~1,500 steps in 150 s) training was step-bound:
-    # batch 32 lr 3e-3 1.65, lr 5e-3 1.59, lr 8e-3 1.56; batch 16 lr 5e-3 1.52, lr 8e-3 1.57; batch 8 lr 5e-3
-    # 1.55; and restarts every 256 characters (reset_every=4) 1.5661 vs never 1.5745 at 1,200 steps. On a
-    # 2-core Zen 5 with bf16 autocast (3,000-7,000 steps) it is bound by overfitting instead (train loss 1.19
-    # against val 1.48 without dropout): batch 16 fp32 1.4777 (5,048 steps), bf16 1.4866 (7,244); bf16 batch
-    # 24 1.4769, 32 1.4781, 32 at lr 7e-3 1.4893; batch 24 with dropout 0.15 1.4662, 0.3 1.4810, 0.15 plus
-    # weight drop 0.2 1.4958.
+    # The best validation loss a 2-core CPU reaches in 150 s. At 3,000-7,000 steps in that budget (bf16
+    # autocast) the limit is overfitting, not steps (train loss 1.19 against val 1.48 without dropout), so:
+    # dropout 0.15 (1.4662 against 1.4769 without, 1.4810 at 0.3); batch 24 (the best of 16, 24 and 32);
+    # lr 5e-3; and restarts every 4 windows, because validation reads each window from a zero state
+    # (1.5661 against 1.5745 never restarting, at 1,200 steps). Figures: 150 s runs on 2 threads, one run
+    # varies ~0.01; docs/BENCHMARKS.md ("Training quality").
     "cpu-fast": dict(
         cell="lstm",
         layers=1,
@@ -194,20 +193,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         lr=5e-3,
         time_budget=150.0,
         eval_every=1000,
-        eval_count=0,  # measured so; 20 evaluations of the whole 111 k-character split would cost ~70 s of 150
+        eval_count=0,  # by steps only: 20 evaluations of the whole 111 k-character split would cost ~70 s of 150
         warmup_frac=0.03,
     ),
-    # The shipped default model: 55 minutes on 2 CPU threads (the issue allows 60). Measured 55-min runs, val by
-    # the convention (and with the state carried through the split, as the model reads generating):
-    #   earlier machine (~3,200-3,850 steps in 55 min, float32):
-    #     dropout 0.25, no restarts: 3,183 steps, 1.4864 (1.4405); cold starts cost 0.046
-    #     dropout 0.5, restarts every 256 chars: 3,834 steps, 1.4884 (1.4733)
-    #     dropout 0.25, restarts every 256 chars: 3,843 steps, best 1.4834 (1.4680)
-    #   2-core Zen 5 with bf16 autocast (~9,500 steps in 55 min, 3.5x the steps of the earlier machine):
-    #     dropout 0.5, restarts every 512 chars: best 1.4721 (1.4565) at step 4,000, then overfits (1.50 by 7,900)
-    #     the same + weight drop 0.4 (this preset, shipped): 9,528 steps, 1.4651, still falling at the end
-    # With more steps the bottleneck is overfitting the 1 MB text, and DropConnect on the recurrent weights
-    # is what kept the validation loss falling.
+    # The shipped default model: 55 minutes on 2 CPU threads, an hour at most. At ~9,500 steps in that time
+    # the limit is overfitting the 1 MB text: with dropout 0.5 and restarts every 512 characters alone, the
+    # best was 1.4721 at step 4,000, then 1.50 by step 7,900. DropConnect on the recurrent weights
+    # (weight_drop 0.4) kept the validation loss falling to the end: 9,528 steps, 1.4651 (docs/BENCHMARKS.md,
+    # "The default model").
     "shakespeare": dict(
         cell="lstm",
         layers=2,
@@ -221,7 +214,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         lr=3e-3,
         time_budget=3300.0,
         eval_every=500,
-        eval_count=0,  # as the shipped model was trained
+        eval_count=0,  # by steps only, as the shipped model was trained
         warmup_frac=0.03,
     ),
 }

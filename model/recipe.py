@@ -1,6 +1,6 @@
 """`--preset auto`: a training recipe chosen for the text, warnings about the text, and a run's verdict.
 
-The recipe scales from what was measured (model/config.py's comments, README "Benchmarks"): on Tiny
+The recipe scales from what was measured (model/config.py's comments, docs/BENCHMARKS.md): on Tiny
 Shakespeare (1.0 M training characters) with 150 s on 2 CPU cores, an LSTM 1 x 512 with dropout 0.15,
 batch 24 x 64, lr 5e-3 and restarts every 4 windows (`cpu-fast`) reaches ~1.47 nats/char, reading the
 text ~7 times; on a 20,000-character text a 256-unit network with dropout 0.5, evaluated often, was at
@@ -34,7 +34,7 @@ PERIODIC_EVAL_CHARS = 16_384  # a larger split is sampled this much at each peri
 # machine shared with other work. The conservative figure is used to guess how many steps the budget
 # takes, and how many times it reads the text: a guess too high would over-regularise a short run.
 CPU_CHARS_PER_S_512 = 25_000.0
-GPU_SPEEDUP = 20.0  # a guess, not measured here: no GPU was at hand
+GPU_SPEEDUP = 20.0  # a guess, not measured: every figure here is from CPUs
 
 # Warnings' thresholds.
 MIN_CHARS_PER_PARAM = 0.02  # below this the network can memorise the text many times over
@@ -75,7 +75,8 @@ def hidden_for(
 
 def step_cost(hidden: int, vocab_size: int) -> float:
     """Multiply-adds per character (the LSTM's four gates, the head), plus a fixed cost per character
-    fitted to this machine's steps (128 units trained ~7x faster than 512, not the 11x the arithmetic says)."""
+    fitted to steps measured on a 2-core Zen 5 (128 units trained ~7x faster than 512, not the 11x the
+    arithmetic says)."""
     return 4 * hidden * (hidden + 64) + hidden * vocab_size + 85_000
 
 
