@@ -1,7 +1,8 @@
 """The service's settings: defaults, then CHARRNN_* environment variables, then a test mapping.
 
 One object, `ServiceConfig`, read by `create_app` (service/app.py) and by Gunicorn's configuration
-(service/gunicorn_conf.py), so that a setting is parsed and checked in one place. Its environment
+(service/gunicorn_conf.py), and `setting` for the one value the kernel loader (service/native_lstm.py)
+needs, so that a setting is parsed and checked in one place. Its environment
 variable is CHARRNN_ + the field name in upper case (CHARRNN_MODEL_DIR); a test mapping uses the
 upper-case field name (MODEL_DIR). A bad value is a `ConfigError` naming the variable and the allowed
 range. The hard bounds below are what no setting can raise: the request schemas (service/schemas.py)
@@ -21,7 +22,7 @@ from typing import Any
 
 from model.config import MAX_LAYERS, ConfigError
 
-__all__ = ["ConfigError", "ServiceConfig", "load_config"]
+__all__ = ["ConfigError", "ServiceConfig", "load_config", "setting"]
 
 ENV_PREFIX = "CHARRNN_"
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
@@ -73,7 +74,7 @@ def _setting(default: Any, low: float | None = None, high: float | None = None, 
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    """What the HTTP service and its Gunicorn master read at start-up. The README's configuration table lists these."""
+    """What the HTTP service and its Gunicorn master read at start-up. docs/CONFIGURATION.md lists these."""
 
     model_dir: Path = DEFAULT_MODEL_DIR  # checkpoints to serve: *.safetensors and */best.safetensors
     default_model: str | None = None  # served when a request names none; None: "default" if loaded, else first
@@ -185,6 +186,20 @@ def load_config(environ: Mapping[str, str] | None = None, overrides: Mapping[str
         if name in kinds:
             values[name] = _parse(name, kinds[name], value) if isinstance(value, str) else _listed(value)
     return ServiceConfig(**values)
+
+
+def setting(name: str, environ: Mapping[str, str] | None = None, text: str | None = None) -> Any:
+    """One setting, parsed and checked as `load_config` does: `text` if given, else its variable in
+    `environ` (os.environ), else its default. For readers that need one value, not the whole service's
+    (the kernel loader): an unrelated bad variable is then not their error."""
+    kind = _types()[name]
+    if text is None:
+        text = (os.environ if environ is None else environ).get(variable(name))
+    if text is None or text.strip() == "":
+        return ServiceConfig.__dataclass_fields__[name].default
+    value = _parse(name, kind, text.strip())
+    _check(name, kind, value)
+    return value
 
 
 def _listed(value: Any) -> Any:

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from model.decoding import Sample
+from service import config
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +116,7 @@ class NativeDraw:
         return self.ids[:n].tolist(), self.logprobs[:n].tolist()
 
 
-_library: ctypes.CDLL | None = None
-_tried = False
+_loaded: dict[Path, ctypes.CDLL | None] = {}  # load()'s answers, per kernel directory
 _held_fds: list[int] = []  # the descriptors kernels were loaded through (see open_checked)
 
 
@@ -129,17 +129,16 @@ class KernelBuildError(RuntimeError):
 
 
 def native_enabled(value: str | bool | None = None) -> bool:
-    """Whether the kernel may be used: `value` if given, else CHARRNN_NATIVE (only "0" turns it off)."""
-    if value is None:
-        value = os.environ.get("CHARRNN_NATIVE", "1")
+    """Whether the kernel may be used: `value` if given (a bool, or text as CHARRNN_NATIVE takes it),
+    else the `native` setting (service/config.py)."""
     if isinstance(value, bool):
         return value
-    return value != "0"
+    return bool(config.setting("native", text=value))
 
 
 def kernel_dir(value: str | os.PathLike[str] | None = None) -> Path:
-    """Where compiled kernels are kept: `value` if given, else CHARRNN_KERNEL_DIR, else ~/.cache/charrnn/kernels."""
-    chosen = value or os.environ.get("CHARRNN_KERNEL_DIR")
+    """Where compiled kernels are kept: `value`, else the `kernel_dir` setting, else ~/.cache/charrnn/kernels."""
+    chosen = value or config.setting("kernel_dir")
     return Path(chosen) if chosen else Path.home() / ".cache" / "charrnn" / "kernels"
 
 
@@ -147,19 +146,20 @@ def load(native: str | bool | None = None, directory: str | os.PathLike[str] | N
     """The compiled kernel (built on first use), or None where it is off or cannot be built or trusted.
 
     `native` and `directory` as for `native_enabled` and `kernel_dir`. The answer is kept for the
-    process: the first call decides.
+    process, per directory: a failed build is not retried (its warning is logged once), and another
+    directory is looked at afresh.
     """
-    global _library, _tried
-    if _tried:
-        return _library
-    _tried = True
     if not native_enabled(native):
         return None
-    try:
-        _library = open_kernel(directory=directory)
-    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
-        log.warning("native LSTM kernel unavailable, using the PyTorch step: %s", exc)
-    return _library
+    where = kernel_dir(directory).absolute()
+    if where not in _loaded:
+        library = None
+        try:
+            library = open_kernel(directory=where)
+        except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+            log.warning("native LSTM kernel unavailable, using the PyTorch step: %s", exc)
+        _loaded[where] = library
+    return _loaded[where]
 
 
 def open_kernel(simd: bool | None = None, directory: str | os.PathLike[str] | None = None) -> ctypes.CDLL:

@@ -121,8 +121,7 @@ def test_a_kernel_compiled_earlier_is_used_where_there_is_no_compiler(monkeypatc
         pytest.skip("no C compiler to build the kernel with")
     monkeypatch.setenv("CHARRNN_KERNEL_DIR", str(tmp_path))
     for _ in range(2):  # the build stage, then the runtime image
-        monkeypatch.setattr(native_lstm, "_tried", False)
-        monkeypatch.setattr(native_lstm, "_library", None)
+        monkeypatch.setattr(native_lstm, "_loaded", {})
         assert native_lstm.load() is not None
         monkeypatch.setenv("PATH", str(tmp_path / "empty"))
         monkeypatch.setenv("CC", "no-such-compiler")
@@ -144,8 +143,7 @@ def test_every_kernel_variant_is_built_ahead_for_cpus_unlike_the_builder(monkeyp
         monkeypatch.setattr(native_lstm, "_cpu_has_avx2", lambda avx2=avx2: avx2)
         assert native_lstm._build() in built
     monkeypatch.setattr(native_lstm, "_cpu_has_avx2", lambda: False)
-    monkeypatch.setattr(native_lstm, "_tried", False)
-    monkeypatch.setattr(native_lstm, "_library", None)
+    monkeypatch.setattr(native_lstm, "_loaded", {})
     assert native_lstm.load() is not None  # the portable kernel runs on any CPU, this one included
 
 

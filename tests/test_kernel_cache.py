@@ -55,8 +55,7 @@ def kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh CHARRNN_KERNEL_DIR (not yet created); `load()` forgets what it loaded before (and after)."""
     directory = tmp_path / "kernels"
     monkeypatch.setenv("CHARRNN_KERNEL_DIR", str(directory))
-    monkeypatch.setattr(native_lstm, "_tried", False)
-    monkeypatch.setattr(native_lstm, "_library", None)
+    monkeypatch.setattr(native_lstm, "_loaded", {})
     return directory
 
 
@@ -158,8 +157,7 @@ def test_a_symbolic_link_in_place_of_the_kernel_is_refused(
 def test_a_symbolic_link_as_the_kernel_directory_is_refused(
     tmp_path: Path, good_kernel: Path, monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
-    monkeypatch.setattr(native_lstm, "_tried", False)
-    monkeypatch.setattr(native_lstm, "_library", None)
+    monkeypatch.setattr(native_lstm, "_loaded", {})
     (tmp_path / "link").symlink_to(good_kernel.parent)
     monkeypatch.setenv("CHARRNN_KERNEL_DIR", str(tmp_path / "link"))
     no_compiler(monkeypatch, tmp_path)

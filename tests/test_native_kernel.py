@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from service import native_lstm
+from service.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,8 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def fresh(monkeypatch: pytest.MonkeyPatch) -> None:
     """`load()` forgets what it loaded before (and after)."""
-    monkeypatch.setattr(native_lstm, "_tried", False)
-    monkeypatch.setattr(native_lstm, "_library", None)
+    monkeypatch.setattr(native_lstm, "_loaded", {})
 
 
 @pytest.fixture
@@ -115,6 +115,28 @@ def test_settings_are_read_through_functions_that_take_values(tmp_path: Path, mo
     assert native_lstm.kernel_dir(tmp_path / "given") == tmp_path / "given"
     monkeypatch.delenv("CHARRNN_KERNEL_DIR")
     assert native_lstm.kernel_dir() == Path.home() / ".cache" / "charrnn" / "kernels"
+
+
+def test_the_settings_are_checked_as_the_services_are(monkeypatch: pytest.MonkeyPatch, fresh: None) -> None:
+    monkeypatch.setenv("CHARRNN_NATIVE", "maybe")
+    with pytest.raises(ConfigError, match="CHARRNN_NATIVE: must be true or false, got 'maybe'"):
+        native_lstm.load()
+    monkeypatch.setenv("CHARRNN_NATIVE", "off")
+    monkeypatch.setenv("CHARRNN_WORKERS", "lots")  # not the loader's setting: not its error
+    assert native_lstm.load() is None
+
+
+def test_the_answer_is_kept_per_directory(
+    native_kernel: ctypes.CDLL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh: None, caplog
+) -> None:
+    monkeypatch.setenv("CC", "no-such-compiler")
+    with caplog.at_level(logging.WARNING, logger="service.native_lstm"):
+        assert native_lstm.load(directory=tmp_path / "a") is None
+        assert native_lstm.load(directory=tmp_path / "a") is None
+    assert warnings_of(caplog).count("no C compiler") == 1  # the failure is not retried for that directory
+    monkeypatch.delenv("CC")
+    assert native_lstm.load(directory=tmp_path / "b") is not None  # another directory is looked at afresh
+    assert native_lstm.load(directory=tmp_path / "b") is native_lstm.load(directory=tmp_path / "b")
 
 
 def test_a_kernel_turned_off_is_neither_built_nor_loaded(tmp_path: Path, fresh: None) -> None:
