@@ -1,12 +1,15 @@
-"""Shared fixtures: a small generated corpus, a tiny trained checkpoint (once per session), isolated caches,
-the native kernel. The plain helpers they use are in tests/helpers.py."""
+"""Shared fixtures: a small generated corpus, tiny trained checkpoints (once per session), isolated caches,
+the native kernel, the service's model directory and real Gunicorn servers over it. The plain helpers they
+use are in tests/helpers.py."""
 
 from __future__ import annotations
 
 import ctypes
 import os
 import shutil
+import signal
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -15,7 +18,7 @@ import torch
 
 from model.data import load_corpus
 from service import native_lstm
-from tests.helpers import make_text, train_tiny
+from tests.helpers import GunicornServer, make_text, make_word_text, start_gunicorn, train_tiny
 
 # Tests use tiny models, for which a second thread only adds synchronisation; on a busy 2-core
 # machine two threads per test process made the suite several times slower.
@@ -65,3 +68,42 @@ def trained_run(text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     """A run directory holding best/last checkpoints of the tiny preset trained on `text_file`."""
     corpus = load_corpus(text_file, cache_dir=tmp_path_factory.mktemp("cache"))
     return train_tiny(corpus, tmp_path_factory.mktemp("run"), max_steps=150, eval_every=50)
+
+
+# -- the service's model and real Gunicorn servers (tests/service, tests/docker) ---------------------
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model directory with one tiny checkpoint, `tiny.safetensors`, trained here once per session."""
+    work = tmp_path_factory.mktemp("service-model")
+    text = work / "corpus.txt"
+    text.write_text(make_word_text(20_000), encoding="utf-8")
+    corpus = load_corpus(text, cache_dir=work / "cache", name="tiny-words")
+    train_tiny(corpus, work / "run", hidden=32, max_steps=40, eval_every=40, eval_max_chars=1024)
+    models = work / "models"
+    models.mkdir()
+    shutil.copy(work / "run" / "best.safetensors", models / "tiny.safetensors")
+    return models
+
+
+@pytest.fixture
+def start_server(model_dir: Path, tmp_path: Path) -> Iterator[Callable[..., GunicornServer]]:
+    """Starts Gunicorn servers for one test (CHARRNN_* overrides as keywords); kills any still running after it."""
+    servers: list[GunicornServer] = []
+
+    def start(command: list[str] | None = None, **env: str) -> GunicornServer:
+        servers.append(start_gunicorn(model_dir, tmp_path / f"server-{len(servers)}.log", command, **env))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def gunicorn_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
+    """A real Gunicorn serving the tiny model, shared by a test module; stopped with SIGTERM after it."""
+    server = start_gunicorn(model_dir, tmp_path_factory.mktemp("gunicorn") / "server.log")
+    yield server
+    server.stop()

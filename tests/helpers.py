@@ -4,10 +4,12 @@ and a Gunicorn process to talk to. Plain functions, imported by both conftests a
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -15,10 +17,14 @@ from pathlib import Path
 from typing import TypeVar
 
 import requests
+import torch
 
 from model.config import PRESETS, ModelConfig, TrainConfig, split_settings
 from model.data import Corpus
+from model.network import CharRNN
 from model.train import Trainer
+from model.vocab import Vocab
+from service.loading import LoadedModel
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -66,6 +72,20 @@ def train_tiny(corpus: Corpus, out: Path, **overrides: object) -> Path:
     model_cfg, train_cfg = tiny_configs(len(corpus.vocab), **overrides)
     Trainer(model_cfg, train_cfg, corpus, out, progress=False).run()
     return out
+
+
+TINY_ALPHABET = "\n !,.?abcdefghijklmnopqrstuvwxyz"  # tiny_model's vocabulary
+
+
+def tiny_model(cell: str = "lstm", hidden: int = 32, seed: int = 0) -> LoadedModel:
+    """A randomly initialised model with a peaked head, so that sampling has real choices to make."""
+    torch.manual_seed(seed)
+    vocab = Vocab(TINY_ALPHABET)
+    model = CharRNN(ModelConfig(vocab_size=len(vocab), cell=cell, layers=2, hidden=hidden, embed=16)).eval()
+    with torch.no_grad():
+        model.head.weight.normal_(std=3.0 / hidden**0.5)
+        model.embed.weight.normal_(std=1.0)
+    return LoadedModel(cell, model, vocab, {}, Path("memory"))
 
 
 # -- waiting for an event -----------------------------------------------------------------------------
@@ -119,6 +139,36 @@ class GunicornServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             return self.process.wait()
+
+
+GUNICORN_COMMAND = ["gunicorn", "-c", "python:service.gunicorn_conf", "service.app:create_app()"]  # as the Dockerfile
+
+
+def start_gunicorn(model_dir: Path, log_path: Path, command: list[str] | None = None, **env: str) -> GunicornServer:
+    """Start Gunicorn (by default with the Dockerfile's command) and wait until /health answers 200."""
+    port = int(env.pop("CHARRNN_PORT", 0)) or free_port()
+    environment = os.environ | {
+        "CHARRNN_MODEL_DIR": str(model_dir),
+        "CHARRNN_HOST": "127.0.0.1",
+        "CHARRNN_PORT": str(port),
+        "CHARRNN_WORKERS": "1",
+        "CHARRNN_TORCH_THREADS": "1",
+        "CHARRNN_GRACEFUL_TIMEOUT": "20",
+        **env,
+    }
+    if command is None:
+        executable = Path(sys.executable).with_name("gunicorn")
+        command = [str(executable) if executable.exists() else "gunicorn", *GUNICORN_COMMAND[1:]]
+    log_file = open(log_path, "wb")  # noqa: SIM115 -- handed to the child process, closed with it
+    process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=log_file, stderr=subprocess.STDOUT)
+    log_file.close()
+    server = GunicornServer(process, f"http://127.0.0.1:{port}", log_path)
+    try:
+        wait_until_healthy(server, timeout=120)
+    except BaseException:  # never leave a server running behind a failed start
+        server.stop(signal.SIGKILL)
+        raise
+    return server
 
 
 def wait_until_healthy(server: GunicornServer, timeout: float) -> None:

@@ -10,6 +10,16 @@ from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.config import ModelConfig
 from model.network import CharRNN
 from model.vocab import Vocab
+from tests.forged_checkpoints import (
+    duplicate,
+    many_keys_header,
+    overlap,
+    set_version,
+    vocab_mismatch,
+    with_header,
+    with_meta,
+    wrong_hidden,
+)
 
 VOCAB = Vocab("abcdefgh \n")
 
@@ -67,52 +77,6 @@ def _valid_bytes(tmp_path: Path) -> bytes:
     return path.read_bytes()
 
 
-def _with_header(data: bytes, edit) -> bytes:
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
-    new = edit(header)
-    raw = new if isinstance(new, bytes) else json.dumps(new).encode()
-    return struct.pack("<Q", len(raw)) + raw + data[8 + n :]
-
-
-def _set_version(header: dict) -> dict:
-    meta = json.loads(header["__metadata__"]["charrnn"])
-    meta["format_version"] = 99
-    header["__metadata__"]["charrnn"] = json.dumps(meta)
-    return header
-
-
-def _vocab_mismatch(header: dict) -> dict:
-    meta = json.loads(header["__metadata__"]["charrnn"])
-    meta["vocab"] = meta["vocab"][:-1]
-    header["__metadata__"]["charrnn"] = json.dumps(meta)
-    return header
-
-
-def _wrong_hidden(header: dict) -> dict:
-    meta = json.loads(header["__metadata__"]["charrnn"])
-    meta["model_config"]["hidden"] = 17
-    header["__metadata__"]["charrnn"] = json.dumps(meta)
-    return header
-
-
-def _overlap(header: dict) -> dict:
-    names = sorted(k for k in header if k != "__metadata__")
-    a, b = header[names[0]], header[names[1]]
-    if a["data_offsets"][1] - a["data_offsets"][0] == b["data_offsets"][1] - b["data_offsets"][0]:
-        b["data_offsets"] = list(a["data_offsets"])
-    else:
-        b["data_offsets"] = [a["data_offsets"][0], a["data_offsets"][0] + b["data_offsets"][1] - b["data_offsets"][0]]
-    return header
-
-
-def _duplicate(header: dict) -> bytes:
-    name = next(k for k in header if k != "__metadata__")
-    text = json.dumps(header)
-    entry = json.dumps({name: header[name]})[1:-1]
-    return (text[:-1] + ", " + entry + "}").encode()
-
-
 @pytest.mark.parametrize(
     ("corrupt", "message"),
     [
@@ -120,14 +84,14 @@ def _duplicate(header: dict) -> bytes:
         (lambda d: d[: len(d) // 2], "outside the file|truncated"),
         (lambda d: d[:100], "truncated"),
         (lambda d: struct.pack("<Q", 10**15) + d[8:], "more than"),
-        (lambda d: _with_header(d, _set_version), "format version 99"),
-        (lambda d: _with_header(d, _vocab_mismatch), "vocabulary has 9 characters"),
-        (lambda d: _with_header(d, _wrong_hidden), "shape"),
-        (lambda d: _with_header(d, _overlap), "overlap|do not fit"),
-        (lambda d: _with_header(d, _duplicate), "duplicate key"),
-        (lambda d: _with_header(d, lambda h: {k: v for k, v in h.items() if k != "__metadata__"}), "without charrnn"),
-        (lambda d: _with_header(d, lambda h: b"[" * 100_000), "not valid JSON"),
-        (lambda d: _with_header(d, lambda h: json.dumps(h).replace("0", "NaN", 1).encode()), "not valid JSON"),
+        (lambda d: with_header(d, set_version), "format version 99"),
+        (lambda d: with_header(d, vocab_mismatch), "vocabulary has 9 characters"),
+        (lambda d: with_header(d, wrong_hidden), "shape"),
+        (lambda d: with_header(d, overlap), "overlap|do not fit"),
+        (lambda d: with_header(d, duplicate), "duplicate key"),
+        (lambda d: with_header(d, lambda h: {k: v for k, v in h.items() if k != "__metadata__"}), "without charrnn"),
+        (lambda d: with_header(d, lambda h: b"[" * 100_000), "not valid JSON"),
+        (lambda d: with_header(d, lambda h: json.dumps(h).replace("0", "NaN", 1).encode()), "not valid JSON"),
     ],
     ids=[
         "zero-bytes",
@@ -201,18 +165,6 @@ def test_the_shipped_default_model_is_the_one_its_card_describes() -> None:
 # -- hostile headers: every check linear, every size capped -------------------------------------------
 
 
-def many_keys_header(keys: int, duplicate_last: bool = True) -> bytes:
-    """A file whose header is one flat object of `keys` short names, the last one repeated.
-
-    The shape of header that made the old duplicate check quadratic (`keys.count(k)` for every key
-    before the repeated one, and names of one length compare slowly): 60,000 names, 840 KB, cost it
-    about a minute.
-    """
-    names = [f"k{i:08}" for i in range(keys)] + ([f"k{keys - 1:08}"] if duplicate_last else [])
-    raw = ("{" + ",".join(f'"{n}":0' for n in names) + "}").encode()
-    return struct.pack("<Q", len(raw)) + raw
-
-
 def _tensor_entry(shape: str) -> str:
     return '{"t": {"dtype": "F32", "shape": [' + shape + '], "data_offsets": [0, 0]}}'
 
@@ -283,7 +235,7 @@ def test_hostile_headers_are_refused_by_checks_that_cost_little(tmp_path: Path, 
 
 def test_a_bad_header_is_refused_before_the_tensors_are_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "big.safetensors"
-    path.write_bytes(_with_header(_valid_bytes(tmp_path), _duplicate) + b"\0" * (1 << 20))
+    path.write_bytes(with_header(_valid_bytes(tmp_path), duplicate) + b"\0" * (1 << 20))
     reads: list[int] = []
     real_open = open
 
@@ -300,25 +252,6 @@ def test_a_bad_header_is_refused_before_the_tensors_are_read(tmp_path: Path, mon
 
 
 # -- metadata: a typed schema, checked at load ----------------------------------------------------------
-
-RAW = "__raw_json__"
-
-
-def with_meta(data: bytes, field: str, raw_json: str) -> bytes:
-    """`data` with metadata field `field` (dotted: corpus.name) set to the JSON text `raw_json`."""
-
-    def edit(header: dict) -> dict:
-        meta = json.loads(header["__metadata__"]["charrnn"])
-        *parents, last = field.split(".")
-        target = meta
-        for name in parents:
-            target = target.setdefault(name, {})
-        target[last] = RAW
-        header["__metadata__"]["charrnn"] = json.dumps(meta).replace(json.dumps(RAW), raw_json)
-        return header
-
-    return _with_header(data, edit)
-
 
 BAD_METADATA = [
     ("step", '"12k"', "step must be a whole number >= 0, not '12k'"),

@@ -21,7 +21,7 @@ import service
 from service import server
 from service.config import ServiceConfig
 from tests.docker import commands
-from tests.service.conftest import GUNICORN_COMMAND
+from tests.helpers import GUNICORN_COMMAND
 
 ROOT = Path(__file__).resolve().parent.parent
 

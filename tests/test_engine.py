@@ -5,31 +5,15 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-import torch
 
-from model.config import ModelConfig
-from model.network import CharRNN
 from model.sampling import SamplingError, SamplingParams, Token, generate
-from model.vocab import Vocab
 from service.engine import Engine, EngineClosedError, JobSpec, QueueFullError
 from service.loading import LoadedModel
+from tests.helpers import tiny_model
 
-ALPHABET = "\n !,.?abcdefghijklmnopqrstuvwxyz"
 LONG = 1_000_000  # max_new_chars for a job that is stopped some other way
-
-
-def tiny_model(cell: str = "lstm", hidden: int = 32, seed: int = 0) -> LoadedModel:
-    """A randomly initialised model with a peaked head, so that sampling has real choices to make."""
-    torch.manual_seed(seed)
-    vocab = Vocab(ALPHABET)
-    model = CharRNN(ModelConfig(vocab_size=len(vocab), cell=cell, layers=2, hidden=hidden, embed=16)).eval()
-    with torch.no_grad():
-        model.head.weight.normal_(std=3.0 / hidden**0.5)
-        model.embed.weight.normal_(std=1.0)
-    return LoadedModel(cell, model, vocab, {}, Path("memory"))
 
 
 @pytest.fixture(scope="module", params=["lstm", "gru", "rnn"])

@@ -17,7 +17,7 @@ from model.sampling import SamplingParams
 from service import native_lstm
 from service.batch import FastLSTMBatch, NativeLSTMBatch, make_batch
 from service.engine import Engine, JobSpec
-from tests.test_engine import tiny_model
+from tests.helpers import tiny_model
 
 OTHER_UID = 54321  # a user that is neither the tests' nor root
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from tests.docker import commands
-from tests.docker.conftest import BASE, Compose, Container, docker, run, wait_for
+from tests.docker.tools import BASE, Compose, Container, docker, run, wait_for
 
 # The first test to ask for the image waits for its build (minutes): more than the suite's 300 s per test.
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(1800)]

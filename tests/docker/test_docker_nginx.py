@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.docker.conftest import REPO, free_port, run, unavailable, wait_for
+from tests.docker.tools import REPO, run, unavailable, wait_for
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.docker
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from service.config import DEFAULT_MODEL_DIR
-from tests.service.conftest import REPO, GunicornServer, start_gunicorn
+from tests.helpers import REPO, GunicornServer, start_gunicorn
 
 pytestmark = [pytest.mark.harness, pytest.mark.slow]
 

@@ -21,8 +21,7 @@ import torch
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig
 from model.network import CharRNN
-from tests.helpers import REPO, GunicornServer, wait_until
-from tests.service.conftest import start_gunicorn
+from tests.helpers import REPO, GunicornServer, start_gunicorn, wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():

@@ -13,8 +13,8 @@ import pytest
 import requests
 
 from service.loading import ModelEntry
-from tests.service.conftest import start_gunicorn
-from tests.test_checkpoint import many_keys_header, with_meta
+from tests.forged_checkpoints import many_keys_header, with_meta
+from tests.helpers import start_gunicorn
 
 if TYPE_CHECKING:
     from collections.abc import Callable

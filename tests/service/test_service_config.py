@@ -16,7 +16,7 @@ from service import batch, config, schemas
 from service.batch import FastLSTMBatch
 from service.config import ConfigError, ServiceConfig, load_config
 from service.openapi import openapi_document
-from tests.service.conftest import GUNICORN_COMMAND, REPO
+from tests.helpers import GUNICORN_COMMAND, REPO
 
 GUNICORN_CONF = GUNICORN_COMMAND[2].removeprefix("python:")  # service.gunicorn_conf
 

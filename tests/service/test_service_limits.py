@@ -19,8 +19,7 @@ from service.config import load_config
 from service.engine import ClientBusyError, Engine, JobSpec, QueueFullError
 from service.jobs import _peer_closed, client_id
 from service.openapi import openapi_document
-from tests.helpers import active_generations, wait_until
-from tests.test_engine import tiny_model
+from tests.helpers import active_generations, tiny_model, wait_until
 
 if TYPE_CHECKING:
     from flask import Flask

@@ -20,8 +20,8 @@ import requests
 
 from service.app import create_app
 from service.client import Client
+from tests.forged_checkpoints import duplicate, overlap, set_version, vocab_mismatch, with_header
 from tests.helpers import active_generations, wait_until, wait_until_healthy
-from tests.test_checkpoint import _duplicate, _overlap, _set_version, _vocab_mismatch, _with_header
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -260,10 +260,10 @@ def test_hostile_checkpoints_are_refused_each_with_its_reason_and_the_good_one_s
         "zero-bytes": b"",
         "truncated": good[: len(good) // 2],
         "absurd-header": struct.pack("<Q", 10**15) + good[8:],
-        "duplicate-names": _with_header(good, _duplicate),
-        "overlapping-offsets": _with_header(good, _overlap),
-        "wrong-version": _with_header(good, _set_version),
-        "vocab-vs-weights": _with_header(good, _vocab_mismatch),
+        "duplicate-names": with_header(good, duplicate),
+        "overlapping-offsets": with_header(good, overlap),
+        "wrong-version": with_header(good, set_version),
+        "vocab-vs-weights": with_header(good, vocab_mismatch),
     }
     reasons = {
         "pickle": "pickle",
