@@ -17,11 +17,13 @@ import torch
 
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.evaluate import bits_per_char
-from model.sampling import Generation, SamplingParams, Token, generate, start_ids
+from model.sampling import Generation, Token, generate, sampling_params, start_ids
 from model.scoring import score_ids
 from model.vocab import UnknownPolicy
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "service" / "default_model" / "shakespeare.safetensors"
+# generate()'s and stream()'s steering keywords (model.sampling.sampling_params takes them)
+STEERING = frozenset({"presence_penalty", "frequency_penalty", "logit_bias", "regex", "choices"})
 TEXT_FILE = "corpus.txt"  # where `train(text=...)` keeps the text it was given, inside the run directory
 
 
@@ -85,9 +87,16 @@ class Model:
         seed: int | None = None,
         stop: Sequence[str] = (),
         unknown_chars: UnknownPolicy = "error",
+        **steering: Any,
     ) -> Iterator[str]:
-        """The generated characters one at a time, as they are drawn (the prompt is not repeated)."""
-        for token in self._generation(prompt, max_chars, temperature, top_k, top_p, seed, stop, unknown_chars, 0):
+        """The generated characters one at a time, as they are drawn (the prompt is not repeated).
+
+        Takes `generate`'s steering keywords too.
+        """
+        generation = self._generation(
+            prompt, max_chars, temperature, top_k, top_p, seed, stop, unknown_chars, 0, steering
+        )
+        for token in generation:
             yield token.char
 
     def generate(
@@ -101,14 +110,18 @@ class Model:
         stop: Sequence[str] = (),
         unknown_chars: UnknownPolicy = "error",
         top_logprobs: int = 0,
+        **steering: Any,
     ) -> Completion:
         """Generate up to `max_chars` characters after `prompt`; temperature 0 is greedy.
 
         Generation ends early at the first of `stop` (which is not included). An empty prompt
         conditions on a newline. `top_logprobs` asks for that many alternatives per character.
+        Steering keywords, as the service takes them: `presence_penalty` and `frequency_penalty` (-2 to
+        2, OpenAI's meaning), `logit_bias` ({character or vocabulary index: bias}, -100 bans), and a
+        constraint, `regex="..."` or `choices=[...]`, that the generated text always satisfies.
         """
         generation = self._generation(
-            prompt, max_chars, temperature, top_k, top_p, seed, stop, unknown_chars, top_logprobs
+            prompt, max_chars, temperature, top_k, top_p, seed, stop, unknown_chars, top_logprobs, steering
         )
         tokens = tuple(generation)
         return Completion(
@@ -138,8 +151,12 @@ class Model:
         stop: Sequence[str],
         unknown_chars: UnknownPolicy,
         top_logprobs: int,
+        steering: dict[str, Any],
     ) -> Generation:
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+        unknown = set(steering) - STEERING
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
+        params = sampling_params(self.vocab, temperature=temperature, top_k=top_k, top_p=top_p, **steering)
         return generate(
             self.network, self.vocab, prompt, max_chars, params, seed, stop, unknown_chars, top_logprobs=top_logprobs
         )

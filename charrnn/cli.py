@@ -191,7 +191,48 @@ def _add_sample(commands: Any) -> None:
         default="error",
         help="what to do with prompt characters the model does not know",
     )
+    p.add_argument(
+        "--regex",
+        help="constrain the generated text to match this regular expression (Python syntax, no anchors or "
+        "lookarounds); generation stops once the match is complete",
+    )
+    p.add_argument(
+        "--choice",
+        action="append",
+        dest="choices",
+        help="constrain the generated text to be one of these strings (repeatable)",
+    )
+    p.add_argument(
+        "--presence-penalty",
+        type=number(float, -2.0, 2.0),
+        default=0.0,
+        help="subtracted from a character's logit once it has been generated (OpenAI's meaning), -2 to 2",
+    )
+    p.add_argument(
+        "--frequency-penalty",
+        type=number(float, -2.0, 2.0),
+        default=0.0,
+        help="subtracted from a character's logit for each time it has been generated, -2 to 2",
+    )
+    p.add_argument(
+        "--logit-bias",
+        action="append",
+        default=[],
+        metavar="CHAR=BIAS",
+        type=_bias,
+        help="add BIAS (-100 to 100) to a character's logit; -100 bans it (repeatable; CHAR may be a vocabulary "
+        "index of two or more digits)",
+    )
     p.set_defaults(handler=_run_sample)
+
+
+def _bias(text: str) -> tuple[str | int, float]:
+    """CHAR=BIAS (split at the last '='), the character as itself or as a vocabulary index of 2+ digits."""
+    key, sep, value = text.rpartition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected CHAR=BIAS, got {text!r}")
+    bias = number(float, -100.0, 100.0)(value)
+    return (int(key) if len(key) > 1 and key.isdigit() else key), bias
 
 
 def _add_eval(commands: Any) -> None:
@@ -311,11 +352,21 @@ def checkpoint_path(path: Path) -> Path:
 
 def _run_sample(args: argparse.Namespace) -> int:
     from model.checkpoint import load_checkpoint
-    from model.sampling import SamplingParams, generate
+    from model.sampling import generate, sampling_params
 
     ckpt = load_checkpoint(checkpoint_path(args.checkpoint))
     model = ckpt.build_model()
-    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    params = sampling_params(
+        ckpt.vocab,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        logit_bias=dict(args.logit_bias),
+        regex=args.regex,
+        choices=args.choices,
+    )
     generation = generate(
         model, ckpt.vocab, args.prompt, args.length, params, seed=args.seed, stop=args.stop, unknown=args.unknown_chars
     )
@@ -427,11 +478,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except ConfigError as exc:
         print(f"charrnn {args.command}: error: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
+    except SamplingError as exc:  # name the flag, as argparse does
+        flag = {"max_new_chars": "length", "choices": "choice"}.get(exc.field, exc.field).replace("_", "-")
+        print(f"charrnn {args.command}: error: --{flag}: {str(exc).removeprefix(exc.field + ': ')}", file=sys.stderr)
     except (
         CorpusError,
         CheckpointError,
         TrainingError,
-        SamplingError,
         UnknownCharactersError,
         ValueError,
         OSError,

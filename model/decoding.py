@@ -22,12 +22,13 @@ so a plain row's text is the text multinomial sampling gives; its noise is drawn
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from model.constraints import Constraint
 from model.stops import StopMatcher
 from model.vocab import Vocab
 
@@ -43,13 +44,28 @@ class SamplingError(ValueError):
         super().__init__(f"{field}: {message}")
 
 
+MAX_PENALTY = 2.0  # presence and frequency penalties, as OpenAI bounds them
+MAX_LOGIT_BIAS = 100.0
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How the next character is drawn: temperature 0 is greedy (argmax)."""
+    """How the next character is drawn: temperature 0 is greedy (argmax).
+
+    Steering, with OpenAI's meaning, applied to the logits before temperature and cut-offs:
+    `logit_bias` adds a bias to a character's logit (by vocabulary index); `presence_penalty` is
+    subtracted once a character has been generated in this sample, `frequency_penalty` once per time
+    it has; `constraint` masks every character after which the generated text could no longer match
+    (model/constraints.py).
+    """
 
     temperature: float = 0.8
     top_k: int | None = None
     top_p: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (vocabulary index, bias); a mapping is accepted too
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.temperature, int | float) and 0.0 <= self.temperature <= MAX_TEMPERATURE):
@@ -58,11 +74,30 @@ class SamplingParams:
             raise SamplingError("top_k", f"must be an integer >= 1 or None, got {self.top_k}")
         if not (isinstance(self.top_p, int | float) and 0.0 < self.top_p <= 1.0):
             raise SamplingError("top_p", f"must be in (0, 1], got {self.top_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and -MAX_PENALTY <= value <= MAX_PENALTY):
+                raise SamplingError(name, f"must be between -{MAX_PENALTY} and {MAX_PENALTY}, got {value}")
+        bias = tuple(self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias)
+        for i, b in bias:
+            if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+                raise SamplingError("logit_bias", f"keys must be vocabulary indices (integers >= 0), got {i!r}")
+            if isinstance(b, bool) or not (isinstance(b, int | float) and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS):
+                raise SamplingError("logit_bias", f"a bias must be between -{MAX_LOGIT_BIAS:g} and {MAX_LOGIT_BIAS:g}")
+        pairs = sorted(bias)
+        if len({i for i, _ in pairs}) < len(pairs):
+            raise SamplingError("logit_bias", "a vocabulary index is given twice")
+        object.__setattr__(self, "logit_bias", tuple((i, float(b)) for i, b in pairs))
 
     @property
     def plain(self) -> bool:
         """A temperature and nothing else: drawn by the exponential race (or its accelerated form)."""
         return self.temperature > 0 and self.top_k is None and self.top_p >= 1.0 and exponential_race_is_multinomial()
+
+    @property
+    def steered(self) -> bool:
+        """Whether the logits are changed before the draw (penalties, bias or a constraint)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.constraint)
 
 
 @dataclass(frozen=True)
@@ -80,6 +115,7 @@ def check_request(
     top_logprobs: int = 0,
     prompt_ids: Sequence[int] = (),
     vocab_size: int | None = None,
+    params: SamplingParams | None = None,
 ) -> None:
     """SamplingError naming the field when a request cannot be decoded (the one set of checks)."""
     if max_new_chars < 1:
@@ -90,6 +126,12 @@ def check_request(
         raise SamplingError("top_logprobs", f"must be >= 0, got {top_logprobs}")
     if vocab_size is not None and any(not 0 <= i < vocab_size for i in prompt_ids):
         raise SamplingError("prompt", "holds ids outside the model's vocabulary")
+    if vocab_size is not None and params is not None:
+        unknown = [i for i, _ in params.logit_bias if i >= vocab_size]
+        if unknown:
+            raise SamplingError("logit_bias", f"{unknown[0]} is not a vocabulary index (this model has {vocab_size})")
+        if params.constraint is not None and params.constraint.vocab_size != vocab_size:
+            raise SamplingError("constraint", "was compiled for another vocabulary")
 
 
 def filtered_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -177,9 +219,28 @@ class Noise:
 
 
 class Sample:
-    """One sample being decoded: its rule, its own generator, its stop strings and what is left of its length."""
+    """One sample being decoded: its rule, its own generator, its stop strings and what is left of its length.
 
-    __slots__ = ("_matcher", "finish_reason", "generator", "left", "noise", "params", "temperature", "top_logprobs")
+    A steered sample also carries what its steering needs: `offset` (vocab,), the logit bias less the
+    penalties earned so far, and the state of its constraint's automaton.
+    """
+
+    __slots__ = (
+        "_counts",
+        "_matcher",
+        "_offset_active",
+        "constraint",
+        "finish_reason",
+        "generator",
+        "left",
+        "matched",
+        "noise",
+        "offset",
+        "params",
+        "state",
+        "temperature",
+        "top_logprobs",
+    )
 
     def __init__(
         self,
@@ -199,12 +260,50 @@ class Sample:
         self.left = max_new_chars
         self.finish_reason: str | None = None  # "stop" or "length" once the sample has ended
         self._matcher = StopMatcher(stop) if stop else None
+        self.offset: torch.Tensor | None = None  # (vocab,) added to the logits: bias - penalties
+        self._counts: list[int] | None = None  # times each character was generated, for the penalties
+        if params.logit_bias or params.presence_penalty or params.frequency_penalty:
+            self.offset = torch.zeros(vocab_size)
+            for i, bias in params.logit_bias:
+                self.offset[i] = bias
+            if params.presence_penalty or params.frequency_penalty:
+                self._counts = [0] * vocab_size
+        self._offset_active = any(bias for _, bias in params.logit_bias)  # once penalties apply: True
+        self.constraint = params.constraint
+        self.state = 0  # the constraint's automaton state
+        self.matched = False  # the constraint's automaton accepts and no character may follow
+
+    @property
+    def steers(self) -> bool:
+        """Whether `steer` changes the logits at this step (a zero offset and an empty mask do not)."""
+        return self._offset_active or (self.constraint is not None and self.constraint.masks[self.state])
+
+    def steer(self, logits: torch.Tensor) -> torch.Tensor:
+        """This sample's logits (vocab,) as the draw sees them: offset added, a constraint's mask applied."""
+        if self._offset_active:
+            logits = logits + self.offset
+        if self.constraint is not None and self.constraint.masks[self.state]:
+            logits = logits.masked_fill(self.constraint.blocked[self.state], float("-inf"))
+        return logits
+
+    def advance(self, char_id: int) -> None:
+        """Record a drawn character in the steering state: penalties earned, the automaton's next state."""
+        if self._counts is not None:
+            assert self.offset is not None
+            if self._counts[char_id] == 0:
+                self.offset[char_id] -= self.params.presence_penalty
+            self._counts[char_id] += 1
+            self.offset[char_id] -= self.params.frequency_penalty
+            self._offset_active = True
+        if self.constraint is not None:
+            self.state = self.constraint.advance(self.state, char_id)
+            self.matched = self.constraint.finished[self.state]
 
     def push(self, token: Token) -> list[Token]:
         """The tokens to emit now that `token` was drawn; sets `finish_reason` when the sample has ended.
 
         A stop string is cut (never emitted); text that could still begin one is held back until it
-        cannot, or until the end.
+        cannot, or until the end. A constraint whose match is complete ends the sample ("stop").
         """
         self.left -= 1
         if self._matcher is None:
@@ -213,10 +312,10 @@ class Sample:
             ready, stopped = self._matcher.push(token)
         if stopped:
             self.finish_reason = "stop"
-        elif self.left == 0:
+        elif self.matched or self.left == 0:
             if self._matcher is not None:
                 ready = ready + self._matcher.flush()
-            self.finish_reason = "length"
+            self.finish_reason = "stop" if self.matched else "length"
         return ready
 
 
@@ -244,19 +343,31 @@ class Decoder:
         return Sample(params, seed, max_new_chars, self.vocab_size, stop, top_logprobs)
 
     def draw(self, logits: torch.Tensor, rows: Sequence[Sample]) -> tuple[list[int], list[Token]]:
-        """One character for each row: logits (rows, vocab), float32 -> (ids, Tokens), row i with rows[i]."""
+        """One character for each row: logits (rows, vocab), float32 -> (ids, Tokens), row i with rows[i].
+
+        A steered row draws from its steered logits (`Sample.steer`); every log-probability reported
+        is under the model's own logits.
+        """
         n = len(rows)
         if n == 1:
             return self._draw_one(logits[0], rows[0])
+        steered = [i for i, row in enumerate(rows) if row.steers]
+        scores = logits
+        if steered:
+            scores = logits.float().clone()
+            for i in steered:
+                scores[i] = rows[i].steer(scores[i])
         ids = [0] * n
         logprobs: list[float | None] = [None] * n
         plain = [i for i, row in enumerate(rows) if row.noise is not None]
         if plain and self.fast is not None:
-            fast_ids, fast_logprobs = self.fast.draw(logits, rows)
+            fast_ids, fast_logprobs = self.fast.draw(scores, rows)
             for i in plain:
                 ids[i], logprobs[i] = fast_ids[i], fast_logprobs[i]
+            for i in steered:
+                logprobs[i] = None  # the kernel's is under the steered logits
         elif plain:
-            sub = logits if len(plain) == n else logits[plain]
+            sub = scores if len(plain) == n else scores[plain]
             temperatures = torch.tensor([[rows[i].temperature] for i in plain])  # (plain, 1)
             probs = (sub.float() / temperatures).softmax(-1)
             noise = torch.stack([rows[i].noise.row() for i in plain])  # type: ignore[union-attr]
@@ -265,17 +376,20 @@ class Decoder:
         if len(plain) < n:
             greedy = [i for i, row in enumerate(rows) if row.noise is None and row.params.temperature == 0]
             if greedy:
-                for i, pick in zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True):
+                for i, pick in zip(greedy, scores[greedy].argmax(-1).tolist(), strict=True):
                     ids[i] = pick
             for i, row in enumerate(rows):
                 if row.noise is None and row.params.temperature > 0:
-                    ids[i] = choose(logits[i], row.params, row.generator)
+                    ids[i] = choose(scores[i], row.params, row.generator)
         missing = [i for i in range(n) if logprobs[i] is None]
         if missing:
             all_logprobs = logits.float().log_softmax(-1)  # under the model, before temperature and cut-offs
             picked = all_logprobs.gather(1, torch.tensor(ids).unsqueeze(1)).squeeze(1).tolist()
             for i in missing:
                 logprobs[i] = picked[i]
+        for i, row in enumerate(rows):
+            if row.params.steered:
+                row.advance(ids[i])
         tokens = [
             Token(self.chars[ids[i]], logprobs[i], self._top(logits[i], row.top_logprobs) if row.top_logprobs else None)  # type: ignore[arg-type]
             for i, row in enumerate(rows)
@@ -285,15 +399,21 @@ class Decoder:
     def _draw_one(self, logits: torch.Tensor, row: Sample) -> tuple[list[int], list[Token]]:
         """`draw` for a batch of one row, logits (vocab,): the same rule without gathering rows."""
         logprob = None
+        steered = row.steers
+        scores = row.steer(logits.float()) if steered else logits
         if row.noise is not None and self.fast is not None:
-            (pick,), (logprob,) = self.fast.draw(logits.unsqueeze(0), (row,))
+            (pick,), (logprob,) = self.fast.draw(scores.unsqueeze(0), (row,))
+            if steered:
+                logprob = None
         elif row.noise is not None:
-            probs = (logits.float() / row.temperature).softmax(-1)
+            probs = (scores.float() / row.temperature).softmax(-1)
             pick = int((probs / row.noise.row()).argmax())
         else:
-            pick = choose(logits, row.params, row.generator)
+            pick = choose(scores, row.params, row.generator)
         if logprob is None:
             logprob = logits.float().log_softmax(-1)[pick].item()
+        if row.params.steered:
+            row.advance(pick)
         top = self._top(logits, row.top_logprobs) if row.top_logprobs else None
         return [pick], [Token(self.chars[pick], logprob, top)]
 

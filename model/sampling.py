@@ -9,11 +9,12 @@ batches, so a seed gives the same text here and from the service. A sample with 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from model.constraints import ConstraintError, choice_constraint, regex_constraint
 from model.decoding import (
     MAX_TEMPERATURE,
     Decoder,
@@ -41,6 +42,7 @@ __all__ = [
     "prefill",
     "prefill_chunks",
     "random_seed",
+    "sampling_params",
     "start_ids",
 ]
 
@@ -135,7 +137,7 @@ def generate(
     top_logprobs: int = 0,
 ) -> Generation:
     """Start generating after `prompt`; iterate the result for Tokens as they are produced."""
-    check_request(max_new_chars, stop, top_logprobs)
+    check_request(max_new_chars, stop, top_logprobs, vocab_size=len(vocab), params=params)
     prompt_ids = vocab.encode(prompt, unknown=unknown)
     return Generation(
         model,
@@ -146,6 +148,50 @@ def generate(
         random_seed() if seed is None else seed,
         tuple(stop),
         top_logprobs,
+    )
+
+
+def sampling_params(
+    vocab: Vocab,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logit_bias: Mapping[str | int, float] | None = None,
+    regex: str | None = None,
+    choices: Sequence[str] | None = None,
+) -> SamplingParams:
+    """SamplingParams for this vocabulary, as `charrnn sample` and the Python API take them: `logit_bias`
+    keyed by a character or a vocabulary index, a constraint as a regular expression or a list of choices.
+    SamplingError names the field at fault."""
+    bias = {}
+    for key, value in (logit_bias or {}).items():
+        if isinstance(key, str):
+            if len(key) != 1 or key not in vocab:
+                raise SamplingError("logit_bias", f"{key!r} is not a character of the model's vocabulary")
+            key = vocab.encode(key)[0]
+        if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < len(vocab):
+            raise SamplingError("logit_bias", f"{key!r} is not a vocabulary index (0 to {len(vocab) - 1})")
+        bias[key] = value
+    if regex is not None and choices is not None:
+        raise SamplingError("regex", "give a regex or choices, not both")
+    try:
+        constraint = None
+        if regex is not None:
+            constraint = regex_constraint(regex, vocab.chars)
+        elif choices is not None:
+            constraint = choice_constraint(list(choices), vocab.chars)
+    except ConstraintError as exc:
+        raise SamplingError("regex" if regex is not None else "choices", str(exc)) from None
+    return SamplingParams(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        logit_bias=bias,
+        constraint=constraint,
     )
 
 

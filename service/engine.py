@@ -230,7 +230,7 @@ class Engine:
         if spec.model not in self.models:
             raise KeyError(spec.model)
         vocab_size = len(self.models[spec.model].vocab)
-        check_request(spec.max_new_chars, spec.stop, spec.top_logprobs, spec.prompt_ids, vocab_size)
+        check_request(spec.max_new_chars, spec.stop, spec.top_logprobs, spec.prompt_ids, vocab_size, spec.params)
         job = Job(spec, self._wake)
         with self._wake:
             if self._closing:

@@ -13,9 +13,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from flask import current_app, request
 
+from model.constraints import Constraint, ConstraintError, choice_constraint, json_constraint, regex_constraint
 from model.sampling import SamplingError, SamplingParams, Token, random_seed
 from model.vocab import UnknownCharactersError
 from service.auth import presented_key
@@ -24,7 +26,7 @@ from service.engine import ClientBusyError, Engine, EngineClosedError, Job, JobS
 from service.errors import ApiError
 from service.loading import LoadedModel, ModelEntry
 from service.metrics import Metrics
-from service.schemas import TOP_LOGPROBS
+from service.schemas import TOP_LOGPROBS, SamplingFields
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ class Service:
 
 @dataclass(frozen=True)
 class Plan:
-    """What one prompt of a request asks for: `n` jobs that differ only in their seeds."""
+    """What one prompt of a request asks for: `n` jobs (or `best_of`) that differ only in their seeds."""
 
     model: LoadedModel
     prompt_ids: tuple[int, ...]
@@ -68,6 +70,11 @@ class Plan:
     n: int
     stop: tuple[str, ...] = ()
     top_logprobs: int = 0
+    best_of: int | None = None  # samples drawn, of which the n best are answered (best_results)
+
+    @property
+    def samples(self) -> int:
+        return self.best_of or self.n
 
     def specs(self, timeout: float) -> list[JobSpec]:
         """One JobSpec per sample; sample i draws from seed + i."""
@@ -82,7 +89,7 @@ class Plan:
                 top_logprobs=self.top_logprobs,
                 timeout=timeout,
             )
-            for i in range(self.n)
+            for i in range(self.samples)
         ]
 
 
@@ -101,12 +108,74 @@ def encode_prompt(loaded: LoadedModel, prompt: str, unknown: str, field_name: st
 MIN_TOP_P = 1e-30
 
 
-def sampling_params(temperature: float, top_k: int | None, top_p: float) -> SamplingParams:
-    """SamplingParams; an out-of-range value is a 422 naming its field."""
+def sampling_params(
+    body: SamplingFields,
+    loaded: LoadedModel,
+    constraint: Constraint | None = None,
+    bias_by_char: bool = False,
+) -> SamplingParams:
+    """The request's SamplingParams for this model; an out-of-range value is a 422 naming its field.
+
+    `logit_bias` keys are vocabulary indices (OpenAI's token ids); with `bias_by_char` (/generate) a
+    one-character key is the character itself.
+    """
+    bias = {_bias_index(loaded, key, bias_by_char): value for key, value in (body.logit_bias or {}).items()}
     try:
-        return SamplingParams(temperature=float(temperature), top_k=top_k, top_p=max(float(top_p), MIN_TOP_P))
+        return SamplingParams(
+            temperature=float(body.temperature),
+            top_k=body.top_k,
+            top_p=max(float(body.top_p), MIN_TOP_P),
+            presence_penalty=float(body.presence_penalty),
+            frequency_penalty=float(body.frequency_penalty),
+            logit_bias=bias,
+            constraint=constraint,
+        )
     except SamplingError as exc:
         raise ApiError(422, "invalid_value", str(exc), exc.field) from None
+
+
+def _bias_index(loaded: LoadedModel, key: str, by_char: bool) -> int:
+    """A logit_bias key as a vocabulary index: a decimal index, or (by_char) a single character."""
+    vocab = loaded.vocab
+    if by_char and len(key) == 1:
+        if key not in vocab:
+            raise ApiError(422, "invalid_value", f"the model's vocabulary has no character {key!r}", "logit_bias")
+        return vocab.encode(key)[0]
+    if not (key.isascii() and key.isdigit()) or int(key) >= len(vocab):
+        what = "a character or a vocabulary index" if by_char else "a vocabulary index"
+        message = f"key {key[:20]!r} is not {what} (0 to {len(vocab) - 1}; see POST /tokenize)"
+        raise ApiError(422, "invalid_value", message, "logit_bias")
+    return int(key)
+
+
+def compile_constraint(loaded: LoadedModel, field_name: str, kind: str, value: Any) -> Constraint:
+    """The constraint of `kind` ("regex", "choice" or "json") compiled for this model's vocabulary; a 422
+    naming `field_name` when it is invalid, unsupported, unsatisfiable or too large."""
+    build = {"regex": regex_constraint, "choice": choice_constraint, "json": json_constraint}[kind]
+    try:
+        return build(value, loaded.vocab.chars)
+    except ConstraintError as exc:
+        raise ApiError(422, "invalid_constraint", str(exc), field_name) from None
+
+
+def best_results(plans: list[Plan], results: list[tuple[list[Token], str]]) -> list[tuple[list[Token], str]]:
+    """Each plan's `n` answers out of its `best_of` samples (the results in submission order): the ones
+    with the highest mean log-probability per character, best first (OpenAI's best_of)."""
+    chosen: list[tuple[list[Token], str]] = []
+    start = 0
+    for plan in plans:
+        mine = results[start : start + plan.samples]
+        start += plan.samples
+        if plan.samples == plan.n:
+            chosen += mine
+            continue
+        ranked = sorted(range(len(mine)), key=lambda i: -_mean_logprob(mine[i][0]))
+        chosen += [mine[i] for i in ranked[: plan.n]]
+    return chosen
+
+
+def _mean_logprob(tokens: list[Token]) -> float:
+    return sum(t.logprob for t in tokens) / len(tokens) if tokens else float("-inf")
 
 
 def choose_seed(seed: int | None) -> int:
@@ -117,6 +186,14 @@ def choose_seed(seed: int | None) -> int:
 def new_id(prefix: str = "gen") -> str:
     """A request id for the answer body."""
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def check_best_of(body: SamplingFields, stream: bool) -> None:
+    """best_of answers after every sample has ended, so it cannot stream (as in OpenAI's API)."""
+    if stream and body.samples() > body.n:
+        raise ApiError(
+            422, "invalid_value", "best_of > n cannot be streamed: the best are known only at the end", "best_of"
+        )
 
 
 def check_budget(config: ServiceConfig, *, jobs: int, chars: int, top_logprobs: int, fields: dict[str, str]) -> None:

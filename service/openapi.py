@@ -114,7 +114,9 @@ def _write_configured_limits(node: Any, config: ServiceConfig) -> None:
     if isinstance(node, dict):
         setting = node.pop(schemas.SETTING_KEY, None)
         if setting is not None:
-            node[LIMIT_KEYWORDS[node["type"]]] = getattr(config, setting)
+            # An optional field's schema is anyOf [the type, null]: the limit goes on the type.
+            typed = next(v for v in node.get("anyOf", [node]) if v.get("type") in LIMIT_KEYWORDS)
+            typed[LIMIT_KEYWORDS[typed["type"]]] = getattr(config, setting)
         node = list(node.values())
     if isinstance(node, list):
         for child in node:

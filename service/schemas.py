@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from model.constraints import MAX_PATTERN_CHARS
+from model.decoding import MAX_LOGIT_BIAS, MAX_PENALTY
 from service.config import MAX_LAYER_INDEX, MAX_PROMPTS, MAX_SAMPLES, MAX_STOP_CHARS, MAX_STOP_STRINGS, TOP_LOGPROBS
 
 __all__ = ["MAX_SEED", "MAX_STOP_CHARS", "MAX_STOP_STRINGS", "SETTING_KEY", "TOP_LOGPROBS", "configured"]
@@ -41,6 +43,14 @@ StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_
 StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]  # vocabulary indices
 PromptList = Annotated[list[str | TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+MAX_BIASES = 1024  # logit_bias entries (a vocabulary is rarely larger)
+MAX_CHOICES = 1024  # options of a choice constraint
+Bias = Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]
+RegexPattern = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PATTERN_CHARS)]
+ChoiceList = Annotated[
+    list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_PATTERN_CHARS)]],
+    Field(min_length=1, max_length=MAX_CHOICES),
+]
 
 
 def _listed(value: Any) -> Any:
@@ -107,12 +117,75 @@ class SamplingFields(StrictModel):
     unknown_chars: Literal["error", "drop"] = Field(
         "error", description="prompt characters the model does not know: reject the request, or drop them"
     )
+    best_of: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_SAMPLES,
+        description="draw this many samples (seeds seed, seed + 1, ...) and return the n with the highest mean "
+        "log-probability per character, best first; at least n; not with stream",
+        json_schema_extra=configured("max_n"),
+    )
+    presence_penalty: float = Field(
+        0.0,
+        ge=-MAX_PENALTY,
+        le=MAX_PENALTY,
+        description="subtracted from a character's logit once it has been generated in this sample (OpenAI's meaning)",
+    )
+    frequency_penalty: float = Field(
+        0.0,
+        ge=-MAX_PENALTY,
+        le=MAX_PENALTY,
+        description="subtracted from a character's logit for each time it has been generated in this sample",
+    )
+    logit_bias: dict[str, Bias] | None = Field(
+        None,
+        max_length=MAX_BIASES,
+        description="added to characters' logits before sampling (-100 bans, 100 forces): keys are vocabulary "
+        "indices as in OpenAI's API (see POST /tokenize)",
+    )
 
     @field_validator("n")
     @classmethod
     def _n_limit(cls, value: int, info: ValidationInfo) -> int:
         _check_limit(info, "max_n", value, "samples")
         return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None:
+            if value < info.data.get("n", 1):
+                raise ValueError(f"must be at least n ({info.data.get('n')}), got {value}")
+            _check_limit(info, "max_n", value, "samples")
+        return value
+
+    def samples(self) -> int:
+        """Samples drawn per prompt: best_of, or n."""
+        return self.best_of or self.n
+
+
+class RegexGrammar(StrictModel):
+    """The generated text matches a regular expression (Python syntax, no anchors or lookarounds)."""
+
+    type: Literal["regex"]
+    value: RegexPattern
+
+
+class ChoiceGrammar(StrictModel):
+    """The generated text is one of these strings."""
+
+    type: Literal["choice"]
+    value: ChoiceList
+
+
+class JsonGrammar(StrictModel):
+    """The generated text is JSON valid under this JSON schema (turned into a pattern by outlines-core)."""
+
+    type: Literal["json"]
+    value: dict[str, Any]
+
+
+Grammar = Annotated[RegexGrammar | ChoiceGrammar | JsonGrammar, Field(discriminator="type")]
 
 
 class GenerateRequest(SamplingFields):
@@ -136,6 +209,18 @@ class GenerateRequest(SamplingFields):
         False, description=f"per generated character, its log-probability and {TOP_LOGPROBS} alternatives"
     )
     stream: bool = Field(False, description="answer with Server-Sent Events as the characters are generated")
+    grammar: Grammar | None = Field(
+        None,
+        description="constrained generation, as TGI: {type: regex, value: PATTERN}, {type: choice, value: [...]} "
+        "or {type: json, value: SCHEMA}; the text always matches (a prefix of a match if max_new_chars ends it "
+        "first)",
+    )
+    logit_bias: dict[str, Bias] | None = Field(
+        None,
+        max_length=MAX_BIASES,
+        description="added to characters' logits before sampling (-100 bans, 100 forces), keyed by the character "
+        "itself; a key of two or more digits is a vocabulary index, as in /v1/completions",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -394,8 +479,13 @@ class CompletionRequest(SamplingFields):
         "log-probabilities too (the first one's is null: nothing comes before it)",
     )
     user: str | None = Field(None, description="accepted and ignored")
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="accepted only as 0")
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="accepted only as 0")
+    guided_regex: RegexPattern | None = Field(
+        None, description="as vLLM: the generated text matches this regular expression (Python syntax)"
+    )
+    guided_choice: ChoiceList | None = Field(None, description="as vLLM: the generated text is one of these")
+    guided_json: dict[str, Any] | str | None = Field(
+        None, description="as vLLM: the generated text is JSON valid under this JSON schema"
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -257,3 +258,30 @@ def test_eval_dynamic_reports_dynamic_evaluation_beside_the_static_figures(
     assert lines[0].startswith("loss: ") and "state carried" in lines[2]  # the static figures stay, first
     assert lines[3].startswith("dynamic evaluation (state carried, an SGD step of 1 after each 128-character ")
     assert "against the state-carried figure" in lines[3]
+
+
+def test_sample_steers_with_a_regex_choices_penalties_and_bias(trained_run: Path, capsys) -> None:
+    code, out, _ = run(capsys, "sample", str(trained_run), "--prompt", "The ", "--seed", "2", "--regex", "[a-z]+ dog!")
+    assert code == 0 and re.fullmatch(r"The [a-z]+ dog!\n", out)
+    code, out, _ = run(capsys, "sample", str(trained_run), "--prompt", "", "--choice", "fox", "--choice", "hen")
+    assert code == 0 and out in ("fox\n", "hen\n")
+    args = ["--length", "200", "--seed", "4", "--logit-bias", "e=-100", "--logit-bias", " =-100"]
+    code, out, _ = run(capsys, "sample", str(trained_run), *args, "--frequency-penalty", "0.5")
+    assert code == 0 and "e" not in out and " " not in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--regex", "("], "--regex: not a valid regular expression"),
+        (["--regex", "Ω+"], "--regex: no text made of this model's characters can match"),
+        (["--logit-bias", "Ω=1"], "--logit-bias: 'Ω' is not a character"),
+        (["--logit-bias", "e"], "argument --logit-bias: expected CHAR=BIAS"),
+        (["--logit-bias", "e=200"], "argument --logit-bias: must be between -100.0 and 100.0"),
+        (["--presence-penalty", "3"], "argument --presence-penalty: must be between -2.0 and 2.0"),
+    ],
+)
+def test_bad_steering_flags_name_the_flag(trained_run: Path, capsys, argv: list[str], message: str) -> None:
+    code, _, err = run(capsys, "sample", str(trained_run), "--length", "5", *argv)
+    assert code in (1, 2)
+    assert message in err

@@ -154,15 +154,22 @@ void charrnn_lstm_step(const Net *net, int n, const int64_t *ids) {
 }
 
 /* The draw torch.multinomial(softmax(z / t), 1) makes from exponential noise q:
-   argmax(softmax(z / t) / q). Returns the id; *logprob = log_softmax(z)[id]. */
+   argmax(softmax(z / t) / q). Returns the id; *logprob = log_softmax(z)[id]. A logit of -inf (a
+   character a constraint masks) has probability 0 and is never drawn: exp_ clamps its argument, so
+   such entries are skipped rather than computed. */
 int64_t charrnn_draw(const float *z, int V, float temperature, const float *q, float *logprob) {
     float m = -INFINITY, mz = -INFINITY;
     for (int j = 0; j < V; j++) { float s = z[j] / temperature; m = s > m ? s : m; mz = z[j] > mz ? z[j] : mz; }
     float sum = 0.0f, sumz = 0.0f;
-    for (int j = 0; j < V; j++) { sum += exp_(z[j] / temperature - m); sumz += exp_(z[j] - mz); }
+    for (int j = 0; j < V; j++) {
+        if (z[j] == -INFINITY) continue;
+        sum += exp_(z[j] / temperature - m);
+        sumz += exp_(z[j] - mz);
+    }
     int64_t best = 0;
     float best_ratio = -1.0f;
     for (int j = 0; j < V; j++) {
+        if (z[j] == -INFINITY) continue;
         float ratio = (exp_(z[j] / temperature - m) / sum) / q[j];
         if (ratio > best_ratio) { best_ratio = ratio; best = j; }
     }

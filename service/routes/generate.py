@@ -12,9 +12,12 @@ from service.errors import ApiError
 from service.jobs import (
     Plan,
     Run,
+    best_results,
+    check_best_of,
     check_budget,
     choose_seed,
     client_id,
+    compile_constraint,
     current_service,
     disconnect_check,
     encode_prompt,
@@ -50,17 +53,21 @@ def generate() -> Response:
     service = current_service()
     body = validate(GenerateRequest, parse_json_body(), service.config)
     top = TOP_LOGPROBS if body.logprobs else 0
-    check_budget(service.config, jobs=body.n, chars=body.max_new_chars, top_logprobs=top, fields=FIELDS)
+    check_best_of(body, body.stream)
+    check_budget(service.config, jobs=body.samples(), chars=body.max_new_chars, top_logprobs=top, fields=FIELDS)
     loaded = service.model(body.model)
+    grammar = body.grammar
+    constraint = None if grammar is None else compile_constraint(loaded, "grammar.value", grammar.type, grammar.value)
     plan = Plan(
         model=loaded,
         prompt_ids=encode_prompt(loaded, body.prompt, body.unknown_chars),
         max_new_chars=body.max_new_chars,
-        params=sampling_params(body.temperature, body.top_k, body.top_p),
+        params=sampling_params(body, loaded, constraint, bias_by_char=True),
         seed=choose_seed(body.seed),
         n=body.n,
         stop=body.stop_strings(),
         top_logprobs=top,
+        best_of=body.best_of,
     )
     run = Run(service, client_id(service.config))
     run.submit([plan])
@@ -70,7 +77,7 @@ def generate() -> Response:
         return response
     choices = [
         Choice(index=i, text=_text(tokens), finish_reason=reason, logprobs=_logprobs(tokens) if body.logprobs else None)
-        for i, (tokens, reason) in enumerate(run.results(disconnect_check()))
+        for i, (tokens, reason) in enumerate(best_results([plan], run.results(disconnect_check())))
     ]
     answer = GenerateResponse(id=new_id(), model=loaded.name, choices=choices, usage=_usage(run, plan), seed=plan.seed)
     return jsonify(dump(answer))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from flask import Blueprint, Response, jsonify
 
+from model.constraints import Constraint
 from model.sampling import Token
 from model.scoring import score_ids
 from service.errors import ApiError
@@ -20,10 +21,13 @@ from service.jobs import (
     Plan,
     Run,
     Service,
+    best_results,
+    check_best_of,
     check_budget,
     check_logprob_budget,
     choose_seed,
     client_id,
+    compile_constraint,
     current_service,
     disconnect_check,
     encode_prompt,
@@ -65,7 +69,8 @@ def completions() -> Response:
     """A completion for each prompt, `n` choices each (choice index = prompt index * n + sample)."""
     service = current_service()
     body = validate(CompletionRequest, parse_json_body(), service.config)
-    jobs = len(body.prompts()) * body.n
+    check_best_of(body, body.stream)
+    jobs = len(body.prompts()) * body.samples()
     check_budget(service.config, jobs=jobs, chars=body.max_tokens, top_logprobs=body.logprobs or 0, fields=FIELDS)
     _check_scoring_only(body)
     loaded = service.model(body.model)
@@ -82,7 +87,7 @@ def completions() -> Response:
         read = sum(len(prompt.ids) for prompt in prompts) * body.n
         usage = CompletionUsage(prompt_tokens=read, completion_tokens=0, total_tokens=read)
         return jsonify(CompletionResponse(**head, choices=choices, usage=usage).model_dump(mode="json"))
-    params = sampling_params(body.temperature, body.top_k, body.top_p)
+    params = sampling_params(body, loaded, _constraint(loaded, body))
     seed = choose_seed(body.seed)
     plans = [
         Plan(
@@ -94,6 +99,7 @@ def completions() -> Response:
             n=body.n,
             stop=body.stop_strings(),
             top_logprobs=body.logprobs or 0,
+            best_of=body.best_of,
         )
         for prompt in prompts
     ]
@@ -105,7 +111,7 @@ def completions() -> Response:
         response.call_on_close(run.cancel)  # also when the client leaves before the first event
         return response
     choices = []
-    for i, (tokens, reason) in enumerate(run.results(disconnect_check())):
+    for i, (tokens, reason) in enumerate(best_results(plans, run.results(disconnect_check()))):
         logprobs = None
         if body.logprobs is not None:
             logprobs = _joined(echoed[i] if echoed else None, _logprobs(tokens, body.logprobs, len(prefixes[i])))
@@ -113,6 +119,21 @@ def completions() -> Response:
         choices.append(CompletionChoice(index=i, text=text, finish_reason=_finish_reason(reason), logprobs=logprobs))
     answer = CompletionResponse(**head, choices=choices, usage=_usage(run, plans))
     return jsonify(answer.model_dump(mode="json"))
+
+
+def _constraint(loaded: LoadedModel, body: CompletionRequest) -> Constraint | None:
+    """vLLM's guided decoding: at most one of guided_regex, guided_choice and guided_json."""
+    given = {
+        kind: value
+        for kind, value in (("regex", body.guided_regex), ("choice", body.guided_choice), ("json", body.guided_json))
+        if value is not None
+    }
+    if len(given) > 1:
+        message = f"give one of guided_regex, guided_choice and guided_json, not {' and '.join(given)}"
+        raise ApiError(422, "invalid_value", message, f"guided_{list(given)[-1]}")
+    for kind, value in given.items():
+        return compile_constraint(loaded, f"guided_{kind}", kind, value)
+    return None
 
 
 @dataclass(frozen=True)

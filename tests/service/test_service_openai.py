@@ -143,7 +143,7 @@ def test_models_are_listed_the_openai_way(client: FlaskClient) -> None:
     [
         ({"prompt": "the", "max_tokens": 0}, 422, "max_tokens"),
         ({"prompt": "the", "logprobs": 6}, 422, "logprobs"),
-        ({"prompt": "the", "presence_penalty": 0.5}, 422, "presence_penalty"),
+        ({"prompt": "the", "presence_penalty": 2.5}, 422, "presence_penalty"),
         ({"prompt": [1.5, 2]}, 422, "prompt"),  # token ids are whole numbers
         ({"prompt": [1, 99_999]}, 422, "prompt"),  # and in the vocabulary
         ({"prompt": "the", "suffix": "x"}, 422, "suffix"),
