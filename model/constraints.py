@@ -95,6 +95,11 @@ def regex_constraint(pattern: str, chars: Sequence[str]) -> Constraint:
     return _compiled(pattern, tuple(chars))
 
 
+def clear_cache() -> None:
+    """Forget the compiled patterns (each process keeps the last 32 it compiled, per vocabulary)."""
+    _compiled.cache_clear()
+
+
 def choice_constraint(options: Sequence[str], chars: Sequence[str]) -> Constraint:
     """The constraint "what is generated is one of `options`" (a regex alternation of the literals)."""
     if not options or any(not isinstance(o, str) or not o for o in options):

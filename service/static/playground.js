@@ -22,6 +22,8 @@ const page = {
 const FIELD_CONTROLS = {
   prompt: "prompt", model: "model", temperature: "temperature", top_k: "top-k", top_p: "top-p",
   max_new_chars: "max-new-chars", seed: "seed", stop: "stop", text: "inspect-text", layer: "layer",
+  grammar: "constraint", "grammar.value": "constraint", frequency_penalty: "frequency-penalty",
+  presence_penalty: "presence-penalty",
 };
 
 // -- talking to the server ---------------------------------------------------------------------------
@@ -193,6 +195,8 @@ function generateBody() {
   const numbers = {
     temperature: ["temperature", "Temperature"], top_k: ["top-k", "Top-k"], top_p: ["top-p", "Top-p"],
     max_new_chars: ["max-new-chars", "Maximum characters"],
+    frequency_penalty: ["frequency-penalty", "Frequency penalty"],
+    presence_penalty: ["presence-penalty", "Presence penalty"],
   };
   if (!$("random-seed").checked) numbers.seed = ["seed", "Seed"];
   for (const [name, [id, label]] of Object.entries(numbers)) {
@@ -201,6 +205,7 @@ function generateBody() {
   }
   const stop = stopStrings();
   if (stop.length) body.stop = stop;
+  if ($("constraint").value) body.grammar = { type: "regex", value: $("constraint").value };
   return body;
 }
 
@@ -306,7 +311,9 @@ const FINISH = { length: "reached the maximum length", stop: "met a stop string"
 function finish(done) {
   drawPending();
   const reason = done.choices.length ? done.choices[0].finish_reason : "length";
-  $("status").textContent = `Done: ${page.tokens.length} characters, ${FINISH[reason] || reason}; seed ${done.seed}.`;
+  // With a pattern, "stop" may also mean that the match is complete.
+  const why = reason === "stop" && $("constraint").value ? "completed the pattern or met a stop string" : FINISH[reason] || reason;
+  $("status").textContent = `Done: ${page.tokens.length} characters, ${why}; seed ${done.seed}.`;
   if ($("random-seed").checked) $("seed").value = String(done.seed); // untick "Random seed" to reuse it
   return true;
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -267,6 +268,29 @@ def test_the_score_view_colours_any_text_by_the_servers_exact_probabilities(page
     page.click("#score-button")
     expect(page.locator("#score-error")).to_contain_text("not in the model's vocabulary")
     expect(page.locator("#score-text")).to_have_attribute("aria-invalid", "true")
+
+
+def test_the_page_steers_with_a_pattern_and_penalties(page: Page, server: GunicornServer) -> None:
+    open_playground(page, server)
+    page.fill("#prompt", "the ")
+    page.fill("#constraint", "(cat|dog|hen) (sat|ran)\\.")
+    page.fill("#frequency-penalty", "0.5")
+    page.fill("#presence-penalty", "-0.5")
+    page.uncheck("#random-seed")
+    page.fill("#seed", "4")
+    page.click("#generate")
+    expect(page.locator("#status")).to_contain_text("completed the pattern")
+    body = {"prompt": "the ", "seed": 4, "max_new_chars": 500, "frequency_penalty": 0.5, "presence_penalty": -0.5}
+    body["grammar"] = {"type": "regex", "value": "(cat|dog|hen) (sat|ran)\\."}
+    (expected,) = requests.post(server.url + "/generate", json=body, timeout=60).json()["choices"]
+    assert page.locator("#generated").text_content() == expected["text"]
+    assert re.fullmatch("(cat|dog|hen) (sat|ran)\\.", expected["text"])
+
+    page.fill("#constraint", "(cat")
+    page.click("#generate")
+    expect(page.get_by_role("alert").filter(has_text="not a valid regular expression")).to_be_visible()
+    expect(page.locator("#constraint")).to_have_attribute("aria-invalid", "true")
+    screenshot(page, "7-invalid-pattern")
 
 
 def test_every_control_is_labelled_and_errors_are_announced(page: Page, server: GunicornServer) -> None:
