@@ -238,6 +238,7 @@ class Sample:
         "offset",
         "params",
         "state",
+        "steered",
         "temperature",
         "top_logprobs",
     )
@@ -269,6 +270,7 @@ class Sample:
             if params.presence_penalty or params.frequency_penalty:
                 self._counts = [0] * vocab_size
         self._offset_active = any(bias for _, bias in params.logit_bias)  # once penalties apply: True
+        self.steered = params.steered  # penalties, bias or a constraint: see steer() and advance()
         self.constraint = params.constraint
         self.state = 0  # the constraint's automaton state
         self.matched = False  # the constraint's automaton accepts and no character may follow
@@ -351,7 +353,8 @@ class Decoder:
         n = len(rows)
         if n == 1:
             return self._draw_one(logits[0], rows[0])
-        steered = [i for i, row in enumerate(rows) if row.steers]
+        any_steered = any(row.steered for row in rows)  # most batches have none: they skip the steering work
+        steered = [i for i, row in enumerate(rows) if row.steered and row.steers] if any_steered else []
         scores = logits
         if steered:
             scores = logits.float().clone()
@@ -387,9 +390,10 @@ class Decoder:
             picked = all_logprobs.gather(1, torch.tensor(ids).unsqueeze(1)).squeeze(1).tolist()
             for i in missing:
                 logprobs[i] = picked[i]
-        for i, row in enumerate(rows):
-            if row.params.steered:
-                row.advance(ids[i])
+        if any_steered:
+            for i, row in enumerate(rows):
+                if row.steered:
+                    row.advance(ids[i])
         tokens = [
             Token(self.chars[ids[i]], logprobs[i], self._top(logits[i], row.top_logprobs) if row.top_logprobs else None)  # type: ignore[arg-type]
             for i, row in enumerate(rows)
@@ -399,7 +403,7 @@ class Decoder:
     def _draw_one(self, logits: torch.Tensor, row: Sample) -> tuple[list[int], list[Token]]:
         """`draw` for a batch of one row, logits (vocab,): the same rule without gathering rows."""
         logprob = None
-        steered = row.steers
+        steered = row.steered and row.steers
         scores = row.steer(logits.float()) if steered else logits
         if row.noise is not None and self.fast is not None:
             (pick,), (logprob,) = self.fast.draw(scores.unsqueeze(0), (row,))
@@ -412,7 +416,7 @@ class Decoder:
             pick = choose(scores, row.params, row.generator)
         if logprob is None:
             logprob = logits.float().log_softmax(-1)[pick].item()
-        if row.params.steered:
+        if row.steered:
             row.advance(pick)
         top = self._top(logits, row.top_logprobs) if row.top_logprobs else None
         return [pick], [Token(self.chars[pick], logprob, top)]
