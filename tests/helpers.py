@@ -1,6 +1,7 @@
-"""What more than one test module needs: generated texts, the tiny training run, waiting for an event,
-and a Gunicorn process to talk to. Plain functions, imported by both conftests and by test modules
-(`from tests.helpers import ...`); the fixtures built on them live in the conftests."""
+"""What more than one test module needs: generated texts, the tiny training run, sampling settings to
+mix, waiting for an event, and a Gunicorn process to talk to. Plain functions and constants, imported by
+both conftests and by test modules (`from tests.helpers import ...`); the fixtures built on them live in
+the conftests."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 
 from model.config import PRESETS, ModelConfig, TrainConfig, split_settings
 from model.data import Corpus
+from model.decoding import SamplingParams
 from model.network import CharRNN
 from model.train import Trainer
 from model.vocab import Vocab
@@ -86,6 +88,19 @@ def tiny_model(cell: str = "lstm", hidden: int = 32, seed: int = 0) -> LoadedMod
         model.head.weight.normal_(std=3.0 / hidden**0.5)
         model.embed.weight.normal_(std=1.0)
     return LoadedModel(cell, model, vocab, {}, Path("memory"))
+
+
+# -- sampling settings --------------------------------------------------------------------------------
+
+# One of each kind of row the decoding rule treats apart: plain draws (the C kernel's case), greedy,
+# top-k, top-p. Tests mix them in one batch to show that a row's draw ignores its neighbours'.
+MIXED_PARAMS = [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7),
+    SamplingParams(temperature=0),
+    SamplingParams(temperature=1.2, top_k=5),
+    SamplingParams(temperature=0.9, top_p=0.8),
+]
 
 
 # -- waiting for an event -----------------------------------------------------------------------------
