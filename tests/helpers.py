@@ -159,6 +159,12 @@ class GunicornServer:
 GUNICORN_COMMAND = ["gunicorn", "-c", "python:service.gunicorn_conf", "service.app:create_app()"]  # as the Dockerfile
 
 
+def gunicorn_command() -> list[str]:
+    """GUNICORN_COMMAND with this virtual environment's gunicorn, where it has one."""
+    executable = Path(sys.executable).with_name("gunicorn")
+    return [str(executable) if executable.exists() else "gunicorn", *GUNICORN_COMMAND[1:]]
+
+
 def start_gunicorn(model_dir: Path, log_path: Path, command: list[str] | None = None, **env: str) -> GunicornServer:
     """Start Gunicorn (by default with the Dockerfile's command) and wait until /health answers 200."""
     port = int(env.pop("CHARRNN_PORT", 0)) or free_port()
@@ -171,11 +177,16 @@ def start_gunicorn(model_dir: Path, log_path: Path, command: list[str] | None = 
         "CHARRNN_GRACEFUL_TIMEOUT": "20",
         **env,
     }
-    if command is None:
-        executable = Path(sys.executable).with_name("gunicorn")
-        command = [str(executable) if executable.exists() else "gunicorn", *GUNICORN_COMMAND[1:]]
+    return launch_server(command or gunicorn_command(), port, log_path, environment)
+
+
+def launch_server(
+    command: list[str], port: int, log_path: Path, env: Mapping[str, str], cwd: Path = REPO
+) -> GunicornServer:
+    """Run `command`, a server that listens on 127.0.0.1:`port`, with its output in `log_path`, and wait
+    until /health answers 200; a server that exits or never answers is killed, and its log raised."""
     log_file = open(log_path, "wb")  # noqa: SIM115 -- handed to the child process, closed with it
-    process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=log_file, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     log_file.close()
     server = GunicornServer(process, f"http://127.0.0.1:{port}", log_path)
     try:
