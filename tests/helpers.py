@@ -1,7 +1,7 @@
 """What more than one test module needs: generated texts, the tiny training run, sampling settings to
-mix, waiting for an event, and a Gunicorn process to talk to. Plain functions and constants, imported by
-both conftests and by test modules (`from tests.helpers import ...`); the fixtures built on them live in
-the conftests."""
+mix, the API's error answers, waiting for an event, and a Gunicorn process to talk to. Plain functions
+and constants, imported by both conftests and by test modules (`from tests.helpers import ...`); the
+fixtures built on them live in the conftests."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import requests
 import torch
@@ -27,6 +27,7 @@ from model.network import CharRNN
 from model.train import Trainer
 from model.vocab import Vocab
 from service.loading import LoadedModel
+from service.schemas import ErrorResponse
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -101,6 +102,19 @@ MIXED_PARAMS = [
     SamplingParams(temperature=1.2, top_k=5),
     SamplingParams(temperature=0.9, top_p=0.8),
 ]
+
+
+# -- the API's error answers -------------------------------------------------------------------------
+
+
+def api_error(response: Any, status: int, code: str, field: str | None = None) -> dict[str, Any]:
+    """Check a Flask test response's status, its body's shape (ErrorResponse), code and field; return its
+    error object."""
+    assert response.status_code == status, response.json
+    ErrorResponse.model_validate(response.json)
+    assert response.json["error"]["code"] == code
+    assert response.json["error"].get("field") == field
+    return response.json["error"]
 
 
 # -- waiting for an event -----------------------------------------------------------------------------
