@@ -110,7 +110,7 @@ async def one_request(port: int, body: bytes, tally: Tally) -> None:
     sent = time.perf_counter()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     head = (
-        "POST /generate HTTP/1.0\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        f"POST /generate HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     writer.write(head.encode() + body)

@@ -49,7 +49,8 @@ async def post(port: int, body: dict) -> tuple[int, dict[str, str], bytes]:
     """POST /generate over HTTP/1.0; status, headers and the whole body (a stream read to its end)."""
     raw = json.dumps(body).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    head = f"POST /generate HTTP/1.0\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {len(raw)}\r\n"
+    head = f"POST /generate HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+    head += f"Content-Length: {len(raw)}\r\n"
     writer.write(head.encode() + b"\r\n" + raw)
     try:
         answer = await reader.read()

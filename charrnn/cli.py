@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train(commands: Any) -> None:
-    from model.config import CELLS, PRECISIONS, RESUME_MAY_CHANGE
+    from model.config import CELLS, MAX_LAYERS, PRECISIONS, RESUME_MAY_CHANGE
     from model.recipe import AUTO, PRESET_NAMES
 
     p = commands.add_parser("train", help="train a model on a corpus", description="Train a model on a corpus.")
@@ -86,7 +86,7 @@ def _add_train(commands: Any) -> None:
     )
     net = p.add_argument_group("network")
     net.add_argument("--cell", choices=CELLS, help="recurrent cell")
-    net.add_argument("--layers", type=number(int, 1, 16), help="stacked recurrent layers (1-16)")
+    net.add_argument("--layers", type=number(int, 1, MAX_LAYERS), help=f"stacked recurrent layers (1-{MAX_LAYERS})")
     net.add_argument("--hidden", type=number(int, 1, 16384), help="hidden units per layer (1-16384)")
     net.add_argument("--embed", type=number(int, 1, 16384), help="character embedding size (1-16384)")
     net.add_argument("--dropout", type=number(float, 0.0, 0.95), help="dropout between layers and before the head")
@@ -295,6 +295,9 @@ def _add_export(commands: Any) -> None:
 
 
 def _add_serve(commands: Any) -> None:
+    from service.config import bounds  # the flags allow what the settings they set allow
+
+    port, workers = bounds("port"), bounds("workers")
     p = commands.add_parser(
         "serve",
         help="run the HTTP service under Gunicorn",
@@ -302,8 +305,10 @@ def _add_serve(commands: Any) -> None:
     )
     p.add_argument("--model-dir", type=Path, help="directory of checkpoints (default: the shipped default model)")
     p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 in Docker)")
-    p.add_argument("--port", type=number(int, 1, 65535), help="port to bind (default 8000)")
-    p.add_argument("--workers", type=number(int, 1, 64), help="Gunicorn worker processes (default 1)")
+    p.add_argument("--port", type=number(int, port.low, port.high), help="port to bind (default 8000)")
+    p.add_argument(
+        "--workers", type=number(int, workers.low, workers.high), help="Gunicorn worker processes (default 1)"
+    )
     p.set_defaults(handler=_run_serve)
 
 

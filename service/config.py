@@ -22,7 +22,7 @@ from typing import Any
 
 from model.config import MAX_LAYERS, ConfigError
 
-__all__ = ["ConfigError", "ServiceConfig", "load_config", "setting"]
+__all__ = ["Bounds", "ConfigError", "ServiceConfig", "bounds", "load_config", "setting"]
 
 ENV_PREFIX = "CHARRNN_"
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
@@ -35,6 +35,8 @@ MAX_STOP_STRINGS = 4  # stop strings per request
 MAX_STOP_CHARS = 256  # characters per stop string
 TOP_LOGPROBS = 5  # alternatives per character a request may ask for
 DEFAULT_MAX_BATCH = 64  # generations stepped together (and, by default, Gunicorn threads per worker)
+DEFAULT_MAX_QUEUE = 256  # generations waiting for a batch slot
+DEFAULT_PROMPT_CACHE_BYTES = 64 << 20  # recurrent states of recently seen prompts
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 _TRUE = ("1", "true", "yes", "on")
@@ -101,10 +103,10 @@ class ServiceConfig:
     # of the default model (512 cells); its JSON is about 6 bytes a value
     max_inspect_values: int = _setting(1 << 20, 1)
     max_batch: int = _setting(DEFAULT_MAX_BATCH, 1)  # generations stepped together by the engine
-    max_queue: int = _setting(256, 1)  # generations waiting for a batch slot; beyond this, 429
+    max_queue: int = _setting(DEFAULT_MAX_QUEUE, 1)  # generations waiting for a batch slot; beyond this, 429
     batching: bool = True  # step concurrent generations as one batch
     # memory for the recurrent states of recently seen prompts (0: off)
-    prompt_cache_bytes: int = _setting(64 << 20, 0)
+    prompt_cache_bytes: int = _setting(DEFAULT_PROMPT_CACHE_BYTES, 0)
     # seconds a generation may run; then it ends with finish_reason "deadline"
     request_timeout: float = _setting(300.0, 0, strict=True)
     health_timeout: float = _setting(10.0, 0, strict=True)  # seconds /health waits for its one-character generation
@@ -219,17 +221,18 @@ def _base(kind: Any) -> Any:
     return typing.get_origin(kind) or kind
 
 
-def _bounds(name: str) -> Bounds:
+def bounds(name: str) -> Bounds:
+    """The values the setting `name` allows (`charrnn serve`'s flags check theirs with these)."""
     return ServiceConfig.__dataclass_fields__[name].metadata.get("bounds", Bounds())
 
 
 def _what(name: str, kind: Any) -> str:
     """What a setting must be, as a sentence says it: 'an integer >= 1'."""
-    bounds = _bounds(name)
-    if bounds.choices:
-        return f"one of {', '.join(bounds.choices)}"
+    allowed = bounds(name)
+    if allowed.choices:
+        return f"one of {', '.join(allowed.choices)}"
     what = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, "text")
-    return what + bounds.text()
+    return what + allowed.text()
 
 
 def _parse(name: str, kind: Any, text: str) -> Any:
@@ -247,7 +250,7 @@ def _parse(name: str, kind: Any, text: str) -> Any:
             return float(text)
         if kind is Path:
             return Path(text)
-        return text.lower() if _bounds(name).choices else text
+        return text.lower() if bounds(name).choices else text
     except ValueError:
         raise ConfigError(variable(name), f"must be {_what(name, kind)}, got {text!r}") from None
 
@@ -262,5 +265,5 @@ def _check(name: str, kind: Any, value: Any) -> None:
         ok = isinstance(value, int) and not isinstance(value, bool)
     else:
         ok = isinstance(value, kind)
-    if not ok or not _bounds(name).allows(value):
+    if not ok or not bounds(name).allows(value):
         raise ConfigError(variable(name), f"must be {_what(name, kind)}, got {value!r}")

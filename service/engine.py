@@ -34,7 +34,7 @@ from model.network import CharRNN, state_tensors
 from model.sampling import PREFILL_CHUNK, prefill_chunks, start_ids
 from service import native_lstm
 from service.batch import RecurrentBatch, make_batch
-from service.config import DEFAULT_MAX_BATCH
+from service.config import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PROMPT_CACHE_BYTES
 from service.loading import LoadedModel
 from service.prompt_cache import PromptCache
 
@@ -171,9 +171,9 @@ class Engine:
         models: dict[str, LoadedModel],
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
-        max_queue: int = 256,
+        max_queue: int = DEFAULT_MAX_QUEUE,
         batching: bool = True,
-        prompt_cache_bytes: int = 64 << 20,
+        prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
         native: bool = True,
         kernel_dir: Path | None = None,
     ):

@@ -46,12 +46,13 @@ from pathlib import Path
 
 import torch
 
+# Every network's layer limit is the kernel's: the C side gets it as -DCHARRNN_MAX_LAYERS and reports it back.
+from model.config import MAX_LAYERS
 from model.decoding import Sample
 from service import config
 
 log = logging.getLogger(__name__)
 
-MAX_LAYERS = 16  # the one definition: the C side gets it as -DCHARRNN_MAX_LAYERS and reports it back
 SOURCE_DIR = Path(__file__).resolve().parent / "kernels"
 SOURCE_FILES = ("lstm_step.h", "lstm_step.c")  # every file the build reads; lstm_step.c is compiled
 COMPILE_TIMEOUT_S = 120

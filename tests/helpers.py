@@ -1,6 +1,7 @@
-"""What more than one test module needs: generated texts, the tiny training run, waiting for an event,
-and a Gunicorn process to talk to. Plain functions, imported by both conftests and by test modules
-(`from tests.helpers import ...`); the fixtures built on them live in the conftests."""
+"""What more than one test module needs: generated texts, the tiny training run, sampling settings to
+mix, the API's error answers, waiting for an event, and a Gunicorn process to talk to. Plain functions
+and constants, imported by both conftests and by test modules (`from tests.helpers import ...`); the
+fixtures built on them live in the conftests."""
 
 from __future__ import annotations
 
@@ -14,17 +15,19 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import requests
 import torch
 
 from model.config import PRESETS, ModelConfig, TrainConfig, split_settings
 from model.data import Corpus
+from model.decoding import SamplingParams
 from model.network import CharRNN
 from model.train import Trainer
 from model.vocab import Vocab
 from service.loading import LoadedModel
+from service.schemas import ErrorResponse
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -88,6 +91,32 @@ def tiny_model(cell: str = "lstm", hidden: int = 32, seed: int = 0) -> LoadedMod
     return LoadedModel(cell, model, vocab, {}, Path("memory"))
 
 
+# -- sampling settings --------------------------------------------------------------------------------
+
+# One of each kind of row the decoding rule treats apart: plain draws (the C kernel's case), greedy,
+# top-k, top-p. Tests mix them in one batch to show that a row's draw ignores its neighbours'.
+MIXED_PARAMS = [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7),
+    SamplingParams(temperature=0),
+    SamplingParams(temperature=1.2, top_k=5),
+    SamplingParams(temperature=0.9, top_p=0.8),
+]
+
+
+# -- the API's error answers -------------------------------------------------------------------------
+
+
+def api_error(response: Any, status: int, code: str, field: str | None = None) -> dict[str, Any]:
+    """Check a Flask test response's status, its body's shape (ErrorResponse), code and field; return its
+    error object."""
+    assert response.status_code == status, response.json
+    ErrorResponse.model_validate(response.json)
+    assert response.json["error"]["code"] == code
+    assert response.json["error"].get("field") == field
+    return response.json["error"]
+
+
 # -- waiting for an event -----------------------------------------------------------------------------
 
 
@@ -144,6 +173,12 @@ class GunicornServer:
 GUNICORN_COMMAND = ["gunicorn", "-c", "python:service.gunicorn_conf", "service.app:create_app()"]  # as the Dockerfile
 
 
+def gunicorn_command() -> list[str]:
+    """GUNICORN_COMMAND with this virtual environment's gunicorn, where it has one."""
+    executable = Path(sys.executable).with_name("gunicorn")
+    return [str(executable) if executable.exists() else "gunicorn", *GUNICORN_COMMAND[1:]]
+
+
 def start_gunicorn(model_dir: Path, log_path: Path, command: list[str] | None = None, **env: str) -> GunicornServer:
     """Start Gunicorn (by default with the Dockerfile's command) and wait until /health answers 200."""
     port = int(env.pop("CHARRNN_PORT", 0)) or free_port()
@@ -156,11 +191,16 @@ def start_gunicorn(model_dir: Path, log_path: Path, command: list[str] | None = 
         "CHARRNN_GRACEFUL_TIMEOUT": "20",
         **env,
     }
-    if command is None:
-        executable = Path(sys.executable).with_name("gunicorn")
-        command = [str(executable) if executable.exists() else "gunicorn", *GUNICORN_COMMAND[1:]]
+    return launch_server(command or gunicorn_command(), port, log_path, environment)
+
+
+def launch_server(
+    command: list[str], port: int, log_path: Path, env: Mapping[str, str], cwd: Path = REPO
+) -> GunicornServer:
+    """Run `command`, a server that listens on 127.0.0.1:`port`, with its output in `log_path`, and wait
+    until /health answers 200; a server that exits or never answers is killed, and its log raised."""
     log_file = open(log_path, "wb")  # noqa: SIM115 -- handed to the child process, closed with it
-    process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=log_file, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     log_file.close()
     server = GunicornServer(process, f"http://127.0.0.1:{port}", log_path)
     try:

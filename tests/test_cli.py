@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from charrnn.cli import main
+from charrnn.cli import build_parser, main
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -80,6 +80,7 @@ def test_bad_corpora_fail_with_a_message(tmp_path: Path, capsys, content: bytes 
     ("argv", "message"),
     [
         (["--hidden", "0"], "argument --hidden: must be between 1 and 16384, got 0"),
+        (["--layers", "17"], "argument --layers: must be between 1 and 16, got 17"),  # model.config.MAX_LAYERS
         (["--lr", "abc"], "argument --lr: expected a number, got 'abc'"),
         (["--dropout", "2"], "argument --dropout: must be between 0.0 and 0.95"),
         (["--cell", "transformer"], "argument --cell: invalid choice"),
@@ -94,6 +95,13 @@ def test_bad_flags_name_the_flag_and_the_allowed_range(text_file: Path, tmp_path
     )
     assert code in (1, 2)
     assert message in err
+
+
+def test_serve_flags_allow_what_the_settings_they_set_allow(capsys) -> None:
+    args = build_parser().parse_args(["serve", "--port", "0", "--workers", "100"])  # CHARRNN_WORKERS has no maximum
+    assert (args.port, args.workers) == (0, 100)
+    code, _, err = run(capsys, "serve", "--port", "65536")
+    assert code == 2 and "argument --port: must be between 0 and 65535, got 65536" in err
 
 
 def test_sample_refuses_a_bad_checkpoint_and_unknown_prompt_characters(

@@ -11,15 +11,9 @@ from model import decoding
 from model.decoding import Decoder, Noise, SamplingError, SamplingParams, Token, check_request, choose
 from model.vocab import Vocab
 from service.native_lstm import NativeDraw
+from tests.helpers import MIXED_PARAMS
 
 VOCAB = Vocab([chr(c) for c in range(97, 97 + 31)])
-PARAMS = [
-    SamplingParams(temperature=1.0),
-    SamplingParams(temperature=0.7),
-    SamplingParams(temperature=0),
-    SamplingParams(temperature=1.2, top_k=5),
-    SamplingParams(temperature=0.9, top_p=0.8),
-]
 
 
 def logits_for(rows: int, seed: int = 0) -> torch.Tensor:
@@ -52,21 +46,22 @@ def decoder(request: pytest.FixtureRequest) -> Decoder:
 @pytest.mark.parametrize("rows", [1, 3, 40])
 def test_a_batch_draws_what_each_row_draws_alone(decoder: Decoder, rows: int) -> None:
     logits = logits_for(rows)
-    params = [PARAMS[i % len(PARAMS)] for i in range(rows)]
+    params = [MIXED_PARAMS[i % len(MIXED_PARAMS)] for i in range(rows)]
     seeds = list(range(rows))
     assert decoded_ids(decoder, logits, params, seeds) == reference_ids(logits, params, seeds)
 
 
 def test_a_rows_draws_do_not_depend_on_what_shares_the_batch(decoder: Decoder) -> None:
     logits = logits_for(6)
-    alone = decoded_ids(decoder, logits[2:3], [PARAMS[0]], [7])[0]
-    shared = decoded_ids(decoder, logits[[0, 2, 4]], [PARAMS[3], PARAMS[0], PARAMS[2]], [1, 7, 9])[1]
+    plain, greedy, top_k = MIXED_PARAMS[0], MIXED_PARAMS[2], MIXED_PARAMS[3]
+    alone = decoded_ids(decoder, logits[2:3], [plain], [7])[0]
+    shared = decoded_ids(decoder, logits[[0, 2, 4]], [top_k, plain, greedy], [1, 7, 9])[1]
     assert alone == shared
 
 
 def test_logprobs_and_alternatives_are_under_the_model_before_temperature(decoder: Decoder) -> None:
     logits = logits_for(4)
-    rows = [decoder.sample(p, 3, 5, top_logprobs=4) for p in PARAMS[:4]]
+    rows = [decoder.sample(p, 3, 5, top_logprobs=4) for p in MIXED_PARAMS[:4]]
     ids, tokens = decoder.draw(logits, rows)
     expected = logits.log_softmax(-1)
     for i, token in enumerate(tokens):

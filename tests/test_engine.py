@@ -11,7 +11,7 @@ import pytest
 from model.sampling import SamplingError, SamplingParams, Token, generate
 from service.engine import Engine, EngineClosedError, JobSpec, QueueFullError
 from service.loading import LoadedModel
-from tests.helpers import tiny_model
+from tests.helpers import MIXED_PARAMS, tiny_model
 
 LONG = 1_000_000  # max_new_chars for a job that is stopped some other way
 
@@ -57,20 +57,12 @@ def assert_same(got: list[Token], want: list[Token]) -> None:
     assert [t.top and [c for c, _ in t.top] for t in got] == [t.top and [c for c, _ in t.top] for t in want]
 
 
-PARAMS = [
-    SamplingParams(temperature=1.0),
-    SamplingParams(temperature=0.7),
-    SamplingParams(temperature=0),
-    SamplingParams(temperature=1.2, top_k=5),
-    SamplingParams(temperature=0.9, top_p=0.8),
-]
-
-
 def mixed_specs(loaded: LoadedModel, count: int) -> list[JobSpec]:
     """Jobs of different prompts, lengths, seeds and sampling settings."""
     prompts = ["", "a", "the quick brown fox", "hello, world. ", "zz"]
+    params = [MIXED_PARAMS[i % len(MIXED_PARAMS)] for i in range(count)]
     return [
-        spec(loaded, prompts[i % 5], n=5 + 17 * i % 80, seed=100 + i, params=PARAMS[i % 5], top_logprobs=i % 3)
+        spec(loaded, prompts[i % 5], n=5 + 17 * i % 80, seed=100 + i, params=params[i], top_logprobs=i % 3)
         for i in range(count)
     ]
 

@@ -14,8 +14,8 @@ from flask.testing import FlaskClient
 from model.checkpoint import load_checkpoint
 from model.sampling import SamplingParams, generate
 from service.engine import QueueFullError
-from service.schemas import ErrorResponse, GenerateResponse, StreamChunk, StreamDone
-from tests.helpers import wait_until
+from service.schemas import GenerateResponse, StreamChunk, StreamDone
+from tests.helpers import api_error, wait_until
 
 SEEDED = {"prompt": "the cat", "max_new_chars": 40, "seed": 7}
 
@@ -31,15 +31,6 @@ def ok(client: FlaskClient, body: dict[str, Any]) -> dict[str, Any]:
     assert response.status_code == 200, response.json
     GenerateResponse.model_validate(response.json)
     return response.json
-
-
-def error(response: Any, status: int, code: str, field: str | None = None) -> dict[str, Any]:
-    """Check an error response's status, shape, code and field; return its error object."""
-    assert response.status_code == status, response.json
-    ErrorResponse.model_validate(response.json)
-    assert response.json["error"]["code"] == code
-    assert response.json["error"].get("field") == field
-    return response.json["error"]
 
 
 def parse_sse(data: bytes) -> list[tuple[str, Any]]:
@@ -157,12 +148,12 @@ def test_a_model_can_be_named(client: FlaskClient) -> None:
 
 
 def test_an_unknown_model_is_422(client: FlaskClient) -> None:
-    message = error(post(client, SEEDED | {"model": "nope"}), 422, "unknown_model", "model")["message"]
+    message = api_error(post(client, SEEDED | {"model": "nope"}), 422, "unknown_model", "model")["message"]
     assert "tiny" in message
 
 
 def test_unknown_prompt_characters_are_422_and_named(client: FlaskClient) -> None:
-    found = error(post(client, {"prompt": "the CAT €"}), 422, "unknown_characters", "prompt")
+    found = api_error(post(client, {"prompt": "the CAT €"}), 422, "unknown_characters", "prompt")
     for char in "CAT€":
         assert repr(char) in found["message"]
 
@@ -254,18 +245,18 @@ BAD_FIELDS = [
 
 @pytest.mark.parametrize(("body", "field"), BAD_FIELDS, ids=[json.dumps(b)[:40] for b, _ in BAD_FIELDS])
 def test_a_field_of_the_wrong_type_or_range_is_422_naming_it(client: FlaskClient, body: dict, field: str) -> None:
-    found = error(post(client, {"prompt": "the"} | body), 422, "invalid_value", field)
+    found = api_error(post(client, {"prompt": "the"} | body), 422, "invalid_value", field)
     assert field in found["message"]
 
 
 def test_an_unknown_field_is_422(client: FlaskClient) -> None:
-    found = error(post(client, {"prompt": "the", "max_tokens": 5}), 422, "unknown_field", "max_tokens")
+    found = api_error(post(client, {"prompt": "the", "max_tokens": 5}), 422, "unknown_field", "max_tokens")
     assert "max_tokens" in found["message"]
 
 
 @pytest.mark.parametrize("body", [[], "text", 3, None])
 def test_a_body_that_is_not_an_object_is_422(client: FlaskClient, body: Any) -> None:
-    error(client.post("/generate", data=json.dumps(body), content_type="application/json"), 422, "invalid_body")
+    api_error(client.post("/generate", data=json.dumps(body), content_type="application/json"), 422, "invalid_body")
 
 
 BAD_JSON = {
@@ -284,33 +275,33 @@ BAD_JSON = {
 @pytest.mark.parametrize("raw", BAD_JSON.values(), ids=BAD_JSON.keys())
 def test_invalid_json_is_400(make_app: Callable[..., Flask], raw: bytes) -> None:
     client = make_app(MAX_BODY_BYTES=100_000).test_client()
-    error(client.post("/generate", data=raw, content_type="application/json"), 400, "invalid_json")
+    api_error(client.post("/generate", data=raw, content_type="application/json"), 400, "invalid_json")
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
 def test_a_body_not_sent_as_json_is_415(client: FlaskClient, content_type: str | None) -> None:
     response = client.post("/generate", data=b'{"prompt": "the"}', content_type=content_type)
-    error(response, 415, "unsupported_media_type")
+    api_error(response, 415, "unsupported_media_type")
 
 
 def test_a_body_over_the_limit_is_413(make_app: Callable[..., Flask]) -> None:
     client = make_app(MAX_BODY_BYTES=1024).test_client()
-    error(post(client, {"prompt": "the " * 300}), 413, "payload_too_large")
+    api_error(post(client, {"prompt": "the " * 300}), 413, "payload_too_large")
     assert post(client, {"prompt": "the", "max_new_chars": 5}).status_code == 200
 
 
 def test_configured_limits_are_enforced(make_app: Callable[..., Flask]) -> None:
     client = make_app(MAX_PROMPT_CHARS=10, MAX_NEW_CHARS=20, MAX_N=2).test_client()
-    assert "at most 10" in error(post(client, {"prompt": "the cat sat"}), 422, "invalid_value", "prompt")["message"]
-    error(post(client, {"prompt": "the", "max_new_chars": 21}), 422, "invalid_value", "max_new_chars")
-    error(post(client, {"prompt": "the", "n": 3}), 422, "invalid_value", "n")
+    assert "at most 10" in api_error(post(client, {"prompt": "the cat sat"}), 422, "invalid_value", "prompt")["message"]
+    api_error(post(client, {"prompt": "the", "max_new_chars": 21}), 422, "invalid_value", "max_new_chars")
+    api_error(post(client, {"prompt": "the", "n": 3}), 422, "invalid_value", "n")
     assert post(client, {"prompt": "the", "max_new_chars": 20, "n": 2}).status_code == 200
 
 
 def test_unknown_paths_and_methods_answer_json(client: FlaskClient) -> None:
-    error(client.get("/nowhere"), 404, "not_found")
+    api_error(client.get("/nowhere"), 404, "not_found")
     response = client.get("/generate")
-    error(response, 405, "method_not_allowed")
+    api_error(response, 405, "method_not_allowed")
     assert "POST" in response.headers["Allow"]
 
 
@@ -324,15 +315,15 @@ def keyed(make_app: Callable[..., Flask]) -> FlaskClient:
 
 def test_with_keys_configured_a_request_without_one_is_401(keyed: FlaskClient) -> None:
     response = post(keyed, SEEDED)
-    error(response, 401, "unauthorized")
+    api_error(response, 401, "unauthorized")
     assert response.headers["WWW-Authenticate"] == "Bearer"
-    error(keyed.get("/models"), 401, "unauthorized")
-    error(keyed.get("/metrics"), 401, "unauthorized")
+    api_error(keyed.get("/models"), 401, "unauthorized")
+    api_error(keyed.get("/metrics"), 401, "unauthorized")
 
 
 def test_a_wrong_key_is_401(keyed: FlaskClient) -> None:
-    error(post(keyed, SEEDED, headers={"Authorization": "Bearer key-three"}), 401, "unauthorized")
-    error(post(keyed, SEEDED, headers={"Authorization": "Basic key-one"}), 401, "unauthorized")
+    api_error(post(keyed, SEEDED, headers={"Authorization": "Bearer key-three"}), 401, "unauthorized")
+    api_error(post(keyed, SEEDED, headers={"Authorization": "Basic key-one"}), 401, "unauthorized")
 
 
 @pytest.mark.parametrize(
@@ -367,7 +358,7 @@ def test_a_full_queue_is_429_with_retry_after_and_cancels_what_was_queued(app: F
 
     monkeypatch.setattr(engine, "submit", submit_one_then_refuse)
     response = post(app.test_client(), SEEDED | {"n": 3, "max_new_chars": 2000})
-    error(response, 429, "queue_full")
+    api_error(response, 429, "queue_full")
     assert response.headers["Retry-After"] == "3"
     tokens, reason = submitted[0].result()
     assert reason == "cancelled" or len(tokens) < 2000
@@ -376,7 +367,7 @@ def test_a_full_queue_is_429_with_retry_after_and_cancels_what_was_queued(app: F
 def test_after_the_engine_closes_generation_is_503_and_health_fails(app: Flask) -> None:
     app.extensions["charrnn"].engine.close()
     client = app.test_client()
-    error(post(client, SEEDED), 503, "shutting_down")
+    api_error(post(client, SEEDED), 503, "shutting_down")
     response = client.get("/health")
     assert response.status_code == 503
     assert response.json["status"] == "unavailable"
@@ -388,7 +379,7 @@ def test_an_unexpected_failure_is_500_without_details(app: Flask, monkeypatch) -
 
     monkeypatch.setattr(app.extensions["charrnn"].engine, "submit", explode)
     response = post(app.test_client(), SEEDED)
-    found = error(response, 500, "internal_error")
+    found = api_error(response, 500, "internal_error")
     assert "secret" not in response.get_data(as_text=True)
     assert "Traceback" not in found["message"]
 
@@ -508,14 +499,14 @@ def test_the_root_is_the_playground_and_links_to_the_docs_page(client: FlaskClie
 
 def test_the_docs_page_can_be_turned_off(make_app: Callable[..., Flask]) -> None:
     client = make_app(DOCS="false").test_client()
-    error(client.get("/docs"), 404, "not_found")
+    api_error(client.get("/docs"), 404, "not_found")
     paths = client.get("/openapi.json").get_json()["paths"]
     assert "/docs" not in paths and "/" in paths
 
 
 def test_the_playground_can_be_turned_off(make_app: Callable[..., Flask]) -> None:
     client = make_app(PLAYGROUND="false").test_client()
-    error(client.get("/"), 404, "not_found")
+    api_error(client.get("/"), 404, "not_found")
     assert client.get("/docs").status_code == 200
     assert "/" not in client.get("/openapi.json").get_json()["paths"]
     assert client.get("/health/live").status_code == 200
@@ -524,7 +515,7 @@ def test_the_playground_can_be_turned_off(make_app: Callable[..., Flask]) -> Non
 def test_a_request_larger_than_the_queue_is_429(make_app: Callable[..., Flask]) -> None:
     app = make_app(MAX_QUEUE=1, MAX_BATCH=1)
     response = post(app.test_client(), SEEDED | {"n": 16, "max_new_chars": 2000})
-    error(response, 429, "queue_full")
+    api_error(response, 429, "queue_full")
     assert int(response.headers["Retry-After"]) >= 1
     engine = app.extensions["charrnn"].engine
     # what was queued was cancelled: the engine empties (within a few steps)

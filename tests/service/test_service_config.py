@@ -16,7 +16,7 @@ from service import batch, config, schemas
 from service.batch import FastLSTMBatch
 from service.config import ConfigError, ServiceConfig, load_config
 from service.openapi import openapi_document
-from tests.helpers import GUNICORN_COMMAND, REPO
+from tests.helpers import GUNICORN_COMMAND, REPO, gunicorn_command
 
 GUNICORN_CONF = GUNICORN_COMMAND[2].removeprefix("python:")  # service.gunicorn_conf
 
@@ -88,10 +88,8 @@ def test_gunicorn_takes_its_settings_from_the_settings_object(monkeypatch: pytes
 
 
 def test_gunicorn_with_a_bad_value_exits_with_a_message_not_a_traceback(model_dir: Path) -> None:
-    executable = Path(sys.executable).with_name("gunicorn")
-    command = [str(executable) if executable.exists() else "gunicorn", *GUNICORN_COMMAND[1:]]
-    env = {"PATH": str(executable.parent), "CHARRNN_MODEL_DIR": str(model_dir), "CHARRNN_WORKERS": "x"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    env = {"PATH": str(Path(sys.executable).parent), "CHARRNN_MODEL_DIR": str(model_dir), "CHARRNN_WORKERS": "x"}
+    result = subprocess.run(gunicorn_command(), cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "charrnn: CHARRNN_WORKERS must be an integer >= 1, got 'x'" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout

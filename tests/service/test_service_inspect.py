@@ -19,8 +19,9 @@ from model.config import ModelConfig
 from model.network import CharRNN
 from model.vocab import Vocab
 from service.routes.inspect import INSPECT_SLOTS
-from service.schemas import ErrorResponse, InspectResponse
+from service.schemas import InspectResponse
 from service.text_features import FEATURES
+from tests.helpers import api_error
 from tests.helpers import make_word_text as make_text
 
 TEXT = make_text(300, seed=5)  # lines of the tiny model's words: line starts and positions vary
@@ -36,14 +37,6 @@ def ok(client: FlaskClient, body: dict[str, Any]) -> dict[str, Any]:
     assert response.status_code == 200, response.json
     InspectResponse.model_validate(response.json)
     return response.json
-
-
-def error(response: Any, status: int, code: str, field: str | None = None) -> dict[str, Any]:
-    assert response.status_code == status, response.json
-    ErrorResponse.model_validate(response.json)
-    assert response.json["error"]["code"] == code
-    assert response.json["error"].get("field") == field
-    return response.json["error"]
 
 
 def test_the_answer_has_a_row_of_every_cell_per_character(client: FlaskClient) -> None:
@@ -129,20 +122,20 @@ def test_the_cell_planted_to_follow_brackets_is_found_first(
 
 
 def test_unknown_characters_are_an_error_naming_them_or_are_dropped(client: FlaskClient) -> None:
-    found = error(inspect(client, {"text": "the cat€"}), 422, "unknown_characters", "text")
+    found = api_error(inspect(client, {"text": "the cat€"}), 422, "unknown_characters", "text")
     assert "€" in found["message"]
     answer = ok(client, {"text": "the €cat", "unknown_chars": "drop"})
     assert "".join(answer["chars"]) == "the cat" and len(answer["activations"]) == 7
 
 
 def test_a_text_with_no_known_character_left_is_422(client: FlaskClient) -> None:
-    error(inspect(client, {"text": "€€", "unknown_chars": "drop"}), 422, "invalid_value", "text")
+    api_error(inspect(client, {"text": "€€", "unknown_chars": "drop"}), 422, "invalid_value", "text")
 
 
 def test_the_text_limit_is_configurable_and_reported_in_openapi(make_app: Callable[..., Flask]) -> None:
     client = make_app(MAX_INSPECT_CHARS=10).test_client()
     assert ok(client, {"text": "the cat sa"})["chars"]
-    found = error(inspect(client, {"text": "the cat sat"}), 422, "invalid_value", "text")
+    found = api_error(inspect(client, {"text": "the cat sat"}), 422, "invalid_value", "text")
     assert "at most 10 characters" in found["message"]
     schema = client.get("/openapi.json").json["components"]["schemas"]["InspectRequest"]
     assert schema["properties"]["text"]["maxLength"] == 10
@@ -164,13 +157,13 @@ def test_the_text_limit_is_configurable_and_reported_in_openapi(make_app: Callab
     ],
 )
 def test_a_bad_body_is_422_naming_the_field(client: FlaskClient, body: Any, code: str, field: str | None) -> None:
-    error(inspect(client, body), 422, code, field)
+    api_error(inspect(client, body), 422, code, field)
 
 
 def test_the_body_must_be_json(client: FlaskClient) -> None:
-    error(client.post("/inspect", data="text=the"), 415, "unsupported_media_type")
+    api_error(client.post("/inspect", data="text=the"), 415, "unsupported_media_type")
     duplicate = b'{"text": "a", "text": "b"}'
-    error(client.post("/inspect", data=duplicate, content_type="application/json"), 400, "invalid_json")
+    api_error(client.post("/inspect", data=duplicate, content_type="application/json"), 400, "invalid_json")
 
 
 def test_a_layer_can_be_chosen(make_app: Callable[..., Flask], planted_model_dir: Path) -> None:
@@ -181,7 +174,7 @@ def test_a_layer_can_be_chosen(make_app: Callable[..., Flask], planted_model_dir
 
 def test_an_api_key_is_needed_when_keys_are_configured(make_app: Callable[..., Flask]) -> None:
     client = make_app(API_KEYS="key-one").test_client()
-    error(inspect(client, {"text": "the"}), 401, "unauthorized")
+    api_error(inspect(client, {"text": "the"}), 401, "unauthorized")
     assert inspect(client, {"text": "the"}, headers={"Authorization": "Bearer key-one"}).status_code == 200
 
 
@@ -191,7 +184,7 @@ def test_when_every_inspection_slot_is_taken_the_answer_is_429_with_retry_after(
         slots.acquire()
     try:
         response = inspect(app.test_client(), {"text": "the"})
-        error(response, 429, "busy")
+        api_error(response, 429, "busy")
         assert response.headers["Retry-After"] == "1"
     finally:
         for _ in range(INSPECT_SLOTS):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import requests
 
 from service.config import load_config
 from service.server import PACKAGE_ROOT, absolute_paths
-from tests.helpers import GunicornServer, free_port, wait_until_healthy
+from tests.helpers import GunicornServer, free_port, launch_server
 
 SHADOWING = ("model.py", "service/__init__.py", "corpora/__init__.py", "charrnn.py")
 CONSOLE_SCRIPT = [str(Path(sys.executable).with_name("charrnn"))]
@@ -40,15 +39,7 @@ def start_serve(launcher: list[str], cwd: Path, log_path: Path) -> GunicornServe
     flags = ["serve", "--model-dir", "checkpoints", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     env = {name: value for name, value in os.environ.items() if not name.startswith("CHARRNN_")}
     env |= {"CHARRNN_TORCH_THREADS": "1", "CHARRNN_GRACEFUL_TIMEOUT": "10"}
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen([*launcher, *flags], cwd=cwd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    server = GunicornServer(process, f"http://127.0.0.1:{port}", log_path)
-    try:
-        wait_until_healthy(server, timeout=120)
-    except BaseException:  # never leave a server running behind a failed start
-        server.stop(signal.SIGKILL)
-        raise
-    return server
+    return launch_server([*launcher, *flags], port, log_path, env, cwd=cwd)
 
 
 @pytest.mark.slow
