@@ -19,16 +19,10 @@ from model.vocab import Vocab
 from service.engine import Engine, JobSpec
 from service.loading import LoadedModel
 from service.native_lstm import NativeDraw
-from tests.helpers import tiny_model
+from tests.helpers import MIXED_PARAMS, tiny_model
 
 VOCAB = Vocab([chr(c) for c in range(97, 97 + 31)])
-MODES = [  # every way the core draws: plain race, greedy, top-k, top-p
-    SamplingParams(temperature=1.0),
-    SamplingParams(temperature=0.6),
-    SamplingParams(temperature=0),
-    SamplingParams(temperature=1.2, top_k=5),
-    SamplingParams(temperature=0.9, top_p=0.8),
-]
+MODES = MIXED_PARAMS  # every way the core draws: plain race, greedy, top-k, top-p
 
 
 def with_(params: SamplingParams, **steering: object) -> SamplingParams:
