@@ -98,14 +98,14 @@ def sweep(quick: bool) -> list[tuple[int, float]]:
 
 
 def train_once(corpus_path: Path, out: Path, preset: str, budget: float, extra: dict) -> tuple[float, int, str]:
-    """(best checkpoint's loss on the whole validation split, its step, how the run stopped)."""
+    """(best checkpoint's loss on the whole validation split, its step, how and at which step the run stopped)."""
     corpus = load_corpus(corpus_path, cache_dir=out.parent / "cache")
     overrides = {"time_budget": budget, "sample_chars": 0, **extra}
     model_cfg, train_cfg = resolve_recipe(preset, corpus, overrides)
     result = Trainer(model_cfg, train_cfg, corpus, out, progress=False, preset=preset).run()
     best = load_checkpoint(out / BEST)
     loss = windowed_loss(best.build_model(), corpus.split(train_cfg.val_fraction)[1])
-    return loss, best.meta["step"], result.stopped_by
+    return loss, best.meta["step"], f"{result.stopped_by} at step {result.step}"
 
 
 def bench_text(name: str, budget: float, quick: bool, tmp: Path) -> list[tuple[str, float, int, str]]:
@@ -140,7 +140,7 @@ def bench_corpus(name_or_path: str, budget: float, tmp: Path) -> None:
     print(
         f"\nbest validation loss on {name}, {budget:g} s of training per run (torch threads {torch.get_num_threads()}):"
     )
-    print(f"{'recipe':9} {'nats/char':>9} {'bits/char':>9} {'best step':>9}  stopped by")
+    print(f"{'recipe':9} {'nats/char':>9} {'bits/char':>9} {'best step':>9}  stopped")
     for preset, loss, step, stopped in rows:
         print(f"{preset:9} {loss:9.4f} {bits_per_char(loss):9.4f} {step:9d}  {stopped}")
     print(f"auto - cpu-fast: {rows[0][1] - rows[1][1]:+.4f} nats/char")
