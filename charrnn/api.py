@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,7 @@ def train(
     time_budget: float | None = None,
     resume: bool = False,
     progress: bool = True,
+    threads: int | None = None,
     **settings: Any,
 ) -> Model:
     """Train on a corpus (a path, a directory of files, or a manifest name) or on `text`; return the best model.
@@ -190,6 +192,7 @@ def train(
     underscores (`hidden=256`, `dropout=0.3`, `max_steps=2000`, ...), and override the preset's.
     The checkpoints, metrics and loss plot are written to `out`, exactly as `charrnn train --out` does;
     `text` is kept there too (corpus.txt), so that the run can be resumed and evaluated.
+    `threads` (as `charrnn train --threads`) sets torch's CPU threads for this run, and is restored after it.
     """
     from corpora.registry import resolve
     from model.config import MODEL_KEYS, TRAIN_KEYS
@@ -204,6 +207,8 @@ def train(
     unknown = set(settings) - MODEL_KEYS - TRAIN_KEYS
     if unknown:
         raise ValueError(f"unknown training settings: {', '.join(sorted(unknown))}")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ValueError(f"threads: must be a positive integer, got {threads!r}")
     out_dir = Path(out)
     if text is not None:
         corpus = _keep_text(out_dir, text, resume)
@@ -213,8 +218,23 @@ def train(
     path, name = resolve(str(corpus))
     data = load_corpus(path, name=name)
     model_cfg, train_cfg = resolve_recipe(preset, data, overrides, out_dir, resume)
-    Trainer(model_cfg, train_cfg, data, out_dir, resume=resume, progress=progress, preset=preset).run()
+    with _torch_threads(threads):
+        Trainer(model_cfg, train_cfg, data, out_dir, resume=resume, progress=progress, preset=preset).run()
     return load(out_dir)
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` (None: left as they are) for the block, then restored."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _keep_text(out_dir: Path, text: str, resume: bool) -> Path:

@@ -1,9 +1,10 @@
 """Corpora as memory-mapped arrays of character ids, and the batches training reads from them.
 
-A corpus (a UTF-8 file, or a directory of them read in sorted order) is read in streaming passes:
-one to hash it, one to find its characters, one to encode it into a memory-mapped array cached
-under its sha256. Training then reads windows from that array, so a multi-gigabyte corpus trains in
-bounded memory.
+A corpus (a UTF-8 file, or the UTF-8 files below a directory, read in sorted order) is read in
+streaming passes: one to hash it, one to find its characters, one to encode it into a memory-mapped
+array cached under its sha256. Training then reads windows from that array, never the files, so a
+multi-gigabyte corpus trains in bounded memory and a code base of thousands of small files is opened
+a few times per file in all, not once per step.
 """
 
 from __future__ import annotations
@@ -50,19 +51,43 @@ class Corpus:
 
 
 def corpus_files(path: Path) -> list[Path]:
-    """The files a corpus path stands for: itself, or every non-hidden file below a directory."""
+    """The files a corpus path stands for: itself, or every non-hidden UTF-8 text file below a directory.
+
+    A directory is walked once, never into hidden folders (a code base's .git can hold more files than
+    its sources); files that are not UTF-8 (a code base's images, compiled files) are left out, with a
+    warning that names them, where a single file that is not UTF-8 is an error when it is read.
+    """
     if not path.exists():
         raise CorpusError(f"corpus not found: {path}")
     if path.is_file():
         return [path]
-    files = sorted(
-        p
-        for p in path.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
-    if not files:
-        raise CorpusError(f"corpus directory has no files: {path}")
-    return files
+    found: list[Path] = []
+    for folder, folders, names in os.walk(path):
+        folders[:] = [f for f in folders if not f.startswith(".")]
+        found.extend(Path(folder, name) for name in names if not name.startswith("."))
+    files = sorted(f for f in found if f.is_file())  # Path order: the order the cache's sha256 was taken in
+    is_text = [_is_utf8(f) for f in files]
+    text = [f for f, ok in zip(files, is_text, strict=True) if ok]
+    skipped = [f.relative_to(path).as_posix() for f, ok in zip(files, is_text, strict=True) if not ok]
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        log.warning("corpus %s: left out %d file(s) that are not UTF-8 text: %s", path, len(skipped), shown)
+    if not text:
+        raise CorpusError(f"corpus directory has no UTF-8 text files: {path}")
+    return text
+
+
+def _is_utf8(file: Path) -> bool:
+    """Whether a file decodes as UTF-8 (read in chunks, so a large file costs no more memory than a chunk)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    try:
+        with open(file, "rb") as fh:
+            while chunk := fh.read(CHUNK_BYTES):
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _read_chunks(files: list[Path]) -> Iterator[bytes]:

@@ -10,6 +10,7 @@ import torch
 
 import charrnn
 from model.sampling import SamplingParams, generate
+from model.train import Trainer
 from tests.helpers import make_text
 
 
@@ -38,6 +39,23 @@ def test_train_on_a_path_resumes_and_refuses_to_overwrite(text_file: Path, tmp_p
     assert charrnn.load(out / "last.safetensors").meta["step"] == 20
 
 
+def test_threads_set_torchs_threads_for_the_run_and_restore_them(
+    text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = []
+    run = Trainer.run
+
+    def recording_run(self: Trainer, *args: object, **kwargs: object) -> object:
+        seen.append(torch.get_num_threads())
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "run", recording_run)
+    before = torch.get_num_threads()
+    charrnn.train(text_file, out=tmp_path / "run", preset="tiny", max_steps=5, eval_every=5, threads=2, progress=False)
+    assert seen == [2]
+    assert torch.get_num_threads() == before
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -46,6 +64,8 @@ def test_train_on_a_path_resumes_and_refuses_to_overwrite(text_file: Path, tmp_p
         ({"text": "abc", "preset": "nope"}, "preset: unknown 'nope'"),
         ({"text": "abc", "hiden": 3}, "unknown training settings: hiden"),
         ({"text": ""}, "nothing to train on"),
+        ({"text": "abc", "threads": 0}, "threads: must be a positive integer"),
+        ({"text": "abc", "threads": "2"}, "threads: must be a positive integer"),
     ],
 )
 def test_bad_training_arguments_say_what_is_wrong(kwargs: dict, message: str, tmp_path: Path) -> None:

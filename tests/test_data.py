@@ -1,10 +1,18 @@
+import builtins
+import io
+import json
+import os
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from model.data import CorpusError, TrackBatcher, load_corpus, validation_windows
 from model.vocab import Vocab
+from tests.helpers import train_tiny
 
 
 def test_file_corpus_encodes_every_character(tmp_path: Path) -> None:
@@ -26,6 +34,63 @@ def test_directory_corpus_reads_files_in_sorted_order_and_skips_hidden(tmp_path:
     (root / ".hidden").write_text("zzz\n")
     corpus = load_corpus(root, cache_dir=tmp_path / "cache")
     assert corpus.vocab.decode(corpus.ids.tolist()) == "aaa\nbbb\nccc\n"
+
+
+def test_directory_corpus_leaves_out_hidden_folders_and_files_that_are_not_utf8(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "code"
+    (root / ".git" / "objects").mkdir(parents=True)
+    (root / "__pycache__").mkdir()
+    (root / "main.py").write_text("print('hi')\n")
+    (root / ".git" / "objects" / "ab").write_text("not code\n")
+    (root / "__pycache__" / "main.cpython-311.pyc").write_bytes(b"\xa7\r\r\n\x00\x00\xe3")
+    (root / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    corpus = load_corpus(root, cache_dir=tmp_path / "cache")
+    assert corpus.vocab.decode(corpus.ids.tolist()) == "print('hi')\n"
+    assert "left out 2 file(s) that are not UTF-8 text: __pycache__/main.cpython-311.pyc, logo.png" in caplog.text
+
+
+def test_a_directory_of_only_binary_files_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "a.bin").write_bytes(b"\xff\xfe")
+    with pytest.raises(CorpusError, match="no UTF-8 text files"):
+        load_corpus(tmp_path / "dir", cache_dir=tmp_path / "cache")
+
+
+def test_a_code_base_of_2000_small_files_trains_from_the_cached_array_not_the_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "code"
+    for i in range(2_000):
+        package = root / f"pkg{i % 40}"
+        package.mkdir(parents=True, exist_ok=True)
+        (package / f"mod{i}.py").write_text(f"def f{i}(x):\n    return x * {i % 7} + {i % 13}\n")
+    opened = _count_opens_under(root, monkeypatch)
+    corpus = load_corpus(root, cache_dir=tmp_path / "cache")
+    assert len(corpus) > 60_000
+    assert len(opened) == 2_000 and max(opened.values()) <= 4  # UTF-8 check, hash, characters, encoding
+    opened.clear()
+    train_tiny(corpus, tmp_path / "run", max_steps=60, eval_every=30)
+    assert not opened, f"training opened corpus files: {sorted(opened)[:3]}"
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 60
+
+
+def _count_opens_under(root: Path, monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """A counter of the opens (builtins, io, os) of paths below `root` from now on."""
+    opened: Counter[str] = Counter()
+
+    def counting(real: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(file: Any, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(file, str | os.PathLike) and Path(file).is_relative_to(root):
+                opened[str(file)] += 1
+            return real(file, *args, **kwargs)
+
+        return wrapper
+
+    for module, name in ((builtins, "open"), (io, "open"), (os, "open")):
+        monkeypatch.setattr(module, name, counting(getattr(module, name)))
+    return opened
 
 
 def test_encoding_is_cached_by_sha256(tmp_path: Path) -> None:
