@@ -105,3 +105,28 @@ def test_keep_reorders_rows_with_their_state(kind: type, request: pytest.Fixture
     torch.testing.assert_close(batch.logits, before[1][[3, 1]], rtol=0, atol=0)
     for now, then in zip(batch.state, before[0], strict=True):
         torch.testing.assert_close(now, then[:, [3, 1]], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["float32", "float16"])
+def test_the_kernel_gives_a_row_the_same_bits_whatever_shares_its_batch(
+    half: bool, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every element is one fold over k, whichever loop (4-row blocks, streamed rows, column tails)
+    computes it: a row's logits do not depend on the batch's size or on the row's place in it."""
+    if not native_lstm._cpu_has_avx2():
+        pytest.skip("the portable kernel (no AVX2/FMA/F16C) sums in another order per loop")
+    monkeypatch.setattr("service.batch.NATIVE_MAX_ROWS", 1_000)  # the kernel for every batch size
+    model = odd_model(layers=2, hidden=40, vocab=29, half=half)  # 4H = 160: full 16-column blocks; vocab: a tail
+    alone = []
+    for row in range(9):
+        batch = make(NativeLSTMBatch, model, 16, request)
+        fill(batch, model, row + 1)
+        batch.keep([row])
+        batch.step([row % 29])
+        alone.append(batch.logits[0].clone())
+    for rows in (2, 4, 5, 8, 9):
+        batch = make(NativeLSTMBatch, model, 16, request)
+        fill(batch, model, rows)
+        batch.step([row % 29 for row in range(rows)])
+        for row in range(rows):
+            assert torch.equal(batch.logits[row], alone[row]), (rows, row)

@@ -1,4 +1,4 @@
-/* The LSTM step and the character draw for batches of a few rows (see lstm_step.h for the layouts,
+/* The LSTM step and the character draw for batches of rows (see lstm_step.h for the layouts,
    service/native_lstm.py for why and how it is built and loaded).
 
    Numerics: float32 throughout, like the model; sums run in another order than MKL's and exp is a
@@ -33,28 +33,6 @@ static inline float exp_(float x) {
 static inline float sigmoid_(float x) { return 1.0f / (1.0f + exp_(-x)); }
 static inline float tanh_(float x) { return 2.0f / (1.0f + exp_(-2.0f * x)) - 1.0f; }
 
-/* y (n, N) += x (n, K; row stride ldx) @ W (K, N): four rows of W per pass, each row of y stays in L1. */
-static void matmul_acc(int n, int K, int N, const float *x, int ldx, const float *W, float *y) {
-    int k = 0;
-    for (; k + 4 <= K; k += 4) {
-        const float *w0 = W + (size_t)k * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
-        for (int r = 0; r < n; r++) {
-            const float *xr = x + (size_t)r * ldx + k;
-            const float a0 = xr[0], a1 = xr[1], a2 = xr[2], a3 = xr[3];
-            float *restrict yr = y + (size_t)r * N;
-            for (int j = 0; j < N; j++) yr[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j];
-        }
-    }
-    for (; k < K; k++) {
-        const float *w0 = W + (size_t)k * N;
-        for (int r = 0; r < n; r++) {
-            const float a0 = x[(size_t)r * ldx + k];
-            float *restrict yr = y + (size_t)r * N;
-            for (int j = 0; j < N; j++) yr[j] += a0 * w0[j];
-        }
-    }
-}
-
 static inline float half_to_float(uint16_t h) {
 #if defined(__F16C__) && defined(__FMA__)
     return _cvtsh_ss(h);
@@ -75,31 +53,147 @@ static inline float half_to_float(uint16_t h) {
 
 float charrnn_half_to_float(uint16_t h) { return half_to_float(h); }
 
-/* matmul_acc with float16 weights: each 8-column slice of four weight rows is converted once and
-   used for every row of x. Half the bytes of W per step, and W's reads are what bound one stream. */
-static void matmul_acc_h(int n, int K, int N, const float *x, int ldx, const uint16_t *W, float *y) {
+#if defined(__F16C__) && defined(__FMA__)
+/* Eight weights as float32, from float16 bits (half) or from float32. */
+static inline __attribute__((always_inline)) __m256 load8(const void *W, size_t at, int half) {
+    if (half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)W + at)));
+    return _mm256_loadu_ps((const float *)W + at);
+}
+
+/* Every element of y += x @ W below is the same fold, whichever loop computes it:
+       acc = y[r][c];  for k = 0 .. K-1: acc = fma(x[r][k], W[k][c], acc)
+   (one rounding per step, k ascending). So a row's result does not depend on how many rows share the
+   batch or where it sits in it: a seed gives the same text whatever else is being generated. */
+
+/* Rows 0 .. 3 of x and y, columns j .. j + 15: the 4 x 16 block in eight registers over all of K, each
+   weight loaded once for four rows, eight independent FMA chains. */
+static inline __attribute__((always_inline)) void block4x16(int K, int N, const float *x, int ldx, const void *W,
+                                                            int half, float *y, int j) {
+    float *y0 = y + j, *y1 = y0 + N, *y2 = y1 + N, *y3 = y2 + N;
+    const float *x0 = x, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
+    __m256 a00 = _mm256_loadu_ps(y0), a01 = _mm256_loadu_ps(y0 + 8), a10 = _mm256_loadu_ps(y1);
+    __m256 a11 = _mm256_loadu_ps(y1 + 8), a20 = _mm256_loadu_ps(y2), a21 = _mm256_loadu_ps(y2 + 8);
+    __m256 a30 = _mm256_loadu_ps(y3), a31 = _mm256_loadu_ps(y3 + 8);
+    for (int k = 0; k < K; k++) {
+        const size_t at = (size_t)k * N + j;
+        const __m256 w0 = load8(W, at, half), w1 = load8(W, at + 8, half);
+        __m256 b = _mm256_broadcast_ss(x0 + k);
+        a00 = _mm256_fmadd_ps(b, w0, a00);
+        a01 = _mm256_fmadd_ps(b, w1, a01);
+        b = _mm256_broadcast_ss(x1 + k);
+        a10 = _mm256_fmadd_ps(b, w0, a10);
+        a11 = _mm256_fmadd_ps(b, w1, a11);
+        b = _mm256_broadcast_ss(x2 + k);
+        a20 = _mm256_fmadd_ps(b, w0, a20);
+        a21 = _mm256_fmadd_ps(b, w1, a21);
+        b = _mm256_broadcast_ss(x3 + k);
+        a30 = _mm256_fmadd_ps(b, w0, a30);
+        a31 = _mm256_fmadd_ps(b, w1, a31);
+    }
+    _mm256_storeu_ps(y0, a00), _mm256_storeu_ps(y0 + 8, a01), _mm256_storeu_ps(y1, a10);
+    _mm256_storeu_ps(y1 + 8, a11), _mm256_storeu_ps(y2, a20), _mm256_storeu_ps(y2 + 8, a21);
+    _mm256_storeu_ps(y3, a30), _mm256_storeu_ps(y3 + 8, a31);
+}
+
+/* Rows of y += x @ W streamed: W read row after row (sequentially: one stream alone is bound by
+   reading W), each 8-column slice of four W rows loaded once and folded into every row of y in turn. */
+static inline __attribute__((always_inline)) void rows_stream(int n, int K, int N, const float *x, int ldx,
+                                                              const void *W, int half, float *y) {
+    int k = 0;
+    for (; k < K; k += 4) {
+        const int steps = K - k < 4 ? K - k : 4;
+        int j = 0;
+        if (steps == 4) {
+            for (; j + 8 <= N; j += 8) {
+                const size_t at = (size_t)k * N + j;
+                const __m256 v0 = load8(W, at, half), v1 = load8(W, at + N, half);
+                const __m256 v2 = load8(W, at + 2 * (size_t)N, half), v3 = load8(W, at + 3 * (size_t)N, half);
+                for (int r = 0; r < n; r++) {
+                    const float *xr = x + (size_t)r * ldx + k;
+                    float *yr = y + (size_t)r * N + j;
+                    __m256 acc = _mm256_loadu_ps(yr);
+                    acc = _mm256_fmadd_ps(_mm256_broadcast_ss(xr), v0, acc);
+                    acc = _mm256_fmadd_ps(_mm256_broadcast_ss(xr + 1), v1, acc);
+                    acc = _mm256_fmadd_ps(_mm256_broadcast_ss(xr + 2), v2, acc);
+                    acc = _mm256_fmadd_ps(_mm256_broadcast_ss(xr + 3), v3, acc);
+                    _mm256_storeu_ps(yr, acc);
+                }
+            }
+        }
+        for (; j < N; j++)  /* the last columns, and every column of the last k < 4 steps */
+            for (int r = 0; r < n; r++) {
+                float acc = y[(size_t)r * N + j];
+                for (int i = 0; i < steps; i++) {
+                    const size_t at = (size_t)(k + i) * N + j;
+                    const float w = half ? half_to_float(((const uint16_t *)W)[at]) : ((const float *)W)[at];
+                    acc = fmaf(x[(size_t)r * ldx + k + i], w, acc);
+                }
+                y[(size_t)r * N + j] = acc;
+            }
+    }
+}
+
+/* One row, columns from .. N - 1, one at a time (the same fold, by fmaf). */
+static inline void tail_columns(int K, int N, const float *x, const void *W, int half, float *y, int from) {
+    for (int c = from; c < N; c++) {
+        float acc = y[c];
+        for (int k = 0; k < K; k++) {
+            const size_t at = (size_t)k * N + c;
+            acc = fmaf(x[k], half ? half_to_float(((const uint16_t *)W)[at]) : ((const float *)W)[at], acc);
+        }
+        y[c] = acc;
+    }
+}
+
+/* y (n, N) += x (n, K; row stride ldx) @ W (K, N): groups of four rows by 4 x 16 blocks (their last
+   columns one at a time), the other rows streamed. */
+static inline __attribute__((always_inline)) void matmul_rows(int n, int K, int N, const float *x, int ldx,
+                                                              const void *W, int half, float *y) {
+    const int four = n & ~3;
+    for (int r = 0; r < four; r += 4) {
+        for (int j = 0; j + 16 <= N; j += 16) block4x16(K, N, x + (size_t)r * ldx, ldx, W, half, y + (size_t)r * N, j);
+        for (int i = 0; i < 4; i++) tail_columns(K, N, x + (size_t)(r + i) * ldx, W, half, y + (size_t)(r + i) * N, N & ~15);
+    }
+    if (four < n) rows_stream(n - four, K, N, x + (size_t)four * ldx, ldx, W, half, y + (size_t)four * N);
+}
+
+static void matmul_batch_h(int n, int K, int N, const float *x, int ldx, const uint16_t *W, float *y) {
+    matmul_rows(n, K, N, x, ldx, W, 1, y);
+}
+
+static void matmul_batch(int n, int K, int N, const float *x, int ldx, const float *W, float *y) {
+    matmul_rows(n, K, N, x, ldx, W, 0, y);
+}
+#else
+/* y (n, N) += x (n, K; row stride ldx) @ W (K, N): four rows of W per pass, each row of y stays in L1.
+   (The portable build, for CPUs without AVX2/FMA/F16C; its sums run in another order than the fold above.) */
+static void matmul_batch(int n, int K, int N, const float *x, int ldx, const float *W, float *y) {
+    int k = 0;
+    for (; k + 4 <= K; k += 4) {
+        const float *w0 = W + (size_t)k * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
+        for (int r = 0; r < n; r++) {
+            const float *xr = x + (size_t)r * ldx + k;
+            const float a0 = xr[0], a1 = xr[1], a2 = xr[2], a3 = xr[3];
+            float *restrict yr = y + (size_t)r * N;
+            for (int j = 0; j < N; j++) yr[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j];
+        }
+    }
+    for (; k < K; k++) {
+        const float *w0 = W + (size_t)k * N;
+        for (int r = 0; r < n; r++) {
+            const float a0 = x[(size_t)r * ldx + k];
+            float *restrict yr = y + (size_t)r * N;
+            for (int j = 0; j < N; j++) yr[j] += a0 * w0[j];
+        }
+    }
+}
+
+/* matmul_batch with float16 weights: each weight converted once and used for every row of x. */
+static void matmul_batch_h(int n, int K, int N, const float *x, int ldx, const uint16_t *W, float *y) {
     int k = 0;
     for (; k + 4 <= K; k += 4) {
         const uint16_t *w0 = W + (size_t)k * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
         int j = 0;
-#if defined(__F16C__) && defined(__FMA__)
-        for (; j + 8 <= N; j += 8) {
-            const __m256 v0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w0 + j)));
-            const __m256 v1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w1 + j)));
-            const __m256 v2 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w2 + j)));
-            const __m256 v3 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w3 + j)));
-            for (int r = 0; r < n; r++) {
-                const float *xr = x + (size_t)r * ldx + k;
-                float *yr = y + (size_t)r * N + j;
-                __m256 acc = _mm256_loadu_ps(yr);
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(xr[0]), v0, acc);
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(xr[1]), v1, acc);
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(xr[2]), v2, acc);
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(xr[3]), v3, acc);
-                _mm256_storeu_ps(yr, acc);
-            }
-        }
-#endif
         for (; j < N; j++) {
             const float a0 = half_to_float(w0[j]), a1 = half_to_float(w1[j]);
             const float a2 = half_to_float(w2[j]), a3 = half_to_float(w3[j]);
@@ -118,10 +212,12 @@ static void matmul_acc_h(int n, int K, int N, const float *x, int ldx, const uin
     }
 }
 
+#endif
+
 /* y (n, 4H) += x @ layer l's recurrent weights, in whichever precision the net holds them. */
 static void recurrent_acc(const Net *net, int l, int n, int K, const float *x, int ldx, float *y) {
-    if (net->wh[l]) matmul_acc_h(n, K, 4 * net->hidden, x, ldx, net->wh[l], y);
-    else matmul_acc(n, K, 4 * net->hidden, x, ldx, net->w[l], y);
+    if (net->wh[l]) matmul_batch_h(n, K, 4 * net->hidden, x, ldx, net->wh[l], y);
+    else matmul_batch(n, K, 4 * net->hidden, x, ldx, net->w[l], y);
 }
 
 /* gates (n, 4H) in order i, f, o, g -> new c (in place) and h (written at h, row stride ldh). */
@@ -150,7 +246,7 @@ void charrnn_lstm_step(const Net *net, int n, const int64_t *ids) {
         lstm_gates(n, H, net->gates, net->cs + (size_t)l * net->capacity * H, net->hs + (size_t)l * H, ld);
     }
     for (int r = 0; r < n; r++) memcpy(net->logits + (size_t)r * net->vocab, net->head_b, net->vocab * sizeof(float));
-    matmul_acc(n, H, net->vocab, net->hs + (size_t)(L - 1) * H, ld, net->head_w, net->logits);
+    matmul_batch(n, H, net->vocab, net->hs + (size_t)(L - 1) * H, ld, net->head_w, net->logits);
 }
 
 /* The draw torch.multinomial(softmax(z / t), 1) makes from exponential noise q:
