@@ -17,7 +17,10 @@ import torch
 from model.network import CharRNN, state_from_tensors, state_tensors
 from service import native_lstm
 
-NATIVE_MAX_ROWS = 24  # the C kernel steps batches up to this size; MKL's GEMM is faster beyond
+# The C kernel steps batches up to this size, on one core (~10,000 characters/s of the 2 x 512 default model
+# from 4 to 128 rows on this project's 2-core machine, bench/throughput.py); beyond it MKL's GEMM on every
+# torch thread is faster. Through the service the kernel's one core leaves the other to the HTTP threads.
+NATIVE_MAX_ROWS = 64
 
 
 class RecurrentBatch:
@@ -193,10 +196,15 @@ class NativeLSTMBatch(FastLSTMBatch):
         net.table, net.head_w, net.head_b = self.table.data_ptr(), self.head_w.data_ptr(), self.head_b.data_ptr()
         # float16 copies of the weights that are float16 values (see native_lstm: exact, half the bytes)
         self.weights_half = [w.half() if _exact_in_half(w) else None for w in self.weights]
-        for layer, (w, b, wh) in enumerate(zip(self.weights, self.biases, self.weights_half, strict=True)):
+        # The weights a batch reads, in panels of 16 columns (see lstm_step.h): a block of rows reads them in order.
+        self.panels = [_panels(w if wh is None else wh) for w, wh in zip(self.weights, self.weights_half, strict=True)]
+        for layer, (w, b, wh, panels) in enumerate(
+            zip(self.weights, self.biases, self.weights_half, self.panels, strict=True)
+        ):
             net.w[layer] = w.data_ptr()
             net.b[layer] = 0 if b is None else b.data_ptr()
             net.wh[layer] = 0 if wh is None else wh.data_ptr()
+            net.panels[layer] = 0 if panels is None else panels.data_ptr()
         net.hs, net.cs, net.gates, net.logits = (t.data_ptr() for t in (self.hs, self.cs, self.gates, self.out))
         self.net = ctypes.byref(net)
         self._net = net  # keeps the struct alive; the tensors it points into are attributes of self
@@ -208,6 +216,14 @@ class NativeLSTMBatch(FastLSTMBatch):
             return
         self._ids_np[:n] = ids
         self.lib.charrnn_lstm_step(self.net, n, self.ids.data_ptr())
+
+
+def _panels(weights: torch.Tensor) -> torch.Tensor | None:
+    """weights (K, N) as N / 16 panels of (K, 16), each contiguous; None unless N is a multiple of 16."""
+    rows, columns = weights.shape
+    if columns % 16:
+        return None
+    return weights.view(rows, columns // 16, 16).transpose(0, 1).contiguous()
 
 
 def _exact_in_half(weights: torch.Tensor) -> bool:

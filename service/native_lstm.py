@@ -76,6 +76,7 @@ class Net(ctypes.Structure):
         ("gates", ctypes.c_void_p),
         ("logits", ctypes.c_void_p),
         ("wh", ctypes.c_void_p * MAX_LAYERS),
+        ("panels", ctypes.c_void_p * MAX_LAYERS),
     ]
 
 

@@ -50,11 +50,11 @@ def fill(batch: RecurrentBatch, model: CharRNN, rows: int) -> None:
 
 
 @pytest.mark.parametrize("half", [False, True], ids=["float32", "float16"])
-@pytest.mark.parametrize("rows", [1, 5, 30])  # 30: beyond NATIVE_MAX_ROWS, the PyTorch step
+@pytest.mark.parametrize("rows", [1, 5, 30, 70])  # 70: beyond NATIVE_MAX_ROWS, the PyTorch step
 @pytest.mark.parametrize("kind", [FastLSTMBatch, NativeLSTMBatch])
 def test_batched_steps_match_the_module(kind: type, rows: int, half: bool, request: pytest.FixtureRequest) -> None:
     model = odd_model(half=half)
-    batch = make(kind, model, 32, request)
+    batch = make(kind, model, 80, request)
     if kind is NativeLSTMBatch:  # the kernel reads float16 copies exactly when the weights are float16 values
         assert [w is not None for w in batch.weights_half] == [half] * model.config.layers
     assert_steps_match_the_module(batch, model, rows)

@@ -68,15 +68,18 @@ static inline __attribute__((always_inline)) __m256 load8(const void *W, size_t 
 /* Rows 0 .. 3 of x and y, columns j .. j + 15: the 4 x 16 block in eight registers over all of K, each
    weight loaded once for four rows, eight independent FMA chains. */
 static inline __attribute__((always_inline)) void block4x16(int K, int N, const float *x, int ldx, const void *W,
-                                                            int half, float *y, int j) {
+                                                            const void *panels, int half, float *y, int j) {
     float *y0 = y + j, *y1 = y0 + N, *y2 = y1 + N, *y3 = y2 + N;
     const float *x0 = x, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
     __m256 a00 = _mm256_loadu_ps(y0), a01 = _mm256_loadu_ps(y0 + 8), a10 = _mm256_loadu_ps(y1);
     __m256 a11 = _mm256_loadu_ps(y1 + 8), a20 = _mm256_loadu_ps(y2), a21 = _mm256_loadu_ps(y2 + 8);
     __m256 a30 = _mm256_loadu_ps(y3), a31 = _mm256_loadu_ps(y3 + 8);
+    /* where the weights of (k, j .. j + 15) are, and how far the next k's are */
+    const void *from = panels ? panels : W;
+    const size_t first = panels ? (size_t)j * K : (size_t)j, stride = panels ? 16 : (size_t)N;
     for (int k = 0; k < K; k++) {
-        const size_t at = (size_t)k * N + j;
-        const __m256 w0 = load8(W, at, half), w1 = load8(W, at + 8, half);
+        const size_t at = first + (size_t)k * stride;
+        const __m256 w0 = load8(from, at, half), w1 = load8(from, at + 8, half);
         __m256 b = _mm256_broadcast_ss(x0 + k);
         a00 = _mm256_fmadd_ps(b, w0, a00);
         a01 = _mm256_fmadd_ps(b, w1, a01);
@@ -133,6 +136,16 @@ static inline __attribute__((always_inline)) void rows_stream(int n, int K, int 
     }
 }
 
+/* rows_stream for float16 and for float32 weights, each its own function: inlined into the blocked loop
+   it lost registers to it, and one stream ran ~12 % slower. */
+static __attribute__((noinline)) void stream_h(int n, int K, int N, const float *x, int ldx, const void *W, float *y) {
+    rows_stream(n, K, N, x, ldx, W, 1, y);
+}
+
+static __attribute__((noinline)) void stream_f(int n, int K, int N, const float *x, int ldx, const void *W, float *y) {
+    rows_stream(n, K, N, x, ldx, W, 0, y);
+}
+
 /* One row, columns from .. N - 1, one at a time (the same fold, by fmaf). */
 static inline void tail_columns(int K, int N, const float *x, const void *W, int half, float *y, int from) {
     for (int c = from; c < N; c++) {
@@ -148,26 +161,29 @@ static inline void tail_columns(int K, int N, const float *x, const void *W, int
 /* y (n, N) += x (n, K; row stride ldx) @ W (K, N): groups of four rows by 4 x 16 blocks (their last
    columns one at a time), the other rows streamed. */
 static inline __attribute__((always_inline)) void matmul_rows(int n, int K, int N, const float *x, int ldx,
-                                                              const void *W, int half, float *y) {
+                                                              const void *W, const void *panels, int half, float *y) {
     const int four = n & ~3;
     for (int r = 0; r < four; r += 4) {
-        for (int j = 0; j + 16 <= N; j += 16) block4x16(K, N, x + (size_t)r * ldx, ldx, W, half, y + (size_t)r * N, j);
+        for (int j = 0; j + 16 <= N; j += 16)
+            block4x16(K, N, x + (size_t)r * ldx, ldx, W, panels, half, y + (size_t)r * N, j);
         for (int i = 0; i < 4; i++) tail_columns(K, N, x + (size_t)(r + i) * ldx, W, half, y + (size_t)(r + i) * N, N & ~15);
     }
-    if (four < n) rows_stream(n - four, K, N, x + (size_t)four * ldx, ldx, W, half, y + (size_t)four * N);
+    if (four < n) (half ? stream_h : stream_f)(n - four, K, N, x + (size_t)four * ldx, ldx, W, y + (size_t)four * N);
 }
 
-static void matmul_batch_h(int n, int K, int N, const float *x, int ldx, const uint16_t *W, float *y) {
-    matmul_rows(n, K, N, x, ldx, W, 1, y);
+static void matmul_batch_h(int n, int K, int N, const float *x, int ldx, const uint16_t *W, const void *panels,
+                           float *y) {
+    matmul_rows(n, K, N, x, ldx, W, panels, 1, y);
 }
 
-static void matmul_batch(int n, int K, int N, const float *x, int ldx, const float *W, float *y) {
-    matmul_rows(n, K, N, x, ldx, W, 0, y);
+static void matmul_batch(int n, int K, int N, const float *x, int ldx, const float *W, const void *panels, float *y) {
+    matmul_rows(n, K, N, x, ldx, W, panels, 0, y);
 }
 #else
 /* y (n, N) += x (n, K; row stride ldx) @ W (K, N): four rows of W per pass, each row of y stays in L1.
    (The portable build, for CPUs without AVX2/FMA/F16C; its sums run in another order than the fold above.) */
-static void matmul_batch(int n, int K, int N, const float *x, int ldx, const float *W, float *y) {
+static void matmul_batch(int n, int K, int N, const float *x, int ldx, const float *W, const void *panels, float *y) {
+    (void)panels;
     int k = 0;
     for (; k + 4 <= K; k += 4) {
         const float *w0 = W + (size_t)k * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
@@ -189,7 +205,9 @@ static void matmul_batch(int n, int K, int N, const float *x, int ldx, const flo
 }
 
 /* matmul_batch with float16 weights: each weight converted once and used for every row of x. */
-static void matmul_batch_h(int n, int K, int N, const float *x, int ldx, const uint16_t *W, float *y) {
+static void matmul_batch_h(int n, int K, int N, const float *x, int ldx, const uint16_t *W, const void *panels,
+                           float *y) {
+    (void)panels;
     int k = 0;
     for (; k + 4 <= K; k += 4) {
         const uint16_t *w0 = W + (size_t)k * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
@@ -216,8 +234,8 @@ static void matmul_batch_h(int n, int K, int N, const float *x, int ldx, const u
 
 /* y (n, 4H) += x @ layer l's recurrent weights, in whichever precision the net holds them. */
 static void recurrent_acc(const Net *net, int l, int n, int K, const float *x, int ldx, float *y) {
-    if (net->wh[l]) matmul_batch_h(n, K, 4 * net->hidden, x, ldx, net->wh[l], y);
-    else matmul_batch(n, K, 4 * net->hidden, x, ldx, net->w[l], y);
+    if (net->wh[l]) matmul_batch_h(n, K, 4 * net->hidden, x, ldx, net->wh[l], net->panels[l], y);
+    else matmul_batch(n, K, 4 * net->hidden, x, ldx, net->w[l], net->panels[l], y);
 }
 
 /* gates (n, 4H) in order i, f, o, g -> new c (in place) and h (written at h, row stride ldh). */
@@ -246,7 +264,7 @@ void charrnn_lstm_step(const Net *net, int n, const int64_t *ids) {
         lstm_gates(n, H, net->gates, net->cs + (size_t)l * net->capacity * H, net->hs + (size_t)l * H, ld);
     }
     for (int r = 0; r < n; r++) memcpy(net->logits + (size_t)r * net->vocab, net->head_b, net->vocab * sizeof(float));
-    matmul_batch(n, H, net->vocab, net->hs + (size_t)(L - 1) * H, ld, net->head_w, net->logits);
+    matmul_batch(n, H, net->vocab, net->hs + (size_t)(L - 1) * H, ld, net->head_w, NULL, net->logits);
 }
 
 /* The draw torch.multinomial(softmax(z / t), 1) makes from exponential noise q:

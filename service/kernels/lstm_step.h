@@ -28,6 +28,10 @@ typedef struct {
     const float *w[CHARRNN_MAX_LAYERS], *b[CHARRNN_MAX_LAYERS];
     float *hs, *cs, *gates, *logits;
     const uint16_t *wh[CHARRNN_MAX_LAYERS]; /* float16 copies of w[l] read instead of them; NULL: read w[l] */
+    /* w[l] (or wh[l] where set) packed in panels of 16 columns, each panel's K rows contiguous:
+       panel[(j / 16) * K * 16 + k * 16 + c] = w[k][j + c], so a 4 x 16 block reads its weights in order.
+       NULL where 4H is not a multiple of 16 (the block then reads w[l] itself). */
+    const void *panels[CHARRNN_MAX_LAYERS];
 } Net;
 
 /* One step of n rows: ids (n,) -> logits (n, vocab); hs and cs move on by one character. */
