@@ -1,6 +1,7 @@
 """Many streams as a share of the machine's arithmetic: the engine alone and through the service.
 
-    python bench/throughput.py [--jobs 1 8 32 128] [--seconds 8] [--chars 200] [--threads 2] [--skip-service]
+    python bench/throughput.py [--jobs 1 8 32 128] [--seconds 8] [--chars 200] [--threads 2] [--workers 1 2]
+                               [--skip-service]
 
 Printed, every number from this run: the fp32 matmul FLOP/s of `--threads` threads (a 2048^3 torch.mm,
 best of 3: the machine's arithmetic), the default model's FLOP per character (2 x the weights a step
@@ -8,8 +9,9 @@ multiplies: recurrent layers and head; the embedding is a table lookup), then fo
 
     engine   N threads in this process submit jobs of --chars characters back to back to one Engine
              (default settings, the C kernel where there is one) for --seconds
-    service  N streaming HTTP clients against Gunicorn (1 worker, --threads torch threads) serving the
-             default model, batching on; batching off as the baseline (bench/engine_service.py's clients)
+    service  N streaming HTTP clients against Gunicorn (1 worker, --threads torch threads each) serving
+             the default model, batching on; with --workers 2, also 2 workers; batching off as the
+             baseline (bench/engine_service.py's clients)
 
 with characters/s, that times FLOP per character as a share of the matmul FLOP/s, the service as a share
 of the engine alone at the same concurrency, and the p99 time to the first character.
@@ -29,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/NAME.py`
 
-from bench.engine_service import free_port, percentile, run_clients, start_server, stop_server
+from bench.engine_service import free_port, percentile, run_clients, start_gunicorn, stop_server
 from model.checkpoint import load_checkpoint
 from model.decoding import SamplingParams
 from service.engine import Engine, JobSpec
@@ -97,6 +99,9 @@ def main() -> None:
     parser.add_argument("--chars", type=int, default=200, help="characters per job")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the engine's and the worker's)")
     parser.add_argument("--skip-service", action="store_true", help="only the engine alone")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[1], help="Gunicorn workers to compare (1 always runs)"
+    )
     args = parser.parse_args()
 
     flops = matmul_flops(args.threads)
@@ -118,14 +123,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp)
         (model_dir / "shakespeare.safetensors").symlink_to(DEFAULT_MODEL)
-        for batching in (True, False):
+        runs = [(True, 1), *((True, workers) for workers in args.workers if workers != 1), (False, 1)]
+        for batching, workers in runs:
             port = free_port()
-            server = start_server(model_dir, port, batching, max(args.jobs) + 16, args.threads)
+            server = start_gunicorn(
+                model_dir,
+                port,
+                workers=str(workers),
+                threads=str(max(args.jobs) + 16),
+                batching="true" if batching else "false",
+                max_batch="128",
+                max_queue="1024",
+                max_client_jobs="0",  # every client comes from loopback: no per-client share
+                max_requests="0",
+                torch_threads=str(args.threads),
+            )
             try:
                 for jobs in args.jobs:
                     tally, elapsed = asyncio.run(run_clients(port, jobs, args.seconds, args.chars))
                     speed = tally.chars / elapsed
-                    name = "service" if batching else "no batch"
+                    name = ("service" if workers == 1 else f"{workers} workers") if batching else "no batch"
                     print(
                         f"{name:>8} {jobs:>5} {speed:>9.0f} {speed * per_char / flops:>7.1%}"
                         f" {speed / alone[jobs]:>9.2f} {1000 * percentile(tally.first_char, 0.99):>12.1f}",
