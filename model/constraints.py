@@ -1,4 +1,4 @@
-"""Constrained generation: a regular expression as an automaton over a model's own vocabulary.
+r"""Constrained generation: a regular expression as an automaton over a model's own vocabulary.
 
 A character model samples the very symbols a regular expression is written in, so a constraint is
 exact: each row of a batch keeps a state of a deterministic automaton, and at each step the characters
@@ -10,7 +10,8 @@ the sample ends ("stop").
             --prune states that cannot reach an accepting one--> next_state (states, vocab), -1 = masked
 
 interegular parses Python's regular-expression syntax (classes, repeats, alternation, groups, the i and
-s flags). Its own FSM construction has no bound on the work a hostile pattern can cause, so the
+s flags), with `\w`, `\d` and `\s` in their ASCII meaning (as Python's re.ASCII flag reads them). Its
+own FSM construction has no bound on the work a hostile pattern can cause, so the
 automaton is built here, bounded: at most MAX_NFA_STATES in the expanded expression (`(a{999}){999}`
 stops there) and MAX_TABLE entries (states x vocabulary) in the table, a pattern that needs more is a
 ConstraintError. Lookarounds, anchors and backreferences are not regular over generated text and are
@@ -37,6 +38,9 @@ MAX_PATTERN_CHARS = 16_384
 MAX_NFA_STATES = 20_000
 MAX_TABLE = 1 << 20  # DFA states x vocabulary size: 4 MiB of int32 per compiled pattern
 MAX_RANGE_CHARS = 1 << 16
+MAX_SCHEMA_CHARS = 8192
+MAX_SCHEMA_PROPERTIES = 64
+MAX_OPTIONAL_PROPERTIES = 6
 MAX_WORK = 2_000_000  # NFA states visited while building the DFA: bounds compile time (~1 s)
 _SUPPORTED_FLAGS = ip.REFlags.CASE_INSENSITIVE | ip.REFlags.SINGLE_LINE
 
@@ -96,7 +100,7 @@ def regex_constraint(pattern: str, chars: Sequence[str]) -> Constraint:
 
 
 def clear_cache() -> None:
-    """Forget the compiled patterns (each process keeps the last 32 it compiled, per vocabulary)."""
+    """Forget the compiled patterns (each process keeps the last 32 it compiled, over all vocabularies)."""
     _compiled.cache_clear()
 
 
@@ -113,11 +117,42 @@ def json_constraint(schema: Mapping[str, Any] | str, chars: Sequence[str]) -> Co
     from outlines_core.json_schema import build_regex_from_schema
 
     text = schema if isinstance(schema, str) else json.dumps(schema)
+    _check_schema_size(text)
     try:
         pattern = build_regex_from_schema(text)
     except (TypeError, ValueError) as exc:
         raise ConstraintError(f"not a JSON schema that can be turned into a pattern: {exc}".strip()) from None
     return regex_constraint(pattern, chars)
+
+
+def _check_schema_size(text: str) -> None:
+    """Refuse a schema whose pattern would be too large before outlines-core builds it: the pattern grows
+    with the square of an object's optional properties (12 untyped ones: 1 MB; 1,000: 7 GB and a minute),
+    with no bound of its own, so the schema is bounded here."""
+    if len(text) > MAX_SCHEMA_CHARS:
+        raise ConstraintError(f"the JSON schema is {len(text)} characters long; at most {MAX_SCHEMA_CHARS}")
+    try:
+        schema = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ConstraintError("not a JSON schema: not valid JSON") from None
+    total = optional = 0
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            properties = node.get("properties")
+            if isinstance(properties, dict):
+                required = node.get("required") if isinstance(node.get("required"), list) else []
+                total += len(properties)
+                optional += sum(name not in required for name in properties)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    if total > MAX_SCHEMA_PROPERTIES or optional > MAX_OPTIONAL_PROPERTIES:
+        raise ConstraintError(
+            f"the JSON schema has {total} properties, {optional} of them optional; at most {MAX_SCHEMA_PROPERTIES} "
+            f"and {MAX_OPTIONAL_PROPERTIES} (the pattern grows with the square of the optional ones)"
+        )
 
 
 def _literal(text: str) -> str:
@@ -133,10 +168,12 @@ def _class_char(c: str) -> str:
 def _compiled(pattern: str, chars: tuple[str, ...]) -> Constraint:
     try:
         re.compile(pattern)
-    except re.error as exc:
+    except (re.error, OverflowError) as exc:  # OverflowError: a repeat count past 2^32
         raise ConstraintError(f"not a valid regular expression: {exc}") from None
     except RecursionError:
         raise ConstraintError("the pattern nests too deeply") from None
+    if _has_op(pattern, (sre_constants.POSSESSIVE_REPEAT, sre_constants.ATOMIC_GROUP)):
+        raise ConstraintError("possessive repeats (*+, ++, ?+) and atomic groups are not supported")
     if _range_chars(pattern) > MAX_RANGE_CHARS:
         raise ConstraintError(f"its character ranges span more than {MAX_RANGE_CHARS} characters; use . or [^...]")
     if re.search(r"(?<!\\)(?:\\\\)*\\[1-9]", pattern):
@@ -147,12 +184,29 @@ def _compiled(pattern: str, chars: tuple[str, ...]) -> Constraint:
         raise ConstraintError(f"unsupported in a constraint: {exc}") from None
     except RecursionError:
         raise ConstraintError("the pattern nests too deeply") from None
+    except Exception as exc:  # interegular fails on some valid patterns, e.g. a (?#comment): refuse, never crash
+        raise ConstraintError(f"unsupported in a constraint ({type(exc).__name__} reading it)") from None
     nfa = _NFA(chars)
     try:
         start, end = nfa.build(tree, ip.REFlags(0))
     except RecursionError:
         raise ConstraintError("the pattern nests too deeply") from None
     return _determinize(pattern, nfa, start, end, len(chars))
+
+
+def _has_op(pattern: str, ops: tuple[object, ...]) -> bool:
+    """Whether Python's parse of the pattern holds one of these opcodes (interegular reads a possessive
+    repeat as a nested repeat, which would allow text Python's re refuses)."""
+    stack: list[object] = [sre_parser.parse(pattern)]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, sre_parser.SubPattern):
+            stack.extend(item.data)
+        elif isinstance(item, list | tuple):
+            if item and any(item[0] is op for op in ops):
+                return True
+            stack.extend(item)
+    return False
 
 
 def _range_chars(pattern: str) -> int:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import current_app, request
+from flask import Flask, current_app, request
 
 from model.constraints import Constraint, ConstraintError, choice_constraint, json_constraint, regex_constraint
 from model.sampling import SamplingError, SamplingParams, Token, random_seed
@@ -27,6 +27,7 @@ from service.errors import ApiError
 from service.loading import LoadedModel, ModelEntry
 from service.metrics import Metrics
 from service.schemas import TOP_LOGPROBS, SamplingFields
+from service.slots import make_slots, slot, slots_key
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +142,20 @@ def _bias_index(loaded: LoadedModel, key: str, by_char: bool) -> int:
         if key not in vocab:
             raise ApiError(422, "invalid_value", f"the model's vocabulary has no character {key!r}", "logit_bias")
         return vocab.encode(key)[0]
-    if not (key.isascii() and key.isdigit()) or int(key) >= len(vocab):
+    if not (key.isascii() and key.isdigit()) or len(key) > len(str(len(vocab))) or int(key) >= len(vocab):
         what = "a character or a vocabulary index" if by_char else "a vocabulary index"
         message = f"key {key[:20]!r} is not {what} (0 to {len(vocab) - 1}; see POST /tokenize)"
         raise ApiError(422, "invalid_value", message, "logit_bias")
     return int(key)
+
+
+CONSTRAINT_SLOTS = 2  # constraints one worker compiles at the same time (/generate and /v1/completions share them)
+
+
+def make_constraint_slots(app: Flask) -> None:
+    """The app's constraint slots, made once whichever blueprint registers first."""
+    if slots_key("constraint") not in app.extensions:
+        make_slots(app, "constraint", CONSTRAINT_SLOTS)
 
 
 def compile_constraint(loaded: LoadedModel, field_name: str, kind: str, value: Any) -> Constraint:
@@ -153,7 +163,9 @@ def compile_constraint(loaded: LoadedModel, field_name: str, kind: str, value: A
     naming `field_name` when it is invalid, unsupported, unsatisfiable or too large."""
     build = {"regex": regex_constraint, "choice": choice_constraint, "json": json_constraint}[kind]
     try:
-        return build(value, loaded.vocab.chars)
+        # Compiling takes up to ~1 s of a worker's CPU (bounded in model/constraints.py): a few at a time.
+        with slot("constraint", "the server is busy compiling other constraints; retry later"):
+            return build(value, loaded.vocab.chars)
     except ConstraintError as exc:
         raise ApiError(422, "invalid_constraint", str(exc), field_name) from None
 

@@ -128,6 +128,10 @@ def test_json_schema_constraint() -> None:
         (r"[\x00-\U0010ffff]", "ranges span"),
         ("(" * 3000 + "a" + ")" * 3000, "nests too deeply"),
         ("a" * 20_000, "at most"),
+        ("a*+a", "possessive"),  # interegular would read it as (a*)+a, which allows "aa"
+        ("(?>ab)", "atomic"),
+        ("a{4294967296}", "not a valid regular expression"),  # re's OverflowError
+        ("a(?#comment)b", "unsupported"),  # interegular fails on it: refused, never a crash
     ],
 )
 def test_what_cannot_be_compiled_or_bounded_is_refused(pattern: str, message: str) -> None:
@@ -139,6 +143,14 @@ def test_the_table_is_bounded_by_states_times_vocabulary() -> None:
     chars = (*(chr(0x100 + i) for i in range(300)), "a", "b")
     with pytest.raises(ConstraintError, match="states over this vocabulary"):
         regex_constraint("(a|b)*a(a|b){20}", chars)  # 2^20 subsets; 300 characters allow ~3,500 states
+
+
+def test_a_schema_whose_pattern_would_explode_is_refused_before_it_is_built() -> None:
+    optional = {"type": "object", "properties": {f"p{i}": {} for i in range(300)}}  # 628 MB of pattern, 2 s
+    with pytest.raises(ConstraintError, match="optional"):
+        json_constraint(optional, CHARS)
+    with pytest.raises(ConstraintError, match="characters long"):
+        json_constraint({"description": "x" * 10_000}, CHARS)
 
 
 def test_bad_choices_and_schemas_are_refused() -> None:

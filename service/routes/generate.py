@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator
 
 from flask import Blueprint, Response, jsonify
+from flask.blueprints import BlueprintSetupState
 
 from model.sampling import Token
 from service.errors import ApiError
@@ -21,6 +22,7 @@ from service.jobs import (
     current_service,
     disconnect_check,
     encode_prompt,
+    make_constraint_slots,
     new_id,
     sampling_params,
 )
@@ -43,6 +45,12 @@ from service.validation import parse_json_body, validate
 log = logging.getLogger(__name__)
 
 bp = Blueprint("generate", __name__)
+
+
+@bp.record_once
+def _make_slots(state: BlueprintSetupState) -> None:
+    make_constraint_slots(state.app)
+
 
 FIELDS = {"samples": "n", "length": "max_new_chars", "logprobs": "logprobs"}  # as check_budget names them
 

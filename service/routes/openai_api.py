@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from flask import Blueprint, Response, jsonify
+from flask.blueprints import BlueprintSetupState
 
 from model.constraints import Constraint
 from model.sampling import Token
@@ -31,6 +32,7 @@ from service.jobs import (
     current_service,
     disconnect_check,
     encode_prompt,
+    make_constraint_slots,
     new_id,
     sampling_params,
 )
@@ -51,6 +53,12 @@ from service.validation import parse_json_body, validate
 log = logging.getLogger(__name__)
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
+
+
+@bp.record_once
+def _make_slots(state: BlueprintSetupState) -> None:
+    make_constraint_slots(state.app)
+
 
 FIELDS = {"samples": "prompts x n", "length": "max_tokens", "logprobs": "logprobs"}  # as check_budget names them
 
