@@ -172,9 +172,10 @@ def _compiled(pattern: str, chars: tuple[str, ...]) -> Constraint:
         raise ConstraintError(f"not a valid regular expression: {exc}") from None
     except RecursionError:
         raise ConstraintError("the pattern nests too deeply") from None
-    if _has_op(pattern, (sre_constants.POSSESSIVE_REPEAT, sre_constants.ATOMIC_GROUP)):
+    opcodes = _opcodes(pattern)
+    if any(op is sre_constants.POSSESSIVE_REPEAT or op is sre_constants.ATOMIC_GROUP for op, _ in opcodes):
         raise ConstraintError("possessive repeats (*+, ++, ?+) and atomic groups are not supported")
-    if _range_chars(pattern) > MAX_RANGE_CHARS:
+    if sum(arg[1] - arg[0] + 1 for op, arg in opcodes if op is sre_constants.RANGE) > MAX_RANGE_CHARS:
         raise ConstraintError(f"its character ranges span more than {MAX_RANGE_CHARS} characters; use . or [^...]")
     if re.search(r"(?<!\\)(?:\\\\)*\\[1-9]", pattern):
         raise ConstraintError("backreferences are not supported")
@@ -194,36 +195,21 @@ def _compiled(pattern: str, chars: tuple[str, ...]) -> Constraint:
     return _determinize(pattern, nfa, start, end, len(chars))
 
 
-def _has_op(pattern: str, ops: tuple[object, ...]) -> bool:
-    """Whether Python's parse of the pattern holds one of these opcodes (interegular reads a possessive
-    repeat as a nested repeat, which would allow text Python's re refuses)."""
+def _opcodes(pattern: str) -> list[tuple[Any, Any]]:
+    """Every (opcode, argument) pair of Python's own parse of the pattern, nested ones included: what
+    interegular would misread (possessive repeats: it reads a nested repeat) or expand at great cost (a
+    range: it lists every character, so `[\\x00-\\U0010ffff]` costs a million strings) is found here."""
+    found: list[tuple[Any, Any]] = []
     stack: list[object] = [sre_parser.parse(pattern)]
     while stack:
         item = stack.pop()
         if isinstance(item, sre_parser.SubPattern):
             stack.extend(item.data)
         elif isinstance(item, list | tuple):
-            if item and any(item[0] is op for op in ops):
-                return True
+            if len(item) == 2 and type(item[0]) is type(sre_constants.RANGE):  # an opcode, not a number
+                found.append((item[0], item[1]))
             stack.extend(item)
-    return False
-
-
-def _range_chars(pattern: str) -> int:
-    """How many characters the pattern's ranges ([a-z]) span, read with Python's own parser: interegular
-    lists every character of a range, so `[\\x00-\\U0010ffff]` costs a million strings."""
-    total = 0
-    stack: list[object] = [sre_parser.parse(pattern)]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, sre_parser.SubPattern):
-            stack.extend(item.data)
-        elif isinstance(item, list | tuple):
-            if len(item) == 2 and item[0] is sre_constants.RANGE:
-                total += item[1][1] - item[1][0] + 1
-            else:
-                stack.extend(item)
-    return total
+    return found
 
 
 class _NFA:
