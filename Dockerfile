@@ -40,8 +40,8 @@ COPY corpora ./corpora
 # The package without its optional extras (the `plot` extra, matplotlib, draws loss.png; without it
 # `charrnn train` logs that it skips the plot). Then the engine's C kernel (service/native_lstm.py),
 # compiled here, where a compiler is, for the runtime image, which has none: the runtime finds it in
-# CHARRNN_KERNEL_DIR by a hash of its source and flags. Both variants are built (AVX2/FMA/F16C and
-# portable C), so a runtime CPU without AVX2 finds its own. `python -P` keeps /src off sys.path, so this
+# CHARRNN_KERNEL_DIR by a hash of its source and flags. Every build is made (bfloat16 for AVX512-BF16,
+# AVX2/FMA/F16C, portable C), so a runtime CPU unlike this one finds its own. `python -P` keeps /src off sys.path, so this
 # compiles (and checks for the default model in) the installed package, the one the runtime image gets.
 RUN pip install . \
  && CC=gcc CHARRNN_KERNEL_DIR=/opt/kernels python -P -c "from service import native_lstm; native_lstm.build_all(); assert native_lstm.load()" \

@@ -29,6 +29,7 @@ from torch import nn
 from model import plot
 from model.checkpoint import SUFFIX, load_checkpoint, save_checkpoint
 from model.config import RESUME_MAY_CHANGE, ModelConfig, TrainConfig
+from model.cpu import cpu_flags
 from model.data import Corpus, TrackBatcher, corpus_stats
 from model.distributed import Distributed
 from model.evaluate import bits_per_char, windowed_loss
@@ -84,11 +85,7 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
 
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX, which oneDNN's bf16 kernels need to be faster than float32 (Linux flags)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags)) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def learning_rate(cfg: TrainConfig, progress: float) -> float:

@@ -84,6 +84,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         prompt_cache_bytes=config.prompt_cache_bytes,
         native=config.native,
         kernel_dir=config.kernel_dir,
+        precision=config.precision,
     )
     service = Service(config, entries, engine, _metrics(engine, entries), _default_model(config, loaded))
     app.extensions["charrnn"] = service

@@ -185,10 +185,12 @@ class NativeLSTMBatch(FastLSTMBatch):
     can take turns on one batch; larger batches go through the parent's PyTorch step.
     """
 
-    def __init__(self, model: CharRNN, capacity: int, lib: Any):
+    def __init__(self, model: CharRNN, capacity: int, lib: Any, bf16: bool = False):
         super().__init__(model, capacity)
         if model.config.layers > native_lstm.MAX_LAYERS:
             raise ValueError("too many layers for the native kernel")
+        if bf16 and not bf16_capable(model, lib):
+            raise ValueError("this kernel or model cannot step in bfloat16 (see bf16_capable)")
         self.lib = lib
         self._ids_np = self.ids.numpy()
         net = native_lstm.Net(layers=model.config.layers, hidden=model.config.hidden)
@@ -205,13 +207,21 @@ class NativeLSTMBatch(FastLSTMBatch):
             net.b[layer] = 0 if b is None else b.data_ptr()
             net.wh[layer] = 0 if wh is None else wh.data_ptr()
             net.panels[layer] = 0 if panels is None else panels.data_ptr()
+        # bfloat16 arithmetic: every recurrent layer's weights rounded and paired, and the kernel steps
+        # every batch size, so that a row's text never depends on which arithmetic its batch got
+        self.bf16 = bf16
+        self.bpanels = [_bf16_panels(w) for w in self.weights] if bf16 else []
+        self.xb = torch.zeros(capacity, 2 * model.config.hidden, dtype=torch.bfloat16) if bf16 else None
+        for layer, panels in enumerate(self.bpanels):
+            net.bpanels[layer] = panels.data_ptr()
+        net.xb = None if self.xb is None else self.xb.data_ptr()
         net.hs, net.cs, net.gates, net.logits = (t.data_ptr() for t in (self.hs, self.cs, self.gates, self.out))
         self.net = ctypes.byref(net)
         self._net = net  # keeps the struct alive; the tensors it points into are attributes of self
 
     def step(self, ids: list[int]) -> None:
         n = len(ids)
-        if n > NATIVE_MAX_ROWS:
+        if n > NATIVE_MAX_ROWS and not self.bf16:
             super().step(ids)
             return
         self._ids_np[:n] = ids
@@ -226,16 +236,46 @@ def _panels(weights: torch.Tensor) -> torch.Tensor | None:
     return weights.view(rows, columns // 16, 16).transpose(0, 1).contiguous()
 
 
+def _bf16_panels(weights: torch.Tensor) -> torch.Tensor:
+    """weights (K, N) rounded to bfloat16 and packed as the kernel's bpanels (service/kernels/lstm_step.h):
+    N / 32 panels, each K / 2 pairs of rows of 32 columns, a column's two weights side by side."""
+    rows, columns = weights.shape
+    paired = weights.to(torch.bfloat16).view(rows // 2, 2, columns // 32, 32)
+    return paired.permute(2, 0, 3, 1).contiguous()
+
+
+def bf16_capable(model: CharRNN, lib: Any) -> bool:
+    """Whether `lib` (a kernel from native_lstm) can step this model in bfloat16: the kernel was built with
+    AVX512-BF16, and the panels fit (4H a multiple of 32, so hidden a multiple of 8; every K even)."""
+    return (
+        lib is not None
+        and bool(lib.charrnn_has_bf16())
+        and model.config.cell == "lstm"
+        and model.config.hidden % 8 == 0
+        and model.config.layers <= native_lstm.MAX_LAYERS
+    )
+
+
 def _exact_in_half(weights: torch.Tensor) -> bool:
     """Whether every value is a float16 value (a checkpoint stored in float16 loads as such)."""
     return bool(torch.equal(weights.half().float(), weights))
 
 
-def make_batch(model: CharRNN, capacity: int, lib: Any = None) -> RecurrentBatch:
+def make_batch(model: CharRNN, capacity: int, lib: Any = None, bf16: bool = False) -> RecurrentBatch:
     """The batch implementation for this model: the C kernel's step where there is one (`lib`, from
-    `native_lstm.load`) and the model is an LSTM, else the lean PyTorch LSTM step, else the module's."""
+    `native_lstm.load`) and the model is an LSTM, else the lean PyTorch LSTM step, else the module's.
+    With `bf16`, the kernel's bfloat16 arithmetic where it and the model allow it (`bf16_capable`)."""
     if model.config.cell != "lstm":
         return ModuleBatch(model, capacity)
     if lib is not None and model.config.layers <= native_lstm.MAX_LAYERS:
-        return NativeLSTMBatch(model, capacity, lib)
+        return NativeLSTMBatch(model, capacity, lib, bf16=bf16 and bf16_capable(model, lib))
     return FastLSTMBatch(model, capacity)
+
+
+def describe_batch(batch: RecurrentBatch) -> str:
+    """How a batch steps, for the log: which implementation, and the C kernel's arithmetic."""
+    if isinstance(batch, NativeLSTMBatch):
+        return "the C kernel, bfloat16 arithmetic" if batch.bf16 else "the C kernel, float32 arithmetic"
+    if isinstance(batch, FastLSTMBatch):
+        return "the PyTorch LSTM step"
+    return "the model's own module"

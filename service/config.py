@@ -37,6 +37,7 @@ TOP_LOGPROBS = 5  # alternatives per character a request may ask for
 DEFAULT_MAX_BATCH = 64  # generations stepped together (and, by default, Gunicorn threads per worker)
 DEFAULT_MAX_QUEUE = 256  # generations waiting for a batch slot
 DEFAULT_PROMPT_CACHE_BYTES = 64 << 20  # recurrent states of recently seen prompts
+PRECISIONS = ("auto", "fp32")  # the kernel's arithmetic (see ServiceConfig.precision)
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 _TRUE = ("1", "true", "yes", "on")
@@ -114,6 +115,8 @@ class ServiceConfig:
     torch_threads: int | None = _setting(None, 1)
     native: bool = True  # step small LSTM batches with the C kernel where it can be built (false: PyTorch only)
     kernel_dir: Path | None = None  # where compiled kernels are kept; None: ~/.cache/charrnn/kernels
+    # the kernel's arithmetic: auto, bfloat16 dot products where the CPU has them (AVX512-BF16); fp32 never
+    precision: str = _setting("auto", choices=PRECISIONS)
     docs: bool = True  # serve the API docs page at /docs
     playground: bool = True  # serve the playground page at /
     # -- read by Gunicorn's master (service/gunicorn_conf.py) --

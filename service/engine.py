@@ -33,8 +33,8 @@ from model.decoding import Decoder, Sample, SamplingParams, Token, check_request
 from model.network import CharRNN, state_tensors
 from model.sampling import PREFILL_CHUNK, prefill_chunks, start_ids
 from service import native_lstm
-from service.batch import RecurrentBatch, make_batch
-from service.config import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PROMPT_CACHE_BYTES
+from service.batch import RecurrentBatch, describe_batch, make_batch
+from service.config import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PROMPT_CACHE_BYTES, PRECISIONS
 from service.loading import LoadedModel
 from service.prompt_cache import PromptCache
 
@@ -176,9 +176,12 @@ class Engine:
         prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
         native: bool = True,
         kernel_dir: Path | None = None,
+        precision: str = "auto",
     ):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self.models = dict(models)
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -186,6 +189,8 @@ class Engine:
         self.prompt_cache = PromptCache(prompt_cache_bytes)
         self.native = native  # step and draw with the C kernel when it can be built
         self.kernel_dir = kernel_dir  # where that kernel is kept; None: the kernel loader's default
+        # "auto": the kernel steps in bfloat16 where it and the CPU can (service/batch.bf16_capable)
+        self.precision = precision
         self._decoders: dict[str, Decoder] = {}
         self._slots = max_batch if batching else 1
         self._wake = threading.Condition()
@@ -411,7 +416,9 @@ class Engine:
             batch = self._batches.get(loaded.name)
             if batch is None:
                 lib = native_lstm.load(directory=self.kernel_dir) if self.native else None
-                batch = self._batches[loaded.name] = make_batch(loaded.model, self.max_batch, lib)
+                bf16 = self.precision == "auto"
+                batch = self._batches[loaded.name] = make_batch(loaded.model, self.max_batch, lib, bf16=bf16)
+                log.info("model %s steps with %s", loaded.name, describe_batch(batch))
                 fast = None if lib is None else native_lstm.NativeDraw(lib, len(loaded.vocab))
                 self._decoders[loaded.name] = Decoder(loaded.vocab, fast)
             spec = job.spec

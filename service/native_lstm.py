@@ -7,7 +7,8 @@ machine can. One C call does a whole step (and one the draw), with the GIL relea
 
 The source is service/kernels/lstm_step.c with its header lstm_step.h (the layouts and the
 functions this module binds), shipped as package data. It is compiled on first use with the
-system's C compiler (`cc`, -O3, AVX2/FMA/F16C when the CPU has them) into a cache directory, keyed
+system's C compiler (`cc`, -O3; AVX2/FMA/F16C when the CPU has them, and AVX512-BF16 when it has that
+too: see `VARIANTS` and `cpu_variants`) into a cache directory, keyed
 by a hash of the source files' bytes and the flags; a kernel already there is used without a
 compiler (the Docker image's, built in its build stage). If there is neither, or `CHARRNN_NATIVE=0`,
 `load()` returns None and the engine uses its PyTorch step; a compiler that fails has its command
@@ -25,7 +26,9 @@ Weights stored as float16 (a checkpoint written by `charrnn export --half`, like
 model) are read as float16: every such weight converts back to the same float32, so nothing changes
 but the bytes read per step, which halve. One stream's step is matrix-vector products, bound by
 reading the weights (at hidden 512, 12 MB of float32 per character), so this is what makes it faster.
-Arithmetic stays float32 (see docs/ENGINE_INTERFACE.md on what rounding means for the text).
+Arithmetic is float32 (see docs/ENGINE_INTERFACE.md on what rounding means for the text), except in the
+bfloat16 build, where a batch may multiply its recurrent layers in bfloat16 (service/batch.py, `bf16`;
+the engine's `precision` setting): half the bytes again, and twice the products per instruction.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import torch
 
 # Every network's layer limit is the kernel's: the C side gets it as -DCHARRNN_MAX_LAYERS and reports it back.
 from model.config import MAX_LAYERS
+from model.cpu import has_bf16_dot
 from model.decoding import Sample
 from service import config
 
@@ -77,6 +81,8 @@ class Net(ctypes.Structure):
         ("logits", ctypes.c_void_p),
         ("wh", ctypes.c_void_p * MAX_LAYERS),
         ("panels", ctypes.c_void_p * MAX_LAYERS),
+        ("bpanels", ctypes.c_void_p * MAX_LAYERS),
+        ("xb", ctypes.c_void_p),
     ]
 
 
@@ -164,25 +170,36 @@ def load(native: str | bool | None = None, directory: str | os.PathLike[str] | N
     return _loaded[where]
 
 
-def open_kernel(simd: bool | None = None, directory: str | os.PathLike[str] | None = None) -> ctypes.CDLL:
-    """The kernel for `simd` (None: this CPU's), built into `directory` if not there yet, loaded and bound.
+def open_kernel(simd: bool | str | None = None, directory: str | os.PathLike[str] | None = None) -> ctypes.CDLL:
+    """The kernel build `simd` (see `_variant`; None: this CPU's best), built into `directory` if not
+    there yet, loaded and bound. With None, a build the compiler refuses (an old compiler without
+    -mavx512bf16) gives way to the next one this CPU runs.
 
     Raises (OSError, RuntimeError, subprocess.SubprocessError) where it cannot be built or trusted;
     `load()` is the forgiving, cached form of this.
     """
-    path = _build(simd, directory=directory)
+    variants = cpu_variants() if simd is None else [_variant(simd)]
+    for variant in variants[:-1]:
+        try:
+            path = _build(variant, directory=directory)
+        except KernelBuildError as exc:
+            log.warning("the %s kernel did not build (%s); trying the next one this CPU runs", variant, exc)
+            continue
+        return _bind(open_checked(path), path)
+    path = _build(variants[-1], directory=directory)
     return _bind(open_checked(path), path)
 
 
 def build_all(directory: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Compile every variant this architecture has (AVX2/FMA/F16C and portable) into the cache.
+    """Compile every build this architecture has (bf16, AVX2/FMA/F16C and portable) into the cache.
 
     For an image built on one machine and run on others (the Dockerfile's build stage): a runtime CPU
-    without AVX2 then finds its portable kernel instead of falling back to the PyTorch step. The
-    directory, if this creates it, is readable by every user (0755): the image runs as another user.
+    finds the build it runs (a CPU without AVX2 its portable kernel, one with AVX512-BF16 the bfloat16
+    one) instead of falling back to the PyTorch step. The directory, if this creates it, is readable by
+    every user (0755): the image runs as another user.
     """
-    variants = [True, False] if platform.machine().lower() in ("x86_64", "amd64") else [False]
-    return [_build(simd, dir_mode=0o755, directory=directory) for simd in variants]
+    variants = list(VARIANTS) if platform.machine().lower() in ("x86_64", "amd64") else ["portable"]
+    return [_build(variant, dir_mode=0o755, directory=directory) for variant in variants]
 
 
 def open_checked(path: Path) -> ctypes.CDLL:
@@ -241,13 +258,47 @@ def _check_trusted(info: os.stat_result, path: Path, what: str) -> None:
         )
 
 
+# The kernel's builds, from the most capable: what each asks of the CPU is what its flags let the compiler use.
+_AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+VARIANTS = {
+    "bf16": [*_AVX2, "-mavx512f", "-mavx512vl", "-mavx512bf16"],  # + bfloat16 dot products (vdpbf16ps)
+    "avx2": _AVX2,
+    "portable": [],
+}
+
+
 def _cpu_has_avx2() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
-def _flags(simd: bool) -> list[str]:
-    simd_flags = ["-mavx2", "-mfma", "-mf16c"] if simd else []
-    return ["-O3", "-fPIC", "-shared", "-fno-math-errno", f"-DCHARRNN_MAX_LAYERS={MAX_LAYERS}", *simd_flags]
+def cpu_variants() -> list[str]:
+    """The builds this CPU runs, the fastest first (a build the compiler refuses falls to the next)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["portable"]
+    usable = ["avx2", "portable"] if _cpu_has_avx2() else ["portable"]
+    return ["bf16", *usable] if has_bf16_dot() and _cpu_has_avx2() else usable
+
+
+def _variant(simd: bool | str | None) -> str:
+    """A build's name from `simd`: None, this CPU's best; True, AVX2; False, portable; or the name itself."""
+    if simd is None:
+        return cpu_variants()[0]
+    if isinstance(simd, bool):
+        return "avx2" if simd else "portable"
+    if simd not in VARIANTS:
+        raise ValueError(f"no kernel build {simd!r}; there are {', '.join(VARIANTS)}")
+    return simd
+
+
+def _flags(simd: bool | str | None) -> list[str]:
+    return [
+        "-O3",
+        "-fPIC",
+        "-shared",
+        "-fno-math-errno",
+        f"-DCHARRNN_MAX_LAYERS={MAX_LAYERS}",
+        *VARIANTS[_variant(simd)],
+    ]
 
 
 def sources() -> dict[str, bytes]:
@@ -255,14 +306,16 @@ def sources() -> dict[str, bytes]:
     return {name: (SOURCE_DIR / name).read_bytes() for name in SOURCE_FILES}
 
 
-def _build(simd: bool | None = None, dir_mode: int = 0o700, directory: str | os.PathLike[str] | None = None) -> Path:
+def _build(
+    simd: bool | str | None = None, dir_mode: int = 0o700, directory: str | os.PathLike[str] | None = None
+) -> Path:
     """Compile the sources into the cache (once per source and flags); concurrent builders are harmless.
 
-    `simd` None means what this CPU runs: AVX2/FMA/F16C where it has AVX2, else portable C. The cache
+    `simd` as for `_variant` (None: the best build this CPU runs, see `cpu_variants`). The cache
     directory is created with `dir_mode`, and an existing one must be trusted (see `open_checked`).
     What is compiled is a copy of the very bytes the cache key was computed from.
     """
-    flags = _flags(_cpu_has_avx2() if simd is None else simd)
+    flags = _flags(simd)
     code = sources()
     target = _kernel_path(flags, code, directory)
     if os.path.lexists(target):  # built earlier, maybe elsewhere (the Docker image's build stage): no compiler needed
@@ -303,9 +356,9 @@ def _compile(command: list[str]) -> None:
         log.debug("the compiler's output for the native kernel: %s\n%s", shown, output)
 
 
-def kernel_path(simd: bool | None = None, directory: str | os.PathLike[str] | None = None) -> Path:
-    """Where the kernel for `simd` (None: this CPU's) is kept: named by a hash of the sources and flags."""
-    return _kernel_path(_flags(_cpu_has_avx2() if simd is None else simd), sources(), directory)
+def kernel_path(simd: bool | str | None = None, directory: str | os.PathLike[str] | None = None) -> Path:
+    """Where the kernel build `simd` (None: this CPU's best) is kept: named by a hash of the sources and flags."""
+    return _kernel_path(_flags(simd), sources(), directory)
 
 
 def _kernel_path(flags: list[str], code: dict[str, bytes], directory: str | os.PathLike[str] | None) -> Path:
@@ -337,6 +390,7 @@ KERNEL_FUNCTIONS = (
     "charrnn_draw",
     "charrnn_draw_rows",
     "charrnn_half_to_float",
+    "charrnn_has_bf16",
     "charrnn_max_layers",
     "charrnn_net_size",
 )
@@ -371,4 +425,6 @@ def _bind(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL:
     lib.charrnn_draw_rows.restype = None
     lib.charrnn_half_to_float.argtypes = [ctypes.c_uint16]
     lib.charrnn_half_to_float.restype = ctypes.c_float
+    lib.charrnn_has_bf16.argtypes = []
+    lib.charrnn_has_bf16.restype = ctypes.c_int
     return lib

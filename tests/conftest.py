@@ -16,6 +16,7 @@ from typing import NoReturn
 import pytest
 import torch
 
+from model.cpu import has_bf16_dot
 from model.data import load_corpus
 from service import native_lstm
 from tests.helpers import GunicornServer, make_text, make_word_text, start_gunicorn, train_tiny
@@ -53,6 +54,20 @@ def native_kernel(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
         return native_lstm.open_kernel(directory=tmp_path_factory.getbasetemp() / "kernels")
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         kernel_unavailable(f"the native kernel did not build or load: {exc}")
+
+
+@pytest.fixture(scope="session")
+def bf16_kernel(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    """The kernel's bfloat16 build, where this CPU has AVX512-BF16 (a skip elsewhere, in CI too: the
+    CPU is not the project's to choose); built into the session's temporary kernel directory."""
+    if not has_bf16_dot():
+        pytest.skip("this CPU has no AVX512-BF16 (bfloat16 dot products): the kernel steps in float32 here")
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        kernel_unavailable("no C compiler (cc) to build the native kernel with")
+    try:
+        return native_lstm.open_kernel("bf16", directory=tmp_path_factory.getbasetemp() / "kernels")
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        kernel_unavailable(f"the bfloat16 kernel did not build or load: {exc}")
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from model.config import ModelConfig
 from model.network import CharRNN, state_tensors
 from model.sampling import prefill
 from service import native_lstm
-from service.batch import FastLSTMBatch, ModuleBatch, NativeLSTMBatch, RecurrentBatch
+from service.batch import FastLSTMBatch, ModuleBatch, NativeLSTMBatch, RecurrentBatch, bf16_capable, make_batch
 
 
 def odd_model(layers: int = 3, hidden: int = 37, vocab: int = 29, half: bool = False) -> CharRNN:
@@ -130,3 +130,66 @@ def test_the_kernel_gives_a_row_the_same_bits_whatever_shares_its_batch(
         batch.step([row % 29 for row in range(rows)])
         for row in range(rows):
             assert torch.equal(batch.logits[row], alone[row]), (rows, row)
+
+
+def bf16_reference(model: CharRNN) -> CharRNN:
+    """`model` with its recurrent weights rounded to bfloat16 (what the bf16 kernel multiplies by)."""
+    rounded = CharRNN(model.config).eval()
+    rounded.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for name, param in rounded.rnn.named_parameters():
+            if name.startswith("weight_hh") or (name.startswith("weight_ih") and not name.endswith("l0")):
+                param.copy_(param.bfloat16().float())
+    return rounded
+
+
+@pytest.mark.parametrize("rows", [1, 5, 8, 30, 70])  # 70: past NATIVE_MAX_ROWS, still the kernel
+def test_the_bf16_kernel_steps_like_the_module_with_bf16_weights(rows: int, bf16_kernel: Any) -> None:
+    """The bfloat16 step is the model with its recurrent weights rounded to bfloat16, and each h rounded
+    as it is multiplied: close to that model's step, not to the float32 one's bits."""
+    model = odd_model(layers=2, hidden=40)  # 4H = 160: five 32-column panels
+    batch = NativeLSTMBatch(model, 80, bf16_kernel, bf16=True)
+    reference = ModuleBatch(bf16_reference(model), 80)
+    fill(batch, model, rows)
+    fill(reference, model, rows)
+    with torch.inference_mode():
+        for step in range(6):
+            ids = [(7 * row + step) % model.config.vocab_size for row in range(rows)]
+            batch.step(ids)
+            reference.step(ids)
+            torch.testing.assert_close(batch.logits, reference.logits, rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("rows", [2, 7, 8, 9, 17, 70])
+def test_the_bf16_kernel_gives_a_row_the_same_bits_whatever_shares_its_batch(rows: int, bf16_kernel: Any) -> None:
+    """Blocks of 1 to 8 rows fold every element the same way, and every batch size is the kernel's:
+    a row's logits and state are the same bits alone and at any place in any batch."""
+    model = odd_model(layers=2, hidden=40)
+    together = NativeLSTMBatch(model, 80, bf16_kernel, bf16=True)
+    fill(together, model, rows)
+    with torch.inference_mode():
+        for step in range(3):
+            together.step([(5 * row + step) % 29 for row in range(rows)])
+        for row in (0, rows // 2, rows - 1):
+            alone = NativeLSTMBatch(model, 80, bf16_kernel, bf16=True)
+            fill(alone, model, row + 1)
+            alone.keep([row])
+            for step in range(3):
+                alone.step([(5 * row + step) % 29])
+            assert torch.equal(alone.logits[0], together.logits[row]), (rows, row)
+            for mine, theirs in zip(alone.state, together.state, strict=True):
+                assert torch.equal(mine[:, 0], theirs[:, row])
+
+
+def test_bf16_needs_a_kernel_and_a_model_that_can(bf16_kernel: Any, tmp_path) -> None:
+    assert bf16_capable(odd_model(layers=2, hidden=40), bf16_kernel)
+    assert not bf16_capable(odd_model(), bf16_kernel)  # hidden 37: 4H is no multiple of 32
+    with pytest.raises(ValueError, match="bfloat16"):
+        NativeLSTMBatch(odd_model(), 8, bf16_kernel, bf16=True)
+    avx2 = native_lstm.open_kernel("avx2", directory=tmp_path)  # built without AVX512-BF16
+    assert not avx2.charrnn_has_bf16()
+    assert not bf16_capable(odd_model(layers=2, hidden=40), avx2)
+    # make_batch falls back to float32 where bf16 is asked for but cannot be had
+    assert not make_batch(odd_model(), 8, bf16_kernel, bf16=True).bf16
+    assert make_batch(odd_model(layers=2, hidden=40), 8, bf16_kernel, bf16=True).bf16
+    assert not make_batch(odd_model(layers=2, hidden=40), 8, bf16_kernel, bf16=False).bf16

@@ -136,13 +136,17 @@ def test_every_kernel_variant_is_built_ahead_for_cpus_unlike_the_builder(monkeyp
         pytest.skip("no C compiler to build the kernel with")
     monkeypatch.setenv("CHARRNN_KERNEL_DIR", str(tmp_path))
     built = native_lstm.build_all()
-    assert len(set(built)) == (2 if platform.machine().lower() in ("x86_64", "amd64") else 1)
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    assert len(set(built)) == (3 if x86 else 1)  # bfloat16 (AVX512-BF16), AVX2, portable
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # the runtime image: no compiler
     monkeypatch.setenv("CC", "no-such-compiler")
-    for avx2 in (False, True) if len(built) == 2 else (False,):
+    cpus = [(False, False), (True, False), (True, True)] if x86 else [(False, False)]  # (AVX2, AVX512-BF16)
+    for avx2, bf16 in cpus:
         monkeypatch.setattr(native_lstm, "_cpu_has_avx2", lambda avx2=avx2: avx2)
+        monkeypatch.setattr(native_lstm, "has_bf16_dot", lambda bf16=bf16: bf16)
         assert native_lstm._build() in built
     monkeypatch.setattr(native_lstm, "_cpu_has_avx2", lambda: False)
+    monkeypatch.setattr(native_lstm, "has_bf16_dot", lambda: False)
     monkeypatch.setattr(native_lstm, "_loaded", {})
     assert native_lstm.load() is not None  # the portable kernel runs on any CPU, this one included
 

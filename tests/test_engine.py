@@ -1,4 +1,8 @@
-"""The generation engine: batched text equals `model.sampling.generate`, whatever shares the batch."""
+"""The generation engine: batched text equals `model.sampling.generate`, whatever shares the batch.
+
+Every engine here computes in float32 (precision="fp32"), which is what matches `generate`; the
+kernel's bfloat16 arithmetic (precision "auto" on a CPU with AVX512-BF16) is checked for what it
+promises instead, a text independent of its batch, in test_bf16_texts_do_not_depend_on_the_batch."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from model.sampling import SamplingError, SamplingParams, Token, generate
+from service.batch import describe_batch
 from service.engine import Engine, EngineClosedError, JobSpec, QueueFullError
 from service.loading import LoadedModel
 from tests.helpers import MIXED_PARAMS, tiny_model
@@ -23,7 +28,7 @@ def loaded(request: pytest.FixtureRequest) -> LoadedModel:
 
 @pytest.fixture
 def engine(loaded: LoadedModel) -> Iterator[Engine]:
-    engine = Engine({loaded.name: loaded}, max_batch=8, max_queue=64)
+    engine = Engine({loaded.name: loaded}, precision="fp32", max_batch=8, max_queue=64)
     engine.start()
     yield engine
     engine.close(timeout=5)
@@ -74,7 +79,7 @@ def test_jobs_give_the_same_text_as_generate(
 ) -> None:
     if native and loaded.name == "lstm":  # the C kernel's case: it must be there (in CI) to be compared
         request.getfixturevalue("native_kernel")
-    engine = Engine({loaded.name: loaded}, max_batch=6, batching=batching, native=native)
+    engine = Engine({loaded.name: loaded}, precision="fp32", max_batch=6, batching=batching, native=native)
     engine.start()
     specs = mixed_specs(loaded, 15)
     jobs = [engine.submit(s) for s in specs]  # more jobs than slots: some wait, then join mid-batch
@@ -88,7 +93,7 @@ def test_jobs_give_the_same_text_as_generate(
 
 
 def test_the_first_token_is_bitwise_equal_to_generate(loaded: LoadedModel) -> None:
-    engine = Engine({loaded.name: loaded}, batching=False)
+    engine = Engine({loaded.name: loaded}, precision="fp32", batching=False)
     engine.start()
     s = spec(loaded, n=80, top_logprobs=3)
     tokens, want = engine.submit(s).result(timeout=60)[0], reference(loaded, s)[0]
@@ -126,7 +131,7 @@ def test_cancel_frees_the_slot(engine: Engine, loaded: LoadedModel) -> None:
 
 
 def test_cancel_a_queued_job(loaded: LoadedModel) -> None:
-    engine = Engine({loaded.name: loaded}, batching=False)
+    engine = Engine({loaded.name: loaded}, precision="fp32", batching=False)
     engine.start()
     running = engine.submit(spec(loaded, n=LONG))
     queued = engine.submit(spec(loaded, n=10))
@@ -145,7 +150,7 @@ def test_deadline_ends_a_job(engine: Engine, loaded: LoadedModel) -> None:
 
 
 def test_deadline_while_queued(loaded: LoadedModel) -> None:
-    engine = Engine({loaded.name: loaded}, batching=False)
+    engine = Engine({loaded.name: loaded}, precision="fp32", batching=False)
     engine.start()
     running = engine.submit(spec(loaded, n=LONG))
     queued = engine.submit(spec(loaded, n=10, timeout=0.01))
@@ -155,7 +160,7 @@ def test_deadline_while_queued(loaded: LoadedModel) -> None:
 
 
 def test_full_queue_refuses_with_retry_after(loaded: LoadedModel) -> None:
-    engine = Engine({loaded.name: loaded}, max_queue=2)  # not started: nothing leaves the queue
+    engine = Engine({loaded.name: loaded}, precision="fp32", max_queue=2)  # not started: nothing leaves the queue
     jobs = [engine.submit(spec(loaded)) for _ in range(2)]
     assert engine.queue_depth == 2
     with pytest.raises(QueueFullError) as info:
@@ -166,7 +171,7 @@ def test_full_queue_refuses_with_retry_after(loaded: LoadedModel) -> None:
 
 
 def test_closed_engine_refuses_jobs(loaded: LoadedModel) -> None:
-    engine = Engine({loaded.name: loaded})
+    engine = Engine({loaded.name: loaded}, precision="fp32")
     engine.start()
     engine.close()
     with pytest.raises(EngineClosedError):
@@ -174,7 +179,7 @@ def test_closed_engine_refuses_jobs(loaded: LoadedModel) -> None:
 
 
 def test_close_lets_running_jobs_finish(loaded: LoadedModel) -> None:
-    engine = Engine({loaded.name: loaded})
+    engine = Engine({loaded.name: loaded}, precision="fp32")
     engine.start()
     jobs = [engine.submit(spec(loaded, n=200, seed=s)) for s in range(3)]
     engine.close(timeout=60)
@@ -226,7 +231,7 @@ def test_prompt_cache_hit_gives_the_same_text(engine: Engine, loaded: LoadedMode
 
 
 def test_prompt_cache_stays_within_its_bytes(loaded: LoadedModel) -> None:
-    engine = Engine({loaded.name: loaded}, prompt_cache_bytes=4096)
+    engine = Engine({loaded.name: loaded}, precision="fp32", prompt_cache_bytes=4096)
     engine.start()
     for i in range(20):
         engine.submit(spec(loaded, "prompt " + "abcdefghij"[i % 10] * (i + 1), n=2)).result(timeout=60)
@@ -236,7 +241,7 @@ def test_prompt_cache_stays_within_its_bytes(loaded: LoadedModel) -> None:
 
 
 def test_heartbeat_yields_empty_chunks_while_waiting(loaded: LoadedModel) -> None:
-    engine = Engine({loaded.name: loaded})  # not started: the job waits in the queue
+    engine = Engine({loaded.name: loaded}, precision="fp32")  # not started: the job waits in the queue
     job = engine.submit(spec(loaded))
     assert next(job.chunks(heartbeat=0.01)) == []
     job.cancel()
@@ -245,7 +250,7 @@ def test_heartbeat_yields_empty_chunks_while_waiting(loaded: LoadedModel) -> Non
 
 
 def test_many_threads_submit_and_read_at_once(loaded: LoadedModel) -> None:
-    engine = Engine({loaded.name: loaded}, max_batch=16)
+    engine = Engine({loaded.name: loaded}, precision="fp32", max_batch=16)
     engine.start()
     specs = mixed_specs(loaded, 24)
     results: dict[int, list[Token]] = {}
@@ -265,7 +270,7 @@ def test_many_threads_submit_and_read_at_once(loaded: LoadedModel) -> None:
 
 def test_two_models_are_batched_apart() -> None:
     a, b = tiny_model("lstm", seed=1), tiny_model("gru", seed=2)
-    engine = Engine({a.name: a, b.name: b})
+    engine = Engine({a.name: a, b.name: b}, precision="fp32")
     engine.start()
     specs = [spec(m, n=30, seed=i) for i in range(4) for m in (a, b)]
     jobs = [engine.submit(s) for s in specs]
@@ -294,7 +299,7 @@ def test_streams_keep_stepping_while_a_long_prompt_is_read(loaded: LoadedModel, 
 
     monkeypatch.setattr(sampling, "PREFILL_CHUNK", 8)
     monkeypatch.setattr("service.engine.PREFILL_CHUNK", 8)
-    engine = Engine({loaded.name: loaded}, max_batch=4, max_queue=8)
+    engine = Engine({loaded.name: loaded}, precision="fp32", max_batch=4, max_queue=8)
     engine.start()
     try:
         stream = engine.submit(spec(loaded, "a", n=LONG))
@@ -317,3 +322,20 @@ def test_streams_keep_stepping_while_a_long_prompt_is_read(loaded: LoadedModel, 
         stream.cancel()
     finally:
         engine.close(timeout=5)
+
+
+def test_bf16_texts_do_not_depend_on_the_batch(bf16_kernel: object) -> None:
+    """With the kernel's bfloat16 arithmetic (precision "auto" on this CPU), a seeded job gives the same
+    text alone as among other jobs of every kind, joining mid-batch or not."""
+    loaded = tiny_model("lstm")
+    engine = Engine({loaded.name: loaded}, max_batch=16, max_queue=64)  # precision "auto"
+    engine.start()
+    try:
+        specs = mixed_specs(loaded, 12)
+        alone = [engine.submit(s).result(timeout=60)[0] for s in specs]
+        assert "bfloat16" in describe_batch(engine._batches[loaded.name])
+        crowd = [engine.submit(s) for s in specs + mixed_specs(loaded, 20)[::-1]]
+        for job, want in zip(crowd, alone, strict=False):
+            assert job.result(timeout=60)[0] == want  # the same characters and the same logprob bits
+    finally:
+        engine.close()

@@ -11,6 +11,13 @@
 #if defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
+#if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512F__)
+#define CHARRNN_BF16 1
+#else
+#define CHARRNN_BF16 0
+#endif
+
+int charrnn_has_bf16(void) { return CHARRNN_BF16; }
 
 int charrnn_max_layers(void) { return CHARRNN_MAX_LAYERS; }
 size_t charrnn_net_size(void) { return sizeof(Net); }
@@ -232,8 +239,71 @@ static void matmul_batch_h(int n, int K, int N, const float *x, int ldx, const u
 
 #endif
 
+#if CHARRNN_BF16
+/* float32 -> bfloat16 bits, rounded to nearest even (as torch's .to(torch.bfloat16) rounds the weights);
+   a NaN stays a NaN. */
+static inline uint16_t to_bf16(float f) {
+    union { float f; uint32_t u; } v = { f };
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+/* Rows 0 .. R - 1 (R <= 8) of y, the 32 columns of one panel, over all K = 2 * K2:
+       acc = y[r][c];  for k2 = 0 .. K2 - 1: acc = vdpbf16ps(acc, (x[r][2 k2], x[r][2 k2 + 1]), (w[2 k2][c], w[2 k2 + 1][c]))
+   The same fold for every element whatever R is (so whatever shares the batch); each pair of weights
+   loaded once for R rows, 2R independent chains. */
+static inline __attribute__((always_inline)) void bblock(const int R, int K2, int N, const uint16_t *xb, int ldxb,
+                                                         const uint16_t *panel, float *y) {
+    __m512 a[8][2];
+    for (int r = 0; r < R; r++) a[r][0] = _mm512_loadu_ps(y + (size_t)r * N), a[r][1] = _mm512_loadu_ps(y + (size_t)r * N + 16);
+    for (int k = 0; k < K2; k++) {
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + (size_t)k * 64);
+        const __m512bh w1 = (__m512bh)_mm512_loadu_si512(panel + (size_t)k * 64 + 32);
+        for (int r = 0; r < R; r++) {
+            int32_t pair;
+            memcpy(&pair, xb + (size_t)r * ldxb + 2 * k, sizeof pair);
+            const __m512bh b = (__m512bh)_mm512_set1_epi32(pair);
+            a[r][0] = _mm512_dpbf16_ps(a[r][0], b, w0);
+            a[r][1] = _mm512_dpbf16_ps(a[r][1], b, w1);
+        }
+    }
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(y + (size_t)r * N, a[r][0]), _mm512_storeu_ps(y + (size_t)r * N + 16, a[r][1]);
+}
+
+/* bblock with R a constant, each its own loop with its accumulators in registers. */
+#define BBLOCK(R)                                                                                  \
+    static __attribute__((noinline)) void bblock##R(int K2, int N, const uint16_t *xb, int ldxb, \
+                                                    const uint16_t *panels, float *y) {            \
+        for (int j = 0; j < N; j += 32) bblock(R, K2, N, xb, ldxb, panels + (size_t)j * 2 * K2, y + j); \
+    }
+BBLOCK(1) BBLOCK(2) BBLOCK(3) BBLOCK(4) BBLOCK(5) BBLOCK(6) BBLOCK(7) BBLOCK(8)
+#undef BBLOCK
+
+static void (*const bblocks[9])(int, int, const uint16_t *, int, const uint16_t *, float *) = {
+    NULL, bblock1, bblock2, bblock3, bblock4, bblock5, bblock6, bblock7, bblock8,
+};
+
+/* y (n, N) += bf16(x) (n, K; row stride ldx) @ the bfloat16 panels: x rounded into xb, then groups of
+   eight rows (the last group what is left) by 8 x 32 blocks. */
+static void matmul_bf16(const Net *net, int n, int K, int N, const float *x, int ldx, const uint16_t *panels, float *y) {
+    uint16_t *xb = net->xb;
+    for (int r = 0; r < n; r++)
+        for (int k = 0; k < K; k++) xb[(size_t)r * K + k] = to_bf16(x[(size_t)r * ldx + k]);
+    for (int r = 0; r < n; r += 8) {
+        const int R = n - r < 8 ? n - r : 8;
+        bblocks[R](K / 2, N, xb + (size_t)r * K, K, panels, y + (size_t)r * N);
+    }
+}
+#endif
+
 /* y (n, 4H) += x @ layer l's recurrent weights, in whichever precision the net holds them. */
 static void recurrent_acc(const Net *net, int l, int n, int K, const float *x, int ldx, float *y) {
+#if CHARRNN_BF16
+    if (net->bpanels[l]) {
+        matmul_bf16(net, n, K, 4 * net->hidden, x, ldx, net->bpanels[l], y);
+        return;
+    }
+#endif
     if (net->wh[l]) matmul_batch_h(n, K, 4 * net->hidden, x, ldx, net->wh[l], net->panels[l], y);
     else matmul_batch(n, K, 4 * net->hidden, x, ldx, net->w[l], net->panels[l], y);
 }

@@ -32,6 +32,14 @@ typedef struct {
        panel[(j / 16) * K * 16 + k * 16 + c] = w[k][j + c], so a 4 x 16 block reads its weights in order.
        NULL where 4H is not a multiple of 16 (the block then reads w[l] itself). */
     const void *panels[CHARRNN_MAX_LAYERS];
+    /* bfloat16 arithmetic (a kernel built with AVX512-BF16, where the CPU has it; see charrnn_has_bf16):
+       w[l] rounded to bfloat16 and packed in panels of 32 columns by pairs of k,
+           bpanels[l][((j / 32) * (K / 2) + k / 2) * 64 + 2 * c + k % 2] = bf16(w[l][k][j + c]),
+       so one vdpbf16ps multiplies a pair of x by a pair of rows for 16 columns. Set for every layer or
+       for none (NULL: float32 arithmetic); needs 4H a multiple of 32 and K even (the loader checks).
+       xb (capacity, 2H) holds the rows of x rounded to bfloat16 while a layer is multiplied. */
+    const uint16_t *bpanels[CHARRNN_MAX_LAYERS];
+    uint16_t *xb;
 } Net;
 
 /* One step of n rows: ids (n,) -> logits (n, vocab); hs and cs move on by one character. */
@@ -44,6 +52,9 @@ int64_t charrnn_draw(const float *z, int V, float temperature, const float *q, f
 /* charrnn_draw for each row r of logits (n, V) whose temperature is > 0, with noise[r] (V,). */
 void charrnn_draw_rows(int n, int V, const float *logits, const float *temps, const float *const *noise,
                        int64_t *ids, float *logprobs);
+
+/* 1 if this library was built with the bfloat16 step (AVX512-BF16 and AVX512-VL), else 0. */
+int charrnn_has_bf16(void);
 
 /* A float16 value (its bits) as float32: exact; exported for the tests. */
 float charrnn_half_to_float(uint16_t h);

@@ -1,0 +1,25 @@
+"""What this CPU offers, from the flags Linux lists in /proc/cpuinfo (none elsewhere)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (avx2, avx512_bf16, ...); empty where /proc/cpuinfo cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def has_bf16_dot() -> bool:
+    """Whether the CPU multiplies bfloat16 pairs natively into float32 sums (AVX512-BF16's vdpbf16ps)."""
+    return {"avx512f", "avx512vl", "avx512_bf16"} <= cpu_flags()
