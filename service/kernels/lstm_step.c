@@ -270,11 +270,11 @@ static inline __attribute__((always_inline)) void bblock(const int R, int K2, in
     for (int r = 0; r < R; r++) _mm512_storeu_ps(y + (size_t)r * N, a[r][0]), _mm512_storeu_ps(y + (size_t)r * N + 16, a[r][1]);
 }
 
-/* bblock with R a constant, each its own loop with its accumulators in registers. */
-#define BBLOCK(R)                                                                                  \
-    static __attribute__((noinline)) void bblock##R(int K2, int N, const uint16_t *xb, int ldxb, \
-                                                    const uint16_t *panels, float *y) {            \
-        for (int j = 0; j < N; j += 32) bblock(R, K2, N, xb, ldxb, panels + (size_t)j * 2 * K2, y + j); \
+/* bblock with R a constant, each its own function with its accumulators in registers. */
+#define BBLOCK(R)                                                                                               \
+    static __attribute__((noinline)) void bblock##R(int K2, int N, const uint16_t *xb, int ldxb, const uint16_t *panel, \
+                                                    float *y) {                                                 \
+        bblock(R, K2, N, xb, ldxb, panel, y);                                                                   \
     }
 BBLOCK(1) BBLOCK(2) BBLOCK(3) BBLOCK(4) BBLOCK(5) BBLOCK(6) BBLOCK(7) BBLOCK(8)
 #undef BBLOCK
@@ -283,16 +283,19 @@ static void (*const bblocks[9])(int, int, const uint16_t *, int, const uint16_t 
     NULL, bblock1, bblock2, bblock3, bblock4, bblock5, bblock6, bblock7, bblock8,
 };
 
-/* y (n, N) += bf16(x) (n, K; row stride ldx) @ the bfloat16 panels: x rounded into xb, then groups of
-   eight rows (the last group what is left) by 8 x 32 blocks. */
+/* y (n, N) += bf16(x) (n, K; row stride ldx) @ the bfloat16 panels: x rounded into xb, then for each
+   panel every group of eight rows (the last group what is left) by an 8 x 32 block. Panel by panel, so
+   that a panel (K x 32 bfloat16: 64 KB at K = 1024) is read from memory once and from cache by the
+   other groups, and the rows of x (n x K bfloat16) stay in cache throughout. */
 static void matmul_bf16(const Net *net, int n, int K, int N, const float *x, int ldx, const uint16_t *panels, float *y) {
     uint16_t *xb = net->xb;
     for (int r = 0; r < n; r++)
         for (int k = 0; k < K; k++) xb[(size_t)r * K + k] = to_bf16(x[(size_t)r * ldx + k]);
-    for (int r = 0; r < n; r += 8) {
-        const int R = n - r < 8 ? n - r : 8;
-        bblocks[R](K / 2, N, xb + (size_t)r * K, K, panels, y + (size_t)r * N);
-    }
+    for (int j = 0; j < N; j += 32)
+        for (int r = 0; r < n; r += 8) {
+            const int R = n - r < 8 ? n - r : 8;
+            bblocks[R](K / 2, N, xb + (size_t)r * K, K, panels + (size_t)j * K, y + (size_t)r * N + j);
+        }
 }
 #endif
 
