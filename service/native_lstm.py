@@ -295,6 +295,7 @@ def _flags(simd: bool | str | None) -> list[str]:
         "-O3",
         "-fPIC",
         "-shared",
+        "-pthread",  # the bfloat16 step's helper threads
         "-fno-math-errno",
         f"-DCHARRNN_MAX_LAYERS={MAX_LAYERS}",
         *VARIANTS[_variant(simd)],
@@ -392,6 +393,7 @@ KERNEL_FUNCTIONS = (
     "charrnn_half_to_float",
     "charrnn_has_bf16",
     "charrnn_max_layers",
+    "charrnn_set_threads",
     "charrnn_net_size",
 )
 
@@ -427,4 +429,6 @@ def _bind(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL:
     lib.charrnn_half_to_float.restype = ctypes.c_float
     lib.charrnn_has_bf16.argtypes = []
     lib.charrnn_has_bf16.restype = ctypes.c_int
+    lib.charrnn_set_threads.argtypes = [ctypes.c_int]
+    lib.charrnn_set_threads.restype = ctypes.c_int
     return lib

@@ -7,7 +7,10 @@
 #include "lstm_step.h"
 
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <string.h>
+#include <unistd.h>
 #if defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -32,9 +35,10 @@ static inline float exp_(float x) {
     float y = ((((1.9875691500e-4f * x + 1.3981999507e-3f) * x + 8.3334519073e-3f) * x + 4.1665795894e-2f) * x
                + 1.6666665459e-1f) * x + 5.0000001201e-1f;
     y = y * z + x + 1.0f;
-    union { int32_t i; float f; } scale;
-    scale.i = ((int32_t)fx + 127) << 23;
-    return y * scale.f;
+    const int32_t bits = ((int32_t)fx + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale); /* 2^fx; a copy, not a union, which kept GCC from vectorizing */
+    return y * scale;
 }
 
 static inline float sigmoid_(float x) { return 1.0f / (1.0f + exp_(-x)); }
@@ -283,21 +287,119 @@ static void (*const bblocks[9])(int, int, const uint16_t *, int, const uint16_t 
     NULL, bblock1, bblock2, bblock3, bblock4, bblock5, bblock6, bblock7, bblock8,
 };
 
-/* y (n, N) += bf16(x) (n, K; row stride ldx) @ the bfloat16 panels: x rounded into xb, then for each
-   panel every group of eight rows (the last group what is left) by an 8 x 32 block. Panel by panel, so
-   that a panel (K x 32 bfloat16: 64 KB at K = 1024) is read from memory once and from cache by the
-   other groups, and the rows of x (n x K bfloat16) stay in cache throughout. */
+/* One product y (n, N) += xb @ panels, cut into units of one panel by one group of eight rows (the
+   last group what is left), unit u = (panel u / groups, group u % groups): taken one at a time by
+   whichever thread gets there first (an atomic counter), so a helper that the OS has put aside holds
+   up no more than the one unit it has. Which thread computes a unit changes nothing in it. */
+typedef struct {
+    int n, K, N, groups, units;
+    const uint16_t *xb, *panels;
+    float *y;
+    atomic_int next;
+    int attached; /* helpers working on it; under pool.lock */
+} Shared;
+
+static void shared_work(Shared *job) {
+    for (;;) {
+        const int u = atomic_fetch_add_explicit(&job->next, 1, memory_order_relaxed);
+        if (u >= job->units) return;
+        const int j = (u / job->groups) * 32, r = (u % job->groups) * 8, R = job->n - r < 8 ? job->n - r : 8;
+        bblocks[R](job->K / 2, job->N, job->xb + (size_t)r * job->K, job->K, job->panels + (size_t)j * job->K,
+                   job->y + (size_t)r * job->N + j);
+    }
+}
+
+/* The helper threads: started by charrnn_set_threads, asleep until a product is shared. A caller
+   publishes its Shared under the lock and wakes them, works on it itself, then withdraws it and
+   waits until no helper is attached, so that a late helper never sees a product that has ended. One
+   caller shares at a time (`busy`); another works alone meanwhile. After a fork only the forking thread
+   exists: `owner` tells the child that the helpers are not its own, and it works alone. */
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t wake, left;
+    Shared *job;
+    unsigned long generation;
+    int helpers;
+    pid_t owner;
+    atomic_flag busy;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0, 0, 0, ATOMIC_FLAG_INIT};
+
+static void *helper_main(void *unused) {
+    (void)unused;
+    unsigned long seen = 0;
+    pthread_mutex_lock(&pool.lock);
+    for (;;) {
+        while (pool.generation == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+        seen = pool.generation;
+        Shared *job = pool.job;
+        if (!job) continue;
+        job->attached++;
+        pthread_mutex_unlock(&pool.lock);
+        shared_work(job);
+        pthread_mutex_lock(&pool.lock);
+        if (--job->attached == 0) pthread_cond_signal(&pool.left);
+    }
+    return NULL;
+}
+
+static int set_threads(int threads) {
+    pthread_mutex_lock(&pool.lock);
+    if (pool.owner != getpid()) pool.helpers = 0, pool.owner = getpid(); /* a forked child starts afresh */
+    while (pool.helpers < threads - 1) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int failed = pthread_create(&thread, &attr, helper_main, NULL);
+        pthread_attr_destroy(&attr);
+        if (failed) break;
+        pool.helpers++;
+    }
+    const int total = pool.helpers + 1;
+    pthread_mutex_unlock(&pool.lock);
+    return total;
+}
+
+/* y (n, N) += bf16(x) (n, K; row stride ldx) @ the bfloat16 panels: x rounded into xb, then the units of
+   Shared, panel by panel, so that a panel (K x 32 bfloat16: 64 KB at K = 1024) is read from memory once
+   and from cache by the other groups, and the rows of x (n x K bfloat16) stay in cache throughout.
+   Shared with the helper threads from SHARE_ROWS rows: below that a step is too short to pay for
+   waking them. */
+#define SHARE_ROWS 4
 static void matmul_bf16(const Net *net, int n, int K, int N, const float *x, int ldx, const uint16_t *panels, float *y) {
     uint16_t *xb = net->xb;
     for (int r = 0; r < n; r++)
         for (int k = 0; k < K; k++) xb[(size_t)r * K + k] = to_bf16(x[(size_t)r * ldx + k]);
-    for (int j = 0; j < N; j += 32)
-        for (int r = 0; r < n; r += 8) {
-            const int R = n - r < 8 ? n - r : 8;
-            bblocks[R](K / 2, N, xb + (size_t)r * K, K, panels + (size_t)j * K, y + (size_t)r * N + j);
-        }
+    const int groups = (n + 7) / 8;
+    Shared job = {n, K, N, groups, groups * (N / 32), xb, panels, y, 0, 0};
+    const int share = n >= SHARE_ROWS && pool.helpers > 0 && pool.owner == getpid()
+                      && !atomic_flag_test_and_set_explicit(&pool.busy, memory_order_acquire);
+    if (!share) {
+        shared_work(&job);
+        return;
+    }
+    pthread_mutex_lock(&pool.lock);
+    pool.job = &job;
+    pool.generation++;
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.lock);
+    shared_work(&job);
+    pthread_mutex_lock(&pool.lock);
+    pool.job = NULL;
+    while (job.attached) pthread_cond_wait(&pool.left, &pool.lock);
+    pthread_mutex_unlock(&pool.lock);
+    atomic_flag_clear_explicit(&pool.busy, memory_order_release);
 }
 #endif
+
+int charrnn_set_threads(int threads) {
+#if CHARRNN_BF16
+    return set_threads(threads);
+#else
+    (void)threads;
+    return 1;
+#endif
+}
 
 /* y (n, 4H) += x @ layer l's recurrent weights, in whichever precision the net holds them. */
 static void recurrent_acc(const Net *net, int l, int n, int K, const float *x, int ldx, float *y) {
@@ -312,6 +414,64 @@ static void recurrent_acc(const Net *net, int l, int n, int K, const float *x, i
 }
 
 /* gates (n, 4H) in order i, f, o, g -> new c (in place) and h (written at h, row stride ldh). */
+#if defined(__AVX2__) && defined(__FMA__)
+/* exp_ eight at a time: the same Cephes steps, each an FMA where exp_ has a multiply and an add. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+    const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    const __m256 z = _mm256_mul_ps(x, x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, z, x), _mm256_set1_ps(1.0f));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+
+static inline __m256 sigmoid8(__m256 x) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+}
+
+static inline __m256 tanh8(__m256 x) {
+    const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
+    return _mm256_sub_ps(_mm256_div_ps(two, _mm256_add_ps(one, exp8(_mm256_mul_ps(_mm256_set1_ps(-2.0f), x)))), one);
+}
+
+/* Eight units: gate pre-activations at g (i, f, o, g at strides of H), c in place, h written. */
+static inline void gates8(const float *g, int H, float *c, float *h) {
+    const __m256 i = sigmoid8(_mm256_loadu_ps(g)), f = sigmoid8(_mm256_loadu_ps(g + H));
+    const __m256 o = sigmoid8(_mm256_loadu_ps(g + 2 * (size_t)H)), t = tanh8(_mm256_loadu_ps(g + 3 * (size_t)H));
+    const __m256 cn = _mm256_fmadd_ps(f, _mm256_loadu_ps(c), _mm256_mul_ps(i, t));
+    _mm256_storeu_ps(c, cn);
+    _mm256_storeu_ps(h, _mm256_mul_ps(o, tanh8(cn)));
+}
+
+/* Eight units at a time (the compiler left the scalar loop scalar, and it took half of a bfloat16
+   step); the last H % 8 through the same code on a padded copy, so every unit is computed alike. */
+static void lstm_gates(int n, int H, const float *gates, float *c, float *h, int ldh) {
+    for (int r = 0; r < n; r++) {
+        const float *g = gates + (size_t)r * 4 * H;
+        float *cr = c + (size_t)r * H, *hr = h + (size_t)r * ldh;
+        int j = 0;
+        for (; j + 8 <= H; j += 8) gates8(g + j, H, cr + j, hr + j);
+        if (j < H) {
+            float pad[4][8] = {{0}}, cp[8] = {0}, hp[8];
+            const int rest = H - j;
+            for (int q = 0; q < 4; q++) memcpy(pad[q], g + (size_t)q * H + j, rest * sizeof(float));
+            memcpy(cp, cr + j, rest * sizeof(float));
+            gates8(&pad[0][0], 8, cp, hp);
+            memcpy(cr + j, cp, rest * sizeof(float));
+            memcpy(hr + j, hp, rest * sizeof(float));
+        }
+    }
+}
+#else
 static void lstm_gates(int n, int H, const float *gates, float *c, float *h, int ldh) {
     for (int r = 0; r < n; r++) {
         const float *g = gates + (size_t)r * 4 * H;
@@ -325,6 +485,7 @@ static void lstm_gates(int n, int H, const float *gates, float *c, float *h, int
         }
     }
 }
+#endif
 
 void charrnn_lstm_step(const Net *net, int n, const int64_t *ids) {
     const int H = net->hidden, L = net->layers, G = 4 * H, ld = L * H;
