@@ -8,6 +8,7 @@ batches, so a seed gives the same text here and from the service. A sample with 
 
 from __future__ import annotations
 
+import secrets
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -196,5 +197,9 @@ def sampling_params(
 
 
 def random_seed() -> int:
-    """A fresh seed, reported with each answer so that it can be reproduced."""
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(torch.seed())))
+    """A fresh seed, reported with each answer so that it can be reproduced.
+
+    From the operating system's randomness, not torch.seed(): that reseeds torch's global generator (a
+    side effect) and, through torch.cuda.manual_seed_all, records a Python stack for CUDA's lazy
+    initialisation on every call, which made it a visible share of the service's request threads."""
+    return secrets.randbelow(2**31 - 1)

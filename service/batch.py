@@ -119,6 +119,7 @@ class FastLSTMBatch(RecurrentBatch):
         self.out = torch.zeros(capacity, cfg.vocab_size)
         self.ids = torch.zeros(capacity, dtype=torch.long)
         self._views: dict[int, tuple] = {}
+        self._arrays = (self.hs.numpy(), self.cs.numpy(), self.out.numpy())  # the same memory, for keep()
 
     @property
     def state(self) -> list[torch.Tensor]:  # type: ignore[override]  # views, (layers, batch, hidden) each
@@ -142,10 +143,10 @@ class FastLSTMBatch(RecurrentBatch):
     def keep(self, rows: list[int]) -> None:
         n = len(rows)
         if rows != list(range(n)):
-            index = torch.tensor(rows, dtype=torch.long)
-            self.hs[:n] = self.hs.index_select(0, index)
-            self.cs[:, :n] = self.cs.index_select(1, index)
-            self.out[:n] = self.out.index_select(0, index)
+            # numpy views of the buffers: three fancy-indexed copies cost a few microseconds, where three
+            # torch index_selects cost ~10 % of the scheduler thread at 32 streams
+            hs, cs, out = self._arrays
+            hs[:n], cs[:, :n], out[:n] = hs[rows], cs[:, rows], out[rows]
         self.jobs = [self.jobs[r] for r in rows]
 
     def step(self, ids: list[int]) -> None:
