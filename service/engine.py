@@ -46,11 +46,12 @@ FINISH_REASONS = ("length", "stop", "cancelled", "deadline", "error")
 # character would slow every stream down for no one's benefit. The interval grows with the streams
 # being stepped, so that all of them together wake about WAKES_PER_SECOND readers a second: at 128
 # streams, woken every 10 ms, the HTTP threads took the GIL so often that the batch stepped 30 % less
-# (bench/throughput.py: 7,700 against 10,600-11,200 characters/s at 30-60 ms). A person reading
-# cannot tell 10 ms chunks from 50 ms ones; the first character is not delayed.
+# (bench/throughput.py: 7,700 against 10,600-11,200 characters/s at 30-60 ms). 2,000 rather than 1,000:
+# at 32 streams 16 ms rather than 32, which a long prompt's chunk adds to (bench/long_prompt_gap.py).
+# A person reading cannot tell 10 ms chunks from 50 ms ones; the first character is not delayed.
 WAKE_INTERVAL = 0.01  # the least interval (few streams)
 MAX_WAKE_INTERVAL = 0.05  # the most (many streams)
-WAKES_PER_SECOND = 1000
+WAKES_PER_SECOND = 2000
 
 
 def wake_interval(streams: int) -> float:
