@@ -211,8 +211,7 @@ class NativeLSTMBatch(FastLSTMBatch):
         # bfloat16 arithmetic: every recurrent layer's weights rounded and paired, and the kernel steps
         # every batch size, so that a row's text never depends on which arithmetic its batch got
         self.bf16 = bf16
-        if bf16:  # as many threads share its products as torch may use here (CHARRNN_TORCH_THREADS)
-            lib.charrnn_set_threads(torch.get_num_threads())
+        lib.charrnn_set_threads(torch.get_num_threads())  # threads share its products, as many as torch's here
         self.bpanels = [_bf16_panels(w) for w in self.weights] if bf16 else []
         self.xb = torch.zeros(capacity, 2 * model.config.hidden, dtype=torch.bfloat16) if bf16 else None
         for layer, panels in enumerate(self.bpanels):

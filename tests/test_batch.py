@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import select
+import signal
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -116,15 +120,16 @@ def test_the_kernel_gives_a_row_the_same_bits_whatever_shares_its_batch(
     if not native_lstm._cpu_has_avx2():
         pytest.skip("the portable kernel (no AVX2/FMA/F16C) sums in another order per loop")
     monkeypatch.setattr("service.batch.NATIVE_MAX_ROWS", 1_000)  # the kernel for every batch size
+    assert request.getfixturevalue("native_kernel").charrnn_set_threads(2) == 2  # from 4 rows, shared with a helper
     model = odd_model(layers=2, hidden=40, vocab=29, half=half)  # 4H = 160: full 16-column blocks; vocab: a tail
     alone = []
-    for row in range(9):
+    for row in range(14):
         batch = make(NativeLSTMBatch, model, 16, request)
         fill(batch, model, row + 1)
         batch.keep([row])
         batch.step([row % 29])
         alone.append(batch.logits[0].clone())
-    for rows in (2, 4, 5, 8, 9):
+    for rows in (2, 4, 5, 8, 9, 14):
         batch = make(NativeLSTMBatch, model, 16, request)
         fill(batch, model, rows)
         batch.step([row % 29 for row in range(rows)])
@@ -163,7 +168,9 @@ def test_the_bf16_kernel_steps_like_the_module_with_bf16_weights(rows: int, bf16
 @pytest.mark.parametrize("rows", [2, 7, 8, 9, 17, 70])
 def test_the_bf16_kernel_gives_a_row_the_same_bits_whatever_shares_its_batch(rows: int, bf16_kernel: Any) -> None:
     """Blocks of 1 to 8 rows fold every element the same way, and every batch size is the kernel's:
-    a row's logits and state are the same bits alone and at any place in any batch."""
+    a row's logits and state are the same bits alone and at any place in any batch, its products shared
+    with a helper thread (from 4 rows) or not."""
+    assert bf16_kernel.charrnn_set_threads(2) == 2
     model = odd_model(layers=2, hidden=40)
     together = NativeLSTMBatch(model, 80, bf16_kernel, bf16=True)
     fill(together, model, rows)
@@ -193,3 +200,51 @@ def test_bf16_needs_a_kernel_and_a_model_that_can(bf16_kernel: Any, tmp_path) ->
     assert not make_batch(odd_model(), 8, bf16_kernel, bf16=True).bf16
     assert make_batch(odd_model(layers=2, hidden=40), 8, bf16_kernel, bf16=True).bf16
     assert not make_batch(odd_model(layers=2, hidden=40), 8, bf16_kernel, bf16=False).bf16
+
+
+def test_a_forked_child_steps_with_helpers_of_its_own(native_kernel: Any) -> None:
+    """Threads do not survive fork: a child (a Gunicorn worker forked from a process that had stepped)
+    starts its own helpers, and its steps give the parent's bits."""
+    assert native_kernel.charrnn_set_threads(2) == 2
+    model = odd_model(layers=2, hidden=40)
+    batch = NativeLSTMBatch(model, 16, native_kernel)
+    fill(batch, model, 12)
+    ids = [row % 29 for row in range(12)]
+    with torch.inference_mode():
+        batch.step(ids)  # the helpers have worked in this process
+        saved = [t.clone() for t in (batch.hs, batch.cs, batch.out)]
+        batch.step(ids)
+        want = batch.logits.clone()
+        for buffer, value in zip((batch.hs, batch.cs, batch.out), saved, strict=True):
+            buffer.copy_(value)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only the kernel runs here (no torch operator, no OpenMP pool)
+        code = 1
+        try:
+            code = 0 if native_kernel.charrnn_set_threads(2) == 2 else 3
+            batch.step(ids)
+            os.write(write, batch.logits.numpy().tobytes())
+        finally:
+            os._exit(code)
+    os.close(write)
+    deadline = time.monotonic() + 60
+    got = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([read], [], [], 1.0)
+        if ready:
+            chunk = os.read(read, 1 << 16)
+            if not chunk:
+                break
+            got += chunk
+    os.close(read)
+    finished, status = os.waitpid(pid, os.WNOHANG)
+    while not finished and time.monotonic() < deadline:
+        time.sleep(0.05)
+        finished, status = os.waitpid(pid, os.WNOHANG)
+    if not finished:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child did not finish its step in 60 s")
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert torch.equal(torch.frombuffer(bytearray(got), dtype=torch.float32).view_as(want), want)

@@ -182,11 +182,7 @@ static inline __attribute__((always_inline)) void matmul_rows(int n, int K, int 
     if (four < n) (half ? stream_h : stream_f)(n - four, K, N, x + (size_t)four * ldx, ldx, W, y + (size_t)four * N);
 }
 
-static void matmul_batch_h(int n, int K, int N, const float *x, int ldx, const uint16_t *W, const void *panels,
-                           float *y) {
-    matmul_rows(n, K, N, x, ldx, W, panels, 1, y);
-}
-
+/* The head's product (the recurrent layers' go through matmul_shared, below, in the same blocks). */
 static void matmul_batch(int n, int K, int N, const float *x, int ldx, const float *W, const void *panels, float *y) {
     matmul_rows(n, K, N, x, ldx, W, panels, 0, y);
 }
@@ -243,6 +239,160 @@ static void matmul_batch_h(int n, int K, int N, const float *x, int ldx, const u
 
 #endif
 
+/* ---- products shared between threads ------------------------------------------------------------ */
+#if defined(__F16C__) && defined(__FMA__)
+#define CHARRNN_SHARE 1
+/* One product y += x @ W cut into units, taken one at a time by whichever thread gets there first (an
+   atomic counter), so that a helper the OS has put aside holds up no more than the one unit it has.
+   A unit is a block of rows by a block of columns, computed by the same code whichever thread runs it:
+   sharing changes nothing in the result. */
+typedef struct Shared Shared;
+struct Shared {
+    void (*unit)(const Shared *, int);
+    int units;
+    atomic_int next;
+    int attached; /* helpers working on it; under pool.lock */
+    int n, K, N, ldx, groups, per_group;
+    const float *x;
+    const void *W, *panels;
+    float *y;
+};
+
+static void shared_work(Shared *job) {
+    for (;;) {
+        const int u = atomic_fetch_add_explicit(&job->next, 1, memory_order_relaxed);
+        if (u >= job->units) return;
+        job->unit(job, u);
+    }
+}
+
+/* The helper threads: started by charrnn_set_threads, asleep until a product is shared. A caller
+   publishes its Shared under the lock and wakes them, works on it itself, then withdraws it and
+   waits until no helper is attached, so that a late helper never sees a product that has ended. One
+   caller shares at a time (`busy`); another works alone meanwhile. After a fork only the forking thread
+   exists: `owner` tells the child that the helpers are not its own, and it works alone. */
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t wake, left;
+    Shared *job;
+    unsigned long generation;
+    int helpers;
+    pid_t owner;
+    atomic_flag busy;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0, 0, 0, ATOMIC_FLAG_INIT};
+
+static void *helper_main(void *unused) {
+    (void)unused;
+    unsigned long seen = 0;
+    pthread_mutex_lock(&pool.lock);
+    for (;;) {
+        while (pool.generation == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+        seen = pool.generation;
+        Shared *job = pool.job;
+        if (!job) continue;
+        job->attached++;
+        pthread_mutex_unlock(&pool.lock);
+        shared_work(job);
+        pthread_mutex_lock(&pool.lock);
+        if (--job->attached == 0) pthread_cond_signal(&pool.left);
+    }
+    return NULL;
+}
+
+static void pool_after_fork(void);
+static void register_fork_handler(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
+
+/* In a forked child: no helpers, and the lock and conditions new (a helper may have held the lock at the fork). */
+static void pool_after_fork(void) {
+    pthread_mutex_init(&pool.lock, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pthread_cond_init(&pool.left, NULL);
+    pool.job = NULL;
+    pool.helpers = 0;
+    atomic_flag_clear(&pool.busy);
+}
+
+static int set_threads(int threads) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, register_fork_handler);
+    pthread_mutex_lock(&pool.lock);
+    if (pool.owner != getpid()) pool.helpers = 0, pool.owner = getpid(); /* a forked child starts afresh */
+    while (pool.helpers < threads - 1) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int failed = pthread_create(&thread, &attr, helper_main, NULL);
+        pthread_attr_destroy(&attr);
+        if (failed) break;
+        pool.helpers++;
+    }
+    const int total = pool.helpers + 1;
+    pthread_mutex_unlock(&pool.lock);
+    return total;
+}
+
+/* Run every unit of `job`: with the helpers from SHARE_ROWS rows (below that a step is too short to pay
+   for waking them), else on this thread alone. */
+#define SHARE_ROWS 4
+static void run_shared(Shared *job) {
+    const int share = job->n >= SHARE_ROWS && job->units > 1 && pool.helpers > 0 && pool.owner == getpid()
+                      && !atomic_flag_test_and_set_explicit(&pool.busy, memory_order_acquire);
+    if (!share) {
+        shared_work(job);
+        return;
+    }
+    pthread_mutex_lock(&pool.lock);
+    pool.job = job;
+    pool.generation++;
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.lock);
+    shared_work(job);
+    pthread_mutex_lock(&pool.lock);
+    pool.job = NULL;
+    while (job->attached) pthread_cond_wait(&pool.left, &pool.lock);
+    pthread_mutex_unlock(&pool.lock);
+    atomic_flag_clear_explicit(&pool.busy, memory_order_release);
+}
+
+/* float32 (or float16-stored) products: unit 0 streams the rows past the last full group of four (all
+   columns; nothing when n is a multiple of 4), then unit 1 + p * groups + g is 4-row group g by
+   16-column panel p, and a last panel per group for the N % 16 columns. The same blocks, in the same
+   folds, as matmul_rows: a row's result is the same bits shared or not. */
+static inline __attribute__((always_inline)) void f32_unit(const Shared *s, int u, int half) {
+    const int four = 4 * s->groups;
+    if (u == 0) {
+        if (four < s->n)
+            (half ? stream_h : stream_f)(s->n - four, s->K, s->N, s->x + (size_t)four * s->ldx, s->ldx, s->W,
+                                          s->y + (size_t)four * s->N);
+        return;
+    }
+    u -= 1;
+    const int p = u / s->groups, r = 4 * (u % s->groups);
+    const float *x = s->x + (size_t)r * s->ldx;
+    float *y = s->y + (size_t)r * s->N;
+    if (16 * p + 16 <= s->N) {
+        block4x16(s->K, s->N, x, s->ldx, s->W, s->panels, half, y, 16 * p);
+        return;
+    }
+    for (int i = 0; i < 4; i++) tail_columns(s->K, s->N, x + (size_t)i * s->ldx, s->W, half, y + (size_t)i * s->N, 16 * p);
+}
+
+static void f32_unit_h(const Shared *s, int u) { f32_unit(s, u, 1); }
+static void f32_unit_f(const Shared *s, int u) { f32_unit(s, u, 0); }
+
+/* matmul_batch(_h) of the recurrent layers, shared with the helpers. */
+static void matmul_shared(int n, int K, int N, const float *x, int ldx, const void *W, const void *panels, int half,
+                          float *y) {
+    const int groups = n / 4, per_group = N / 16 + (N % 16 != 0);
+    Shared job = {half ? f32_unit_h : f32_unit_f, 1 + groups * per_group, 0, 0, n, K, N, ldx, groups, per_group,
+                  x, W, panels, y};
+    run_shared(&job);
+}
+#else
+#define CHARRNN_SHARE 0
+#endif
+
 #if CHARRNN_BF16
 /* float32 -> bfloat16 bits, rounded to nearest even (as torch's .to(torch.bfloat16) rounds the weights);
    a NaN stays a NaN. */
@@ -287,113 +437,29 @@ static void (*const bblocks[9])(int, int, const uint16_t *, int, const uint16_t 
     NULL, bblock1, bblock2, bblock3, bblock4, bblock5, bblock6, bblock7, bblock8,
 };
 
-/* One product y (n, N) += xb @ panels, cut into units of one panel by one group of eight rows (the
-   last group what is left), unit u = (panel u / groups, group u % groups): taken one at a time by
-   whichever thread gets there first (an atomic counter), so a helper that the OS has put aside holds
-   up no more than the one unit it has. Which thread computes a unit changes nothing in it. */
-typedef struct {
-    int n, K, N, groups, units;
-    const uint16_t *xb, *panels;
-    float *y;
-    atomic_int next;
-    int attached; /* helpers working on it; under pool.lock */
-} Shared;
-
-static void shared_work(Shared *job) {
-    for (;;) {
-        const int u = atomic_fetch_add_explicit(&job->next, 1, memory_order_relaxed);
-        if (u >= job->units) return;
-        const int j = (u / job->groups) * 32, r = (u % job->groups) * 8, R = job->n - r < 8 ? job->n - r : 8;
-        bblocks[R](job->K / 2, job->N, job->xb + (size_t)r * job->K, job->K, job->panels + (size_t)j * job->K,
-                   job->y + (size_t)r * job->N + j);
-    }
+/* Unit u of a bfloat16 product: 32-column panel u / groups by 8-row group u % groups (the last group what
+   is left); x here is xb, the rows rounded to bfloat16 (row stride K). */
+static void bf16_unit(const Shared *s, int u) {
+    const int j = (u / s->groups) * 32, r = (u % s->groups) * 8, R = s->n - r < 8 ? s->n - r : 8;
+    const uint16_t *xb = (const uint16_t *)s->x, *panels = s->panels;
+    bblocks[R](s->K / 2, s->N, xb + (size_t)r * s->K, s->K, panels + (size_t)j * s->K, s->y + (size_t)r * s->N + j);
 }
 
-/* The helper threads: started by charrnn_set_threads, asleep until a product is shared. A caller
-   publishes its Shared under the lock and wakes them, works on it itself, then withdraws it and
-   waits until no helper is attached, so that a late helper never sees a product that has ended. One
-   caller shares at a time (`busy`); another works alone meanwhile. After a fork only the forking thread
-   exists: `owner` tells the child that the helpers are not its own, and it works alone. */
-static struct {
-    pthread_mutex_t lock;
-    pthread_cond_t wake, left;
-    Shared *job;
-    unsigned long generation;
-    int helpers;
-    pid_t owner;
-    atomic_flag busy;
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0, 0, 0, ATOMIC_FLAG_INIT};
-
-static void *helper_main(void *unused) {
-    (void)unused;
-    unsigned long seen = 0;
-    pthread_mutex_lock(&pool.lock);
-    for (;;) {
-        while (pool.generation == seen) pthread_cond_wait(&pool.wake, &pool.lock);
-        seen = pool.generation;
-        Shared *job = pool.job;
-        if (!job) continue;
-        job->attached++;
-        pthread_mutex_unlock(&pool.lock);
-        shared_work(job);
-        pthread_mutex_lock(&pool.lock);
-        if (--job->attached == 0) pthread_cond_signal(&pool.left);
-    }
-    return NULL;
-}
-
-static int set_threads(int threads) {
-    pthread_mutex_lock(&pool.lock);
-    if (pool.owner != getpid()) pool.helpers = 0, pool.owner = getpid(); /* a forked child starts afresh */
-    while (pool.helpers < threads - 1) {
-        pthread_t thread;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        const int failed = pthread_create(&thread, &attr, helper_main, NULL);
-        pthread_attr_destroy(&attr);
-        if (failed) break;
-        pool.helpers++;
-    }
-    const int total = pool.helpers + 1;
-    pthread_mutex_unlock(&pool.lock);
-    return total;
-}
-
-/* y (n, N) += bf16(x) (n, K; row stride ldx) @ the bfloat16 panels: x rounded into xb, then the units of
-   Shared, panel by panel, so that a panel (K x 32 bfloat16: 64 KB at K = 1024) is read from memory once
-   and from cache by the other groups, and the rows of x (n x K bfloat16) stay in cache throughout.
-   Shared with the helper threads from SHARE_ROWS rows: below that a step is too short to pay for
-   waking them. */
-#define SHARE_ROWS 4
+/* y (n, N) += bf16(x) (n, K; row stride ldx) @ the bfloat16 panels: x rounded into xb, then the units
+   panel by panel, so that a panel (K x 32 bfloat16: 64 KB at K = 1024) is read from memory once and from
+   cache by the other groups, and the rows of x (n x K bfloat16) stay in cache throughout. */
 static void matmul_bf16(const Net *net, int n, int K, int N, const float *x, int ldx, const uint16_t *panels, float *y) {
     uint16_t *xb = net->xb;
     for (int r = 0; r < n; r++)
         for (int k = 0; k < K; k++) xb[(size_t)r * K + k] = to_bf16(x[(size_t)r * ldx + k]);
     const int groups = (n + 7) / 8;
-    Shared job = {n, K, N, groups, groups * (N / 32), xb, panels, y, 0, 0};
-    const int share = n >= SHARE_ROWS && pool.helpers > 0 && pool.owner == getpid()
-                      && !atomic_flag_test_and_set_explicit(&pool.busy, memory_order_acquire);
-    if (!share) {
-        shared_work(&job);
-        return;
-    }
-    pthread_mutex_lock(&pool.lock);
-    pool.job = &job;
-    pool.generation++;
-    pthread_cond_broadcast(&pool.wake);
-    pthread_mutex_unlock(&pool.lock);
-    shared_work(&job);
-    pthread_mutex_lock(&pool.lock);
-    pool.job = NULL;
-    while (job.attached) pthread_cond_wait(&pool.left, &pool.lock);
-    pthread_mutex_unlock(&pool.lock);
-    atomic_flag_clear_explicit(&pool.busy, memory_order_release);
+    Shared job = {bf16_unit, groups * (N / 32), 0, 0, n, K, N, K, groups, N / 32, (const float *)xb, NULL, panels, y};
+    run_shared(&job);
 }
 #endif
 
 int charrnn_set_threads(int threads) {
-#if CHARRNN_BF16
+#if CHARRNN_SHARE
     return set_threads(threads);
 #else
     (void)threads;
@@ -401,7 +467,8 @@ int charrnn_set_threads(int threads) {
 #endif
 }
 
-/* y (n, 4H) += x @ layer l's recurrent weights, in whichever precision the net holds them. */
+/* y (n, 4H) += x @ layer l's recurrent weights, in whichever precision the net holds them, shared with
+   the helper threads where the build has them. */
 static void recurrent_acc(const Net *net, int l, int n, int K, const float *x, int ldx, float *y) {
 #if CHARRNN_BF16
     if (net->bpanels[l]) {
@@ -409,8 +476,13 @@ static void recurrent_acc(const Net *net, int l, int n, int K, const float *x, i
         return;
     }
 #endif
+#if CHARRNN_SHARE
+    const int half = net->wh[l] != NULL;
+    matmul_shared(n, K, 4 * net->hidden, x, ldx, half ? (const void *)net->wh[l] : net->w[l], net->panels[l], half, y);
+#else
     if (net->wh[l]) matmul_batch_h(n, K, 4 * net->hidden, x, ldx, net->wh[l], net->panels[l], y);
     else matmul_batch(n, K, 4 * net->hidden, x, ldx, net->w[l], net->panels[l], y);
+#endif
 }
 
 /* gates (n, 4H) in order i, f, o, g -> new c (in place) and h (written at h, row stride ldh). */
