@@ -33,7 +33,6 @@ from model.data import load_corpus, validation_windows
 from model.decoding import SamplingParams
 from model.evaluate import WINDOW, bits_per_char, windowed_loss
 from model.network import CharRNN
-from service import batch as batch_module
 from service import native_lstm
 from service.batch import NativeLSTMBatch
 from service.engine import Engine, JobSpec
@@ -106,7 +105,6 @@ def main() -> None:
     lib = native_lstm.open_kernel()
     if not lib.charrnn_has_bf16():
         sys.exit("this CPU (or compiler) has no AVX512-BF16 build of the kernel: nothing to compare")
-    batch_module.NATIVE_MAX_ROWS = 1 << 30  # the float32 kernel for every batch size too
     checkpoint = load_checkpoint(DEFAULT_MODEL)
     model = checkpoint.build_model().eval()
     path, name = resolve(args.corpus)

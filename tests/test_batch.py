@@ -54,7 +54,7 @@ def fill(batch: RecurrentBatch, model: CharRNN, rows: int) -> None:
 
 
 @pytest.mark.parametrize("half", [False, True], ids=["float32", "float16"])
-@pytest.mark.parametrize("rows", [1, 5, 30, 70])  # 70: beyond NATIVE_MAX_ROWS, the PyTorch step
+@pytest.mark.parametrize("rows", [1, 5, 30, 70])
 @pytest.mark.parametrize("kind", [FastLSTMBatch, NativeLSTMBatch])
 def test_batched_steps_match_the_module(kind: type, rows: int, half: bool, request: pytest.FixtureRequest) -> None:
     model = odd_model(half=half)
@@ -113,13 +113,12 @@ def test_keep_reorders_rows_with_their_state(kind: type, request: pytest.Fixture
 
 @pytest.mark.parametrize("half", [False, True], ids=["float32", "float16"])
 def test_the_kernel_gives_a_row_the_same_bits_whatever_shares_its_batch(
-    half: bool, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+    half: bool, request: pytest.FixtureRequest
 ) -> None:
     """Every element is one fold over k, whichever loop (4-row blocks, streamed rows, column tails)
     computes it: a row's logits do not depend on the batch's size or on the row's place in it."""
     if not native_lstm._cpu_has_avx2():
         pytest.skip("the portable kernel (no AVX2/FMA/F16C) sums in another order per loop")
-    monkeypatch.setattr("service.batch.NATIVE_MAX_ROWS", 1_000)  # the kernel for every batch size
     assert request.getfixturevalue("native_kernel").charrnn_set_threads(2) == 2  # from 4 rows, shared with a helper
     model = odd_model(layers=2, hidden=40, vocab=29, half=half)  # 4H = 160: full 16-column blocks; vocab: a tail
     alone = []
@@ -148,7 +147,7 @@ def bf16_reference(model: CharRNN) -> CharRNN:
     return rounded
 
 
-@pytest.mark.parametrize("rows", [1, 5, 8, 30, 70])  # 70: past NATIVE_MAX_ROWS, still the kernel
+@pytest.mark.parametrize("rows", [1, 5, 8, 30, 70])
 def test_the_bf16_kernel_steps_like_the_module_with_bf16_weights(rows: int, bf16_kernel: Any) -> None:
     """The bfloat16 step is the model with its recurrent weights rounded to bfloat16, and each h rounded
     as it is multiplied: close to that model's step, not to the float32 one's bits."""
