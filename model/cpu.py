@@ -21,5 +21,6 @@ def cpu_flags() -> frozenset[str]:
 
 
 def has_bf16_dot() -> bool:
-    """Whether the CPU multiplies bfloat16 pairs natively into float32 sums (AVX512-BF16's vdpbf16ps)."""
-    return {"avx512f", "avx512vl", "avx512_bf16"} <= cpu_flags()
+    """Whether the CPU multiplies bfloat16 pairs natively into float32 sums (AVX512-BF16's vdpbf16ps), with
+    the AVX-512 subsets the kernel's bfloat16 build is compiled for (-mavx512bf16 implies AVX512BW)."""
+    return {"avx512f", "avx512vl", "avx512bw", "avx512_bf16"} <= cpu_flags()

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from model.cpu import has_bf16_dot
 from model.network import CharRNN, state_from_tensors, state_tensors
 from service import native_lstm
 
@@ -195,10 +196,14 @@ class NativeLSTMBatch(FastLSTMBatch):
         net = native_lstm.Net(layers=model.config.layers, hidden=model.config.hidden)
         net.vocab, net.capacity = model.config.vocab_size, capacity
         net.table, net.head_w, net.head_b = self.table.data_ptr(), self.head_w.data_ptr(), self.head_b.data_ptr()
-        # float16 copies of the weights that are float16 values (see native_lstm: exact, half the bytes)
-        self.weights_half = [w.half() if _exact_in_half(w) else None for w in self.weights]
+        # float16 copies of the weights that are float16 values (see native_lstm: exact, half the bytes);
+        # none in bfloat16 mode, where the kernel reads only the bfloat16 panels (below)
+        self.weights_half = [w.half() if not bf16 and _exact_in_half(w) else None for w in self.weights]
         # The weights a batch reads, in panels of 16 columns (see lstm_step.h): a block of rows reads them in order.
-        self.panels = [_panels(w if wh is None else wh) for w, wh in zip(self.weights, self.weights_half, strict=True)]
+        self.panels = [
+            None if bf16 else _panels(w if wh is None else wh)
+            for w, wh in zip(self.weights, self.weights_half, strict=True)
+        ]
         for layer, (w, b, wh, panels) in enumerate(
             zip(self.weights, self.biases, self.weights_half, self.panels, strict=True)
         ):
@@ -206,8 +211,7 @@ class NativeLSTMBatch(FastLSTMBatch):
             net.b[layer] = 0 if b is None else b.data_ptr()
             net.wh[layer] = 0 if wh is None else wh.data_ptr()
             net.panels[layer] = 0 if panels is None else panels.data_ptr()
-        # bfloat16 arithmetic: every recurrent layer's weights rounded and paired, and the kernel steps
-        # every batch size, so that a row's text never depends on which arithmetic its batch got
+        # bfloat16 arithmetic: every recurrent layer's weights rounded to bfloat16 and paired (lstm_step.h)
         self.bf16 = bf16
         lib.charrnn_set_threads(torch.get_num_threads())  # threads share its products, as many as torch's here
         self.bpanels = [_bf16_panels(w) for w in self.weights] if bf16 else []
@@ -243,10 +247,12 @@ def _bf16_panels(weights: torch.Tensor) -> torch.Tensor:
 
 def bf16_capable(model: CharRNN, lib: Any) -> bool:
     """Whether `lib` (a kernel from native_lstm) can step this model in bfloat16: the kernel was built with
-    AVX512-BF16, and the panels fit (4H a multiple of 32, so hidden a multiple of 8; every K even)."""
+    AVX512-BF16 and this CPU runs it, and the panels fit (4H a multiple of 32, so hidden a multiple of 8;
+    every K even)."""
     return (
         lib is not None
         and bool(lib.charrnn_has_bf16())
+        and has_bf16_dot()
         and model.config.cell == "lstm"
         and model.config.hidden % 8 == 0
         and model.config.layers <= native_lstm.MAX_LAYERS

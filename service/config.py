@@ -113,7 +113,7 @@ class ServiceConfig:
     health_timeout: float = _setting(10.0, 0, strict=True)  # seconds /health waits for its one-character generation
     # torch intra-op threads per worker; None: the cores this process may use, shared between the workers
     torch_threads: int | None = _setting(None, 1)
-    native: bool = True  # step small LSTM batches with the C kernel where it can be built (false: PyTorch only)
+    native: bool = True  # step LSTM batches with the C kernel where it can be built (false: PyTorch only)
     kernel_dir: Path | None = None  # where compiled kernels are kept; None: ~/.cache/charrnn/kernels
     # the kernel's arithmetic: auto, bfloat16 dot products where the CPU has them (AVX512-BF16); fp32 never
     precision: str = _setting("auto", choices=PRECISIONS)

@@ -1,4 +1,4 @@
-"""A small C kernel for the LSTM step and the draw of one character, for batches of a few rows.
+"""A small C kernel for the LSTM step and the draw of one character, for batches of any size.
 
 Why: one stream's step is a handful of matrix-vector products and some gate arithmetic; in PyTorch
 each of its ~25 operations costs microseconds of Python and dispatcher overhead, which for one row
@@ -295,7 +295,7 @@ def _flags(simd: bool | str | None) -> list[str]:
         "-O3",
         "-fPIC",
         "-shared",
-        "-pthread",  # the bfloat16 step's helper threads
+        "-pthread",  # the helper threads that share a step's products
         "-fno-math-errno",
         f"-DCHARRNN_MAX_LAYERS={MAX_LAYERS}",
         *VARIANTS[_variant(simd)],

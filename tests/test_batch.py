@@ -204,7 +204,8 @@ def test_bf16_needs_a_kernel_and_a_model_that_can(bf16_kernel: Any, tmp_path) ->
 def test_a_forked_child_steps_with_helpers_of_its_own(native_kernel: Any) -> None:
     """Threads do not survive fork: a child (a Gunicorn worker forked from a process that had stepped)
     starts its own helpers, and its steps give the parent's bits."""
-    assert native_kernel.charrnn_set_threads(2) == 2
+    if native_kernel.charrnn_set_threads(2) < 2:
+        pytest.skip("the portable kernel (no AVX2/FMA/F16C) has no helper threads")
     model = odd_model(layers=2, hidden=40)
     batch = NativeLSTMBatch(model, 16, native_kernel)
     fill(batch, model, 12)
@@ -247,3 +248,23 @@ def test_a_forked_child_steps_with_helpers_of_its_own(native_kernel: Any) -> Non
         pytest.fail("the forked child did not finish its step in 60 s")
     assert os.waitstatus_to_exitcode(status) == 0
     assert torch.equal(torch.frombuffer(bytearray(got), dtype=torch.float32).view_as(want), want)
+
+
+def test_the_avx2_build_steps_like_the_module_and_alike_in_any_batch(tmp_path) -> None:
+    """The AVX2/FMA/F16C build, which a CPU without AVX512-BF16 runs (on one with it, `native_kernel` is
+    the bfloat16 build, whose float32 step is compiled with more instructions allowed)."""
+    if not native_lstm._cpu_has_avx2():
+        pytest.skip("this CPU has no AVX2")
+    avx2 = native_lstm.open_kernel("avx2", directory=tmp_path)
+    assert avx2.charrnn_set_threads(2) == 2
+    model = odd_model(layers=2, hidden=40)
+    assert_steps_match_the_module(NativeLSTMBatch(model, 16, avx2), model, 9)
+    together = NativeLSTMBatch(model, 16, avx2)
+    fill(together, model, 9)
+    alone = NativeLSTMBatch(model, 16, avx2)
+    fill(alone, model, 9)
+    alone.keep([6])
+    with torch.inference_mode():
+        together.step([row % 29 for row in range(9)])
+        alone.step([6])
+    assert torch.equal(alone.logits[0], together.logits[6])

@@ -127,7 +127,8 @@ def engine(request: pytest.FixtureRequest, loaded: LoadedModel) -> Iterator[Engi
     native = request.param == "native"
     if native:
         request.getfixturevalue("native_kernel")  # in CI the kernel must be there
-    engine = Engine({loaded.name: loaded}, max_batch=8, max_queue=64, native=native)
+    # float32: its texts are generate()'s (the kernel's bfloat16 ones are their own; tests/test_engine.py)
+    engine = Engine({loaded.name: loaded}, max_batch=8, max_queue=64, native=native, precision="fp32")
     engine.start()
     yield engine
     engine.close(timeout=5)

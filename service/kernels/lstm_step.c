@@ -1,9 +1,12 @@
 /* The LSTM step and the character draw for batches of rows (see lstm_step.h for the layouts,
    service/native_lstm.py for why and how it is built and loaded).
 
-   Numerics: float32 throughout, like the model; sums run in another order than MKL's and exp is a
-   polynomial (Cephes expf, ~1 ulp), so results equal the PyTorch step's to float rounding, not bit
-   for bit. Float16 weights are converted exactly and the arithmetic stays float32. */
+   Numerics: float32, like the model; sums run in another order than MKL's and exp is a polynomial
+   (Cephes expf, ~1 ulp), so results equal the PyTorch step's to float rounding, not bit for bit.
+   Float16 weights are converted exactly and the arithmetic stays float32. The bfloat16 build may
+   instead multiply the recurrent layers in bfloat16 (Net.bpanels): weights and h rounded to bfloat16,
+   pairs of products summed into float32. In every build and arithmetic, each element of a product is
+   one fold over k, the same whichever rows share the batch and whichever thread computes it. */
 #include "lstm_step.h"
 
 #include <math.h>
@@ -276,8 +279,8 @@ static struct {
     pthread_cond_t wake, left;
     Shared *job;
     unsigned long generation;
-    int helpers;
-    pid_t owner;
+    atomic_int helpers; /* written under the lock, read without it by run_shared */
+    atomic_int owner;   /* the pid whose helpers they are */
     atomic_flag busy;
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0, 0, 0, ATOMIC_FLAG_INIT};
 
@@ -308,7 +311,7 @@ static void pool_after_fork(void) {
     pthread_cond_init(&pool.wake, NULL);
     pthread_cond_init(&pool.left, NULL);
     pool.job = NULL;
-    pool.helpers = 0;
+    atomic_store_explicit(&pool.helpers, 0, memory_order_relaxed);
     atomic_flag_clear(&pool.busy);
 }
 
@@ -316,8 +319,12 @@ static int set_threads(int threads) {
     static pthread_once_t once = PTHREAD_ONCE_INIT;
     pthread_once(&once, register_fork_handler);
     pthread_mutex_lock(&pool.lock);
-    if (pool.owner != getpid()) pool.helpers = 0, pool.owner = getpid(); /* a forked child starts afresh */
-    while (pool.helpers < threads - 1) {
+    if (atomic_load_explicit(&pool.owner, memory_order_relaxed) != getpid()) { /* a forked child starts afresh */
+        atomic_store_explicit(&pool.helpers, 0, memory_order_relaxed);
+        atomic_store_explicit(&pool.owner, getpid(), memory_order_relaxed);
+    }
+    int helpers = atomic_load_explicit(&pool.helpers, memory_order_relaxed);
+    while (helpers < threads - 1) {
         pthread_t thread;
         pthread_attr_t attr;
         pthread_attr_init(&attr);
@@ -325,9 +332,9 @@ static int set_threads(int threads) {
         const int failed = pthread_create(&thread, &attr, helper_main, NULL);
         pthread_attr_destroy(&attr);
         if (failed) break;
-        pool.helpers++;
+        atomic_store_explicit(&pool.helpers, ++helpers, memory_order_relaxed);
     }
-    const int total = pool.helpers + 1;
+    const int total = helpers + 1;
     pthread_mutex_unlock(&pool.lock);
     return total;
 }
@@ -336,7 +343,8 @@ static int set_threads(int threads) {
    for waking them), else on this thread alone. */
 #define SHARE_ROWS 4
 static void run_shared(Shared *job) {
-    const int share = job->n >= SHARE_ROWS && job->units > 1 && pool.helpers > 0 && pool.owner == getpid()
+    const int share = job->n >= SHARE_ROWS && job->units > 1 && atomic_load_explicit(&pool.helpers, memory_order_relaxed) > 0
+                      && atomic_load_explicit(&pool.owner, memory_order_relaxed) == getpid()
                       && !atomic_flag_test_and_set_explicit(&pool.busy, memory_order_acquire);
     if (!share) {
         shared_work(job);

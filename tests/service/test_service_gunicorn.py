@@ -17,13 +17,22 @@ import requests
 from model.checkpoint import load_checkpoint
 from model.sampling import SamplingParams, generate
 from service.client import Client, ClientError
-from tests.helpers import free_port, log_shows, wait_until
+from tests.helpers import free_port, log_shows, start_gunicorn, wait_until
 
 if TYPE_CHECKING:
     from tests.helpers import GunicornServer
 
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def gunicorn_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
+    """The shared fixture's server in float32 (CHARRNN_PRECISION=fp32): its seeded texts are `charrnn
+    sample`'s, which these tests check; the default, bfloat16 where the CPU has it, gives texts of its own."""
+    server = start_gunicorn(model_dir, tmp_path_factory.mktemp("gunicorn") / "server.log", CHARRNN_PRECISION="fp32")
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
