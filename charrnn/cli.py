@@ -307,7 +307,9 @@ def _add_serve(commands: Any) -> None:
     p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 in Docker)")
     p.add_argument("--port", type=number(int, port.low, port.high), help="port to bind (default 8000)")
     p.add_argument(
-        "--workers", type=number(int, workers.low, workers.high), help="Gunicorn worker processes (default 1)"
+        "--workers",
+        type=number(int, workers.low, workers.high),
+        help="Gunicorn worker processes (default: 2 on 2+ cores)",
     )
     p.set_defaults(handler=_run_serve)
 

@@ -122,7 +122,9 @@ class ServiceConfig:
     # -- read by Gunicorn's master (service/gunicorn_conf.py) --
     host: str = "127.0.0.1"  # the address to listen on; not reachable from the network by default
     port: int = _setting(8000, 0, 65535)  # the port to listen on (0: any free one)
-    workers: int = _setting(1, 1)  # worker processes, each with its own models and engine
+    # worker processes, each with its own models and engine; None: 2 where this process may use 2 cores or
+    # more, else 1 (two GILs share the HTTP work: docs/BENCHMARKS.md, `bench/throughput.py --workers 1 2`)
+    workers: int | None = _setting(None, 1)
     threads: int | None = _setting(None, 1)  # concurrent requests (streams included) per worker; None: max_batch
     worker_timeout: int = _setting(60, 0)  # seconds a silent worker lives before it is replaced (0: never)
     graceful_timeout: int = _setting(30, 0)  # seconds workers get after SIGTERM to finish what is in flight

@@ -31,9 +31,21 @@ except ConfigError as error:
 # development server is not reachable from the network; the Docker image sets CHARRNN_HOST=0.0.0.0.
 bind = settings.bind
 
+
+def _cores() -> int:
+    """Cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 # env CHARRNN_WORKERS: worker processes. Each holds its own copy of every model and its own engine,
-# which batches concurrent requests, so one worker per 1-2 cores is plenty for a character model.
-workers = settings.workers
+# which batches concurrent requests. Unset: 2 where there are 2 cores or more, else 1. With the C
+# kernel this fast, the limit on 2 cores is the HTTP threads' Python, and each worker has its own GIL:
+# 2 workers gave 10-15 % more characters/s than 1 from 8 clients up, and a far shorter p99 to the first
+# character (37 against 200 ms at 32 clients), at 11 % less for a lone stream (docs/BENCHMARKS.md).
+workers = settings.workers or min(2, _cores())
 
 # gthread: each worker answers up to `threads` requests at once. A streamed response holds a thread
 # for as long as it runs; the default `sync` worker would serve one request at a time and be killed
@@ -128,11 +140,7 @@ logconfig_dict = {
 
 def _torch_threads() -> int:
     """Cores this process may use, shared evenly between the workers (at least one each)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // workers)
+    return max(1, _cores() // workers)
 
 
 def on_starting(server):

@@ -70,6 +70,8 @@ def run_gunicorn_conf(monkeypatch: pytest.MonkeyPatch, **env: str) -> dict[str, 
     """The settings Gunicorn reads from service.gunicorn_conf under `env` (every other CHARRNN_* unset)."""
     for name in [n for n in __import__("os").environ if n.startswith("CHARRNN_")]:
         monkeypatch.delenv(name)
+    # with 2 workers the module makes a metrics directory and names it here; undone after the test
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return runpy.run_module(GUNICORN_CONF)
@@ -77,7 +79,8 @@ def run_gunicorn_conf(monkeypatch: pytest.MonkeyPatch, **env: str) -> dict[str, 
 
 def test_gunicorn_takes_its_settings_from_the_settings_object(monkeypatch: pytest.MonkeyPatch) -> None:
     defaults = run_gunicorn_conf(monkeypatch)
-    assert (defaults["bind"], defaults["workers"], defaults["threads"]) == ("127.0.0.1:8000", 1, 64)
+    two = min(2, len(__import__("os").sched_getaffinity(0)))  # unset: 2 workers where there are 2 cores
+    assert (defaults["bind"], defaults["workers"], defaults["threads"]) == ("127.0.0.1:8000", two, 64)
     assert (defaults["timeout"], defaults["graceful_timeout"], defaults["max_requests"]) == (60, 30, 0)
     assert defaults["loglevel"] == "info" and defaults["threads"] == config.DEFAULT_MAX_BATCH
     env = {"CHARRNN_HOST": "0.0.0.0", "CHARRNN_PORT": "9001", "CHARRNN_MAX_BATCH": "8", "CHARRNN_LOG_LEVEL": "debug"}
