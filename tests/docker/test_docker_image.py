@@ -162,8 +162,15 @@ def test_the_compose_file_with_its_proxy_is_valid(compose: Compose) -> None:
 
 def test_docker_stop_lets_the_streams_in_flight_finish_and_exits_0(start_container) -> None:
     """One generation at a time, three long ones (~0.2 ms a character here): when SIGTERM comes, one stream
-    runs and two wait; Gunicorn's 30 s of grace lets all three finish."""
-    settings = ("CHARRNN_MAX_BATCH=1", "CHARRNN_THREADS=8", "CHARRNN_MAX_CLIENT_JOBS=0", "CHARRNN_MAX_NEW_CHARS=15000")
+    runs and two wait; Gunicorn's 30 s of grace lets all three finish. One worker, so that one engine
+    holds all three (/health reports its own worker's)."""
+    settings = (
+        "CHARRNN_WORKERS=1",
+        "CHARRNN_MAX_BATCH=1",
+        "CHARRNN_THREADS=8",
+        "CHARRNN_MAX_CLIENT_JOBS=0",
+        "CHARRNN_MAX_NEW_CHARS=15000",
+    )
     container = start_container(commands.RUN_DEFAULT, *settings)
     results: list[list[dict]] = []
 
