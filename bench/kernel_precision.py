@@ -41,6 +41,15 @@ from service.loading import LoadedModel
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "service" / "default_model" / "shakespeare.safetensors"
 
 
+def zero_batch(model: CharRNN, lib: object, rows: int, bf16: bool) -> NativeLSTMBatch:
+    """A kernel batch of `rows` rows, each from a zero state."""
+    batch = NativeLSTMBatch(model, rows, lib, bf16=bf16)
+    zeros = torch.zeros(model.config.layers, 1, model.config.hidden)
+    for row in range(rows):
+        batch.add(row, torch.zeros(model.config.vocab_size), (zeros, zeros))
+    return batch
+
+
 def kernel_loss(model: CharRNN, lib: object, ids: np.ndarray, bf16: bool) -> float:
     """windowed_loss's figure, computed by the kernel: every window a row, stepped one character at a time."""
     blocks = list(validation_windows(ids, WINDOW))
@@ -48,10 +57,7 @@ def kernel_loss(model: CharRNN, lib: object, ids: np.ndarray, bf16: bool) -> flo
     for length in sorted({len(b) for b in blocks}):
         group = torch.from_numpy(np.stack([b for b in blocks if len(b) == length]))  # (rows, length)
         rows = len(group)
-        batch = NativeLSTMBatch(model, rows, lib, bf16=bf16)
-        zeros = torch.zeros(model.config.layers, 1, model.config.hidden)
-        for row in range(rows):
-            batch.add(row, torch.zeros(model.config.vocab_size), (zeros, zeros))
+        batch = zero_batch(model, lib, rows, bf16)
         for t in range(length - 1):
             batch.step(group[:, t].tolist())
             total += float(F.cross_entropy(batch.logits, group[:, t + 1], reduction="sum"))
@@ -82,10 +88,7 @@ def batch_independence(loaded: LoadedModel, seeds: int) -> list[bool]:
 
 def kernel_speed(model: CharRNN, lib: object, rows: int, bf16: bool, seconds: float = 2.0) -> float:
     """Characters/s of the kernel stepping `rows` rows in a loop, on this thread."""
-    batch = NativeLSTMBatch(model, rows, lib, bf16=bf16)
-    zeros = torch.zeros(model.config.layers, 1, model.config.hidden)
-    for row in range(rows):
-        batch.add(row, torch.zeros(model.config.vocab_size), (zeros, zeros))
+    batch = zero_batch(model, lib, rows, bf16)
     ids = [row % model.config.vocab_size for row in range(rows)]
     batch.step(ids)
     steps, start = 0, time.perf_counter()

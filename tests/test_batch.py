@@ -85,7 +85,16 @@ def assert_converts_every_float16(kernel: Any) -> None:
 
 
 def assert_steps_match_the_module(batch: RecurrentBatch, model: CharRNN, rows: int) -> None:
-    reference = ModuleBatch(model, batch.capacity)
+    reference = assert_logits_follow(batch, model, ModuleBatch(model, batch.capacity), rows, 1e-5)
+    for mine, theirs in zip(batch.state, reference.state, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+def assert_logits_follow(
+    batch: RecurrentBatch, model: CharRNN, reference: RecurrentBatch, rows: int, tolerance: float
+) -> RecurrentBatch:
+    """Fill both batches with `rows` rows of `model`'s prompts, step them alike six times, and check the
+    logits agree to `tolerance` after each step; returns `reference`."""
     fill(batch, model, rows)
     fill(reference, model, rows)
     with torch.inference_mode():
@@ -93,9 +102,8 @@ def assert_steps_match_the_module(batch: RecurrentBatch, model: CharRNN, rows: i
             ids = [(7 * row + step) % model.config.vocab_size for row in range(rows)]
             batch.step(ids)
             reference.step(ids)
-            torch.testing.assert_close(batch.logits, reference.logits, rtol=1e-5, atol=1e-5)
-    for mine, theirs in zip(batch.state, reference.state, strict=True):
-        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(batch.logits, reference.logits, rtol=tolerance, atol=tolerance)
+    return reference
 
 
 @pytest.mark.parametrize("kind", [FastLSTMBatch, NativeLSTMBatch])
@@ -153,15 +161,7 @@ def test_the_bf16_kernel_steps_like_the_module_with_bf16_weights(rows: int, bf16
     as it is multiplied: close to that model's step, not to the float32 one's bits."""
     model = odd_model(layers=2, hidden=40)  # 4H = 160: five 32-column panels
     batch = NativeLSTMBatch(model, 80, bf16_kernel, bf16=True)
-    reference = ModuleBatch(bf16_reference(model), 80)
-    fill(batch, model, rows)
-    fill(reference, model, rows)
-    with torch.inference_mode():
-        for step in range(6):
-            ids = [(7 * row + step) % model.config.vocab_size for row in range(rows)]
-            batch.step(ids)
-            reference.step(ids)
-            torch.testing.assert_close(batch.logits, reference.logits, rtol=0.02, atol=0.02)
+    assert_logits_follow(batch, model, ModuleBatch(bf16_reference(model), 80), rows, 0.02)
 
 
 @pytest.mark.parametrize("rows", [2, 7, 8, 9, 17, 70])
