@@ -38,13 +38,13 @@ COPY model ./model
 COPY service ./service
 COPY corpora ./corpora
 # The package without its optional extras (the `plot` extra, matplotlib, draws loss.png; without it
-# `charrnn train` logs that it skips the plot). Then the engine's C kernel (service/native_lstm.py),
+# `charrnn train` logs that it skips the plot). Then the engine's C kernel (service/engine/lstm_kernel.py),
 # compiled here, where a compiler is, for the runtime image, which has none: the runtime finds it in
 # CHARRNN_KERNEL_DIR by a hash of its source and flags. Every build is made (bfloat16 for AVX512-BF16,
 # AVX2/FMA/F16C, portable C), so a runtime CPU unlike this one finds its own. `python -P` keeps /src off sys.path, so this
 # compiles (and checks for the default model in) the installed package, the one the runtime image gets.
 RUN pip install . \
- && CC=gcc CHARRNN_KERNEL_DIR=/opt/kernels python -P -c "from service import native_lstm; native_lstm.build_all(); assert native_lstm.load()" \
+ && CC=gcc CHARRNN_KERNEL_DIR=/opt/kernels python -P -c "from service import lstm_kernel; lstm_kernel.build_all(); assert lstm_kernel.load()" \
  && python -P -c "from service.config import DEFAULT_MODEL_DIR as d; assert '/opt/venv/' in str(d) and any(d.glob('*.safetensors')), d"
 
 # ---- runtime ------------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ RUN groupadd --system --gid 10001 app \
  && chown 10001:10001 /models /data
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/kernels /opt/kernels
-# The code, its Gunicorn config (the module service.gunicorn_conf) and the default model (service/default_model,
+# The code, its Gunicorn config (the module charrnn.service.http.gunicorn_conf) and the default model (service/default_model,
 # the default CHARRNN_MODEL_DIR) are all in the installed package in /opt/venv. The working directory holds
 # nothing and belongs to root: Gunicorn puts it first on sys.path, so no Python may ever be found there.
 WORKDIR /app
@@ -83,4 +83,4 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
 # code and exec this same command, but here WORKDIR is empty already, and this is the very command the
 # end-to-end tests run (GUNICORN_COMMAND, tests/service/conftest.py), so the image runs what is tested.
 # `docker stop` must wait longer than CHARRNN_GRACEFUL_TIMEOUT (30 s) for streams to finish: -t 40.
-CMD ["gunicorn", "-c", "python:service.gunicorn_conf", "service.app:create_app()"]
+CMD ["gunicorn", "-c", "python:charrnn.service.http.gunicorn_conf", "charrnn.service.http.app:create_app()"]

@@ -28,12 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-from model.checkpoint import save_checkpoint
-from model.config import ModelConfig
-from model.network import CharRNN
-from model.vocab import Vocab
-from service.server import gunicorn_command
+from charrnn.model.checkpoint import save_checkpoint
+from charrnn.model.config import ModelConfig
+from charrnn.model.network import CharRNN
+from charrnn.model.vocab import Vocab
+from charrnn.service.http.server import gunicorn_command
 
 PROMPTS = ["The ", "Once upon a time", "KING:\n", "What is it"]
 

@@ -7,10 +7,10 @@ single timings vary several-fold; ratios within one run are what mean something)
 
 - eager: the model module one character at a time (nn.LSTM step, softmax, multinomial), as a
   first sampler would be written;
-- lean:  the engine's folded-weight PyTorch step (service.batch.FastLSTMBatch: the embedding folded
+- lean:  the engine's folded-weight PyTorch step (charrnn.service.engine.batch.FastLSTMBatch: the embedding folded
   into layer 0's input weights, one addmm per layer plus the gate arithmetic) and multinomial,
   with nothing around them;
-- engine: one job through `service.engine.Engine` (prompt prefill, sampling, tokens, stop matching,
+- engine: one job through `charrnn.service.engine.scheduler.Engine` (prompt prefill, sampling, tokens, stop matching,
   publishing to the reading thread included), read as a stream by a second thread;
 - engine f16: the same with the weights rounded to float16, as `charrnn export --half` stores them
   (and the shipped default model is stored): the C kernel then reads them as float16, half the bytes.
@@ -28,14 +28,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
-from model.config import ModelConfig
-from model.network import CharRNN
-from model.sampling import SamplingParams
-from model.vocab import Vocab
-from service.batch import FastLSTMBatch
-from service.engine import Engine, JobSpec
-from service.loading import LoadedModel
+from charrnn.model.config import ModelConfig
+from charrnn.model.network import CharRNN
+from charrnn.model.sampling import SamplingParams
+from charrnn.model.vocab import Vocab
+from charrnn.service.engine.batch import FastLSTMBatch
+from charrnn.service.engine.loading import LoadedModel
+from charrnn.service.engine.scheduler import Engine, JobSpec
 
 VOCAB = Vocab([chr(c) for c in range(58, 123)])  # 65 characters, as many as tinyshakespeare has
 TEMPERATURE = 0.8
@@ -67,7 +66,7 @@ def eager_loop(model: CharRNN, chars: int) -> None:
 
 
 def lean_loop(model: CharRNN) -> Callable[[int], None]:
-    """The folded-weight PyTorch step the engine uses (service.batch.FastLSTMBatch, one row) and a
+    """The folded-weight PyTorch step the engine uses (charrnn.service.engine.batch.FastLSTMBatch, one row) and a
     multinomial draw, with nothing around them: returns run(chars)."""
     hidden, layers = model.config.hidden, model.config.layers
 

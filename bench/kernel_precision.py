@@ -27,16 +27,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/NAME.py`
 
-from corpora.registry import resolve
-from model.checkpoint import load_checkpoint
-from model.data import load_corpus, validation_windows
-from model.decoding import SamplingParams
-from model.evaluate import WINDOW, bits_per_char, windowed_loss
-from model.network import CharRNN
-from service import native_lstm
-from service.batch import NativeLSTMBatch
-from service.engine import Engine, JobSpec
-from service.loading import LoadedModel
+from charrnn.corpora.registry import resolve
+from charrnn.model.checkpoint import load_checkpoint
+from charrnn.model.data import load_corpus, validation_windows
+from charrnn.model.decoding import SamplingParams
+from charrnn.model.evaluate import WINDOW, bits_per_char, windowed_loss
+from charrnn.model.network import CharRNN
+from charrnn.service.engine import lstm_kernel
+from charrnn.service.engine.batch import NativeLSTMBatch
+from charrnn.service.engine.loading import LoadedModel
+from charrnn.service.engine.scheduler import Engine, JobSpec
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "service" / "default_model" / "shakespeare.safetensors"
 
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 128], help="batch sizes timed")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    lib = native_lstm.open_kernel()
+    lib = lstm_kernel.open_kernel()
     if not lib.charrnn_has_bf16():
         sys.exit("this CPU (or compiler) has no AVX512-BF16 build of the kernel: nothing to compare")
     checkpoint = load_checkpoint(DEFAULT_MODEL)

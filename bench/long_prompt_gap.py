@@ -15,14 +15,13 @@ import itertools
 import threading
 import time
 
+import charrnn.model.sampling as sampling
+import charrnn.service.engine.scheduler as engine_module
 import torch
-
-import model.sampling as sampling
-import service.engine as engine_module
-from model.sampling import SamplingParams
-from service.config import DEFAULT_MODEL_DIR
-from service.engine import Engine, JobSpec
-from service.loading import load_models
+from charrnn.model.sampling import SamplingParams
+from charrnn.service.config import DEFAULT_MODEL_DIR
+from charrnn.service.engine.loading import load_models
+from charrnn.service.engine.scheduler import Engine, JobSpec
 
 LONG = 10**9
 

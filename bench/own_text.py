@@ -33,13 +33,12 @@ import time
 from pathlib import Path
 
 import torch
-
-from corpora.registry import resolve
-from model.checkpoint import load_checkpoint
-from model.data import load_corpus
-from model.evaluate import bits_per_char, windowed_loss
-from model.recipe import resolve_recipe
-from model.train import BEST, Trainer
+from charrnn.corpora.registry import resolve
+from charrnn.model.checkpoint import load_checkpoint
+from charrnn.model.data import load_corpus
+from charrnn.model.evaluate import bits_per_char, windowed_loss
+from charrnn.model.recipe import resolve_recipe
+from charrnn.model.train import BEST, Trainer
 
 SIZES = {"small": 20_000, "medium": 100_000, "large": 300_000}
 SCRIPTS = {"small": "cjk", "medium": "cyrillic", "large": "latin"}

@@ -15,12 +15,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-
-from corpora.registry import resolve
-from model.config import PRESETS, ModelConfig, TrainConfig, split_settings
-from model.data import load_corpus
-from model.evaluate import bits_per_char
-from model.train import Trainer
+from charrnn.corpora.registry import resolve
+from charrnn.model.config import PRESETS, ModelConfig, TrainConfig, split_settings
+from charrnn.model.data import load_corpus
+from charrnn.model.evaluate import bits_per_char
+from charrnn.model.train import Trainer
 
 BASELINE = dict(
     cell="lstm",

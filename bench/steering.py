@@ -21,10 +21,10 @@ import argparse
 import time
 
 import torch
+from charrnn.model.constraints import clear_cache, regex_constraint
+from charrnn.model.sampling import SamplingParams, generate
 
 import charrnn
-from model.constraints import clear_cache, regex_constraint
-from model.sampling import SamplingParams, generate
 
 PROMPTS = ["ROMEO:\n", "First Citizen:\n", "KING RICHARD III:\nNow is the ", "\n"]
 # (presence, frequency): over characters, counts grow fast (a space is ~18 % of the text), so the useful

@@ -31,11 +31,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/NAME.py`
 
+from charrnn.model.checkpoint import load_checkpoint
+from charrnn.model.decoding import SamplingParams
+from charrnn.service.engine.loading import LoadedModel
+from charrnn.service.engine.scheduler import Engine, JobSpec
+
 from bench.engine_service import free_port, percentile, run_clients, start_gunicorn, stop_server
-from model.checkpoint import load_checkpoint
-from model.decoding import SamplingParams
-from service.engine import Engine, JobSpec
-from service.loading import LoadedModel
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "service" / "default_model" / "shakespeare.safetensors"
 PROMPTS = ["ROMEO:\n", "First Citizen:\n", "KING RICHARD III:\n", "\n"]

@@ -21,10 +21,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/NAME.py`
 
+from charrnn.model.config import ModelConfig, TrainConfig
+from charrnn.model.data import load_corpus
+from charrnn.model.train import Trainer, cpu_has_native_bf16
+
 from bench._common import median, write_text
-from model.config import ModelConfig, TrainConfig
-from model.data import load_corpus
-from model.train import Trainer, cpu_has_native_bf16
 
 
 def matmul_flops(size: int = 2048, repeats: int = 7) -> float:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from charrnn.api import Completion, Model, Score, load, train
-    from model.sampling import SamplingError, SamplingParams, Token
+    from charrnn.model.sampling import SamplingError, SamplingParams, Token
 
 # Imported on first use (PEP 562), so that `charrnn --help` (charrnn.cli) does not wait for torch.
 _HOMES = {
@@ -28,9 +28,9 @@ _HOMES = {
     "Score": "charrnn.api",
     "load": "charrnn.api",
     "train": "charrnn.api",
-    "SamplingError": "model.sampling",
-    "SamplingParams": "model.sampling",
-    "Token": "model.sampling",
+    "SamplingError": "charrnn.model.sampling",
+    "SamplingParams": "charrnn.model.sampling",
+    "Token": "charrnn.model.sampling",
 }
 __all__ = ["Completion", "Model", "SamplingError", "SamplingParams", "Score", "Token", "load", "train"]
 

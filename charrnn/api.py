@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from model.checkpoint import Checkpoint, load_checkpoint
-from model.evaluate import bits_per_char
-from model.sampling import Generation, Token, generate, sampling_params, start_ids
-from model.scoring import score_ids
-from model.vocab import UnknownPolicy
+from charrnn.model.checkpoint import Checkpoint, load_checkpoint
+from charrnn.model.evaluate import bits_per_char
+from charrnn.model.sampling import Generation, Token, generate, sampling_params, start_ids
+from charrnn.model.scoring import score_ids
+from charrnn.model.vocab import UnknownPolicy
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "service" / "default_model" / "shakespeare.safetensors"
 # generate()'s and stream()'s steering keywords (model.sampling.sampling_params takes them)
@@ -194,11 +194,11 @@ def train(
     `text` is kept there too (corpus.txt), so that the run can be resumed and evaluated.
     `threads` (as `charrnn train --threads`) sets torch's CPU threads for this run, and is restored after it.
     """
-    from corpora.registry import resolve
-    from model.config import MODEL_KEYS, TRAIN_KEYS
-    from model.data import load_corpus
-    from model.recipe import PRESET_NAMES, resolve_recipe
-    from model.train import Trainer
+    from charrnn.corpora.registry import resolve
+    from charrnn.model.config import MODEL_KEYS, TRAIN_KEYS
+    from charrnn.model.data import load_corpus
+    from charrnn.model.recipe import PRESET_NAMES, resolve_recipe
+    from charrnn.model.train import Trainer
 
     if (corpus is None) == (text is None):
         raise ValueError("train: give a corpus (path or name) or text=..., not both and not neither")
@@ -241,7 +241,7 @@ def _keep_text(out_dir: Path, text: str, resume: bool) -> Path:
     """Write `text` into the run directory (unless resuming the run that already holds it)."""
     if not text:
         raise ValueError("text: nothing to train on (empty)")
-    from model.train import BEST, LAST
+    from charrnn.model.train import BEST, LAST
 
     path = out_dir / TEXT_FILE
     if not resume and ((out_dir / LAST).exists() or (out_dir / BEST).exists()):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train(commands: Any) -> None:
-    from model.config import CELLS, MAX_LAYERS, PRECISIONS, RESUME_MAY_CHANGE
-    from model.recipe import AUTO, PRESET_NAMES
+    from charrnn.model.config import CELLS, MAX_LAYERS, PRECISIONS, RESUME_MAY_CHANGE
+    from charrnn.model.recipe import AUTO, PRESET_NAMES
 
     p = commands.add_parser("train", help="train a model on a corpus", description="Train a model on a corpus.")
     p.add_argument(
@@ -295,7 +294,7 @@ def _add_export(commands: Any) -> None:
 
 
 def _add_serve(commands: Any) -> None:
-    from service.config import bounds  # the flags allow what the settings they set allow
+    from charrnn.service.config import bounds  # the flags allow what the settings they set allow
 
     port, workers = bounds("port"), bounds("workers")
     p = commands.add_parser(
@@ -318,10 +317,10 @@ def _add_serve(commands: Any) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from corpora.registry import resolve
-    from model.data import load_corpus
-    from model.recipe import resolve_recipe
-    from model.train import Trainer
+    from charrnn.corpora.registry import resolve
+    from charrnn.model.data import load_corpus
+    from charrnn.model.recipe import resolve_recipe
+    from charrnn.model.train import Trainer
 
     if args.threads:
         import torch
@@ -347,7 +346,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _config_keys() -> frozenset[str]:
-    from model.config import MODEL_KEYS, TRAIN_KEYS
+    from charrnn.model.config import MODEL_KEYS, TRAIN_KEYS
 
     return MODEL_KEYS | TRAIN_KEYS
 
@@ -358,8 +357,8 @@ def checkpoint_path(path: Path) -> Path:
 
 
 def _run_sample(args: argparse.Namespace) -> int:
-    from model.checkpoint import load_checkpoint
-    from model.sampling import generate, sampling_params
+    from charrnn.model.checkpoint import load_checkpoint
+    from charrnn.model.sampling import generate, sampling_params
 
     ckpt = load_checkpoint(checkpoint_path(args.checkpoint))
     model = ckpt.build_model()
@@ -387,11 +386,11 @@ def _run_sample(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from corpora.registry import resolve
-    from model.checkpoint import load_checkpoint
-    from model.data import load_corpus
-    from model.evaluate import bits_per_char, carried_loss, dynamic_loss, windowed_loss
-    from model.train import resolve_device
+    from charrnn.corpora.registry import resolve
+    from charrnn.model.checkpoint import load_checkpoint
+    from charrnn.model.data import load_corpus
+    from charrnn.model.evaluate import bits_per_char, carried_loss, dynamic_loss, windowed_loss
+    from charrnn.model.train import resolve_device
 
     ckpt = load_checkpoint(checkpoint_path(args.checkpoint))
     model = ckpt.build_model(resolve_device(args.device))
@@ -418,8 +417,8 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_corpus(args: argparse.Namespace) -> int:
-    from corpora.registry import fetch, manifest, resolve
-    from model.data import corpus_files, corpus_sha256, scan_characters
+    from charrnn.corpora.registry import fetch, manifest, resolve
+    from charrnn.model.data import corpus_files, corpus_sha256, scan_characters
 
     entries = manifest()
     if args.action == "list":
@@ -442,10 +441,10 @@ def _run_corpus(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from corpora.registry import resolve
-    from model.checkpoint import load_checkpoint
-    from model.data import load_corpus
-    from model.export import card_path, export
+    from charrnn.corpora.registry import resolve
+    from charrnn.model.checkpoint import load_checkpoint
+    from charrnn.model.data import load_corpus
+    from charrnn.model.export import card_path, export
 
     source = checkpoint_path(args.checkpoint)
     corpus = None
@@ -463,19 +462,19 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from service.server import serve
+    from charrnn.service.http.server import serve
 
     return serve(model_dir=args.model_dir, host=args.host, port=args.port, workers=args.workers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `charrnn` console script."""
-    from model.checkpoint import CheckpointError
-    from model.config import ConfigError
-    from model.data import CorpusError
-    from model.sampling import SamplingError
-    from model.train import TrainingError
-    from model.vocab import UnknownCharactersError
+    from charrnn.model.checkpoint import CheckpointError
+    from charrnn.model.config import ConfigError
+    from charrnn.model.data import CorpusError
+    from charrnn.model.sampling import SamplingError
+    from charrnn.model.train import TrainingError
+    from charrnn.model.vocab import UnknownCharactersError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -504,8 +503,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m charrnn.cli` put the working directory first on sys.path, where a user's own model.py or
-    # service/ would be imported instead of ours (pip's __main__ drops it the same way).
-    if sys.path and sys.path[0] in ("", os.getcwd()):
-        del sys.path[0]
     sys.exit(main())

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from model.atomic import atomic_write
-from model.data import CorpusError, default_cache_dir
+from charrnn.model.atomic import atomic_write
+from charrnn.model.data import CorpusError, default_cache_dir
 
 log = logging.getLogger(__name__)
 

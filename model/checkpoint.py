@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from charrnn.model.atomic import atomic_write
+from charrnn.model.config import ModelConfig
+from charrnn.model.network import CharRNN
+from charrnn.model.vocab import Vocab
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-
-from model.atomic import atomic_write
-from model.config import ModelConfig
-from model.network import CharRNN
-from model.vocab import Vocab
 
 FORMAT = "charrnn-checkpoint"
 FORMAT_VERSION = 1

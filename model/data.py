@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from model.atomic import atomic_write
-from model.vocab import UnknownCharactersError, Vocab
+from charrnn.model.atomic import atomic_write
+from charrnn.model.vocab import UnknownCharactersError, Vocab
 
 log = logging.getLogger(__name__)
 

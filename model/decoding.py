@@ -27,10 +27,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-
-from model.constraints import Constraint
-from model.stops import StopMatcher
-from model.vocab import Vocab
+from charrnn.model.constraints import Constraint
+from charrnn.model.stops import StopMatcher
+from charrnn.model.vocab import Vocab
 
 MAX_TEMPERATURE = 5.0
 NOISE_FLOATS = 4096  # per plain row, exponential noise drawn ahead (see Noise)

@@ -13,9 +13,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from model.data import validation_windows
-from model.network import CharRNN
+from charrnn.model.data import validation_windows
+from charrnn.model.network import CharRNN
 
 WINDOW = 256
 

@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from model.atomic import atomic_write
-from model.checkpoint import load_checkpoint, save_checkpoint
-from model.data import Corpus
-from model.evaluate import bits_per_char, carried_loss, windowed_loss
-from model.sampling import SamplingParams, generate
+from charrnn.model.atomic import atomic_write
+from charrnn.model.checkpoint import load_checkpoint, save_checkpoint
+from charrnn.model.data import Corpus
+from charrnn.model.evaluate import bits_per_char, carried_loss, windowed_loss
+from charrnn.model.sampling import SamplingParams, generate
 
 SAMPLE = {"prompt": "ROMEO:\n", "length": 400, "temperature": 0.8, "seed": 1}
 

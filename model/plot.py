@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from model.atomic import atomic_write
+from charrnn.model.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from model.config import PRESETS, ModelConfig, TrainConfig, split_settings
-from model.data import Corpus, CorpusStats
+from charrnn.model.config import PRESETS, ModelConfig, TrainConfig, split_settings
+from charrnn.model.data import Corpus, CorpusStats
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +199,8 @@ def _auto_choices(corpus: Corpus, overrides: dict[str, Any]) -> list[Choice]:
 
 def _recorded_recipe(out_dir: Path) -> dict[str, Any] | None:
     """The settings an `auto` run's last checkpoint was trained with (None: not an auto run, or none)."""
-    from model.checkpoint import load_checkpoint
-    from model.train import LAST
+    from charrnn.model.checkpoint import load_checkpoint
+    from charrnn.model.train import LAST
 
     path = out_dir / LAST
     if not path.exists():

@@ -14,9 +14,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-
-from model.constraints import ConstraintError, choice_constraint, regex_constraint
-from model.decoding import (
+from charrnn.model.constraints import ConstraintError, choice_constraint, regex_constraint
+from charrnn.model.decoding import (
     MAX_TEMPERATURE,
     Decoder,
     SamplingError,
@@ -26,8 +25,8 @@ from model.decoding import (
     choose,
     filtered_logits,
 )
-from model.network import CharRNN, State
-from model.vocab import UnknownPolicy, Vocab
+from charrnn.model.network import CharRNN, State
+from charrnn.model.vocab import UnknownPolicy, Vocab
 
 # What callers have always imported from here; they are defined in model/decoding.py.
 __all__ = [

@@ -11,8 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-
-from model.network import CharRNN
+from charrnn.model.network import CharRNN
 
 CHUNK = 4096  # characters read per call of the recurrent layer
 

@@ -24,18 +24,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from charrnn.model import plot
+from charrnn.model.checkpoint import SUFFIX, load_checkpoint, save_checkpoint
+from charrnn.model.config import RESUME_MAY_CHANGE, ModelConfig, TrainConfig
+from charrnn.model.cpu import cpu_flags
+from charrnn.model.data import Corpus, TrackBatcher, corpus_stats
+from charrnn.model.distributed import Distributed
+from charrnn.model.evaluate import bits_per_char, windowed_loss
+from charrnn.model.network import CharRNN, State, detach_state, state_from_tensors, state_tensors
+from charrnn.model.recipe import diagnose, text_warnings
+from charrnn.model.sampling import SamplingParams, generate
 from torch import nn
-
-from model import plot
-from model.checkpoint import SUFFIX, load_checkpoint, save_checkpoint
-from model.config import RESUME_MAY_CHANGE, ModelConfig, TrainConfig
-from model.cpu import cpu_flags
-from model.data import Corpus, TrackBatcher, corpus_stats
-from model.distributed import Distributed
-from model.evaluate import bits_per_char, windowed_loss
-from model.network import CharRNN, State, detach_state, state_from_tensors, state_tensors
-from model.recipe import diagnose, text_warnings
-from model.sampling import SamplingParams, generate
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,2 @@
-"""The HTTP service: app factory, routes, request schemas, errors and the generation engine it owns."""
+"""The service: the generation engine (engine/), the web layer over it (http/), the settings both read
+(config.py) and a small HTTP client (client.py)."""

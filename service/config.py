@@ -1,12 +1,12 @@
 """The service's settings: defaults, then CHARRNN_* environment variables, then a test mapping.
 
-One object, `ServiceConfig`, read by `create_app` (service/app.py) and by Gunicorn's configuration
-(service/gunicorn_conf.py), and `setting` for the one value the kernel loader (service/native_lstm.py)
+One object, `ServiceConfig`, read by `create_app` (service/http/app.py) and by Gunicorn's configuration
+(service/http/gunicorn_conf.py), and `setting` for the one value the kernel loader (service/engine/lstm_kernel.py)
 needs, so that a setting is parsed and checked in one place. Its environment
 variable is CHARRNN_ + the field name in upper case (CHARRNN_MODEL_DIR); a test mapping uses the
 upper-case field name (MODEL_DIR). A bad value is a `ConfigError` naming the variable and the allowed
-range. The hard bounds below are what no setting can raise: the request schemas (service/schemas.py)
-and the OpenAPI document (service/openapi.py) take them from here.
+range. The hard bounds below are what no setting can raise: the request schemas (service/http/schemas.py)
+and the OpenAPI document (service/http/openapi.py) take them from here.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.config import MAX_LAYERS, ConfigError
+from charrnn.model.config import MAX_LAYERS, ConfigError
 
 __all__ = ["Bounds", "ConfigError", "ServiceConfig", "bounds", "load_config", "setting"]
 
@@ -119,7 +119,7 @@ class ServiceConfig:
     precision: str = _setting("auto", choices=PRECISIONS)
     docs: bool = True  # serve the API docs page at /docs
     playground: bool = True  # serve the playground page at /
-    # -- read by Gunicorn's master (service/gunicorn_conf.py) --
+    # -- read by Gunicorn's master (service/http/gunicorn_conf.py) --
     host: str = "127.0.0.1"  # the address to listen on; not reachable from the network by default
     port: int = _setting(8000, 0, 65535)  # the port to listen on (0: any free one)
     # worker processes, each with its own models and engine; None: 2 where this process may use 2 cores or
@@ -131,7 +131,7 @@ class ServiceConfig:
     max_requests: int = _setting(0, 0)  # restart a worker after this many requests (0: never)
     log_level: str = _setting("info", choices=LOG_LEVELS)  # Gunicorn's and the app's log level
     # Host header names answered, comma-separated (".example.com": and its subdomains; "*": any); empty:
-    # loopback names when `host` is a loopback address, else any (service/web_security.py says why)
+    # loopback names when `host` is a loopback address, else any (service/http/web_security.py says why)
     allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

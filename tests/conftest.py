@@ -15,10 +15,10 @@ from typing import NoReturn
 
 import pytest
 import torch
+from charrnn.model.cpu import has_bf16_dot
+from charrnn.model.data import load_corpus
+from charrnn.service.engine import lstm_kernel
 
-from model.cpu import has_bf16_dot
-from model.data import load_corpus
-from service import native_lstm
 from tests.helpers import GunicornServer, make_text, make_word_text, start_gunicorn, train_tiny
 
 # Tests use tiny models, for which a second thread only adds synchronisation; on a busy 2-core
@@ -51,7 +51,7 @@ def native_kernel(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     if shutil.which(os.environ.get("CC", "cc")) is None:
         kernel_unavailable("no C compiler (cc) to build the native kernel with")
     try:
-        return native_lstm.open_kernel(directory=tmp_path_factory.getbasetemp() / "kernels")
+        return lstm_kernel.open_kernel(directory=tmp_path_factory.getbasetemp() / "kernels")
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         kernel_unavailable(f"the native kernel did not build or load: {exc}")
 
@@ -65,7 +65,7 @@ def bf16_kernel(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     if shutil.which(os.environ.get("CC", "cc")) is None:
         kernel_unavailable("no C compiler (cc) to build the native kernel with")
     try:
-        return native_lstm.open_kernel("bf16", directory=tmp_path_factory.getbasetemp() / "kernels")
+        return lstm_kernel.open_kernel("bf16", directory=tmp_path_factory.getbasetemp() / "kernels")
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         kernel_unavailable(f"the bfloat16 kernel did not build or load: {exc}")
 

@@ -1,6 +1,6 @@
 """Checkpoint files forged for the tests that a loader must refuse: the safetensors header edited (a newer
 format version, a vocabulary that disagrees with the weights, overlapping or duplicate tensors, hostile
-shapes, metadata fields set to raw JSON). Used by tests/test_checkpoint.py and the service's tests."""
+shapes, metadata fields set to raw JSON). Used by tests/model/test_checkpoint.py and the service's tests."""
 
 from __future__ import annotations
 

@@ -19,15 +19,14 @@ from typing import Any, TypeVar
 
 import requests
 import torch
-
-from model.config import PRESETS, ModelConfig, TrainConfig, split_settings
-from model.data import Corpus
-from model.decoding import SamplingParams
-from model.network import CharRNN
-from model.train import Trainer
-from model.vocab import Vocab
-from service.loading import LoadedModel
-from service.schemas import ErrorResponse
+from charrnn.model.config import PRESETS, ModelConfig, TrainConfig, split_settings
+from charrnn.model.data import Corpus
+from charrnn.model.decoding import SamplingParams
+from charrnn.model.network import CharRNN
+from charrnn.model.train import Trainer
+from charrnn.model.vocab import Vocab
+from charrnn.service.engine.loading import LoadedModel
+from charrnn.service.http.schemas import ErrorResponse
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -170,7 +169,12 @@ class GunicornServer:
             return self.process.wait()
 
 
-GUNICORN_COMMAND = ["gunicorn", "-c", "python:service.gunicorn_conf", "service.app:create_app()"]  # as the Dockerfile
+GUNICORN_COMMAND = [
+    "gunicorn",
+    "-c",
+    "python:charrnn.service.http.gunicorn_conf",
+    "charrnn.service.http.app:create_app()",
+]  # as the Dockerfile
 
 
 def gunicorn_command() -> list[str]:

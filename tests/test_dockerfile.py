@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from charrnn.service.config import ServiceConfig
+from charrnn.service.http import server
 from dockerfile_parse import DockerfileParser
 
 import service
-from service import server
-from service.config import ServiceConfig
 from tests.docker import commands
 from tests.helpers import GUNICORN_COMMAND
 
@@ -46,7 +46,10 @@ def test_cmd_is_the_gunicorn_command_the_end_to_end_tests_run(dockerfile: Docker
     (cmd,) = instructions(dockerfile, "CMD")
     command = json.loads(cmd)
     assert command == GUNICORN_COMMAND
-    assert command[-1] == server.APP and command[1:3] == ["-c", server.GUNICORN_CONF]  # python:service.gunicorn_conf
+    assert command[-1] == server.APP and command[1:3] == [
+        "-c",
+        server.GUNICORN_CONF,
+    ]  # python:charrnn.service.http.gunicorn_conf
 
 
 def test_exposed_port_and_health_check_match_the_gunicorn_config(dockerfile: DockerfileParser) -> None:
@@ -108,21 +111,21 @@ def test_the_torch_trim_keeps_what_import_torch_needs(dockerfile: DockerfilePars
 def test_the_c_kernel_is_compiled_in_the_build_stage_where_the_runtime_looks(dockerfile: DockerfileParser) -> None:
     kernels = dockerfile.envs["CHARRNN_KERNEL_DIR"]
     assert f"--from=build {kernels} {kernels}" in instructions(dockerfile, "COPY")
-    (compile_step,) = [run for run in instructions(dockerfile, "RUN", stage=0) if "native_lstm.load()" in run]
+    (compile_step,) = [run for run in instructions(dockerfile, "RUN", stage=0) if "lstm_kernel.load()" in run]
     assert f"CHARRNN_KERNEL_DIR={kernels}" in compile_step and "gcc" in compile_step
-    assert "native_lstm.build_all()" in compile_step  # a runtime CPU without AVX2 finds its kernel too
+    assert "lstm_kernel.build_all()" in compile_step  # a runtime CPU without AVX2 finds its kernel too
 
 
 def test_a_kernel_compiled_earlier_is_used_where_there_is_no_compiler(monkeypatch, tmp_path: Path) -> None:
     """What the runtime image does: no `cc`, the kernel found in CHARRNN_KERNEL_DIR by its hash."""
-    from service import native_lstm
+    from charrnn.service.engine import lstm_kernel
 
     if shutil.which("cc") is None:
         pytest.skip("no C compiler to build the kernel with")
     monkeypatch.setenv("CHARRNN_KERNEL_DIR", str(tmp_path))
     for _ in range(2):  # the build stage, then the runtime image
-        monkeypatch.setattr(native_lstm, "_loaded", {})
-        assert native_lstm.load() is not None
+        monkeypatch.setattr(lstm_kernel, "_loaded", {})
+        assert lstm_kernel.load() is not None
         monkeypatch.setenv("PATH", str(tmp_path / "empty"))
         monkeypatch.setenv("CC", "no-such-compiler")
     assert len(list(tmp_path.glob("*.so"))) == 1
@@ -130,25 +133,25 @@ def test_a_kernel_compiled_earlier_is_used_where_there_is_no_compiler(monkeypatc
 
 def test_every_kernel_variant_is_built_ahead_for_cpus_unlike_the_builder(monkeypatch, tmp_path: Path) -> None:
     """An image built on an AVX2 machine and run on one without AVX2 (or the other way round)."""
-    from service import native_lstm
+    from charrnn.service.engine import lstm_kernel
 
     if shutil.which("cc") is None:
         pytest.skip("no C compiler to build the kernel with")
     monkeypatch.setenv("CHARRNN_KERNEL_DIR", str(tmp_path))
-    built = native_lstm.build_all()
+    built = lstm_kernel.build_all()
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     assert len(set(built)) == (3 if x86 else 1)  # bfloat16 (AVX512-BF16), AVX2, portable
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # the runtime image: no compiler
     monkeypatch.setenv("CC", "no-such-compiler")
     cpus = [(False, False), (True, False), (True, True)] if x86 else [(False, False)]  # (AVX2, AVX512-BF16)
     for avx2, bf16 in cpus:
-        monkeypatch.setattr(native_lstm, "_cpu_has_avx2", lambda avx2=avx2: avx2)
-        monkeypatch.setattr(native_lstm, "has_bf16_dot", lambda bf16=bf16: bf16)
-        assert native_lstm._build() in built
-    monkeypatch.setattr(native_lstm, "_cpu_has_avx2", lambda: False)
-    monkeypatch.setattr(native_lstm, "has_bf16_dot", lambda: False)
-    monkeypatch.setattr(native_lstm, "_loaded", {})
-    assert native_lstm.load() is not None  # the portable kernel runs on any CPU, this one included
+        monkeypatch.setattr(lstm_kernel, "_cpu_has_avx2", lambda avx2=avx2: avx2)
+        monkeypatch.setattr(lstm_kernel, "has_bf16_dot", lambda bf16=bf16: bf16)
+        assert lstm_kernel._build() in built
+    monkeypatch.setattr(lstm_kernel, "_cpu_has_avx2", lambda: False)
+    monkeypatch.setattr(lstm_kernel, "has_bf16_dot", lambda: False)
+    monkeypatch.setattr(lstm_kernel, "_loaded", {})
+    assert lstm_kernel.load() is not None  # the portable kernel runs on any CPU, this one included
 
 
 def test_dockerignore_keeps_the_context_small() -> None:
@@ -172,7 +175,7 @@ def test_compose_publishes_the_service_on_loopback_only_by_default(compose: dict
 
 def test_compose_waits_for_streams_longer_than_gunicorn_lets_them_run(compose: dict) -> None:
     grace = int(compose["services"]["serve"]["stop_grace_period"].removesuffix("s"))
-    graceful = ServiceConfig().graceful_timeout  # what service.gunicorn_conf gives Gunicorn
+    graceful = ServiceConfig().graceful_timeout  # what charrnn.service.http.gunicorn_conf gives Gunicorn
     assert grace > graceful and f"-t {grace}" in commands.STOP
 
 

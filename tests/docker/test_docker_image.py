@@ -54,7 +54,7 @@ def test_the_image_adds_at_most_850_mb_to_its_base(image: str, figures: dict[str
 
 def test_the_image_has_cpu_torch_and_the_kernels_for_every_cpu(image: str) -> None:
     probe = (
-        "import torch; from model.cpu import has_bf16_dot; from service import native_lstm; lib = native_lstm.load();"
+        "import torch; from model.cpu import has_bf16_dot; from service import lstm_kernel; lib = lstm_kernel.load();"
         " print(torch.__version__, lib is not None, bool(lib.charrnn_has_bf16()) == has_bf16_dot())"
     )
     result = docker("run", "--rm", "--network", "none", image, "python", "-c", probe)

@@ -1,0 +1,613 @@
+/* The LSTM step and the character draw for batches of rows (see lstm_step.h for the layouts,
+   service/engine/lstm_kernel.py for why and how it is built and loaded).
+
+   Numerics: float32, like the model; sums run in another order than MKL's and exp is a polynomial
+   (Cephes expf, ~1 ulp), so results equal the PyTorch step's to float rounding, not bit for bit.
+   Float16 weights are converted exactly and the arithmetic stays float32. The bfloat16 build may
+   instead multiply the recurrent layers in bfloat16 (Net.bpanels): weights and h rounded to bfloat16,
+   pairs of products summed into float32. In every build and arithmetic, each element of a product is
+   one fold over k, the same whichever rows share the batch and whichever thread computes it. */
+#include "lstm_step.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <string.h>
+#include <unistd.h>
+#if defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512F__)
+#define CHARRNN_BF16 1
+#else
+#define CHARRNN_BF16 0
+#endif
+
+int charrnn_has_bf16(void) { return CHARRNN_BF16; }
+
+int charrnn_max_layers(void) { return CHARRNN_MAX_LAYERS; }
+size_t charrnn_net_size(void) { return sizeof(Net); }
+
+/* Cephes expf: range reduction by ln 2, a degree-6 polynomial; branch-free so loops vectorize. */
+static inline float exp_(float x) {
+    x = fminf(fmaxf(x, -87.3f), 88.7f);
+    float fx = floorf(x * 1.44269504088896341f + 0.5f);
+    x -= fx * 0.693359375f;
+    x -= fx * -2.12194440e-4f;
+    float z = x * x;
+    float y = ((((1.9875691500e-4f * x + 1.3981999507e-3f) * x + 8.3334519073e-3f) * x + 4.1665795894e-2f) * x
+               + 1.6666665459e-1f) * x + 5.0000001201e-1f;
+    y = y * z + x + 1.0f;
+    const int32_t bits = ((int32_t)fx + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale); /* 2^fx; a copy, not a union, which kept GCC from vectorizing */
+    return y * scale;
+}
+
+static inline float sigmoid_(float x) { return 1.0f / (1.0f + exp_(-x)); }
+static inline float tanh_(float x) { return 2.0f / (1.0f + exp_(-2.0f * x)) - 1.0f; }
+
+static inline float half_to_float(uint16_t h) {
+#if defined(__F16C__) && defined(__FMA__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, bits;
+    if (e == 0x1f) bits = sign | 0x7f800000u | (m << 13);      /* inf, nan */
+    else if (e) bits = sign | ((e + 112) << 23) | (m << 13);   /* normal */
+    else if (!m) bits = sign;                                  /* zero */
+    else {                                                     /* subnormal: normalise */
+        e = 113;
+        while (!(m & 0x400)) { m <<= 1; e--; }
+        bits = sign | (e << 23) | ((m & 0x3ff) << 13);
+    }
+    union { uint32_t u; float f; } v = { bits };
+    return v.f;
+#endif
+}
+
+float charrnn_half_to_float(uint16_t h) { return half_to_float(h); }
+
+#if defined(__F16C__) && defined(__FMA__)
+/* Eight weights as float32, from float16 bits (half) or from float32. */
+static inline __attribute__((always_inline)) __m256 load8(const void *W, size_t at, int half) {
+    if (half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)W + at)));
+    return _mm256_loadu_ps((const float *)W + at);
+}
+
+/* Every element of y += x @ W below is the same fold, whichever loop computes it:
+       acc = y[r][c];  for k = 0 .. K-1: acc = fma(x[r][k], W[k][c], acc)
+   (one rounding per step, k ascending). So a row's result does not depend on how many rows share the
+   batch or where it sits in it: a seed gives the same text whatever else is being generated. */
+
+/* Rows 0 .. 3 of x and y, columns j .. j + 15: the 4 x 16 block in eight registers over all of K, each
+   weight loaded once for four rows, eight independent FMA chains. */
+static inline __attribute__((always_inline)) void block4x16(int K, int N, const float *x, int ldx, const void *W,
+                                                            const void *panels, int half, float *y, int j) {
+    float *y0 = y + j, *y1 = y0 + N, *y2 = y1 + N, *y3 = y2 + N;
+    const float *x0 = x, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
+    __m256 a00 = _mm256_loadu_ps(y0), a01 = _mm256_loadu_ps(y0 + 8), a10 = _mm256_loadu_ps(y1);
+    __m256 a11 = _mm256_loadu_ps(y1 + 8), a20 = _mm256_loadu_ps(y2), a21 = _mm256_loadu_ps(y2 + 8);
+    __m256 a30 = _mm256_loadu_ps(y3), a31 = _mm256_loadu_ps(y3 + 8);
+    /* where the weights of (k, j .. j + 15) are, and how far the next k's are */
+    const void *from = panels ? panels : W;
+    const size_t first = panels ? (size_t)j * K : (size_t)j, stride = panels ? 16 : (size_t)N;
+    for (int k = 0; k < K; k++) {
+        const size_t at = first + (size_t)k * stride;
+        const __m256 w0 = load8(from, at, half), w1 = load8(from, at + 8, half);
+        __m256 b = _mm256_broadcast_ss(x0 + k);
+        a00 = _mm256_fmadd_ps(b, w0, a00);
+        a01 = _mm256_fmadd_ps(b, w1, a01);
+        b = _mm256_broadcast_ss(x1 + k);
+        a10 = _mm256_fmadd_ps(b, w0, a10);
+        a11 = _mm256_fmadd_ps(b, w1, a11);
+        b = _mm256_broadcast_ss(x2 + k);
+        a20 = _mm256_fmadd_ps(b, w0, a20);
+        a21 = _mm256_fmadd_ps(b, w1, a21);
+        b = _mm256_broadcast_ss(x3 + k);
+        a30 = _mm256_fmadd_ps(b, w0, a30);
+        a31 = _mm256_fmadd_ps(b, w1, a31);
+    }
+    _mm256_storeu_ps(y0, a00), _mm256_storeu_ps(y0 + 8, a01), _mm256_storeu_ps(y1, a10);
+    _mm256_storeu_ps(y1 + 8, a11), _mm256_storeu_ps(y2, a20), _mm256_storeu_ps(y2 + 8, a21);
+    _mm256_storeu_ps(y3, a30), _mm256_storeu_ps(y3 + 8, a31);
+}
+
+/* Rows of y += x @ W streamed: W read row after row (sequentially: one stream alone is bound by
+   reading W), each 8-column slice of four W rows loaded once and folded into every row of y in turn. */
+static inline __attribute__((always_inline)) void rows_stream(int n, int K, int N, const float *x, int ldx,
+                                                              const void *W, int half, float *y) {
+    int k = 0;
+    for (; k < K; k += 4) {
+        const int steps = K - k < 4 ? K - k : 4;
+        int j = 0;
+        if (steps == 4) {
+            for (; j + 8 <= N; j += 8) {
+                const size_t at = (size_t)k * N + j;
+                const __m256 v0 = load8(W, at, half), v1 = load8(W, at + N, half);
+                const __m256 v2 = load8(W, at + 2 * (size_t)N, half), v3 = load8(W, at + 3 * (size_t)N, half);
+                for (int r = 0; r < n; r++) {
+                    const float *xr = x + (size_t)r * ldx + k;
+                    float *yr = y + (size_t)r * N + j;
+                    __m256 acc = _mm256_loadu_ps(yr);
+                    acc = _mm256_fmadd_ps(_mm256_broadcast_ss(xr), v0, acc);
+                    acc = _mm256_fmadd_ps(_mm256_broadcast_ss(xr + 1), v1, acc);
+                    acc = _mm256_fmadd_ps(_mm256_broadcast_ss(xr + 2), v2, acc);
+                    acc = _mm256_fmadd_ps(_mm256_broadcast_ss(xr + 3), v3, acc);
+                    _mm256_storeu_ps(yr, acc);
+                }
+            }
+        }
+        for (; j < N; j++)  /* the last columns, and every column of the last k < 4 steps */
+            for (int r = 0; r < n; r++) {
+                float acc = y[(size_t)r * N + j];
+                for (int i = 0; i < steps; i++) {
+                    const size_t at = (size_t)(k + i) * N + j;
+                    const float w = half ? half_to_float(((const uint16_t *)W)[at]) : ((const float *)W)[at];
+                    acc = fmaf(x[(size_t)r * ldx + k + i], w, acc);
+                }
+                y[(size_t)r * N + j] = acc;
+            }
+    }
+}
+
+/* rows_stream for float16 and for float32 weights, each its own function: inlined into the blocked loop
+   it lost registers to it, and one stream ran ~12 % slower. */
+static __attribute__((noinline)) void stream_h(int n, int K, int N, const float *x, int ldx, const void *W, float *y) {
+    rows_stream(n, K, N, x, ldx, W, 1, y);
+}
+
+static __attribute__((noinline)) void stream_f(int n, int K, int N, const float *x, int ldx, const void *W, float *y) {
+    rows_stream(n, K, N, x, ldx, W, 0, y);
+}
+
+/* One row, columns from .. N - 1, one at a time (the same fold, by fmaf). */
+static inline void tail_columns(int K, int N, const float *x, const void *W, int half, float *y, int from) {
+    for (int c = from; c < N; c++) {
+        float acc = y[c];
+        for (int k = 0; k < K; k++) {
+            const size_t at = (size_t)k * N + c;
+            acc = fmaf(x[k], half ? half_to_float(((const uint16_t *)W)[at]) : ((const float *)W)[at], acc);
+        }
+        y[c] = acc;
+    }
+}
+
+/* y (n, N) += x (n, K; row stride ldx) @ W (K, N): groups of four rows by 4 x 16 blocks (their last
+   columns one at a time), the other rows streamed. */
+static inline __attribute__((always_inline)) void matmul_rows(int n, int K, int N, const float *x, int ldx,
+                                                              const void *W, const void *panels, int half, float *y) {
+    const int four = n & ~3;
+    for (int r = 0; r < four; r += 4) {
+        for (int j = 0; j + 16 <= N; j += 16)
+            block4x16(K, N, x + (size_t)r * ldx, ldx, W, panels, half, y + (size_t)r * N, j);
+        for (int i = 0; i < 4; i++) tail_columns(K, N, x + (size_t)(r + i) * ldx, W, half, y + (size_t)(r + i) * N, N & ~15);
+    }
+    if (four < n) (half ? stream_h : stream_f)(n - four, K, N, x + (size_t)four * ldx, ldx, W, y + (size_t)four * N);
+}
+
+/* The head's product (the recurrent layers' go through matmul_shared, below, in the same blocks). */
+static void matmul_batch(int n, int K, int N, const float *x, int ldx, const float *W, const void *panels, float *y) {
+    matmul_rows(n, K, N, x, ldx, W, panels, 0, y);
+}
+#else
+/* y (n, N) += x (n, K; row stride ldx) @ W (K, N): four rows of W per pass, each row of y stays in L1.
+   (The portable build, for CPUs without AVX2/FMA/F16C; its sums run in another order than the fold above.) */
+static void matmul_batch(int n, int K, int N, const float *x, int ldx, const float *W, const void *panels, float *y) {
+    (void)panels;
+    int k = 0;
+    for (; k + 4 <= K; k += 4) {
+        const float *w0 = W + (size_t)k * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
+        for (int r = 0; r < n; r++) {
+            const float *xr = x + (size_t)r * ldx + k;
+            const float a0 = xr[0], a1 = xr[1], a2 = xr[2], a3 = xr[3];
+            float *restrict yr = y + (size_t)r * N;
+            for (int j = 0; j < N; j++) yr[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j];
+        }
+    }
+    for (; k < K; k++) {
+        const float *w0 = W + (size_t)k * N;
+        for (int r = 0; r < n; r++) {
+            const float a0 = x[(size_t)r * ldx + k];
+            float *restrict yr = y + (size_t)r * N;
+            for (int j = 0; j < N; j++) yr[j] += a0 * w0[j];
+        }
+    }
+}
+
+/* matmul_batch with float16 weights: each weight converted once and used for every row of x. */
+static void matmul_batch_h(int n, int K, int N, const float *x, int ldx, const uint16_t *W, const void *panels,
+                           float *y) {
+    (void)panels;
+    int k = 0;
+    for (; k + 4 <= K; k += 4) {
+        const uint16_t *w0 = W + (size_t)k * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
+        int j = 0;
+        for (; j < N; j++) {
+            const float a0 = half_to_float(w0[j]), a1 = half_to_float(w1[j]);
+            const float a2 = half_to_float(w2[j]), a3 = half_to_float(w3[j]);
+            for (int r = 0; r < n; r++) {
+                const float *xr = x + (size_t)r * ldx + k;
+                y[(size_t)r * N + j] += xr[0] * a0 + xr[1] * a1 + xr[2] * a2 + xr[3] * a3;
+            }
+        }
+    }
+    for (; k < K; k++) {
+        const uint16_t *w0 = W + (size_t)k * N;
+        for (int j = 0; j < N; j++) {
+            const float a0 = half_to_float(w0[j]);
+            for (int r = 0; r < n; r++) y[(size_t)r * N + j] += x[(size_t)r * ldx + k] * a0;
+        }
+    }
+}
+
+#endif
+
+/* ---- products shared between threads ------------------------------------------------------------ */
+#if defined(__F16C__) && defined(__FMA__)
+#define CHARRNN_SHARE 1
+/* One product y += x @ W cut into units, taken one at a time by whichever thread gets there first (an
+   atomic counter), so that a helper the OS has put aside holds up no more than the one unit it has.
+   A unit is a block of rows by a block of columns, computed by the same code whichever thread runs it:
+   sharing changes nothing in the result. */
+typedef struct Shared Shared;
+struct Shared {
+    void (*unit)(const Shared *, int);
+    int units;
+    atomic_int next;
+    int attached; /* helpers working on it; under pool.lock */
+    int n, K, N, ldx, groups, per_group;
+    const float *x;
+    const void *W, *panels;
+    float *y;
+};
+
+static void shared_work(Shared *job) {
+    for (;;) {
+        const int u = atomic_fetch_add_explicit(&job->next, 1, memory_order_relaxed);
+        if (u >= job->units) return;
+        job->unit(job, u);
+    }
+}
+
+/* The helper threads: started by charrnn_set_threads, asleep until a product is shared. A caller
+   publishes its Shared under the lock and wakes them, works on it itself, then withdraws it and
+   waits until no helper is attached, so that a late helper never sees a product that has ended. One
+   caller shares at a time (`busy`); another works alone meanwhile. After a fork only the forking thread
+   exists: `owner` tells the child that the helpers are not its own, and it works alone. */
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t wake, left;
+    Shared *job;
+    unsigned long generation;
+    atomic_int helpers; /* written under the lock, read without it by run_shared */
+    atomic_int owner;   /* the pid whose helpers they are */
+    atomic_flag busy;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0, 0, 0, ATOMIC_FLAG_INIT};
+
+static void *helper_main(void *unused) {
+    (void)unused;
+    unsigned long seen = 0;
+    pthread_mutex_lock(&pool.lock);
+    for (;;) {
+        while (pool.generation == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+        seen = pool.generation;
+        Shared *job = pool.job;
+        if (!job) continue;
+        job->attached++;
+        pthread_mutex_unlock(&pool.lock);
+        shared_work(job);
+        pthread_mutex_lock(&pool.lock);
+        if (--job->attached == 0) pthread_cond_signal(&pool.left);
+    }
+    return NULL;
+}
+
+static void pool_after_fork(void);
+static void register_fork_handler(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
+
+/* In a forked child: no helpers, and the lock and conditions new (a helper may have held the lock at the fork). */
+static void pool_after_fork(void) {
+    pthread_mutex_init(&pool.lock, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pthread_cond_init(&pool.left, NULL);
+    pool.job = NULL;
+    atomic_store_explicit(&pool.helpers, 0, memory_order_relaxed);
+    atomic_flag_clear(&pool.busy);
+}
+
+static int set_threads(int threads) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, register_fork_handler);
+    pthread_mutex_lock(&pool.lock);
+    if (atomic_load_explicit(&pool.owner, memory_order_relaxed) != getpid()) { /* a forked child starts afresh */
+        atomic_store_explicit(&pool.helpers, 0, memory_order_relaxed);
+        atomic_store_explicit(&pool.owner, getpid(), memory_order_relaxed);
+    }
+    int helpers = atomic_load_explicit(&pool.helpers, memory_order_relaxed);
+    while (helpers < threads - 1) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int failed = pthread_create(&thread, &attr, helper_main, NULL);
+        pthread_attr_destroy(&attr);
+        if (failed) break;
+        atomic_store_explicit(&pool.helpers, ++helpers, memory_order_relaxed);
+    }
+    const int total = helpers + 1;
+    pthread_mutex_unlock(&pool.lock);
+    return total;
+}
+
+/* Run every unit of `job`: with the helpers from SHARE_ROWS rows (below that a step is too short to pay
+   for waking them), else on this thread alone. */
+#define SHARE_ROWS 4
+static void run_shared(Shared *job) {
+    const int share = job->n >= SHARE_ROWS && job->units > 1 && atomic_load_explicit(&pool.helpers, memory_order_relaxed) > 0
+                      && atomic_load_explicit(&pool.owner, memory_order_relaxed) == getpid()
+                      && !atomic_flag_test_and_set_explicit(&pool.busy, memory_order_acquire);
+    if (!share) {
+        shared_work(job);
+        return;
+    }
+    pthread_mutex_lock(&pool.lock);
+    pool.job = job;
+    pool.generation++;
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.lock);
+    shared_work(job);
+    pthread_mutex_lock(&pool.lock);
+    pool.job = NULL;
+    while (job->attached) pthread_cond_wait(&pool.left, &pool.lock);
+    pthread_mutex_unlock(&pool.lock);
+    atomic_flag_clear_explicit(&pool.busy, memory_order_release);
+}
+
+/* float32 (or float16-stored) products: unit 0 streams the rows past the last full group of four (all
+   columns; nothing when n is a multiple of 4), then unit 1 + p * groups + g is 4-row group g by
+   16-column panel p, and a last panel per group for the N % 16 columns. The same blocks, in the same
+   folds, as matmul_rows: a row's result is the same bits shared or not. */
+static inline __attribute__((always_inline)) void f32_unit(const Shared *s, int u, int half) {
+    const int four = 4 * s->groups;
+    if (u == 0) {
+        if (four < s->n)
+            (half ? stream_h : stream_f)(s->n - four, s->K, s->N, s->x + (size_t)four * s->ldx, s->ldx, s->W,
+                                          s->y + (size_t)four * s->N);
+        return;
+    }
+    u -= 1;
+    const int p = u / s->groups, r = 4 * (u % s->groups);
+    const float *x = s->x + (size_t)r * s->ldx;
+    float *y = s->y + (size_t)r * s->N;
+    if (16 * p + 16 <= s->N) {
+        block4x16(s->K, s->N, x, s->ldx, s->W, s->panels, half, y, 16 * p);
+        return;
+    }
+    for (int i = 0; i < 4; i++) tail_columns(s->K, s->N, x + (size_t)i * s->ldx, s->W, half, y + (size_t)i * s->N, 16 * p);
+}
+
+static void f32_unit_h(const Shared *s, int u) { f32_unit(s, u, 1); }
+static void f32_unit_f(const Shared *s, int u) { f32_unit(s, u, 0); }
+
+/* matmul_batch(_h) of the recurrent layers, shared with the helpers. */
+static void matmul_shared(int n, int K, int N, const float *x, int ldx, const void *W, const void *panels, int half,
+                          float *y) {
+    const int groups = n / 4, per_group = N / 16 + (N % 16 != 0);
+    Shared job = {half ? f32_unit_h : f32_unit_f, 1 + groups * per_group, 0, 0, n, K, N, ldx, groups, per_group,
+                  x, W, panels, y};
+    run_shared(&job);
+}
+#else
+#define CHARRNN_SHARE 0
+#endif
+
+#if CHARRNN_BF16
+/* float32 -> bfloat16 bits, rounded to nearest even (as torch's .to(torch.bfloat16) rounds the weights);
+   a NaN stays a NaN. */
+static inline uint16_t to_bf16(float f) {
+    union { float f; uint32_t u; } v = { f };
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+/* Rows 0 .. R - 1 (R <= 8) of y, the 32 columns of one panel, over all K = 2 * K2:
+       acc = y[r][c];  for k2 = 0 .. K2 - 1: acc = vdpbf16ps(acc, (x[r][2 k2], x[r][2 k2 + 1]), (w[2 k2][c], w[2 k2 + 1][c]))
+   The same fold for every element whatever R is (so whatever shares the batch); each pair of weights
+   loaded once for R rows, 2R independent chains. */
+static inline __attribute__((always_inline)) void bblock(const int R, int K2, int N, const uint16_t *xb, int ldxb,
+                                                         const uint16_t *panel, float *y) {
+    __m512 a[8][2];
+    for (int r = 0; r < R; r++) a[r][0] = _mm512_loadu_ps(y + (size_t)r * N), a[r][1] = _mm512_loadu_ps(y + (size_t)r * N + 16);
+    for (int k = 0; k < K2; k++) {
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + (size_t)k * 64);
+        const __m512bh w1 = (__m512bh)_mm512_loadu_si512(panel + (size_t)k * 64 + 32);
+        for (int r = 0; r < R; r++) {
+            int32_t pair;
+            memcpy(&pair, xb + (size_t)r * ldxb + 2 * k, sizeof pair);
+            const __m512bh b = (__m512bh)_mm512_set1_epi32(pair);
+            a[r][0] = _mm512_dpbf16_ps(a[r][0], b, w0);
+            a[r][1] = _mm512_dpbf16_ps(a[r][1], b, w1);
+        }
+    }
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(y + (size_t)r * N, a[r][0]), _mm512_storeu_ps(y + (size_t)r * N + 16, a[r][1]);
+}
+
+/* bblock with R a constant, each its own function with its accumulators in registers. */
+#define BBLOCK(R)                                                                                               \
+    static __attribute__((noinline)) void bblock##R(int K2, int N, const uint16_t *xb, int ldxb, const uint16_t *panel, \
+                                                    float *y) {                                                 \
+        bblock(R, K2, N, xb, ldxb, panel, y);                                                                   \
+    }
+BBLOCK(1) BBLOCK(2) BBLOCK(3) BBLOCK(4) BBLOCK(5) BBLOCK(6) BBLOCK(7) BBLOCK(8)
+#undef BBLOCK
+
+static void (*const bblocks[9])(int, int, const uint16_t *, int, const uint16_t *, float *) = {
+    NULL, bblock1, bblock2, bblock3, bblock4, bblock5, bblock6, bblock7, bblock8,
+};
+
+/* Unit u of a bfloat16 product: 32-column panel u / groups by 8-row group u % groups (the last group what
+   is left); x here is xb, the rows rounded to bfloat16 (row stride K). */
+static void bf16_unit(const Shared *s, int u) {
+    const int j = (u / s->groups) * 32, r = (u % s->groups) * 8, R = s->n - r < 8 ? s->n - r : 8;
+    const uint16_t *xb = (const uint16_t *)s->x, *panels = s->panels;
+    bblocks[R](s->K / 2, s->N, xb + (size_t)r * s->K, s->K, panels + (size_t)j * s->K, s->y + (size_t)r * s->N + j);
+}
+
+/* y (n, N) += bf16(x) (n, K; row stride ldx) @ the bfloat16 panels: x rounded into xb, then the units
+   panel by panel, so that a panel (K x 32 bfloat16: 64 KB at K = 1024) is read from memory once and from
+   cache by the other groups, and the rows of x (n x K bfloat16) stay in cache throughout. */
+static void matmul_bf16(const Net *net, int n, int K, int N, const float *x, int ldx, const uint16_t *panels, float *y) {
+    uint16_t *xb = net->xb;
+    for (int r = 0; r < n; r++)
+        for (int k = 0; k < K; k++) xb[(size_t)r * K + k] = to_bf16(x[(size_t)r * ldx + k]);
+    const int groups = (n + 7) / 8;
+    Shared job = {bf16_unit, groups * (N / 32), 0, 0, n, K, N, K, groups, N / 32, (const float *)xb, NULL, panels, y};
+    run_shared(&job);
+}
+#endif
+
+int charrnn_set_threads(int threads) {
+#if CHARRNN_SHARE
+    return set_threads(threads);
+#else
+    (void)threads;
+    return 1;
+#endif
+}
+
+/* y (n, 4H) += x @ layer l's recurrent weights, in whichever precision the net holds them, shared with
+   the helper threads where the build has them. */
+static void recurrent_acc(const Net *net, int l, int n, int K, const float *x, int ldx, float *y) {
+#if CHARRNN_BF16
+    if (net->bpanels[l]) {
+        matmul_bf16(net, n, K, 4 * net->hidden, x, ldx, net->bpanels[l], y);
+        return;
+    }
+#endif
+#if CHARRNN_SHARE
+    const int half = net->wh[l] != NULL;
+    matmul_shared(n, K, 4 * net->hidden, x, ldx, half ? (const void *)net->wh[l] : net->w[l], net->panels[l], half, y);
+#else
+    if (net->wh[l]) matmul_batch_h(n, K, 4 * net->hidden, x, ldx, net->wh[l], net->panels[l], y);
+    else matmul_batch(n, K, 4 * net->hidden, x, ldx, net->w[l], net->panels[l], y);
+#endif
+}
+
+/* gates (n, 4H) in order i, f, o, g -> new c (in place) and h (written at h, row stride ldh). */
+#if defined(__AVX2__) && defined(__FMA__)
+/* exp_ eight at a time: the same Cephes steps, each an FMA where exp_ has a multiply and an add. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+    const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    const __m256 z = _mm256_mul_ps(x, x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, z, x), _mm256_set1_ps(1.0f));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+
+static inline __m256 sigmoid8(__m256 x) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+}
+
+static inline __m256 tanh8(__m256 x) {
+    const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
+    return _mm256_sub_ps(_mm256_div_ps(two, _mm256_add_ps(one, exp8(_mm256_mul_ps(_mm256_set1_ps(-2.0f), x)))), one);
+}
+
+/* Eight units: gate pre-activations at g (i, f, o, g at strides of H), c in place, h written. */
+static inline void gates8(const float *g, int H, float *c, float *h) {
+    const __m256 i = sigmoid8(_mm256_loadu_ps(g)), f = sigmoid8(_mm256_loadu_ps(g + H));
+    const __m256 o = sigmoid8(_mm256_loadu_ps(g + 2 * (size_t)H)), t = tanh8(_mm256_loadu_ps(g + 3 * (size_t)H));
+    const __m256 cn = _mm256_fmadd_ps(f, _mm256_loadu_ps(c), _mm256_mul_ps(i, t));
+    _mm256_storeu_ps(c, cn);
+    _mm256_storeu_ps(h, _mm256_mul_ps(o, tanh8(cn)));
+}
+
+/* Eight units at a time (the compiler left the scalar loop scalar, and it took half of a bfloat16
+   step); the last H % 8 through the same code on a padded copy, so every unit is computed alike. */
+static void lstm_gates(int n, int H, const float *gates, float *c, float *h, int ldh) {
+    for (int r = 0; r < n; r++) {
+        const float *g = gates + (size_t)r * 4 * H;
+        float *cr = c + (size_t)r * H, *hr = h + (size_t)r * ldh;
+        int j = 0;
+        for (; j + 8 <= H; j += 8) gates8(g + j, H, cr + j, hr + j);
+        if (j < H) {
+            float pad[4][8] = {{0}}, cp[8] = {0}, hp[8];
+            const int rest = H - j;
+            for (int q = 0; q < 4; q++) memcpy(pad[q], g + (size_t)q * H + j, rest * sizeof(float));
+            memcpy(cp, cr + j, rest * sizeof(float));
+            gates8(&pad[0][0], 8, cp, hp);
+            memcpy(cr + j, cp, rest * sizeof(float));
+            memcpy(hr + j, hp, rest * sizeof(float));
+        }
+    }
+}
+#else
+static void lstm_gates(int n, int H, const float *gates, float *c, float *h, int ldh) {
+    for (int r = 0; r < n; r++) {
+        const float *g = gates + (size_t)r * 4 * H;
+        float *restrict cr = c + (size_t)r * H;
+        float *restrict hr = h + (size_t)r * ldh;
+        for (int j = 0; j < H; j++) {
+            float i = sigmoid_(g[j]), f = sigmoid_(g[H + j]), o = sigmoid_(g[2 * H + j]), t = tanh_(g[3 * H + j]);
+            float cn = f * cr[j] + i * t;
+            cr[j] = cn;
+            hr[j] = o * tanh_(cn);
+        }
+    }
+}
+#endif
+
+void charrnn_lstm_step(const Net *net, int n, const int64_t *ids) {
+    const int H = net->hidden, L = net->layers, G = 4 * H, ld = L * H;
+    for (int r = 0; r < n; r++) memcpy(net->gates + (size_t)r * G, net->table + (size_t)ids[r] * G, G * sizeof(float));
+    recurrent_acc(net, 0, n, H, net->hs, ld, net->gates);
+    lstm_gates(n, H, net->gates, net->cs, net->hs, ld);
+    for (int l = 1; l < L; l++) {
+        for (int r = 0; r < n; r++) memcpy(net->gates + (size_t)r * G, net->b[l], G * sizeof(float));
+        recurrent_acc(net, l, n, 2 * H, net->hs + (size_t)(l - 1) * H, ld, net->gates);
+        lstm_gates(n, H, net->gates, net->cs + (size_t)l * net->capacity * H, net->hs + (size_t)l * H, ld);
+    }
+    for (int r = 0; r < n; r++) memcpy(net->logits + (size_t)r * net->vocab, net->head_b, net->vocab * sizeof(float));
+    matmul_batch(n, H, net->vocab, net->hs + (size_t)(L - 1) * H, ld, net->head_w, NULL, net->logits);
+}
+
+/* The draw torch.multinomial(softmax(z / t), 1) makes from exponential noise q:
+   argmax(softmax(z / t) / q). Returns the id; *logprob = log_softmax(z)[id]. A logit of -inf (a
+   character a constraint masks) has probability 0 and is never drawn: exp_ clamps its argument, so
+   such entries are skipped rather than computed. */
+int64_t charrnn_draw(const float *z, int V, float temperature, const float *q, float *logprob) {
+    float m = -INFINITY, mz = -INFINITY;
+    for (int j = 0; j < V; j++) { float s = z[j] / temperature; m = s > m ? s : m; mz = z[j] > mz ? z[j] : mz; }
+    float sum = 0.0f, sumz = 0.0f;
+    for (int j = 0; j < V; j++) {
+        if (z[j] == -INFINITY) continue;
+        sum += exp_(z[j] / temperature - m);
+        sumz += exp_(z[j] - mz);
+    }
+    int64_t best = 0;
+    float best_ratio = -1.0f;
+    for (int j = 0; j < V; j++) {
+        if (z[j] == -INFINITY) continue;
+        float ratio = (exp_(z[j] / temperature - m) / sum) / q[j];
+        if (ratio > best_ratio) { best_ratio = ratio; best = j; }
+    }
+    *logprob = z[best] - mz - logf(sumz);
+    return best;
+}
+
+/* charrnn_draw for each row r of logits (n, V) whose temperature is > 0, with noise[r] (V,). */
+void charrnn_draw_rows(int n, int V, const float *logits, const float *temps, const float *const *noise,
+                       int64_t *ids, float *logprobs) {
+    for (int r = 0; r < n; r++)
+        if (temps[r] > 0) ids[r] = charrnn_draw(logits + (size_t)r * V, V, temps[r], noise[r], logprobs + r);
+}

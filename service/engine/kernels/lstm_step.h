@@ -1,0 +1,72 @@
+/* The C kernel's interface: the LSTM step and the character draw of service/engine/lstm_kernel.py, which
+   binds these functions with ctypes and mirrors Net as native_lstm.Net.
+
+   Layouts (row-major float32; gate columns reordered to i, f, o, g):
+       table (vocab, 4H)   layer 0's input projection, embedding and both biases folded in
+       w[0]  (H, 4H)       layer 0's recurrent weights; w[l] (2H, 4H) = [W_ih_l; W_hh_l] for l >= 1
+       wh[l]               w[l] as float16 (uint16 bits), or NULL
+       b[l]  (4H,)         b_ih_l + b_hh_l for l >= 1
+       hs    (capacity, layers * H)   every layer's h, side by side in a row
+       cs    (layers, capacity, H)
+*/
+#ifndef CHARRNN_LSTM_STEP_H
+#define CHARRNN_LSTM_STEP_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* The most layers a Net holds. Defined once, as native_lstm.MAX_LAYERS, which the loader passes as
+   -DCHARRNN_MAX_LAYERS=N; the library reports it back (charrnn_max_layers) so that a kernel built
+   for another limit is not used. */
+#ifndef CHARRNN_MAX_LAYERS
+#error "compile with -DCHARRNN_MAX_LAYERS=N (service/engine/lstm_kernel.py does)"
+#endif
+
+typedef struct {
+    int layers, hidden, vocab, capacity;
+    const float *table, *head_w, *head_b;
+    const float *w[CHARRNN_MAX_LAYERS], *b[CHARRNN_MAX_LAYERS];
+    float *hs, *cs, *gates, *logits;
+    const uint16_t *wh[CHARRNN_MAX_LAYERS]; /* float16 copies of w[l] read instead of them; NULL: read w[l] */
+    /* w[l] (or wh[l] where set) packed in panels of 16 columns, each panel's K rows contiguous:
+       panel[(j / 16) * K * 16 + k * 16 + c] = w[k][j + c], so a 4 x 16 block reads its weights in order.
+       NULL where 4H is not a multiple of 16 (the block then reads w[l] itself). */
+    const void *panels[CHARRNN_MAX_LAYERS];
+    /* bfloat16 arithmetic (a kernel built with AVX512-BF16, where the CPU has it; see charrnn_has_bf16):
+       w[l] rounded to bfloat16 and packed in panels of 32 columns by pairs of k,
+           bpanels[l][((j / 32) * (K / 2) + k / 2) * 64 + 2 * c + k % 2] = bf16(w[l][k][j + c]),
+       so one vdpbf16ps multiplies a pair of x by a pair of rows for 16 columns. Set for every layer or
+       for none (NULL: float32 arithmetic); needs 4H a multiple of 32 and K even (the loader checks).
+       xb (capacity, 2H) holds the rows of x rounded to bfloat16 while a layer is multiplied. */
+    const uint16_t *bpanels[CHARRNN_MAX_LAYERS];
+    uint16_t *xb;
+} Net;
+
+/* One step of n rows: ids (n,) -> logits (n, vocab); hs and cs move on by one character. */
+void charrnn_lstm_step(const Net *net, int n, const int64_t *ids);
+
+/* The draw torch.multinomial(softmax(z / t), 1) makes from exponential noise q (V,). Returns the id;
+   *logprob = log_softmax(z)[id]. */
+int64_t charrnn_draw(const float *z, int V, float temperature, const float *q, float *logprob);
+
+/* charrnn_draw for each row r of logits (n, V) whose temperature is > 0, with noise[r] (V,). */
+void charrnn_draw_rows(int n, int V, const float *logits, const float *temps, const float *const *noise,
+                       int64_t *ids, float *logprobs);
+
+/* Threads that share the recurrent layers' products of a step from 4 rows up: this one and threads - 1
+   helpers, started now (the helpers never end; a later call with fewer keeps them). Returns how many
+   there are; 1 in the portable build, which steps on the calling thread alone. */
+int charrnn_set_threads(int threads);
+
+/* 1 if this library was built with the bfloat16 step (AVX512-BF16 and AVX512-VL), else 0. */
+int charrnn_has_bf16(void);
+
+/* A float16 value (its bits) as float32: exact; exported for the tests. */
+float charrnn_half_to_float(uint16_t h);
+
+/* CHARRNN_MAX_LAYERS and sizeof(Net), as this library was compiled: the loader checks them against
+   its ctypes mirror before a step is run. */
+int charrnn_max_layers(void);
+size_t charrnn_net_size(void);
+
+#endif

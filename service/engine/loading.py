@@ -1,0 +1,122 @@
+"""Finding and loading the checkpoints of a model directory.
+
+    MODEL_DIR/
+      shakespeare.safetensors      -> served as "shakespeare"
+      python/best.safetensors      -> served as "python" (a training run's directory)
+      .hidden.safetensors          -> ignored (hidden)
+      .x.safetensors.tmp-3f2a      -> ignored (a checkpoint still being written)
+
+A checkpoint that fails to load is reported (log, /models) and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from charrnn.model.atomic import TMP_MARKER
+from charrnn.model.checkpoint import SUFFIX, CheckpointError, load_checkpoint
+from charrnn.model.network import CharRNN
+from charrnn.model.vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+RUN_CHECKPOINT = "best" + SUFFIX
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model the engine serves under `name`."""
+
+    name: str
+    model: CharRNN  # eval mode, CPU
+    vocab: Vocab
+    meta: dict[str, Any]
+    path: Path
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One checkpoint found in the model directory: loaded, or the reason it is not."""
+
+    name: str
+    path: Path
+    loaded: LoadedModel | None = None
+    error: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """What /models says about this checkpoint."""
+        info: dict[str, Any] = {
+            "name": self.name,
+            "file": f"{self.name}/{RUN_CHECKPOINT}" if self.path.name == RUN_CHECKPOINT else self.path.name,
+            "status": "loaded" if self.loaded else "failed",
+        }
+        if self.loaded is None:
+            return info | {"error": self.error}
+        config, meta = self.loaded.model.config, self.loaded.meta
+        # load_checkpoint checked these against its schema; what /models answers must hold in any case
+        corpus = meta.get("corpus") if isinstance(meta.get("corpus"), dict) else {}
+        loss = meta.get("best_val_loss", meta.get("val_loss"))
+        return info | {
+            "cell": config.cell,
+            "layers": config.layers,
+            "hidden": config.hidden,
+            "embed": config.embed,
+            "vocab_size": len(self.loaded.vocab),
+            "parameters": self.loaded.model.num_parameters(),
+            "steps": _only(int, meta.get("step")),
+            "val_loss": loss if type(loss) in (int, float) and math.isfinite(loss) else None,
+            "corpus": _only(str, corpus.get("name")),
+        }
+
+
+def _only(kind: type, value: object) -> object:
+    """`value` if it is exactly of type `kind` (a bool is not an int here), else None."""
+    return value if type(value) is kind else None
+
+
+def _ignored(path: Path) -> bool:
+    return path.name.startswith(".") or TMP_MARKER in path.name
+
+
+def find_checkpoints(model_dir: Path) -> list[tuple[str, Path]]:
+    """(name, path) of every checkpoint in `model_dir`, sorted by name; hidden and temporary files skipped."""
+    found = []
+    for path in sorted(model_dir.iterdir()):
+        if _ignored(path):
+            continue
+        if path.is_file() and path.name.endswith(SUFFIX):
+            found.append((path.name.removesuffix(SUFFIX), path))
+        elif path.is_dir() and (path / RUN_CHECKPOINT).is_file():
+            found.append((path.name, path / RUN_CHECKPOINT))
+    return sorted(found)
+
+
+def load_models(model_dir: Path) -> list[ModelEntry]:
+    """Load every checkpoint of `model_dir`; a bad one becomes an entry with its error, never an exception."""
+    entries: list[ModelEntry] = []
+    for name, path in find_checkpoints(model_dir):
+        if any(e.name == name for e in entries):
+            entries.append(ModelEntry(name, path, error=f"another checkpoint is already served as {name!r}"))
+            log.error("model %s: %s is skipped, the name is taken", name, path)
+            continue
+        entries.append(_load_one(name, path))
+    return entries
+
+
+def _load_one(name: str, path: Path) -> ModelEntry:
+    try:
+        ckpt = load_checkpoint(path)
+        model = ckpt.build_model("cpu")
+    except CheckpointError as exc:
+        log.error("model %s: skipped: %s", name, exc)
+        return ModelEntry(name, path, error=exc.problem)
+    except Exception as exc:  # a checkpoint that validates but will not build: report it, serve the rest
+        log.exception("model %s: skipped: %s", name, path)
+        return ModelEntry(name, path, error=f"could not build the model ({type(exc).__name__}: {exc})")
+    loaded = LoadedModel(name=name, model=model, vocab=ckpt.vocab, meta=ckpt.meta, path=path)
+    log.info("model %s: loaded %s (%s, %d parameters)", name, path, ckpt.config.cell, model.num_parameters())
+    return ModelEntry(name, path, loaded=loaded)

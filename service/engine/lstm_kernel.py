@@ -1,0 +1,434 @@
+"""A small C kernel for the LSTM step and the draw of one character, for batches of any size.
+
+Why: one stream's step is a handful of matrix-vector products and some gate arithmetic; in PyTorch
+each of its ~25 operations costs microseconds of Python and dispatcher overhead, which for one row
+is as much as the arithmetic itself, and MKL's one-row sgemm reads the weights slower than the
+machine can. One C call does a whole step (and one the draw), with the GIL released.
+
+The source is service/engine/kernels/lstm_step.c with its header lstm_step.h (the layouts and the
+functions this module binds), shipped as package data. It is compiled on first use with the
+system's C compiler (`cc`, -O3; AVX2/FMA/F16C when the CPU has them, and AVX512-BF16 when it has that
+too: see `VARIANTS` and `cpu_variants`) into a cache directory, keyed
+by a hash of the source files' bytes and the flags; a kernel already there is used without a
+compiler (the Docker image's, built in its build stage). If there is neither, or `CHARRNN_NATIVE=0`,
+`load()` returns None and the engine uses its PyTorch step; a compiler that fails has its command
+and output logged as a warning.
+
+Loading a shared library runs its code, and the cache path is computable by anyone, so a kernel is
+loaded only from what this user (or root) could have written: the directory and the file must be
+owned by this user or root and writable by no one else, neither may be a symbolic link, and what is
+loaded is the very file checked (opened once without following links, checked with fstat, loaded
+through /proc/self/fd). The cache directory is created 0700 (`build_all`'s, for an image's other
+users, 0755). Anything else, or a library without the kernel's functions or built for another
+layout, means a warning and the PyTorch step.
+
+Weights stored as float16 (a checkpoint written by `charrnn export --half`, like the shipped default
+model) are read as float16: every such weight converts back to the same float32, so nothing changes
+but the bytes read per step, which halve. One stream's step is matrix-vector products, bound by
+reading the weights (at hidden 512, 12 MB of float32 per character), so this is what makes it faster.
+Arithmetic is float32 (see docs/ENGINE_INTERFACE.md on what rounding means for the text), except in the
+bfloat16 build, where a batch may multiply its recurrent layers in bfloat16 (service/engine/batch.py, `bf16`;
+the engine's `precision` setting): half the bytes again, and twice the products per instruction.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+# Every network's layer limit is the kernel's: the C side gets it as -DCHARRNN_MAX_LAYERS and reports it back.
+from charrnn.model.config import MAX_LAYERS
+from charrnn.model.cpu import has_bf16_dot
+from charrnn.model.decoding import Sample
+from charrnn.service import config
+
+log = logging.getLogger(__name__)
+
+SOURCE_DIR = Path(__file__).resolve().parent / "kernels"
+SOURCE_FILES = ("lstm_step.h", "lstm_step.c")  # every file the build reads; lstm_step.c is compiled
+COMPILE_TIMEOUT_S = 120
+
+
+class Net(ctypes.Structure):
+    """Mirror of the C struct Net (service/engine/kernels/lstm_step.h): shapes and every buffer's address."""
+
+    _fields_ = [
+        ("layers", ctypes.c_int),
+        ("hidden", ctypes.c_int),
+        ("vocab", ctypes.c_int),
+        ("capacity", ctypes.c_int),
+        ("table", ctypes.c_void_p),
+        ("head_w", ctypes.c_void_p),
+        ("head_b", ctypes.c_void_p),
+        ("w", ctypes.c_void_p * MAX_LAYERS),
+        ("b", ctypes.c_void_p * MAX_LAYERS),
+        ("hs", ctypes.c_void_p),
+        ("cs", ctypes.c_void_p),
+        ("gates", ctypes.c_void_p),
+        ("logits", ctypes.c_void_p),
+        ("wh", ctypes.c_void_p * MAX_LAYERS),
+        ("panels", ctypes.c_void_p * MAX_LAYERS),
+        ("bpanels", ctypes.c_void_p * MAX_LAYERS),
+        ("xb", ctypes.c_void_p),
+    ]
+
+
+class NativeDraw:
+    """charrnn.model.decoding's plain draw made by the kernel (`charrnn_draw_rows`): every plain row of a batch
+    in one call, without the GIL (a `model.decoding.FastDraw`)."""
+
+    def __init__(self, lib: ctypes.CDLL, vocab_size: int):
+        self.lib = lib
+        self.vocab_size = vocab_size
+        self._grow(8)
+
+    def _grow(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.temperatures = torch.zeros(capacity)  # > 0 marks the rows the kernel draws
+        self._temperatures = self.temperatures.numpy()
+        self.noise = (ctypes.c_void_p * capacity)()
+        self.ids = torch.zeros(capacity, dtype=torch.long)
+        self.logprobs = torch.zeros(capacity)
+
+    def draw(self, logits: torch.Tensor, rows: Sequence[Sample]) -> tuple[list[int], list[float]]:
+        n = len(rows)
+        if n > self.capacity:
+            self._grow(max(n, 2 * self.capacity))
+        for r, row in enumerate(rows):
+            self._temperatures[r] = row.temperature
+            if row.noise is not None:
+                self.noise[r] = row.noise.pointer()
+        logits = logits if logits.dtype == torch.float32 and logits.is_contiguous() else logits.float().contiguous()
+        self.lib.charrnn_draw_rows(
+            n,
+            self.vocab_size,
+            logits.data_ptr(),
+            self.temperatures.data_ptr(),
+            self.noise,
+            self.ids.data_ptr(),
+            self.logprobs.data_ptr(),
+        )
+        return self.ids[:n].tolist(), self.logprobs[:n].tolist()
+
+
+_loaded: dict[Path, ctypes.CDLL | None] = {}  # load()'s answers, per kernel directory
+_held_fds: list[int] = []  # the descriptors kernels were loaded through (see open_checked)
+
+
+class UntrustedKernel(RuntimeError):
+    """A kernel (or its directory) that someone other than this user or root could have written."""
+
+
+class KernelBuildError(RuntimeError):
+    """The compiler failed (its command and output are logged as a warning)."""
+
+
+def native_enabled(value: str | bool | None = None) -> bool:
+    """Whether the kernel may be used: `value` if given (a bool, or text as CHARRNN_NATIVE takes it),
+    else the `native` setting (service/config.py)."""
+    if isinstance(value, bool):
+        return value
+    return bool(config.setting("native", text=value))
+
+
+def kernel_dir(value: str | os.PathLike[str] | None = None) -> Path:
+    """Where compiled kernels are kept: `value`, else the `kernel_dir` setting, else ~/.cache/charrnn/kernels."""
+    chosen = value or config.setting("kernel_dir")
+    return Path(chosen) if chosen else Path.home() / ".cache" / "charrnn" / "kernels"
+
+
+def load(native: str | bool | None = None, directory: str | os.PathLike[str] | None = None) -> ctypes.CDLL | None:
+    """The compiled kernel (built on first use), or None where it is off or cannot be built or trusted.
+
+    `native` and `directory` as for `native_enabled` and `kernel_dir`. The answer is kept for the
+    process, per directory: a failed build is not retried (its warning is logged once), and another
+    directory is looked at afresh.
+    """
+    if not native_enabled(native):
+        return None
+    where = kernel_dir(directory).absolute()
+    if where not in _loaded:
+        library = None
+        try:
+            library = open_kernel(directory=where)
+        except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+            log.warning("native LSTM kernel unavailable, using the PyTorch step: %s", exc)
+        _loaded[where] = library
+    return _loaded[where]
+
+
+def open_kernel(simd: bool | str | None = None, directory: str | os.PathLike[str] | None = None) -> ctypes.CDLL:
+    """The kernel build `simd` (see `_variant`; None: this CPU's best), built into `directory` if not
+    there yet, loaded and bound. With None, a build the compiler refuses (an old compiler without
+    -mavx512bf16) gives way to the next one this CPU runs.
+
+    Raises (OSError, RuntimeError, subprocess.SubprocessError) where it cannot be built or trusted;
+    `load()` is the forgiving, cached form of this.
+    """
+    variants = cpu_variants() if simd is None else [_variant(simd)]
+    for variant in variants[:-1]:
+        try:
+            path = _build(variant, directory=directory)
+        except KernelBuildError as exc:
+            log.warning("the %s kernel did not build (%s); trying the next one this CPU runs", variant, exc)
+            continue
+        return _bind(open_checked(path), path)
+    path = _build(variants[-1], directory=directory)
+    return _bind(open_checked(path), path)
+
+
+def build_all(directory: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Compile every build this architecture has (bf16, AVX2/FMA/F16C and portable) into the cache.
+
+    For an image built on one machine and run on others (the Dockerfile's build stage): a runtime CPU
+    finds the build it runs (a CPU without AVX2 its portable kernel, one with AVX512-BF16 the bfloat16
+    one) instead of falling back to the PyTorch step. The directory, if this creates it, is readable by
+    every user (0755): the image runs as another user.
+    """
+    variants = list(VARIANTS) if platform.machine().lower() in ("x86_64", "amd64") else ["portable"]
+    return [_build(variant, dir_mode=0o755, directory=directory) for variant in variants]
+
+
+def open_checked(path: Path) -> ctypes.CDLL:
+    """The library at `path`, loaded only if it and its directory are trusted (UntrustedKernel if not).
+
+    Opened once, without following links; the checks are of that open file (fstat), and what is
+    loaded is that file, through /proc/self/fd/N, so nothing can be swapped in between. The
+    descriptor stays open: dlopen answers a name it has loaded before with that library, so the
+    name /proc/self/fd/N must never come round again for another file.
+    """
+    dir_fd = _open_no_follow(path.parent, os.O_DIRECTORY)
+    try:
+        _check_trusted(os.fstat(dir_fd), path.parent, "directory")
+        fd = _open_no_follow(Path(path.name), 0, dir_fd=dir_fd, shown=path)
+    finally:
+        os.close(dir_fd)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UntrustedKernel(f"{path} is not a regular file")
+        _check_trusted(info, path, "file")
+        by_fd = f"/proc/self/fd/{fd}"
+        library = ctypes.CDLL(by_fd if os.path.exists(by_fd) else str(path))  # no /proc: the path just checked
+    except BaseException:
+        os.close(fd)
+        raise
+    _held_fds.append(fd)
+    return library
+
+
+def _open_no_follow(path: Path, flags: int, dir_fd: int | None = None, shown: Path | None = None) -> int:
+    """os.open for reading, refusing a symbolic link (UntrustedKernel); `shown` names it in messages."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | flags, dir_fd=dir_fd)
+    except OSError as exc:
+        # what O_NOFOLLOW answers for a link (ENOTDIR with O_DIRECTORY); no link: the error as it is
+        linked = exc.errno == errno.ELOOP or (exc.errno == errno.ENOTDIR and dir_fd is None and os.path.islink(path))
+        if linked:
+            raise UntrustedKernel(
+                f"{shown or path} is a symbolic link; kernels are loaded only from real files"
+            ) from None
+        raise
+
+
+def _check_trusted(info: os.stat_result, path: Path, what: str) -> None:
+    """UntrustedKernel unless `info` is owned by this user or root and writable by no one else."""
+    if info.st_uid not in (os.geteuid(), 0):
+        raise UntrustedKernel(
+            f"the kernel {what} {path} belongs to uid {info.st_uid}, not to this user ({os.geteuid()}) or root;"
+            " it is not loaded (remove it, or point CHARRNN_KERNEL_DIR at a directory of your own)"
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UntrustedKernel(
+            f"the kernel {what} {path} is writable by other users (mode {stat.S_IMODE(info.st_mode):o});"
+            " it is not loaded (remove it, or make it writable only by its owner: chmod go-w)"
+        )
+
+
+# The kernel's builds, from the most capable: what each asks of the CPU is what its flags let the compiler use.
+_AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+VARIANTS = {
+    "bf16": [*_AVX2, "-mavx512f", "-mavx512vl", "-mavx512bf16"],  # + bfloat16 dot products (vdpbf16ps)
+    "avx2": _AVX2,
+    "portable": [],
+}
+
+
+def _cpu_has_avx2() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def cpu_variants() -> list[str]:
+    """The builds this CPU runs, the fastest first (a build the compiler refuses falls to the next)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["portable"]
+    usable = ["avx2", "portable"] if _cpu_has_avx2() else ["portable"]
+    return ["bf16", *usable] if has_bf16_dot() and _cpu_has_avx2() else usable
+
+
+def _variant(simd: bool | str | None) -> str:
+    """A build's name from `simd`: None, this CPU's best; True, AVX2; False, portable; or the name itself."""
+    if simd is None:
+        return cpu_variants()[0]
+    if isinstance(simd, bool):
+        return "avx2" if simd else "portable"
+    if simd not in VARIANTS:
+        raise ValueError(f"no kernel build {simd!r}; there are {', '.join(VARIANTS)}")
+    return simd
+
+
+def _flags(simd: bool | str | None) -> list[str]:
+    return [
+        "-O3",
+        "-fPIC",
+        "-shared",
+        "-pthread",  # the helper threads that share a step's products
+        "-fno-math-errno",
+        f"-DCHARRNN_MAX_LAYERS={MAX_LAYERS}",
+        *VARIANTS[_variant(simd)],
+    ]
+
+
+def sources() -> dict[str, bytes]:
+    """The kernel's source files, name -> bytes, as shipped in service/engine/kernels."""
+    return {name: (SOURCE_DIR / name).read_bytes() for name in SOURCE_FILES}
+
+
+def _build(
+    simd: bool | str | None = None, dir_mode: int = 0o700, directory: str | os.PathLike[str] | None = None
+) -> Path:
+    """Compile the sources into the cache (once per source and flags); concurrent builders are harmless.
+
+    `simd` as for `_variant` (None: the best build this CPU runs, see `cpu_variants`). The cache
+    directory is created with `dir_mode`, and an existing one must be trusted (see `open_checked`).
+    What is compiled is a copy of the very bytes the cache key was computed from.
+    """
+    flags = _flags(simd)
+    code = sources()
+    target = _kernel_path(flags, code, directory)
+    if os.path.lexists(target):  # built earlier, maybe elsewhere (the Docker image's build stage): no compiler needed
+        return target  # checked when it is opened
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc) on PATH")
+    _make_dir(target.parent, dir_mode)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        for name, data in code.items():
+            (Path(tmp) / name).write_bytes(data)
+        out = Path(tmp) / target.name
+        _compile([compiler, *flags, "-o", str(out), str(Path(tmp) / "lstm_step.c"), "-lm"])
+        out.chmod(0o755)  # whatever the umask: writable by its owner only, or it would not be loaded
+        os.replace(out, target)  # atomic: another worker sees the old state or the whole file
+    return target
+
+
+def _compile(command: list[str]) -> None:
+    """Run the compiler; on failure log its command and output (warning) and raise KernelBuildError."""
+    shown = shlex.join(command)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        log.warning("compiling the native kernel took over %d s, given up: %s", COMPILE_TIMEOUT_S, shown)
+        raise KernelBuildError(f"the compiler ran over {COMPILE_TIMEOUT_S} s") from None
+    output = (result.stderr + result.stdout).strip()
+    if result.returncode != 0:
+        log.warning(
+            "compiling the native kernel (a copy of %s) failed with exit status %d: %s\n%s",
+            SOURCE_DIR / "lstm_step.c",
+            result.returncode,
+            shown,
+            output or "(no output)",
+        )
+        raise KernelBuildError(f"the compiler failed with exit status {result.returncode} (its output is logged above)")
+    if output:
+        log.debug("the compiler's output for the native kernel: %s\n%s", shown, output)
+
+
+def kernel_path(simd: bool | str | None = None, directory: str | os.PathLike[str] | None = None) -> Path:
+    """Where the kernel build `simd` (None: this CPU's best) is kept: named by a hash of the sources and flags."""
+    return _kernel_path(_flags(simd), sources(), directory)
+
+
+def _kernel_path(flags: list[str], code: dict[str, bytes], directory: str | os.PathLike[str] | None) -> Path:
+    """The kernel's file in `directory`, named by a hash of every source file (name and bytes) and the flags."""
+    digest = hashlib.sha256()
+    for name, data in code.items():
+        digest.update(b"%s\0%d\0" % (name.encode(), len(data)) + data)
+    digest.update(" ".join(flags).encode())
+    return kernel_dir(directory) / f"lstm_step_{digest.hexdigest()[:16]}.so"
+
+
+def _make_dir(cache: Path, mode: int) -> None:
+    """Create `cache` with `mode` (its parents as usual); an existing one must be trusted."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(mode=mode)
+        os.chmod(cache, mode)  # the umask may have taken bits from 0755
+    except FileExistsError:
+        pass
+    fd = _open_no_follow(cache, os.O_DIRECTORY)
+    try:
+        _check_trusted(os.fstat(fd), cache, "directory")
+    finally:
+        os.close(fd)
+
+
+KERNEL_FUNCTIONS = (
+    "charrnn_lstm_step",
+    "charrnn_draw",
+    "charrnn_draw_rows",
+    "charrnn_half_to_float",
+    "charrnn_has_bf16",
+    "charrnn_max_layers",
+    "charrnn_set_threads",
+    "charrnn_net_size",
+)
+
+
+def _bind(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL:
+    """`lib` with the kernel functions' signatures set; RuntimeError if it lacks any or has another layout."""
+    missing = [name for name in KERNEL_FUNCTIONS if not hasattr(lib, name)]
+    if missing:
+        raise RuntimeError(f"{path} is not this kernel: it lacks {', '.join(missing)}")
+    lib.charrnn_max_layers.argtypes = []
+    lib.charrnn_max_layers.restype = ctypes.c_int
+    lib.charrnn_net_size.argtypes = []
+    lib.charrnn_net_size.restype = ctypes.c_size_t
+    layout = (lib.charrnn_max_layers(), lib.charrnn_net_size())
+    if layout != (MAX_LAYERS, ctypes.sizeof(Net)):
+        raise RuntimeError(
+            f"{path} was built for another layout (up to {layout[0]} layers, a {layout[1]}-byte Net;"
+            f" this code has {MAX_LAYERS} and {ctypes.sizeof(Net)})"
+        )
+    lib.charrnn_lstm_step.argtypes = [ctypes.POINTER(Net), ctypes.c_int, ctypes.c_void_p]
+    lib.charrnn_lstm_step.restype = None
+    lib.charrnn_draw.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_float,
+        ctypes.c_void_p,
+        ctypes.POINTER(ctypes.c_float),
+    ]
+    lib.charrnn_draw.restype = ctypes.c_int64
+    lib.charrnn_draw_rows.argtypes = [ctypes.c_int, ctypes.c_int, *[ctypes.c_void_p] * 5]
+    lib.charrnn_draw_rows.restype = None
+    lib.charrnn_half_to_float.argtypes = [ctypes.c_uint16]
+    lib.charrnn_half_to_float.restype = ctypes.c_float
+    lib.charrnn_has_bf16.argtypes = []
+    lib.charrnn_has_bf16.restype = ctypes.c_int
+    lib.charrnn_set_threads.argtypes = [ctypes.c_int]
+    lib.charrnn_set_threads.restype = ctypes.c_int
+    return lib

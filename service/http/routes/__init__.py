@@ -1,0 +1,12 @@
+"""The HTTP endpoints, one blueprint per concern."""
+
+from __future__ import annotations
+
+from charrnn.service.http.routes import docs, generate, info, inspect, openai_api, scoring
+from flask import Flask
+
+
+def register_blueprints(app: Flask) -> None:
+    """Attach every blueprint to `app`."""
+    for blueprint in (generate.bp, inspect.bp, scoring.bp, info.bp, docs.bp, openai_api.bp):
+        app.register_blueprint(blueprint)
