@@ -65,7 +65,7 @@ RUN groupadd --system --gid 10001 app \
  && chown 10001:10001 /models /data
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/kernels /opt/kernels
-# The code, its Gunicorn config (the module charrnn.service.http.gunicorn_conf) and the default model (service/default_model,
+# The code, its Gunicorn config (the module charrnn.service.web.gunicorn_conf) and the default model (service/default_model,
 # the default CHARRNN_MODEL_DIR) are all in the installed package in /opt/venv. The working directory holds
 # nothing and belongs to root: Gunicorn puts it first on sys.path, so no Python may ever be found there.
 WORKDIR /app
@@ -83,4 +83,4 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
 # code and exec this same command, but here WORKDIR is empty already, and this is the very command the
 # end-to-end tests run (GUNICORN_COMMAND, tests/service/conftest.py), so the image runs what is tested.
 # `docker stop` must wait longer than CHARRNN_GRACEFUL_TIMEOUT (30 s) for streams to finish: -t 40.
-CMD ["gunicorn", "-c", "python:charrnn.service.http.gunicorn_conf", "charrnn.service.http.app:create_app()"]
+CMD ["gunicorn", "-c", "python:charrnn.service.web.gunicorn_conf", "charrnn.service.web.app:create_app()"]

@@ -1,9 +1,10 @@
-"""Helpers shared by the benchmark scripts: a generated corpus and medians."""
+"""Helpers shared by the benchmark scripts: a generated corpus, medians and the machine's matmul FLOP/s."""
 
 from __future__ import annotations
 
 import random
 import statistics
+import time
 from pathlib import Path
 
 WORDS = (
@@ -28,3 +29,23 @@ def write_text(path: Path, chars: int, seed: int = 0, block: int = 1 << 20) -> P
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def matmul_flops(threads: int | None = None, size: int = 2048, repeats: int = 3) -> float:
+    """fp32 FLOP/s of a size^3 torch.mm, the fastest of `repeats` after a warm-up: the machine's arithmetic.
+
+    `threads` sets torch's threads first (and leaves them set, for what the script measures next); None
+    keeps torch's. The fastest run, not the median: other work on the machine only ever slows a run down.
+    """
+    import torch  # here, not at the top: bench/memory.py needs only write_text and runs torch in a child
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best

@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from charrnn.model.checkpoint import save_checkpoint
 from charrnn.model.config import ModelConfig
 from charrnn.model.network import CharRNN
 from charrnn.model.vocab import Vocab
-from charrnn.service.http.server import gunicorn_command
+from charrnn.service.web.server import gunicorn_command
 
 PROMPTS = ["The ", "Once upon a time", "KING:\n", "What is it"]
 

@@ -28,9 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
 from charrnn.model.config import ModelConfig
+from charrnn.model.decoding import SamplingParams
 from charrnn.model.network import CharRNN
-from charrnn.model.sampling import SamplingParams
 from charrnn.model.vocab import Vocab
 from charrnn.service.engine.batch import FastLSTMBatch
 from charrnn.service.engine.loading import LoadedModel

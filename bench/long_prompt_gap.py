@@ -15,10 +15,11 @@ import itertools
 import threading
 import time
 
-import charrnn.model.sampling as sampling
-import charrnn.service.engine.scheduler as engine_module
 import torch
-from charrnn.model.sampling import SamplingParams
+
+import charrnn.model.generation as generation
+import charrnn.service.engine.scheduler as engine_module
+from charrnn.model.decoding import SamplingParams
 from charrnn.service.config import DEFAULT_MODEL_DIR
 from charrnn.service.engine.loading import load_models
 from charrnn.service.engine.scheduler import Engine, JobSpec
@@ -28,7 +29,7 @@ LONG = 10**9
 
 def measure(loaded, streams: int, prompt_ids: tuple[int, ...], chunk: int) -> tuple[float, float, float]:
     """(longest gap during the prompt's reading ms, median gap before it ms, seconds to read the prompt)."""
-    sampling.PREFILL_CHUNK = engine_module.PREFILL_CHUNK = chunk
+    generation.PREFILL_CHUNK = engine_module.PREFILL_CHUNK = chunk
     engine = Engine({loaded.name: loaded}, max_batch=streams + 1, max_queue=streams + 4)
     engine.start()
     params = SamplingParams(temperature=0.8)
@@ -69,7 +70,9 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--prompt-chars", type=int, default=16_384)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--chunk", type=int, default=sampling.PREFILL_CHUNK, help="characters per chunk (the engine's)")
+    parser.add_argument(
+        "--chunk", type=int, default=generation.PREFILL_CHUNK, help="characters per chunk (the engine's)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     (entry,) = [e for e in load_models(DEFAULT_MODEL_DIR) if e.loaded is not None]

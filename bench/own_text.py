@@ -33,12 +33,13 @@ import time
 from pathlib import Path
 
 import torch
+
 from charrnn.corpora.registry import resolve
-from charrnn.model.checkpoint import load_checkpoint
+from charrnn.model.checkpoint import BEST, load_checkpoint
 from charrnn.model.data import load_corpus
 from charrnn.model.evaluate import bits_per_char, windowed_loss
 from charrnn.model.recipe import resolve_recipe
-from charrnn.model.train import BEST, Trainer
+from charrnn.model.train import Trainer
 
 SIZES = {"small": 20_000, "medium": 100_000, "large": 300_000}
 SCRIPTS = {"small": "cjk", "medium": "cyrillic", "large": "latin"}

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+
 from charrnn.corpora.registry import resolve
 from charrnn.model.config import PRESETS, ModelConfig, TrainConfig, split_settings
 from charrnn.model.data import load_corpus

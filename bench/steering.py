@@ -3,7 +3,7 @@ and what a constraint costs.
 
 Greedy and low-temperature output of a character model falls into loops ("so so so so", a speech heading
 repeated every few lines). For each temperature and penalty the bench generates from a few prompts with
-`charrnn sample`'s code (model.sampling.generate) and prints:
+`charrnn sample`'s code (model.generation.generate) and prints:
 
     repeated  the share of 20-character windows of the output that already occurred earlier in it
     distinct  distinct 20-grams / all 20-grams
@@ -21,10 +21,11 @@ import argparse
 import time
 
 import torch
-from charrnn.model.constraints import clear_cache, regex_constraint
-from charrnn.model.sampling import SamplingParams, generate
 
 import charrnn
+from charrnn.model.constraints import clear_cache, regex_constraint
+from charrnn.model.decoding import SamplingParams
+from charrnn.model.generation import generate
 
 PROMPTS = ["ROMEO:\n", "First Citizen:\n", "KING RICHARD III:\nNow is the ", "\n"]
 # (presence, frequency): over characters, counts grow fast (a space is ~18 % of the text), so the useful

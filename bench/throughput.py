@@ -31,28 +31,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/NAME.py`
 
+from bench._common import matmul_flops
+from bench.engine_service import free_port, percentile, run_clients, start_gunicorn, stop_server
 from charrnn.model.checkpoint import load_checkpoint
 from charrnn.model.decoding import SamplingParams
 from charrnn.service.engine.loading import LoadedModel
 from charrnn.service.engine.scheduler import Engine, JobSpec
 
-from bench.engine_service import free_port, percentile, run_clients, start_gunicorn, stop_server
-
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "service" / "default_model" / "shakespeare.safetensors"
 PROMPTS = ["ROMEO:\n", "First Citizen:\n", "KING RICHARD III:\n", "\n"]
-
-
-def matmul_flops(threads: int, size: int = 2048) -> float:
-    """fp32 FLOP/s of torch.mm with `threads` threads, best of 3."""
-    torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
 
 
 def flop_per_char(model: torch.nn.Module) -> int:

@@ -21,23 +21,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/NAME.py`
 
+from bench._common import matmul_flops, median, write_text
 from charrnn.model.config import ModelConfig, TrainConfig
 from charrnn.model.data import load_corpus
 from charrnn.model.train import Trainer, cpu_has_native_bf16
-
-from bench._common import median, write_text
-
-
-def matmul_flops(size: int = 2048, repeats: int = 7) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / median(times)
 
 
 class PlainLSTM(nn.Module):
@@ -106,7 +93,7 @@ def main() -> None:
         precisions = ["fp32", "bf16"] if cpu_has_native_bf16() else ["fp32"]
         plain, flops, ours = [], [], {p: [] for p in precisions}
         for repeat in range(args.repeats):  # interleaved, so drifts in machine load hit all alike
-            flops.append(matmul_flops())
+            flops.append(matmul_flops(repeats=7))
             plain.append(plain_loop(corpus.ids, args, args.steps))
             for precision in precisions:
                 rate, params = trainer_run(corpus, args, args.steps, Path(tmp) / f"{precision}{repeat}", precision)

@@ -9,7 +9,14 @@
         print(chunk, end="", flush=True)
     score = model.score("To be, or not to be")   # per-character log-probabilities, nats and bits per character
 
-The same seed gives the same text as `charrnn sample` and the HTTP service.
+A seed reproduces a text. The same seed gives the same text for the same model file, the same prompt and
+settings (temperature, top_k, top_p, penalties, logit bias, constraint, max_chars, stop strings) and the
+same arithmetic and PyTorch version. Here, as in `charrnn sample`, that is the PyTorch module in float32
+(on the CPU unless `load` names another device), so both give the same text. The HTTP service gives it
+too when it computes in float32 (CHARRNN_PRECISION=fp32, or a CPU without AVX512-BF16), except after a
+rare near-tie between two characters (about once in 10^5 to 10^6 characters). Its default bfloat16 kernel
+gives other texts, reproducible on the same kind of CPU. In the service a row's text never depends on
+what else shares its batch. docs/SERVICE.md ("Seeds") has the details.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from charrnn.api import Completion, Model, Score, load, train
-    from charrnn.model.sampling import SamplingError, SamplingParams, Token
+    from charrnn.model.decoding import SamplingError, SamplingParams, Token
 
 # Imported on first use (PEP 562), so that `charrnn --help` (charrnn.cli) does not wait for torch.
 _HOMES = {
@@ -28,9 +35,9 @@ _HOMES = {
     "Score": "charrnn.api",
     "load": "charrnn.api",
     "train": "charrnn.api",
-    "SamplingError": "charrnn.model.sampling",
-    "SamplingParams": "charrnn.model.sampling",
-    "Token": "charrnn.model.sampling",
+    "SamplingError": "charrnn.model.generation",
+    "SamplingParams": "charrnn.model.generation",
+    "Token": "charrnn.model.generation",
 }
 __all__ = ["Completion", "Model", "SamplingError", "SamplingParams", "Score", "Token", "load", "train"]
 

@@ -1,7 +1,10 @@
 """The Python API: `train`, `load`, and a `Model` that generates, streams and scores text.
 
 Everything here is a thin layer over the same code the CLI and the service run (model.train,
-model.checkpoint, model.sampling), so a seed gives the same text whichever way it is asked for.
+model.checkpoint, model.generation). `generate` and `stream` run what `charrnn sample` runs, the PyTorch
+module in float32 on the CPU (unless `load` was given another device), so the same seed, model file and
+settings give `charrnn sample`'s text. The service's text is the same only in float32; see the package
+docstring and docs/SERVICE.md ("Seeds").
 """
 
 from __future__ import annotations
@@ -16,14 +19,15 @@ from typing import Any
 
 import torch
 
-from charrnn.model.checkpoint import Checkpoint, load_checkpoint
+from charrnn.model.checkpoint import BEST, LAST, Checkpoint, load_checkpoint, run_checkpoint
+from charrnn.model.decoding import Token
 from charrnn.model.evaluate import bits_per_char
-from charrnn.model.sampling import Generation, Token, generate, sampling_params, start_ids
+from charrnn.model.generation import Generation, generate, params_for, start_ids
 from charrnn.model.scoring import score_ids
 from charrnn.model.vocab import UnknownPolicy
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "service" / "default_model" / "shakespeare.safetensors"
-# generate()'s and stream()'s steering keywords (model.sampling.sampling_params takes them)
+# generate()'s and stream()'s steering keywords (model.generation.params_for takes them)
 STEERING = frozenset({"presence_penalty", "frequency_penalty", "logit_bias", "regex", "choices"})
 TEXT_FILE = "corpus.txt"  # where `train(text=...)` keeps the text it was given, inside the run directory
 
@@ -117,6 +121,8 @@ class Model:
 
         Generation ends early at the first of `stop` (which is not included). An empty prompt
         conditions on a newline. `top_logprobs` asks for that many alternatives per character.
+        `seed` (None: a fresh one, returned in the Completion) gives the same text again with the same
+        model file and arguments (see the module docstring for when the service gives it too).
         Steering keywords, as the service takes them: `presence_penalty` and `frequency_penalty` (-2 to
         2, OpenAI's meaning), `logit_bias` ({character or vocabulary index: bias}, -100 bans), and a
         constraint, `regex="..."` or `choices=[...]`, that the generated text always satisfies.
@@ -157,7 +163,7 @@ class Model:
         unknown = set(steering) - STEERING
         if unknown:
             raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
-        params = sampling_params(self.vocab, temperature=temperature, top_k=top_k, top_p=top_p, **steering)
+        params = params_for(self.vocab, temperature=temperature, top_k=top_k, top_p=top_p, **steering)
         return generate(
             self.network, self.vocab, prompt, max_chars, params, seed, stop, unknown_chars, top_logprobs=top_logprobs
         )
@@ -165,10 +171,7 @@ class Model:
 
 def load(path: str | os.PathLike[str] | None = None, device: str | torch.device = "cpu") -> Model:
     """A checkpoint file, the best checkpoint of a run directory, or (no path) the shipped default model."""
-    target = DEFAULT_MODEL if path is None else Path(path)
-    if target.is_dir():
-        target = target / "best.safetensors"
-    return Model(load_checkpoint(target), device)
+    return Model(load_checkpoint(DEFAULT_MODEL if path is None else run_checkpoint(path)), device)
 
 
 def train(
@@ -241,8 +244,6 @@ def _keep_text(out_dir: Path, text: str, resume: bool) -> Path:
     """Write `text` into the run directory (unless resuming the run that already holds it)."""
     if not text:
         raise ValueError("text: nothing to train on (empty)")
-    from charrnn.model.train import BEST, LAST
-
     path = out_dir / TEXT_FILE
     if not resume and ((out_dir / LAST).exists() or (out_dir / BEST).exists()):
         raise ValueError(f"{out_dir} already holds a training run; pass resume=True or choose another `out`")

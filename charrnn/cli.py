@@ -9,26 +9,35 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from charrnn.model.config import BOUNDS, CELLS, PRECISIONS, RESUME_MAY_CHANGE, Range, setting_flag
+
 log = logging.getLogger("charrnn")
 DYNAMIC_LR = 1.0  # plain SGD on the segment's mean loss: the shipped model gains 0.044 on 20 k characters
 
 
-def number(kind: type, low: float | None = None, high: float | None = None) -> Callable[[str], Any]:
+def number(kind: type, low: float, high: float | None = None) -> Callable[[str], Any]:
     """An argparse type that parses `kind` and names the allowed range when a value is outside it."""
+    allowed = Range(low, high)
 
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if value != value or (low is not None and value < low) or (high is not None and value > high):
-            if high is None:
-                raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
-            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {text}")
+        if not allowed.allows(value):
+            raise argparse.ArgumentTypeError(f"must be {allowed.text()}, got {text}")
         return value
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def add_setting(group: Any, name: str, kind: type, text: str, **kwargs: Any) -> None:
+    """Add the flag of the numeric training setting `name`: it allows what the setting allows (model/config.py's
+    BOUNDS), and its help, `text`, ends with that range."""
+    allowed = BOUNDS[name]
+    parse = number(kind, allowed.low, allowed.high)
+    group.add_argument(setting_flag(name), type=parse, help=f"{text} ({allowed.text()})", **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train(commands: Any) -> None:
-    from charrnn.model.config import CELLS, MAX_LAYERS, PRECISIONS, RESUME_MAY_CHANGE
     from charrnn.model.recipe import AUTO, PRESET_NAMES
 
     p = commands.add_parser("train", help="train a model on a corpus", description="Train a model on a corpus.")
@@ -64,11 +72,11 @@ def _add_train(commands: Any) -> None:
         "dropout, batch, learning rate, evaluation and patience for the text's size and vocabulary, the time "
         "budget (default 150 s) and the device, and logs why; cpu-fast is tuned for Tiny Shakespeare",
     )
-    may_change = ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE)
+    may_change = ", ".join(map(setting_flag, RESUME_MAY_CHANGE))
     p.add_argument(
         "--resume",
         action="store_true",
-        help=f"continue from OUT/last.safetensors exactly where it stopped. Only {may_change} (and --threads, "
+        help=f"continue from the last checkpoint in OUT exactly where it stopped. Only {may_change} (and --threads, "
         "--no-progress, --cache-dir) may differ from the first run; every other setting, given as a flag or by "
         "--preset, must match it, or the resume is refused",
     )
@@ -85,82 +93,86 @@ def _add_train(commands: Any) -> None:
     )
     net = p.add_argument_group("network")
     net.add_argument("--cell", choices=CELLS, help="recurrent cell")
-    net.add_argument("--layers", type=number(int, 1, MAX_LAYERS), help=f"stacked recurrent layers (1-{MAX_LAYERS})")
-    net.add_argument("--hidden", type=number(int, 1, 16384), help="hidden units per layer (1-16384)")
-    net.add_argument("--embed", type=number(int, 1, 16384), help="character embedding size (1-16384)")
-    net.add_argument("--dropout", type=number(float, 0.0, 0.95), help="dropout between layers and before the head")
-    net.add_argument(
-        "--weight-drop",
-        type=number(float, 0.0, 0.95),
-        help="DropConnect on the recurrent weights while training (AWD-LSTM's regulariser; 0: off)",
+    add_setting(net, "layers", int, "stacked recurrent layers")
+    add_setting(net, "hidden", int, "hidden units per layer")
+    add_setting(net, "embed", int, "character embedding size")
+    add_setting(net, "dropout", float, "dropout between layers and before the head")
+    add_setting(
+        net,
+        "weight_drop",
+        float,
+        "DropConnect on the recurrent weights while training (AWD-LSTM's regulariser; 0: off)",
     )
     opt = p.add_argument_group("training")
-    opt.add_argument("--batch", type=number(int, 1, 65536), help="tracks read side by side (per rank under torchrun)")
-    opt.add_argument("--seq-len", type=number(int, 1, 65536), help="characters per truncated-BPTT window")
-    opt.add_argument(
-        "--reset-every",
-        type=number(int, 0, 1_000_000),
+    add_setting(opt, "batch", int, "tracks read side by side (per rank under torchrun)")
+    add_setting(opt, "seq_len", int, "characters per truncated-BPTT window")
+    add_setting(
+        opt,
+        "reset_every",
+        int,
+        "restart each track from a zero state every N windows, staggered across tracks (0: only each epoch)",
         metavar="N",
-        help="restart each track from a zero state every N windows, staggered across tracks (0: only each epoch)",
     )
-    opt.add_argument("--lr", type=number(float, 1e-8, 10.0), help="peak learning rate of AdamW")
-    opt.add_argument("--min-lr-ratio", type=number(float, 0.0, 1.0), help="final lr as a fraction of the peak")
-    opt.add_argument("--warmup-frac", type=number(float, 0.0, 1.0), help="fraction of the run spent warming up")
-    opt.add_argument("--weight-decay", type=number(float, 0.0, 10.0), help="AdamW weight decay")
-    opt.add_argument("--grad-clip", type=number(float, 0.0), help="gradient-norm clipping (0 turns it off)")
-    opt.add_argument("--max-steps", type=number(int, 1), help="stop after this many steps")
-    opt.add_argument(
-        "--time-budget",
-        type=number(float, 0.1),
+    add_setting(opt, "lr", float, "peak learning rate of AdamW")
+    add_setting(opt, "min_lr_ratio", float, "final lr as a fraction of the peak")
+    add_setting(opt, "warmup_frac", float, "fraction of the run spent warming up")
+    add_setting(opt, "weight_decay", float, "AdamW weight decay")
+    add_setting(opt, "grad_clip", float, "gradient-norm clipping (0 turns it off)")
+    add_setting(opt, "max_steps", int, "stop after this many steps")
+    add_setting(
+        opt,
+        "time_budget",
+        float,
+        "stop after this many seconds of training, then evaluate and save",
         metavar="SECONDS",
-        help="stop after this many seconds of training, then evaluate and save",
     )
-    opt.add_argument(
-        "--eval-every",
-        type=number(int, 1),
-        help="evaluate and checkpoint every N steps (with a time budget, --eval-count also applies: whichever "
-        "comes first)",
+    add_setting(
+        opt,
+        "eval_every",
+        int,
+        "evaluate and checkpoint every N steps (with a time budget, --eval-count also applies: whichever comes first)",
     )
-    opt.add_argument(
-        "--eval-count",
-        type=number(int, 0, 100_000),
+    add_setting(
+        opt,
+        "eval_count",
+        int,
+        "with a time budget, also evaluate every budget/N seconds of training, so that a run evaluates about N "
+        "times whatever its speed (default 20; 0: by --eval-every only)",
         metavar="N",
-        help="with a time budget, also evaluate every budget/N seconds of training, so that a run evaluates "
-        "about N times whatever its speed (default 20; 0: by --eval-every only)",
     )
-    opt.add_argument(
-        "--patience",
-        type=number(int, 0, 1_000_000),
+    add_setting(
+        opt,
+        "patience",
+        int,
+        "stop early after N evaluations in a row without a better validation loss (0: never; auto turns it on "
+        "for texts the budget reads many times)",
         metavar="N",
-        help="stop early after N evaluations in a row without a better validation loss (0: never; auto turns "
-        "it on for texts the budget reads many times)",
     )
-    opt.add_argument(
-        "--sample-chars",
-        type=number(int, 0, 10_000),
+    add_setting(
+        opt,
+        "sample_chars",
+        int,
+        "characters sampled at each evaluation, at temperatures 0.5 and 1 from a fixed seed, shown in the log "
+        "and metrics.jsonl (default 80; 0: none; not counted in the time budget)",
         metavar="N",
-        help="characters sampled at each evaluation, at temperatures 0.5 and 1 from a fixed seed, shown in the "
-        "log and metrics.jsonl (default 80; 0: none; not counted in the time budget)",
     )
-    opt.add_argument(
-        "--eval-max-chars",
-        type=number(int, 256),
-        help="characters of the validation split read by periodic evaluations (the final reads all)",
+    add_setting(
+        opt,
+        "eval_max_chars",
+        int,
+        "characters of the validation split read by periodic evaluations (the final reads all)",
     )
-    opt.add_argument(
-        "--final-eval-max-chars",
-        type=number(int, 256),
-        help="characters of the validation split read by the final evaluation",
-    )
-    opt.add_argument("--val-fraction", type=number(float, 0.0, 0.5), help="fraction of the text held out at its end")
-    opt.add_argument(
-        "--ema",
-        type=number(float, 0.0, 0.99999),
-        metavar="DECAY",
-        help="evaluate, and keep as best, an exponential moving average of the weights with this decay per step "
+    add_setting(opt, "final_eval_max_chars", int, "characters of the validation split read by the final evaluation")
+    add_setting(opt, "val_fraction", float, "fraction of the text held out at its end")
+    add_setting(
+        opt,
+        "ema",
+        float,
+        "evaluate, and keep as best, an exponential moving average of the weights with this decay per step "
         "(e.g. 0.999; last keeps the raw weights for --resume; default 0: off)",
+        metavar="DECAY",
     )
-    opt.add_argument("--seed", type=number(int, 0, 2**63 - 1), help="random seed")
+    add_setting(opt, "seed", int, "random seed")
     opt.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
     opt.add_argument(
         "--precision",
@@ -168,7 +180,7 @@ def _add_train(commands: Any) -> None:
         help="forward-pass arithmetic: bf16 autocast or fp32 (auto: bf16 on CUDA and on CPUs with native bf16)",
     )
     opt.add_argument("--nonfinite", choices=("stop", "skip"), help="on a NaN/inf loss: stop the run, or skip the step")
-    opt.add_argument("--log-every", type=number(int, 1), help="write a metrics line every N steps")
+    add_setting(opt, "log_every", int, "write a metrics line every N steps")
     p.set_defaults(handler=_run_train)
 
 
@@ -248,9 +260,7 @@ def _add_eval(commands: Any) -> None:
         default="val",
         help="val: the held-out end of the text, as in training (default); all: the whole text",
     )
-    p.add_argument(
-        "--val-fraction", type=number(float, 0.0, 0.5), help="held-out fraction (default: the checkpoint's own)"
-    )
+    add_setting(p, "val_fraction", float, "held-out fraction (default: the checkpoint's own)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument(
         "--dynamic",
@@ -351,18 +361,13 @@ def _config_keys() -> frozenset[str]:
     return MODEL_KEYS | TRAIN_KEYS
 
 
-def checkpoint_path(path: Path) -> Path:
-    """A checkpoint file, or the best one in a run directory."""
-    return path / "best.safetensors" if path.is_dir() else path
-
-
 def _run_sample(args: argparse.Namespace) -> int:
-    from charrnn.model.checkpoint import load_checkpoint
-    from charrnn.model.sampling import generate, sampling_params
+    from charrnn.model.checkpoint import load_checkpoint, run_checkpoint
+    from charrnn.model.generation import generate, params_for
 
-    ckpt = load_checkpoint(checkpoint_path(args.checkpoint))
+    ckpt = load_checkpoint(run_checkpoint(args.checkpoint))
     model = ckpt.build_model()
-    params = sampling_params(
+    params = params_for(
         ckpt.vocab,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -387,12 +392,12 @@ def _run_sample(args: argparse.Namespace) -> int:
 
 def _run_eval(args: argparse.Namespace) -> int:
     from charrnn.corpora.registry import resolve
-    from charrnn.model.checkpoint import load_checkpoint
+    from charrnn.model.checkpoint import load_checkpoint, run_checkpoint
     from charrnn.model.data import load_corpus
     from charrnn.model.evaluate import bits_per_char, carried_loss, dynamic_loss, windowed_loss
     from charrnn.model.train import resolve_device
 
-    ckpt = load_checkpoint(checkpoint_path(args.checkpoint))
+    ckpt = load_checkpoint(run_checkpoint(args.checkpoint))
     model = ckpt.build_model(resolve_device(args.device))
     path, name = resolve(args.corpus)
     corpus = load_corpus(path, vocab=ckpt.vocab, name=name)
@@ -442,11 +447,11 @@ def _run_corpus(args: argparse.Namespace) -> int:
 
 def _run_export(args: argparse.Namespace) -> int:
     from charrnn.corpora.registry import resolve
-    from charrnn.model.checkpoint import load_checkpoint
+    from charrnn.model.checkpoint import load_checkpoint, run_checkpoint
     from charrnn.model.data import load_corpus
     from charrnn.model.export import card_path, export
 
-    source = checkpoint_path(args.checkpoint)
+    source = run_checkpoint(args.checkpoint)
     corpus = None
     if args.corpus:
         path, name = resolve(args.corpus)
@@ -462,7 +467,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from charrnn.service.http.server import serve
+    from charrnn.service.web.server import serve
 
     return serve(model_dir=args.model_dir, host=args.host, port=args.port, workers=args.workers)
 
@@ -472,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from charrnn.model.checkpoint import CheckpointError
     from charrnn.model.config import ConfigError
     from charrnn.model.data import CorpusError
-    from charrnn.model.sampling import SamplingError
+    from charrnn.model.decoding import SamplingError
     from charrnn.model.train import TrainingError
     from charrnn.model.vocab import UnknownCharactersError
 
@@ -483,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except ConfigError as exc:
-        print(f"charrnn {args.command}: error: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
+        print(f"charrnn {args.command}: error: {setting_flag(exc.field)}: {exc.message}", file=sys.stderr)
     except SamplingError as exc:  # name the flag, as argparse does
         flag = {"max_new_chars": "length", "choices": "choice"}.get(exc.field, exc.field).replace("_", "-")
         print(f"charrnn {args.command}: error: --{flag}: {str(exc).removeprefix(exc.field + ': ')}", file=sys.stderr)

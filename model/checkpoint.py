@@ -20,16 +20,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
 from charrnn.model.atomic import atomic_write
 from charrnn.model.config import ModelConfig
 from charrnn.model.network import CharRNN
+from charrnn.model.strict_json import loads_strict
 from charrnn.model.vocab import Vocab
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 FORMAT = "charrnn-checkpoint"
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
+# The two checkpoints a training run keeps in its directory: `best`, the weights with the lowest validation
+# loss (what a run directory means to `charrnn sample`, the API's `load` and the service), and `last`, the
+# latest weights with the optimizer's and RNG's state, which --resume continues from.
+BEST = "best" + SUFFIX
+LAST = "last" + SUFFIX
 # A header of ours is tens of KB (one entry per tensor, a few hundred tensors with the optimizer's, and
 # the vocabulary); the reference parser allows 100 MB. Every check below is linear in the header, and
 # these caps bound it, so a hostile file is refused in milliseconds, well inside a worker's boot timeout.
@@ -68,6 +75,12 @@ class Checkpoint:
         model = CharRNN(self.config)
         model.load_state_dict(self.weights)
         return model.to(device).eval()
+
+
+def run_checkpoint(path: str | Path) -> Path:
+    """The checkpoint `path` names: the file itself, or a run directory's best checkpoint (BEST)."""
+    path = Path(path)
+    return path / BEST if path.is_dir() else path
 
 
 def save_checkpoint(
@@ -166,24 +179,11 @@ def _parse_header(path: Path, data: bytes, size: int) -> dict[str, Any]:
 
 
 def _json(path: Path, what: str, text: bytes | str) -> Any:
-    """`text` parsed; duplicate keys, NaN and Infinity refused (each check linear in the text)."""
+    """`text` parsed strictly (duplicate keys, NaN and Infinity refused; each check linear in the text)."""
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        return loads_strict(text)
     except (ValueError, TypeError, RecursionError) as exc:
         raise CheckpointError(path, f"{what} is not valid JSON ({exc})") from None
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        seen: set[str] = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise ValueError(f"duplicate key {dup!r}")
-    return result
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _check_offsets(path: Path, header: dict[str, Any], data_len: int) -> None:

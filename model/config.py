@@ -1,9 +1,12 @@
-"""Frozen configuration dataclasses for the network and for training, and the named presets."""
+"""Frozen configuration dataclasses for the network and for training, the ranges their numeric settings
+allow (BOUNDS, which `charrnn train`'s flags read too), and the named presets."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 CELLS = ("rnn", "lstm", "gru")
@@ -24,10 +27,78 @@ class ConfigError(ValueError):
         super().__init__(f"{field}: {message}")
 
 
-def _check_range(field: str, value: float, low: float, high: float | None = None) -> None:
-    if value < low or (high is not None and value > high):
-        allowed = f">= {low}" if high is None else f"between {low} and {high}"
-        raise ConfigError(field, f"must be {allowed}, got {value}")
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting allows: `low` <= value, and value <= `high` when there is one."""
+
+    low: float
+    high: float | None = None
+
+    def allows(self, value: float) -> bool:
+        """Whether `value` is inside the range (NaN never is)."""
+        return self.low <= value and (self.high is None or value <= self.high)
+
+    def text(self) -> str:
+        """The range as a sentence ends it: '>= 1' or 'between 1 and 16'."""
+        return f">= {self.low}" if self.high is None else f"between {self.low} and {self.high}"
+
+    def check(self, field: str, value: float) -> None:
+        """Raise ConfigError naming `field` unless `value` is inside the range."""
+        if not self.allows(value):
+            raise ConfigError(field, f"must be {self.text()}, got {value}")
+
+
+# The allowed range of every numeric setting of ModelConfig and TrainConfig, by field name: their one
+# home. The configs check their fields with it, and `charrnn train`'s flags read it for their argparse
+# type and help, so a flag and the setting it sets allow the same values. Float settings give float
+# bounds (0.0, not 0), so that a message reads as the setting is written.
+BOUNDS: Mapping[str, Range] = MappingProxyType(
+    {
+        # ModelConfig
+        "vocab_size": Range(1),
+        "layers": Range(1, MAX_LAYERS),
+        "hidden": Range(1, 16384),
+        "embed": Range(1, 16384),
+        "dropout": Range(0.0, 0.95),
+        "weight_drop": Range(0.0, 0.95),
+        # TrainConfig
+        "batch": Range(1, 65536),
+        "seq_len": Range(1, 65536),
+        "reset_every": Range(0, 1_000_000),
+        "lr": Range(1e-8, 10.0),
+        "min_lr_ratio": Range(0.0, 1.0),
+        "warmup_frac": Range(0.0, 1.0),
+        "weight_decay": Range(0.0, 10.0),
+        "beta1": Range(0.0, 0.9999),
+        "beta2": Range(0.0, 0.99999),
+        "grad_clip": Range(0.0),
+        "max_steps": Range(1),
+        "time_budget": Range(0.1),  # or None: no budget
+        "eval_every": Range(1),
+        "eval_count": Range(0, 100_000),
+        "patience": Range(0, 1_000_000),
+        "ema": Range(0.0, 0.99999),
+        "sample_chars": Range(0, 10_000),
+        "eval_max_chars": Range(256),
+        "final_eval_max_chars": Range(256),
+        "val_fraction": Range(0.0, 0.5),
+        "seed": Range(0, 2**63 - 1),  # what torch.manual_seed and a checkpoint's JSON both hold
+        "log_every": Range(1),
+    }
+)
+
+
+def setting_flag(setting: str) -> str:
+    """The command-line flag of a setting: seq_len -> --seq-len."""
+    return "--" + setting.replace("_", "-")
+
+
+def _check_bounds(config: Any) -> None:
+    """Check each numeric field of a config against BOUNDS, in the order the fields are declared."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name in BOUNDS and value is not None:
+            BOUNDS[f.name].check(f.name, value)
 
 
 @dataclass(frozen=True)
@@ -47,12 +118,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
             raise ConfigError("cell", f"must be one of {', '.join(CELLS)}, got {self.cell!r}")
-        _check_range("vocab_size", self.vocab_size, 1)
-        _check_range("layers", self.layers, 1, MAX_LAYERS)
-        _check_range("hidden", self.hidden, 1, 16384)
-        _check_range("embed", self.embed, 1, 16384)
-        _check_range("dropout", self.dropout, 0.0, 0.95)
-        _check_range("weight_drop", self.weight_drop, 0.0, 0.95)
+        _check_bounds(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,28 +172,7 @@ class TrainConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        _check_range("batch", self.batch, 1, 65536)
-        _check_range("seq_len", self.seq_len, 1, 65536)
-        _check_range("reset_every", self.reset_every, 0, 1_000_000)
-        _check_range("lr", self.lr, 1e-8, 10.0)
-        _check_range("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-        _check_range("warmup_frac", self.warmup_frac, 0.0, 1.0)
-        _check_range("weight_decay", self.weight_decay, 0.0, 10.0)
-        _check_range("beta1", self.beta1, 0.0, 0.9999)
-        _check_range("beta2", self.beta2, 0.0, 0.99999)
-        _check_range("grad_clip", self.grad_clip, 0.0)
-        _check_range("max_steps", self.max_steps, 1)
-        if self.time_budget is not None:
-            _check_range("time_budget", self.time_budget, 0.1)
-        _check_range("eval_every", self.eval_every, 1)
-        _check_range("eval_count", self.eval_count, 0, 100_000)
-        _check_range("patience", self.patience, 0, 1_000_000)
-        _check_range("sample_chars", self.sample_chars, 0, 10_000)
-        _check_range("ema", self.ema, 0.0, 0.99999)
-        _check_range("eval_max_chars", self.eval_max_chars, 256)
-        _check_range("final_eval_max_chars", self.final_eval_max_chars, 256)
-        _check_range("val_fraction", self.val_fraction, 0.0, 0.5)
-        _check_range("log_every", self.log_every, 1)
+        _check_bounds(self)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError("device", f"must be auto, cpu or cuda, got {self.device!r}")
         if self.precision not in PRECISIONS:

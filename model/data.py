@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from charrnn.model.atomic import atomic_write
 from charrnn.model.vocab import UnknownCharactersError, Vocab
 

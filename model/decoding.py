@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
 from charrnn.model.constraints import Constraint
 from charrnn.model.stops import StopMatcher
 from charrnn.model.vocab import Vocab
@@ -94,7 +95,7 @@ class SamplingParams:
         return self.temperature > 0 and self.top_k is None and self.top_p >= 1.0 and exponential_race_is_multinomial()
 
     @property
-    def steered(self) -> bool:
+    def has_steering(self) -> bool:
         """Whether the logits are changed before the draw (penalties, bias or a constraint)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.constraint)
 
@@ -231,13 +232,13 @@ class Sample:
         "constraint",
         "finish_reason",
         "generator",
+        "has_steering",
         "left",
         "matched",
         "noise",
         "offset",
         "params",
         "state",
-        "steered",
         "temperature",
         "top_logprobs",
     )
@@ -269,13 +270,13 @@ class Sample:
             if params.presence_penalty or params.frequency_penalty:
                 self._counts = [0] * vocab_size
         self._offset_active = any(bias for _, bias in params.logit_bias)  # once penalties apply: True
-        self.steered = params.steered  # penalties, bias or a constraint: see steer() and advance()
+        self.has_steering = params.has_steering  # penalties, bias or a constraint: see steer() and advance()
         self.constraint = params.constraint
         self.state = 0  # the constraint's automaton state
         self.matched = False  # the constraint's automaton accepts and no character may follow
 
     @property
-    def steers(self) -> bool:
+    def steers_now(self) -> bool:
         """Whether `steer` changes the logits at this step (a zero offset and an empty mask do not)."""
         return self._offset_active or (self.constraint is not None and self.constraint.masks[self.state])
 
@@ -320,6 +321,27 @@ class Sample:
         return ready
 
 
+def bias_index(vocab: Vocab, key: str | int, by_char: bool = True) -> int:
+    """A logit_bias key as a vocabulary index; SamplingError("logit_bias") naming the key otherwise.
+
+    An int, or a string of decimal digits (JSON's keys are strings), is an index (OpenAI's token id); with
+    `by_char`, a one-character string is the character itself ("5" is then the character 5, not index 5).
+    """
+    last = len(vocab) - 1
+    if isinstance(key, str):
+        if by_char and len(key) == 1:
+            if key not in vocab:
+                raise SamplingError("logit_bias", f"{key!r} is not a character of the model's vocabulary")
+            return vocab.encode(key)[0]
+        if not (key.isascii() and key.isdigit()) or len(key) > len(str(len(vocab))):
+            what = "a character or a vocabulary index" if by_char else "a vocabulary index"
+            raise SamplingError("logit_bias", f"key {key[:20]!r} is not {what} (0 to {last})")
+        key = int(key)
+    if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key <= last:
+        raise SamplingError("logit_bias", f"{str(key)[:20]!r} is not a vocabulary index (0 to {last})")
+    return key
+
+
 class FastDraw(Protocol):
     """An accelerated plain draw: for each row whose `temperature` is > 0, the id that
     argmax(softmax(logits / temperature) / noise) gives with the row's next `Noise` row, and its
@@ -337,10 +359,10 @@ class Decoder:
         self.vocab_size = len(vocab)
         self.fast = fast
 
-    def sample(
+    def new_sample(
         self, params: SamplingParams, seed: int, max_new_chars: int, stop: Sequence[str] = (), top_logprobs: int = 0
     ) -> Sample:
-        """A new row, drawing from torch.Generator().manual_seed(seed)."""
+        """A new row to decode, drawing from torch.Generator().manual_seed(seed)."""
         return Sample(params, seed, max_new_chars, self.vocab_size, stop, top_logprobs)
 
     def draw(self, logits: torch.Tensor, rows: Sequence[Sample]) -> tuple[list[int], list[Token]]:
@@ -352,8 +374,8 @@ class Decoder:
         n = len(rows)
         if n == 1:
             return self._draw_one(logits[0], rows[0])
-        any_steered = any(row.steered for row in rows)  # most batches have none: they skip the steering work
-        steered = [i for i, row in enumerate(rows) if row.steered and row.steers] if any_steered else []
+        any_steered = any(row.has_steering for row in rows)  # most batches have none: they skip the steering work
+        steered = [i for i, row in enumerate(rows) if row.has_steering and row.steers_now] if any_steered else []
         scores = logits
         if steered:
             scores = logits.float().clone()
@@ -391,7 +413,7 @@ class Decoder:
                 logprobs[i] = picked[i]
         if any_steered:
             for i, row in enumerate(rows):
-                if row.steered:
+                if row.has_steering:
                     row.advance(ids[i])
         tokens = [
             Token(self.chars[ids[i]], logprobs[i], self._top(logits[i], row.top_logprobs) if row.top_logprobs else None)  # type: ignore[arg-type]
@@ -402,7 +424,7 @@ class Decoder:
     def _draw_one(self, logits: torch.Tensor, row: Sample) -> tuple[list[int], list[Token]]:
         """`draw` for a batch of one row, logits (vocab,): the same rule without gathering rows."""
         logprob = None
-        steered = row.steered and row.steers
+        steered = row.has_steering and row.steers_now
         scores = row.steer(logits.float()) if steered else logits
         if row.noise is not None and self.fast is not None:
             (pick,), (logprob,) = self.fast.draw(scores.unsqueeze(0), (row,))
@@ -415,7 +437,7 @@ class Decoder:
             pick = choose(scores, row.params, row.generator)
         if logprob is None:
             logprob = logits.float().log_softmax(-1)[pick].item()
-        if row.steered:
+        if row.has_steering:
             row.advance(pick)
         top = self._top(logits, row.top_logprobs) if row.top_logprobs else None
         return [pick], [Token(self.chars[pick], logprob, top)]

@@ -1,7 +1,7 @@
 """Data-parallel training under torchrun: gloo on CPU, NCCL on CUDA, via DistributedDataParallel.
 
 Outside torchrun (no WORLD_SIZE in the environment, or 1) everything here is a no-op, so the trainer
-has one code path.
+has one code path. `current_launch` is the one reader of torchrun's environment variables.
 """
 
 from __future__ import annotations
@@ -12,6 +12,21 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+
+
+@dataclass(frozen=True)
+class Launch:
+    """This process's place in a torchrun launch as its environment states it, before any group is joined."""
+
+    rank: int = 0  # RANK: this process among all of them
+    world: int = 1  # WORLD_SIZE: how many processes train together
+    local_rank: int = 0  # LOCAL_RANK: this process among those of its machine (its GPU's index)
+
+
+def current_launch() -> Launch:
+    """WORLD_SIZE, RANK and LOCAL_RANK as torchrun sets them; rank 0 of 1 outside torchrun."""
+    env = os.environ
+    return Launch(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")))
 
 
 @dataclass
@@ -34,14 +49,13 @@ class Distributed:
     @classmethod
     def from_environment(cls, device: str) -> Distributed:
         """Join the process group torchrun describes in the environment, if there is one."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
+        launch = current_launch()
+        if launch.world <= 1:
             return cls()
         use_cuda = device != "cpu" and torch.cuda.is_available()
         if use_cuda:
-            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local_rank)
-            target = torch.device("cuda", local_rank)
+            torch.cuda.set_device(launch.local_rank)
+            target = torch.device("cuda", launch.local_rank)
         else:
             target = torch.device("cpu")
         if not dist.is_initialized():

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from charrnn.model.data import validation_windows
 from charrnn.model.network import CharRNN
 

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from charrnn.model.atomic import atomic_write
 from charrnn.model.checkpoint import load_checkpoint, save_checkpoint
 from charrnn.model.data import Corpus
+from charrnn.model.decoding import SamplingParams
 from charrnn.model.evaluate import bits_per_char, carried_loss, windowed_loss
-from charrnn.model.sampling import SamplingParams, generate
+from charrnn.model.generation import generate
 
 SAMPLE = {"prompt": "ROMEO:\n", "length": 400, "temperature": 0.8, "seed": 1}
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from charrnn.model.config import ModelConfig
 from torch import nn
 from torch.func import functional_call
+
+from charrnn.model.config import ModelConfig
 
 # The recurrent state: h of shape (layers, batch, hidden), plus c of the same shape for an LSTM.
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]

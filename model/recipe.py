@@ -1,4 +1,4 @@
-"""`--preset auto`: a training recipe chosen for the text, warnings about the text, and a run's verdict.
+"""`--preset auto`: a training recipe chosen for the text, the budget and the device, and named presets.
 
 The recipe scales from what was measured (model/config.py's comments, docs/BENCHMARKS.md): on Tiny
 Shakespeare (1.0 M training characters) with 150 s on 2 CPU cores, an LSTM 1 x 512 with dropout 0.15,
@@ -6,20 +6,19 @@ batch 24 x 64, lr 5e-3 and restarts every 4 windows (`cpu-fast`) reaches ~1.47 n
 text ~7 times; on a 20,000-character text a 256-unit network with dropout 0.5, evaluated often, was at
 its best after a few hundred steps and then overfitted. So: the smaller the text, and the more times
 the budget will read it, the smaller the network, the more dropout, and the sooner to stop.
+
+Warnings about a text are in model/text_warnings.py, the verdict on a finished run in model/diagnosis.py.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from charrnn.model.config import PRESETS, ModelConfig, TrainConfig, split_settings
-from charrnn.model.data import Corpus, CorpusStats
+from charrnn.model.data import Corpus
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +33,6 @@ PERIODIC_EVAL_CHARS = 16_384  # a larger split is sampled this much at each peri
 # takes, and how many times it reads the text: a guess too high would over-regularise a short run.
 CPU_CHARS_PER_S_512 = 25_000.0
 GPU_SPEEDUP = 20.0  # a guess, not measured: every figure here is from CPUs
-
-# Warnings' thresholds.
-MIN_CHARS_PER_PARAM = 0.02  # below this the network can memorise the text many times over
-MAX_VOCAB = 5_000
-MIN_MEAN_OCCURRENCES = 10  # a character seen fewer times than this on average cannot be learnt
-DOMINANT_SHARE = 0.5  # one character this share of the text, or the top three TOP3_SHARE
-TOP3_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -171,15 +163,25 @@ def resolve_recipe(
     else:
         base = _recorded_recipe(out_dir) if resume and out_dir is not None else None
         if base is None:
-            choices = _auto_choices(corpus, overrides)
-            _log_choices(choices, overrides)
-            base = {c.name: c.value for c in choices}
+            base = _auto_settings(corpus, overrides)
         settings = {**base, **overrides}
     model_settings, train_settings = split_settings(settings)
     return ModelConfig(vocab_size=len(corpus.vocab), **model_settings), TrainConfig(**train_settings)
 
 
-def _auto_choices(corpus: Corpus, overrides: dict[str, Any]) -> list[Choice]:
+def _auto_settings(corpus: Corpus, overrides: dict[str, Any]) -> dict[str, Any]:
+    """`auto`'s settings for this corpus and this torchrun launch, logged with their reasons by rank 0."""
+    from charrnn.model.distributed import current_launch  # imports torch: only when auto chooses
+
+    launch = current_launch()
+    choices = _auto_choices(corpus, overrides, launch.world)
+    if launch.rank == 0:  # under torchrun every rank chooses the same; rank 0 says so
+        _log_choices(choices, overrides)
+    return {c.name: c.value for c in choices}
+
+
+def _auto_choices(corpus: Corpus, overrides: dict[str, Any], world: int) -> list[Choice]:
+    """auto_recipe for this corpus's split, the budget and device asked for, and `world` ranks."""
     import torch
 
     val_fraction = overrides.get("val_fraction", TrainConfig.val_fraction)
@@ -191,7 +193,7 @@ def _auto_choices(corpus: Corpus, overrides: dict[str, Any]) -> list[Choice]:
         len(corpus.vocab),
         overrides.get("time_budget") or DEFAULT_BUDGET_S,
         device,
-        int(os.environ.get("WORLD_SIZE", "1")),
+        world,
         overrides.get("max_steps"),
         len(val),
     )
@@ -199,8 +201,7 @@ def _auto_choices(corpus: Corpus, overrides: dict[str, Any]) -> list[Choice]:
 
 def _recorded_recipe(out_dir: Path) -> dict[str, Any] | None:
     """The settings an `auto` run's last checkpoint was trained with (None: not an auto run, or none)."""
-    from charrnn.model.checkpoint import load_checkpoint
-    from charrnn.model.train import LAST
+    from charrnn.model.checkpoint import LAST, load_checkpoint  # imports torch: only when resuming
 
     path = out_dir / LAST
     if not path.exists():
@@ -214,99 +215,9 @@ def _recorded_recipe(out_dir: Path) -> dict[str, Any] | None:
 
 
 def _log_choices(choices: list[Choice], overrides: dict[str, Any]) -> None:
-    if os.environ.get("RANK", "0") != "0":
-        return  # under torchrun every rank chooses the same; rank 0 says so
     log.info("--preset auto chose, for this text and budget:")
     for c in choices:
         if c.name in overrides:
             log.info("  %-13s %s (given; auto would choose %s: %s)", c.name, overrides[c.name], c.value, c.reason)
         else:
             log.info("  %-13s %s: %s", c.name, c.value, c.reason)
-
-
-# -- warnings ----------------------------------------------------------------------------------------
-
-
-def text_warnings(stats: CorpusStats, parameters: int) -> list[str]:
-    """What about this text (and this network's size) is likely to waste a user's run, in plain words."""
-    warnings = []
-    train_chars, vocab = stats.train_chars, len(stats.vocab)
-    per_param = train_chars / max(parameters, 1)
-    if per_param < MIN_CHARS_PER_PARAM:
-        warnings.append(
-            f"the text is small for this network: {train_chars:,} training characters for {parameters:,} "
-            f"parameters ({per_param:.3f} per parameter); it will memorise the text and overfit. "
-            "Use --preset auto, a smaller --hidden, more --dropout, or more text"
-        )
-    unseen = (stats.val_counts > 0) & (stats.train_counts == 0)
-    if unseen.any():
-        share = stats.val_counts[unseen].sum() / max(stats.val_chars, 1)
-        shown = "".join(stats.vocab.chars[i] for i in np.flatnonzero(unseen)[:20])
-        warnings.append(
-            f"{int(unseen.sum())} distinct characters of the validation split never occur in training "
-            f"({share:.2%} of the validation text, e.g. {shown!r}): the model cannot learn them, and they raise "
-            "the validation loss; shuffle or mix the text, or hold out another part (--val-fraction)"
-        )
-    mean = train_chars / max(vocab, 1)
-    if vocab > MAX_VOCAB or mean < MIN_MEAN_OCCURRENCES:
-        warnings.append(
-            f"{vocab:,} distinct characters, each seen {mean:.1f} times on average in training: is this a "
-            "text? A character model learns a character from many occurrences (binary data, or a list of "
-            "identifiers, rarely gives it that)"
-        )
-    warnings += _dominance_warning(stats)
-    return warnings
-
-
-def _dominance_warning(stats: CorpusStats) -> list[str]:
-    counts = stats.train_counts
-    total = max(int(counts.sum()), 1)
-    top = np.argsort(counts)[::-1][:3]
-    shares = counts[top] / total
-    if shares[0] < DOMINANT_SHARE and shares.sum() < TOP3_SHARE:
-        return []
-    named = ", ".join(f"{stats.vocab.chars[i]!r} {s:.0%}" for i, s in zip(top, shares, strict=True) if s > 0)
-    return [
-        f"a few characters dominate the text ({named}): the model can reach a low loss by predicting "
-        "them and little else; check the file (padding, repeated separators, whitespace runs)"
-    ]
-
-
-# -- the verdict on a run ------------------------------------------------------------------------------
-
-OVERFIT_MARGIN = 0.02  # nats/char the validation loss must rise from its best to call a run overfitted
-
-
-def diagnose(
-    best: float | None,
-    best_step: int | None,
-    best_train: float | None,
-    final: float | None,
-    final_train: float | None,
-    step: int,
-    hidden: int,
-    dropout: float,
-) -> str:
-    """Whether the run overfitted, was still improving, or levelled off, and what to try next."""
-    if best is None or final is None or best_step is None:
-        return "no evaluation was made"
-    rose = final - best
-    if rose > max(OVERFIT_MARGIN, 0.01 * best) and (
-        best_train is None or final_train is None or final_train < best_train
-    ):
-        train = f" while the training loss fell from {best_train:.3f} to {final_train:.3f}" if best_train else ""
-        return (
-            f"overfitted: the validation loss rose from its best {best:.4f} (step {best_step}) to {final:.4f}"
-            f"{train}; best.safetensors keeps step {best_step}. To try: more --dropout (now {dropout:g}), a "
-            f"smaller --hidden (now {hidden}), more text, or --patience to stop sooner"
-        )
-    if best_step >= step or rose <= 0:
-        gap = f" (train {final_train:.3f})" if final_train is not None else ""
-        hint = "a longer --time-budget (or --max-steps) should help"
-        if final_train is not None and math.isfinite(final_train) and final_train > final - 0.05:
-            hint += f", and with train and validation this close, a larger --hidden (now {hidden})"
-        return f"still improving at the end: best validation loss {best:.4f} at the last step {step}{gap}; {hint}"
-    return (
-        f"levelled off: best validation loss {best:.4f} at step {best_step}, {final:.4f} at the end (step {step}); "
-        "best.safetensors keeps the best"
-    )

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
 from charrnn.model.network import CharRNN
 
 CHUNK = 4096  # characters read per call of the recurrent layer
@@ -30,7 +31,7 @@ def score_ids(model: CharRNN, context: Sequence[int], ids: Sequence[int], top: i
     """A CharScore for each of `ids`, each read after `context` and the ids before it.
 
     `context` must hold at least one id (the state before the first scored character comes from
-    reading it); `start_ids` in model.sampling gives the newline an empty prompt conditions on.
+    reading it); `start_ids` in model.generation gives the newline an empty prompt conditions on.
     """
     if not context:
         raise ValueError("context: at least one character must be read before the first scored one")

@@ -1,6 +1,6 @@
 """Stop strings in a stream of generated characters, found with an Aho-Corasick automaton.
 
-`StopMatcher` is what `model.sampling` (the CLI's sampler) and `charrnn.service.engine.scheduler` (the service's
+`StopMatcher` is what `model.generation` (the CLI's sampler) and `charrnn.service.engine.scheduler` (the service's
 scheduler thread) both use. A pushed character costs O(1) amortised whatever the number and length
 of the stop strings (the naive way, searching the held-back text for every stop and every prefix,
 costs O(sum of their lengths squared) per character). The automaton's state is the longest suffix

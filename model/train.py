@@ -24,21 +24,23 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from charrnn.model import plot
-from charrnn.model.checkpoint import SUFFIX, load_checkpoint, save_checkpoint
-from charrnn.model.config import RESUME_MAY_CHANGE, ModelConfig, TrainConfig
+from charrnn.model.checkpoint import BEST, LAST, SUFFIX, load_checkpoint, save_checkpoint
+from charrnn.model.config import RESUME_MAY_CHANGE, ModelConfig, TrainConfig, setting_flag
 from charrnn.model.cpu import cpu_flags
 from charrnn.model.data import Corpus, TrackBatcher, corpus_stats
+from charrnn.model.decoding import SamplingParams
+from charrnn.model.diagnosis import diagnose
 from charrnn.model.distributed import Distributed
 from charrnn.model.evaluate import bits_per_char, windowed_loss
+from charrnn.model.generation import generate
 from charrnn.model.network import CharRNN, State, detach_state, state_from_tensors, state_tensors
-from charrnn.model.recipe import diagnose, text_warnings
-from charrnn.model.sampling import SamplingParams, generate
-from torch import nn
+from charrnn.model.text_warnings import text_warnings
 
 log = logging.getLogger(__name__)
 
-BEST, LAST = "best" + SUFFIX, "last" + SUFFIX
 PLOT_INTERVAL_S = 30.0
 SAMPLE_TEMPERATURES = (0.5, 1.0)  # the samples shown at each evaluation, each drawn with seed SEED
 SEED = 1
@@ -530,12 +532,12 @@ class Trainer:
         changed = [k for k in now if k in was and k not in RESUME_MAY_CHANGE and was[k] != now[k]]
         if not changed:
             return
-        differences = ", ".join(f"{_flag(k)} {now[k]} (was {was[k]})" for k in changed)
+        differences = ", ".join(f"{setting_flag(k)} {now[k]} (was {was[k]})" for k in changed)
         preset = meta.get("preset")
         hint = f" (it was trained with --preset {preset})" if preset and preset != self.preset else ""
         raise TrainingError(
             f"--resume: this run's settings differ from those {path} was trained with: {differences}. "
-            f"Pass the first run's values{hint}; only {', '.join(map(_flag, RESUME_MAY_CHANGE))} may change"
+            f"Pass the first run's values{hint}; only {', '.join(map(setting_flag, RESUME_MAY_CHANGE))} may change"
         )
 
     def _restore_optimizer(self, extra: dict[str, torch.Tensor]) -> None:
@@ -583,11 +585,6 @@ class Trainer:
         from tqdm import tqdm
 
         return tqdm(total=self.cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True, smoothing=0.1)
-
-
-def _flag(setting: str) -> str:
-    """The command-line flag of a setting: seq_len -> --seq-len."""
-    return "--" + setting.replace("_", "-")
 
 
 class _InterruptFlag:

@@ -1,12 +1,12 @@
 """The service's settings: defaults, then CHARRNN_* environment variables, then a test mapping.
 
-One object, `ServiceConfig`, read by `create_app` (service/http/app.py) and by Gunicorn's configuration
-(service/http/gunicorn_conf.py), and `setting` for the one value the kernel loader (service/engine/lstm_kernel.py)
+One object, `ServiceConfig`, read by `create_app` (service/web/app.py) and by Gunicorn's configuration
+(service/web/gunicorn_conf.py), and `setting` for the one value the kernel loader (service/engine/lstm_kernel.py)
 needs, so that a setting is parsed and checked in one place. Its environment
 variable is CHARRNN_ + the field name in upper case (CHARRNN_MODEL_DIR); a test mapping uses the
 upper-case field name (MODEL_DIR). A bad value is a `ConfigError` naming the variable and the allowed
-range. The hard bounds below are what no setting can raise: the request schemas (service/http/schemas.py)
-and the OpenAPI document (service/http/openapi.py) take them from here.
+range. The hard bounds below are what no setting can raise: the request schemas (service/web/schemas.py)
+and the OpenAPI document (service/web/openapi.py) take them from here.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ TOP_LOGPROBS = 5  # alternatives per character a request may ask for
 DEFAULT_MAX_BATCH = 64  # generations stepped together (and, by default, Gunicorn threads per worker)
 DEFAULT_MAX_QUEUE = 256  # generations waiting for a batch slot
 DEFAULT_PROMPT_CACHE_BYTES = 64 << 20  # recurrent states of recently seen prompts
-PRECISIONS = ("auto", "fp32")  # the kernel's arithmetic (see ServiceConfig.precision)
+KERNEL_PRECISIONS = ("auto", "fp32")  # the serving kernel's arithmetic (ServiceConfig.precision), not training's
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 _TRUE = ("1", "true", "yes", "on")
@@ -79,7 +79,7 @@ def _setting(default: Any, low: float | None = None, high: float | None = None, 
 class ServiceConfig:
     """What the HTTP service and its Gunicorn master read at start-up. docs/CONFIGURATION.md lists these."""
 
-    model_dir: Path = DEFAULT_MODEL_DIR  # checkpoints to serve: *.safetensors and */best.safetensors
+    model_dir: Path = DEFAULT_MODEL_DIR  # checkpoints to serve: *.safetensors, and run directories' best
     default_model: str | None = None  # served when a request names none; None: "default" if loaded, else first
     api_keys: tuple[str, ...] = ()  # accepted bearer keys; empty: no authentication
     max_body_bytes: int = _setting(64 * 1024, 1)  # larger request bodies get 413 before they are parsed
@@ -116,10 +116,10 @@ class ServiceConfig:
     native: bool = True  # step LSTM batches with the C kernel where it can be built (false: PyTorch only)
     kernel_dir: Path | None = None  # where compiled kernels are kept; None: ~/.cache/charrnn/kernels
     # the kernel's arithmetic: auto, bfloat16 dot products where the CPU has them (AVX512-BF16); fp32 never
-    precision: str = _setting("auto", choices=PRECISIONS)
+    precision: str = _setting("auto", choices=KERNEL_PRECISIONS)
     docs: bool = True  # serve the API docs page at /docs
     playground: bool = True  # serve the playground page at /
-    # -- read by Gunicorn's master (service/http/gunicorn_conf.py) --
+    # -- read by Gunicorn's master (service/web/gunicorn_conf.py) --
     host: str = "127.0.0.1"  # the address to listen on; not reachable from the network by default
     port: int = _setting(8000, 0, 65535)  # the port to listen on (0: any free one)
     # worker processes, each with its own models and engine; None: 2 where this process may use 2 cores or
@@ -131,7 +131,7 @@ class ServiceConfig:
     max_requests: int = _setting(0, 0)  # restart a worker after this many requests (0: never)
     log_level: str = _setting("info", choices=LOG_LEVELS)  # Gunicorn's and the app's log level
     # Host header names answered, comma-separated (".example.com": and its subdomains; "*": any); empty:
-    # loopback names when `host` is a loopback address, else any (service/http/web_security.py says why)
+    # loopback names when `host` is a loopback address, else any (service/web/web_security.py says why)
     allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

@@ -15,10 +15,10 @@ from typing import NoReturn
 
 import pytest
 import torch
+
 from charrnn.model.cpu import has_bf16_dot
 from charrnn.model.data import load_corpus
 from charrnn.service.engine import lstm_kernel
-
 from tests.helpers import GunicornServer, make_text, make_word_text, start_gunicorn, train_tiny
 
 # Tests use tiny models, for which a second thread only adds synchronisation; on a busy 2-core
@@ -85,7 +85,7 @@ def trained_run(text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return train_tiny(corpus, tmp_path_factory.mktemp("run"), max_steps=150, eval_every=50)
 
 
-# -- the service's model and real Gunicorn servers (tests/service, tests/docker) ---------------------
+# -- the service's model and real Gunicorn servers (tests/web, tests/docker) ---------------------
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import requests
 import torch
+
 from charrnn.model.config import PRESETS, ModelConfig, TrainConfig, split_settings
 from charrnn.model.data import Corpus
 from charrnn.model.decoding import SamplingParams
@@ -26,7 +27,7 @@ from charrnn.model.network import CharRNN
 from charrnn.model.train import Trainer
 from charrnn.model.vocab import Vocab
 from charrnn.service.engine.loading import LoadedModel
-from charrnn.service.http.schemas import ErrorResponse
+from charrnn.service.web.schemas import ErrorResponse
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -172,8 +173,8 @@ class GunicornServer:
 GUNICORN_COMMAND = [
     "gunicorn",
     "-c",
-    "python:charrnn.service.http.gunicorn_conf",
-    "charrnn.service.http.app:create_app()",
+    "python:charrnn.service.web.gunicorn_conf",
+    "charrnn.service.web.app:create_app()",
 ]  # as the Dockerfile
 
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from charrnn.service.config import ServiceConfig
-from charrnn.service.http import server
 from dockerfile_parse import DockerfileParser
 
 import service
+from charrnn.service.config import ServiceConfig
+from charrnn.service.web import server
 from tests.docker import commands
 from tests.helpers import GUNICORN_COMMAND
 
@@ -49,14 +49,14 @@ def test_cmd_is_the_gunicorn_command_the_end_to_end_tests_run(dockerfile: Docker
     assert command[-1] == server.APP and command[1:3] == [
         "-c",
         server.GUNICORN_CONF,
-    ]  # python:charrnn.service.http.gunicorn_conf
+    ]  # python:charrnn.service.web.gunicorn_conf
 
 
 def test_exposed_port_and_health_check_match_the_gunicorn_config(dockerfile: DockerfileParser) -> None:
     env = dockerfile.envs
     assert env["CHARRNN_HOST"] == "0.0.0.0"
     assert instructions(dockerfile, "EXPOSE") == [env["CHARRNN_PORT"]]
-    conf = (ROOT / "service" / "gunicorn_conf.py").read_text()
+    conf = (ROOT / "service" / "web" / "gunicorn_conf.py").read_text()
     assert "bind = settings.bind" in conf and env["CHARRNN_PORT"] == str(ServiceConfig().port) == "8000"
     (health,) = instructions(dockerfile, "HEALTHCHECK")
     assert "/health/live" in health and "CHARRNN_PORT" in health  # liveness: a busy server is a live one
@@ -87,7 +87,7 @@ def test_the_runtime_image_holds_the_code_once_in_the_installed_package(dockerfi
 
 def test_the_default_model_dir_is_the_installed_packages_own_copy() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert "default_model/*" in pyproject["tool"]["setuptools"]["package-data"]["service"]
+    assert "default_model/*" in pyproject["tool"]["setuptools"]["package-data"]["charrnn.service"]
     assert ServiceConfig().model_dir == Path(service.__file__).resolve().parent / "default_model"
 
 
@@ -175,7 +175,7 @@ def test_compose_publishes_the_service_on_loopback_only_by_default(compose: dict
 
 def test_compose_waits_for_streams_longer_than_gunicorn_lets_them_run(compose: dict) -> None:
     grace = int(compose["services"]["serve"]["stop_grace_period"].removesuffix("s"))
-    graceful = ServiceConfig().graceful_timeout  # what charrnn.service.http.gunicorn_conf gives Gunicorn
+    graceful = ServiceConfig().graceful_timeout  # what charrnn.service.web.gunicorn_conf gives Gunicorn
     assert grace > graceful and f"-t {grace}" in commands.STOP
 
 

@@ -1,5 +1,5 @@
 """The layout: one installed name (`charrnn`), the suite collected the same way however pytest is started,
-and imports that run one way only: model <- corpora <- service.engine <- service.http <- charrnn (the CLI
+and imports that run one way only: model <- corpora <- service.engine <- service.web <- charrnn (the CLI
 and API that wire them), with no cycle between modules."""
 
 import ast
@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# Modules that import shared helpers from `tests.conftest` / `tests.http.conftest`.
-IMPORTING = ["tests/model/test_train.py", "tests/test_dockerfile.py", "tests/http/test_service_inspect.py"]
+# Modules that import shared helpers from `tests.conftest` / `tests.web.conftest`.
+IMPORTING = ["tests/model/test_train.py", "tests/test_dockerfile.py", "tests/web/test_service_inspect.py"]
 # The repository's folders and the names they install under (pyproject.toml's package-dir).
 FOLDERS = {"charrnn": "charrnn", "model": "charrnn.model", "corpora": "charrnn.corpora", "service": "charrnn.service"}
-WEB = ("flask", "werkzeug", "gunicorn", "charrnn.service.http")
+WEB = ("flask", "werkzeug", "gunicorn", "charrnn.service.web")
 # A module's prefix, and the modules it must never import.
 FORBIDDEN = {
     "charrnn.model": ("charrnn.service", "charrnn.corpora", "charrnn.cli", "charrnn.api", *WEB),
@@ -83,13 +83,13 @@ def under(module: str, prefix: str) -> bool:
 
 
 def test_the_import_scan_sees_local_relative_and_dynamic_imports(tmp_path: Path) -> None:
-    source = tmp_path / "service" / "http" / "routes" / "x.py"
+    source = tmp_path / "service" / "web" / "routes" / "x.py"
     source.parent.mkdir(parents=True)
     body = "def f():\n    import charrnn.cli\n    from .. import app\n"
     body += "    importlib.import_module('charrnn.corpora.registry')\n"
     source.write_text(body, encoding="utf-8")
     found = [module for _, module in imported_modules(source, root=tmp_path)]
-    assert found == ["charrnn.cli", "charrnn.service.http", "charrnn.service.http.app", "charrnn.corpora.registry"]
+    assert found == ["charrnn.cli", "charrnn.service.web", "charrnn.service.web.app", "charrnn.corpora.registry"]
 
 
 @pytest.mark.parametrize("prefix", sorted(FORBIDDEN))
@@ -162,23 +162,15 @@ def test_pyproject_lists_every_package_folder() -> None:
 
 @pytest.mark.slow
 def test_the_wheel_installs_one_top_level_name(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(REPO),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    # built from a copy of the tracked files, so that setuptools' build/ never lands in the checkout
+    source = tmp_path / "src"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
+    done = subprocess.run([*command, str(source)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (wheel,) = tmp_path.glob("charrnn-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -187,7 +179,7 @@ def test_the_wheel_installs_one_top_level_name(tmp_path: Path) -> None:
     # the files the code reads at run time travel too
     for needed in (
         "charrnn/service/engine/kernels/lstm_step.c",
-        "charrnn/service/http/static/playground.html",
+        "charrnn/service/web/static/playground.html",
         "charrnn/corpora/manifest.json",
         "charrnn/service/default_model/shakespeare.safetensors",
     ):

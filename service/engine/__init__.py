@@ -1,4 +1,35 @@
-"""The engine: requests in, characters out. A scheduler steps every running generation of a model as one
-batch (scheduler.py) over the recurrent state (batch.py), with a cache of prompt states (prompt_cache.py)
-and a C kernel for the LSTM step (kernel.py, kernels/). It imports nothing of Flask, Werkzeug or Gunicorn:
-the HTTP layer (charrnn.service.http), the batch command and the Python API are adapters over it."""
+"""The engine: requests in, characters out, for every adapter alike (the HTTP layer, the Python API, tests).
+
+A scheduler thread steps every running generation of a model as one batch (scheduler.py) over the
+recurrent state (batch.py), with a cache of prompt states (prompt_cache.py) and a C kernel for the LSTM
+step and the plain draw (lstm_kernel.py, kernels/). The models come from a directory of checkpoints
+(loading.py). Nothing here imports Flask, Werkzeug or Gunicorn. docs/ENGINE_INTERFACE.md describes the
+names below; tests/engine/test_engine_interface.py keeps that page and this list in step.
+"""
+
+from charrnn.service.engine.loading import LoadedModel, ModelEntry, find_checkpoints, load_models
+from charrnn.service.engine.scheduler import (
+    FINISH_REASONS,
+    ClientBusyError,
+    Engine,
+    EngineClosedError,
+    Job,
+    JobSpec,
+    QueueFullError,
+    wake_interval,
+)
+
+__all__ = [
+    "FINISH_REASONS",
+    "ClientBusyError",
+    "Engine",
+    "EngineClosedError",
+    "Job",
+    "JobSpec",
+    "LoadedModel",
+    "ModelEntry",
+    "QueueFullError",
+    "find_checkpoints",
+    "load_models",
+    "wake_interval",
+]

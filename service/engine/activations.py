@@ -18,9 +18,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torch import nn
+
 from charrnn.model.network import CharRNN
 from charrnn.service.engine.batch import FastLSTMBatch
-from torch import nn
 
 QUANTITIES = {"lstm": "tanh(c)", "gru": "h", "rnn": "h"}  # what a value of each cell type is
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
 from charrnn.model.cpu import has_bf16_dot
 from charrnn.model.network import CharRNN, state_from_tensors, state_tensors
 from charrnn.service.engine import lstm_kernel

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from charrnn.model.atomic import TMP_MARKER
-from charrnn.model.checkpoint import SUFFIX, CheckpointError, load_checkpoint
+from charrnn.model.checkpoint import BEST, SUFFIX, CheckpointError, load_checkpoint
 from charrnn.model.network import CharRNN
 from charrnn.model.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
-RUN_CHECKPOINT = "best" + SUFFIX
+RUN_CHECKPOINT = BEST  # what a training run's directory serves
 
 
 @dataclass(frozen=True)

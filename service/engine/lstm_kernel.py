@@ -86,7 +86,7 @@ class Net(ctypes.Structure):
     ]
 
 
-class NativeDraw:
+class KernelDraw:
     """charrnn.model.decoding's plain draw made by the kernel (`charrnn_draw_rows`): every plain row of a batch
     in one call, without the GIL (a `model.decoding.FastDraw`)."""
 

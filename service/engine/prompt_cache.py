@@ -1,6 +1,6 @@
 """A bounded cache of prompt states: a prompt seen before skips its prefill.
 
-Keys are (model name, the ids the network reads); values are what `model.sampling.prefill` returned
+Keys are (model name, the ids the network reads); values are what `model.generation.prefill` returned
 for exactly those ids, so a hit gives bit-for-bit the state and logits a miss would compute. Only
 whole prompts are reused, never a cached prefix plus the rest: reading the rest on its own sums in a
 different order than one fused call over the whole prompt, and the text could drift.

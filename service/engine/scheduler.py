@@ -4,7 +4,7 @@ Request threads call `Engine.submit` and read `Job.chunks`; only the scheduler t
 network. Each scheduler iteration:
 
     admit queued jobs (a cached prompt state joins the batch at once; others start prefilling)
-    -> read one chunk of the oldest prefilling prompt (model.sampling.PREFILL_CHUNK characters), so a
+    -> read one chunk of the oldest prefilling prompt (model.generation.PREFILL_CHUNK characters), so a
        long prompt is read between steps instead of stalling every running stream
     -> drop cancelled / expired jobs
     -> draw one character for every running job (model.decoding's Decoder: row i with job i's own
@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from charrnn.model.decoding import Decoder, Sample, SamplingParams, Token, check_request
+from charrnn.model.generation import PREFILL_CHUNK, prefill_chunks, start_ids
 from charrnn.model.network import CharRNN, state_tensors
-from charrnn.model.sampling import PREFILL_CHUNK, prefill_chunks, start_ids
-from charrnn.service.config import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PROMPT_CACHE_BYTES, PRECISIONS
+from charrnn.service.config import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PROMPT_CACHE_BYTES, KERNEL_PRECISIONS
 from charrnn.service.engine import lstm_kernel
 from charrnn.service.engine.batch import RecurrentBatch, describe_batch, make_batch
 from charrnn.service.engine.loading import LoadedModel
@@ -80,7 +81,7 @@ class EngineClosedError(Exception):
 
 @dataclass(frozen=True)
 class JobSpec:
-    """What to generate; the same spec and seed give the same tokens as `model.sampling.generate`."""
+    """What to generate; the same spec and seed give the same tokens as `model.generation.generate`."""
 
     model: str
     prompt_ids: tuple[int, ...]
@@ -192,8 +193,8 @@ class Engine:
     ):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        if precision not in KERNEL_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(KERNEL_PRECISIONS)}, not {precision!r}")
         self.models = dict(models)
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -431,10 +432,10 @@ class Engine:
                 bf16 = self.precision == "auto"
                 batch = self._batches[loaded.name] = make_batch(loaded.model, self.max_batch, lib, bf16=bf16)
                 log.info("model %s steps with %s", loaded.name, describe_batch(batch))
-                fast = None if lib is None else lstm_kernel.NativeDraw(lib, len(loaded.vocab))
+                fast = None if lib is None else lstm_kernel.KernelDraw(lib, len(loaded.vocab))
                 self._decoders[loaded.name] = Decoder(loaded.vocab, fast)
             spec = job.spec
-            job.sample = self._decoders[loaded.name].sample(
+            job.sample = self._decoders[loaded.name].new_sample(
                 spec.params, spec.seed, spec.max_new_chars, spec.stop, spec.top_logprobs
             )
             job.admitted = time.monotonic()
@@ -497,7 +498,7 @@ class Engine:
 
 
 class _Prefill:
-    """A job whose prompt is read one chunk per scheduler iteration (model.sampling.prefill_chunks)."""
+    """A job whose prompt is read one chunk per scheduler iteration (model.generation.prefill_chunks)."""
 
     def __init__(self, job: Job, key: tuple, model: CharRNN, ids: tuple[int, ...]):
         self.job, self.key = job, key

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from charrnn.model.sampling import SamplingParams, generate
-from charrnn.model.train import Trainer
 
 import charrnn
+from charrnn.model.decoding import SamplingParams
+from charrnn.model.generation import generate
+from charrnn.model.train import Trainer
 from tests.helpers import make_text
 
 

@@ -5,6 +5,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from charrnn.corpora import registry
 from charrnn.model.data import CorpusError
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from charrnn.model.config import ModelConfig
 from charrnn.model.network import CharRNN
 from charrnn.service.engine.activations import QUANTITIES, cell_activations

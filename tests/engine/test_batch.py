@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 import torch
+
 from charrnn.model.config import ModelConfig
+from charrnn.model.generation import prefill
 from charrnn.model.network import CharRNN, state_tensors
-from charrnn.model.sampling import prefill
 from charrnn.service.engine import lstm_kernel
 from charrnn.service.engine.batch import (
     FastLSTMBatch,

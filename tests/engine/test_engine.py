@@ -1,4 +1,4 @@
-"""The generation engine: batched text equals `model.sampling.generate`, whatever shares the batch.
+"""The generation engine: batched text equals `model.generation.generate`, whatever shares the batch.
 
 Every engine here computes in float32 (precision="fp32"), which is what matches `generate`; the
 kernel's bfloat16 arithmetic (precision "auto" on a CPU with AVX512-BF16) is checked for what it
@@ -11,11 +11,12 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from charrnn.model.sampling import SamplingError, SamplingParams, Token, generate
+
+from charrnn.model.decoding import SamplingError, SamplingParams, Token
+from charrnn.model.generation import generate
 from charrnn.service.engine.batch import describe_batch
 from charrnn.service.engine.loading import LoadedModel
 from charrnn.service.engine.scheduler import Engine, EngineClosedError, JobSpec, QueueFullError
-
 from tests.helpers import MIXED_PARAMS, tiny_model
 
 LONG = 1_000_000  # max_new_chars for a job that is stopped some other way
@@ -283,7 +284,7 @@ def test_two_models_are_batched_apart() -> None:
 
 
 def test_a_prompt_longer_than_a_chunk_gives_the_samplers_text(engine: Engine, loaded: LoadedModel) -> None:
-    from charrnn.model.sampling import PREFILL_CHUNK
+    from charrnn.model.generation import PREFILL_CHUNK
 
     prompt = ("the quick brown fox jumps over the lazy dog. " * 20)[: 2 * PREFILL_CHUNK + 37]
     job = spec(loaded, prompt, n=40, seed=9)
@@ -295,9 +296,9 @@ def test_a_prompt_longer_than_a_chunk_gives_the_samplers_text(engine: Engine, lo
 
 def test_streams_keep_stepping_while_a_long_prompt_is_read(loaded: LoadedModel, monkeypatch) -> None:
     """Between two chunks of a long prompt, a running stream gets characters: the prompt does not stall it."""
-    import charrnn.model.sampling as sampling
+    import charrnn.model.generation as generation
 
-    monkeypatch.setattr(sampling, "PREFILL_CHUNK", 8)
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 8)
     monkeypatch.setattr("charrnn.service.engine.scheduler.PREFILL_CHUNK", 8)
     engine = Engine({loaded.name: loaded}, precision="fp32", max_batch=4, max_queue=8)
     engine.start()
@@ -306,7 +307,7 @@ def test_streams_keep_stepping_while_a_long_prompt_is_read(loaded: LoadedModel, 
         chunks = stream.chunks()
         next(chunks)  # the stream is running
         seen: list[int] = []  # the stream's characters so far, at each chunk of the long prompt
-        reading = sampling.prefill_chunks
+        reading = generation.prefill_chunks
 
         def watched(model, ids, state=None):
             for out in reading(model, ids, state):

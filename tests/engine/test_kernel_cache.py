@@ -12,15 +12,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from charrnn.model.sampling import SamplingParams
+
+from charrnn.model.decoding import SamplingParams
 from charrnn.service.engine import lstm_kernel
 from charrnn.service.engine.batch import FastLSTMBatch, NativeLSTMBatch, make_batch
 from charrnn.service.engine.scheduler import Engine, JobSpec
-
 from tests.helpers import tiny_model
 
 OTHER_UID = 54321  # a user that is neither the tests' nor root
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def compile_library(path: Path, source: str) -> Path:
@@ -249,4 +249,4 @@ def test_the_batch_uses_the_kernel_it_trusts(kernels: Path) -> None:
     finally:
         engine.close()
     assert isinstance(engine._batches[loaded.name], NativeLSTMBatch)
-    assert isinstance(engine._decoders[loaded.name].fast, lstm_kernel.NativeDraw)  # the draw: the kernel's too
+    assert isinstance(engine._decoders[loaded.name].fast, lstm_kernel.KernelDraw)  # the draw: the kernel's too

@@ -14,10 +14,11 @@ import tomllib
 from pathlib import Path
 
 import pytest
+
 from charrnn.service.config import ConfigError
 from charrnn.service.engine import lstm_kernel
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -40,9 +41,10 @@ def warnings_of(caplog: pytest.LogCaptureFixture) -> str:
 
 
 def test_the_kernel_is_a_c_file_in_the_package_data() -> None:
-    shipped = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["service"]
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = package_data["charrnn.service.engine"]
     for name in lstm_kernel.SOURCE_FILES:
-        relative = (lstm_kernel.SOURCE_DIR / name).relative_to(REPO / "service").as_posix()
+        relative = (lstm_kernel.SOURCE_DIR / name).relative_to(REPO / "service" / "engine").as_posix()
         assert any(fnmatch.fnmatch(relative, pattern) for pattern in shipped), f"{relative} is not package data"
     assert "#include" not in Path(lstm_kernel.__file__).read_text()  # no C left in a Python string
 

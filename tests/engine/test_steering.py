@@ -8,17 +8,17 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from charrnn.model.constraints import regex_constraint
-from charrnn.model.decoding import Decoder, SamplingError, SamplingParams, choose
-from charrnn.model.sampling import generate, sampling_params
-from charrnn.model.vocab import Vocab
-from charrnn.service.engine.loading import LoadedModel
-from charrnn.service.engine.lstm_kernel import NativeDraw
-from charrnn.service.engine.scheduler import Engine, JobSpec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import charrnn
+from charrnn.model.constraints import regex_constraint
+from charrnn.model.decoding import Decoder, SamplingError, SamplingParams, choose
+from charrnn.model.generation import generate, params_for
+from charrnn.model.vocab import Vocab
+from charrnn.service.engine.loading import LoadedModel
+from charrnn.service.engine.lstm_kernel import KernelDraw
+from charrnn.service.engine.scheduler import Engine, JobSpec
 from tests.helpers import MIXED_PARAMS, tiny_model
 
 VOCAB = Vocab([chr(c) for c in range(97, 97 + 31)])
@@ -37,13 +37,13 @@ def logits_for(rows: int, seed: int = 0) -> torch.Tensor:
 def decoder(request: pytest.FixtureRequest) -> Decoder:
     if request.param == "torch":
         return Decoder(VOCAB)
-    return Decoder(VOCAB, NativeDraw(request.getfixturevalue("native_kernel"), len(VOCAB)))
+    return Decoder(VOCAB, KernelDraw(request.getfixturevalue("native_kernel"), len(VOCAB)))
 
 
 def draw_steps(decoder: Decoder, params: list[SamplingParams], steps: int, seed: int = 0) -> tuple[list, list]:
     """(ids, logprobs) per step for a batch of rows with `params`, seeds 0, 1, ..., the same logits each step."""
     logits = logits_for(len(params), seed)
-    rows = [decoder.sample(p, s, max_new_chars=100) for s, p in enumerate(params)]
+    rows = [decoder.new_sample(p, s, max_new_chars=100) for s, p in enumerate(params)]
     ids, logprobs = [], []
     for _ in range(steps):
         step_ids, tokens = decoder.draw(logits, rows)
@@ -66,7 +66,7 @@ def test_penalties_and_bias_change_the_draw_exactly_as_openais_formula(decoder: 
     bias = {0: 2.0, 3: -1.5, 7: 100.0 if mode.temperature == 0 else 1.0}
     steered = with_(mode, presence_penalty=0.7, frequency_penalty=0.4, logit_bias=bias)
     logits = logits_for(3)
-    rows = [decoder.sample(p, seed, max_new_chars=100) for seed, p in enumerate([mode, steered, steered])]
+    rows = [decoder.new_sample(p, seed, max_new_chars=100) for seed, p in enumerate([mode, steered, steered])]
     generators = [torch.Generator().manual_seed(seed) for seed in range(3)]
     counts = [torch.zeros(len(VOCAB)) for _ in range(3)]
     offset = torch.zeros(len(VOCAB))
@@ -190,9 +190,9 @@ def test_a_completed_match_stops_even_with_stop_strings_pending(loaded: LoadedMo
         assert gen.finish_reason == "stop" and re.fullmatch("(the|a) (cat|dog)", text)
 
 
-def test_sampling_params_reads_characters_and_indices(loaded: LoadedModel) -> None:
+def test_params_for_reads_characters_and_indices(loaded: LoadedModel) -> None:
     vocab = loaded.vocab
-    params = sampling_params(vocab, logit_bias={"a": -100, vocab.encode("b")[0]: 5}, choices=["yes", "no"])
+    params = params_for(vocab, logit_bias={"a": -100, vocab.encode("b")[0]: 5}, choices=["yes", "no"])
     assert dict(params.logit_bias) == {vocab.encode("a")[0]: -100.0, vocab.encode("b")[0]: 5.0}
     assert params.constraint is not None and params.constraint.matches(vocab.encode("no"))
     for bad, field in [
@@ -203,7 +203,7 @@ def test_sampling_params_reads_characters_and_indices(loaded: LoadedModel) -> No
         ({"regex": "a", "choices": ["b"]}, "regex"),
     ]:
         with pytest.raises(SamplingError) as caught:
-            sampling_params(vocab, **bad)
+            params_for(vocab, **bad)
         assert caught.value.field == field
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from charrnn.service.engine.text_features import (
     FEATURES,
     correlations,

@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from charrnn.service.config import DEFAULT_MODEL_DIR
 
+from charrnn.service.config import DEFAULT_MODEL_DIR
 from tests.helpers import REPO, GunicornServer, start_gunicorn
 
 pytestmark = [pytest.mark.harness, pytest.mark.slow]

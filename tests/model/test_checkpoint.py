@@ -4,12 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from charrnn.model.atomic import TMP_MARKER
 from charrnn.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from charrnn.model.config import ModelConfig
 from charrnn.model.network import CharRNN
 from charrnn.model.vocab import Vocab
-
 from tests.forged_checkpoints import (
     duplicate,
     many_keys_header,
@@ -140,10 +140,11 @@ def test_unreadable_file_is_a_checkpoint_error(tmp_path: Path) -> None:
 
 
 def test_the_shipped_default_model_is_the_one_its_card_describes() -> None:
+    from charrnn.model.decoding import SamplingParams
     from charrnn.model.export import card_path
-    from charrnn.model.sampling import SamplingParams, generate
+    from charrnn.model.generation import generate
 
-    shipped = Path(__file__).resolve().parents[1] / "service" / "default_model" / "shakespeare.safetensors"
+    shipped = Path(__file__).resolve().parents[2] / "service" / "default_model" / "shakespeare.safetensors"
     card = json.loads(card_path(shipped).read_text(encoding="utf-8"))
     ckpt = load_checkpoint(shipped)
     assert ckpt.config == ModelConfig.from_dict(card["model_config"])
@@ -184,12 +185,12 @@ class CountingStr(str):
 
 
 def _duplicate_check_work(keys: int) -> int:
-    from charrnn.model.checkpoint import _no_duplicates
+    from charrnn.model.strict_json import unique_object
 
     pairs = [(CountingStr(f"k{i}"), 0) for i in range(keys)] + [(CountingStr(f"k{keys - 1}"), 0)]
     CountingStr.work = 0
     with pytest.raises(ValueError, match=f"duplicate key 'k{keys - 1}'"):
-        _no_duplicates(pairs)
+        unique_object(pairs)
     return CountingStr.work
 
 

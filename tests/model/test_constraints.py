@@ -8,9 +8,10 @@ import json
 import re
 
 import pytest
-from charrnn.model.constraints import ConstraintError, choice_constraint, json_constraint, regex_constraint
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+
+from charrnn.model.constraints import ConstraintError, choice_constraint, json_constraint, regex_constraint
 
 CHARS = tuple("\n ab.c,xyz0123")  # a small vocabulary, so every short string can be tried
 ALPHABET = "ab.c 0z\n"  # what the strings tried are made of (all in CHARS)
@@ -30,12 +31,20 @@ SHORT = strings(4)
 atoms = st.sampled_from(["a", "b", ".", "[ab]", "[^a]", r"\d", "[a-c]", "(?:a|bc)", " ", r"\.", "(?:z?)"])
 
 
+QUANTIFIERS = ["", "", "*", "+", "?", "{2}", "{0,2}", "{1,}"]
+# A group with an unbounded repeat inside is not repeated again: Python's re, the reference these tests
+# check against, backtracks exponentially on nested repeats such as ((a|a.)+)+, and a hypothesis example of
+# that shape took it minutes (our automaton compiles it in milliseconds).
+BOUNDED = ["", "", "?"]
+
+
 @st.composite
 def patterns(draw: st.DrawFn, depth: int = 0) -> str:
     parts = []
     for _ in range(draw(st.integers(1, 3))):
         atom = draw(atoms) if depth >= 2 or draw(st.booleans()) else f"({draw(patterns(depth + 1))})"
-        atom += draw(st.sampled_from(["", "", "*", "+", "?", "{2}", "{0,2}", "{1,}"]))
+        nested = atom.startswith("(") and any(q in atom for q in ("*", "+", "{1,}"))
+        atom += draw(st.sampled_from(BOUNDED if nested else QUANTIFIERS))
         parts.append(atom)
     pattern = "".join(parts)
     if draw(st.integers(0, 3)) == 0:
@@ -49,6 +58,9 @@ def test_the_automaton_matches_what_re_matches(pattern: str) -> None:
     try:
         constraint = regex_constraint(pattern, CHARS)
     except ConstraintError as exc:  # only when nothing made of CHARS can match, or only the empty text
+        # A pattern whose automaton is past the compile bounds (MAX_WORK, MAX_NFA_STATES) is refused by
+        # design; hypothesis finds such patterns now and then, and they say nothing of the automaton's meaning.
+        assume("write it" not in str(exc))
         assert "nothing to generate" in str(exc) or "can match" in str(exc)
         assert not any(re.fullmatch(pattern, s) for s in SHORT if s)
         return

@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from charrnn.model.atomic import TMP_MARKER
-from charrnn.model.checkpoint import load_checkpoint
-from charrnn.model.train import BEST, LAST
 
 from charrnn.cli import main
+from charrnn.model.atomic import TMP_MARKER
+from charrnn.model.checkpoint import BEST, LAST, load_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from charrnn.model.data import CorpusError, TrackBatcher, load_corpus, validation_windows
 from charrnn.model.vocab import Vocab
-
 from tests.helpers import train_tiny
 
 

@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 import torch
+
 from charrnn.model import decoding
 from charrnn.model.decoding import Decoder, Noise, SamplingError, SamplingParams, Token, check_request, choose
 from charrnn.model.vocab import Vocab
-from charrnn.service.engine.lstm_kernel import NativeDraw
-
+from charrnn.service.engine.lstm_kernel import KernelDraw
 from tests.helpers import MIXED_PARAMS
 
 VOCAB = Vocab([chr(c) for c in range(97, 97 + 31)])
@@ -30,7 +30,7 @@ def reference_ids(logits: torch.Tensor, params: list[SamplingParams], seeds: lis
 
 
 def decoded_ids(decoder: Decoder, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int]) -> list:
-    rows = [decoder.sample(p, s, max_new_chars=10) for p, s in zip(params, seeds, strict=True)]
+    rows = [decoder.new_sample(p, s, max_new_chars=10) for p, s in zip(params, seeds, strict=True)]
     steps = [decoder.draw(logits + step, rows)[0] for step in range(3)]
     return [[steps[step][i] for step in range(3)] for i in range(len(rows))]
 
@@ -40,7 +40,7 @@ def decoder(request: pytest.FixtureRequest) -> Decoder:
     """The core with its own PyTorch draw, and with the C kernel's plain draw."""
     if request.param == "torch":
         return Decoder(VOCAB)
-    return Decoder(VOCAB, NativeDraw(request.getfixturevalue("native_kernel"), len(VOCAB)))
+    return Decoder(VOCAB, KernelDraw(request.getfixturevalue("native_kernel"), len(VOCAB)))
 
 
 @pytest.mark.parametrize("rows", [1, 3, 40])
@@ -61,7 +61,7 @@ def test_a_rows_draws_do_not_depend_on_what_shares_the_batch(decoder: Decoder) -
 
 def test_logprobs_and_alternatives_are_under_the_model_before_temperature(decoder: Decoder) -> None:
     logits = logits_for(4)
-    rows = [decoder.sample(p, 3, 5, top_logprobs=4) for p in MIXED_PARAMS[:4]]
+    rows = [decoder.new_sample(p, 3, 5, top_logprobs=4) for p in MIXED_PARAMS[:4]]
     ids, tokens = decoder.draw(logits, rows)
     expected = logits.log_softmax(-1)
     for i, token in enumerate(tokens):
@@ -84,7 +84,7 @@ def test_the_core_not_the_kernel_decides_which_rows_are_plain(
         monkeypatch.setattr(decoder.fast, "draw", lambda logits, rows: drawn.append(rows) or real(logits, rows))
     logits = logits_for(5)
     params = [SamplingParams(temperature=0.8)] * 5
-    rows = [decoder.sample(p, i, 10) for i, p in enumerate(params)]
+    rows = [decoder.new_sample(p, i, 10) for i, p in enumerate(params)]
     assert all(row.noise is None for row in rows)
     ids = decoder.draw(logits, rows)[0]
     assert ids == [choose(logits[i], params[i], torch.Generator().manual_seed(i)) for i in range(5)]
@@ -110,7 +110,7 @@ def tokens(text: str) -> list[Token]:
 
 
 def test_a_sample_ends_at_its_stop_string_which_is_cut() -> None:
-    sample = Decoder(VOCAB).sample(SamplingParams(), 0, 100, stop=("cd",))
+    sample = Decoder(VOCAB).new_sample(SamplingParams(), 0, 100, stop=("cd",))
     emitted = []
     for token in tokens("abxcdzz"):
         emitted += sample.push(token)
@@ -120,7 +120,7 @@ def test_a_sample_ends_at_its_stop_string_which_is_cut() -> None:
 
 
 def test_a_sample_ends_at_its_length_releasing_a_held_back_prefix() -> None:
-    sample = Decoder(VOCAB).sample(SamplingParams(), 0, 4, stop=("cd",))
+    sample = Decoder(VOCAB).new_sample(SamplingParams(), 0, 4, stop=("cd",))
     emitted = [t for token in tokens("abxc") for t in sample.push(token)]
     assert "".join(t.char for t in emitted) == "abxc" and sample.finish_reason == "length"
 

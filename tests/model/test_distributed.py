@@ -1,7 +1,7 @@
 """`charrnn train` under torchrun (gloo on CPU): it matches a single process with the same global batch, and
 the ranks agree on the clock and on an interrupt, so that they stop together with the same weights.
 
-The last tests run the CLI through this module (`torchrun -m tests.test_distributed train ...`): see
+The last tests run the CLI through this module (`torchrun -m tests.model.test_distributed train ...`): see
 `record_every_rank` at the end, which makes every rank, not only rank 0, report how its training ended.
 """
 
@@ -92,7 +92,7 @@ def start_recorded_run(text_file: Path, tmp_path: Path, *flags: str) -> tuple[su
     env = {**os.environ, "OMP_NUM_THREADS": "1", RECORDS_ENV: str(records)}
     argv = ["train", "--corpus", str(text_file), "--out", str(out), "--no-progress", "--threads", "1", *flags]
     process = subprocess.Popen(
-        torchrun("tests.test_distributed", *argv),
+        torchrun("tests.model.test_distributed", *argv),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -166,9 +166,8 @@ def digest(weights: dict) -> str:
 def record_every_rank(records: Path) -> int:
     """`charrnn`, with every rank writing rankN.pid as it starts and rankN.json (its step, elapsed time,
     learning rate, stop reason and a digest of its weights) when training ends."""
-    from charrnn.model.train import Trainer
-
     from charrnn.cli import main
+    from charrnn.model.train import Trainer
 
     rank = int(os.environ.get("RANK", "0"))
     (records / f"rank{rank}.pid").write_text(str(os.getpid()))

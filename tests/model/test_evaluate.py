@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from charrnn.model.checkpoint import load_checkpoint
 from charrnn.model.evaluate import carried_loss, dynamic_loss
 

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from charrnn.model.config import ConfigError, ModelConfig
 from charrnn.model.network import CharRNN, detach_state
 

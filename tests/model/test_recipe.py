@@ -3,15 +3,17 @@
 import logging
 from pathlib import Path
 
-import charrnn.model.data
 import numpy as np
 import pytest
+
+import charrnn.model.data
 from charrnn.model.config import PRESETS
 from charrnn.model.data import CorpusStats, corpus_stats, load_corpus
-from charrnn.model.recipe import auto_recipe, diagnose, resolve_recipe, text_warnings
+from charrnn.model.diagnosis import diagnose
+from charrnn.model.recipe import auto_recipe, resolve_recipe
+from charrnn.model.text_warnings import text_warnings
 from charrnn.model.train import Trainer
 from charrnn.model.vocab import Vocab
-
 from tests.helpers import make_text
 
 TINY_SHAKESPEARE_TRAIN = 1_003_854  # characters of its training split (90 % of 1,115,394)

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from charrnn.model import scoring
 from charrnn.model.checkpoint import load_checkpoint
-from charrnn.model.sampling import start_ids
-
+from charrnn.model.generation import start_ids
 from tests.helpers import make_text
 
 

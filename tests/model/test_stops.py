@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from charrnn.model.stops import StopAutomaton, StopMatcher
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from charrnn.model.stops import StopAutomaton, StopMatcher
 
 
 @dataclass(frozen=True)

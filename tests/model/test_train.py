@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from charrnn.model.checkpoint import load_checkpoint
+
+from charrnn.model.checkpoint import BEST, LAST, load_checkpoint
 from charrnn.model.data import load_corpus
 from charrnn.model.evaluate import windowed_loss
-from charrnn.model.train import BEST, LAST, Trainer, TrainingError, learning_rate, resolve_precision
-
+from charrnn.model.train import Trainer, TrainingError, learning_rate, resolve_precision
 from tests.helpers import tiny_configs
 
 
@@ -292,7 +292,8 @@ def test_best_is_chosen_on_the_same_windows_at_the_final_evaluation(
 def test_each_evaluation_shows_samples_at_two_temperatures_from_a_fixed_seed(
     text_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from charrnn.model.sampling import SamplingParams, generate
+    from charrnn.model.decoding import SamplingParams
+    from charrnn.model.generation import generate
     from charrnn.model.train import SAMPLE_TEMPERATURES, SEED
 
     corpus = load_corpus(text_file, cache_dir=tmp_path / "cache")

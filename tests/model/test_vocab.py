@@ -1,4 +1,5 @@
 import pytest
+
 from charrnn.model.vocab import UnknownCharactersError, Vocab
 
 

@@ -1,0 +1,183 @@
+"""Gunicorn settings for the charrnn service, a module of the installed package. Run it with:
+
+    gunicorn -c python:charrnn.service.web.gunicorn_conf "charrnn.service.web.app:create_app()"
+
+(`charrnn serve` runs that command.) Gunicorn puts its working directory first on sys.path, so start it
+in a directory that holds no Python of its own (the Docker image's WORKDIR is empty; `charrnn serve`
+starts it in the directory the package is imported from).
+
+Every setting below says why it has its value. Values marked "env" come from the service's settings
+object (service/config.py: CHARRNN_* variables, which `charrnn serve` sets from its flags), read once
+here; a bad value stops Gunicorn before it starts, with a message naming the variable.
+"""
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+
+from charrnn.service.config import ConfigError, describe, load_config
+
+try:
+    settings = load_config()
+except ConfigError as error:
+    print(f"charrnn: {describe(error)}", file=sys.stderr)
+    sys.exit(2)  # SystemExit passes through Gunicorn's reading of this file: a message, not a traceback
+
+# -- where and how many -------------------------------------------------------------------------
+
+# env CHARRNN_HOST / CHARRNN_PORT: the address to listen on. 127.0.0.1 by default, so that a
+# development server is not reachable from the network; the Docker image sets CHARRNN_HOST=0.0.0.0.
+bind = settings.bind
+
+
+def _cores() -> int:
+    """Cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+# env CHARRNN_WORKERS: worker processes. Each holds its own copy of every model and its own engine,
+# which batches concurrent requests. Unset: 2 where there are 2 cores or more, else 1. With the C
+# kernel this fast, the limit on 2 cores is the HTTP threads' Python, and each worker has its own GIL:
+# 2 workers gave 7-22 % more characters/s than 1 from 8 clients up, and a far shorter p99 to the first
+# character (37-60 against ~200 ms at 32 clients), at 7-11 % less for a lone stream (docs/BENCHMARKS.md).
+workers = settings.workers or min(2, _cores())
+
+# gthread: each worker answers up to `threads` requests at once. A streamed response holds a thread
+# for as long as it runs; the default `sync` worker would serve one request at a time and be killed
+# by the heartbeat timeout in the middle of a long stream.
+worker_class = "gthread"
+
+# env CHARRNN_THREADS: concurrent requests per worker (streams included). Generation itself runs on
+# the engine's one scheduler thread, which steps up to CHARRNN_MAX_BATCH generations together, so the
+# threads mostly wait; by default there are as many as the batch has rows, so that concurrent
+# requests can fill it. Requests beyond this wait in the listen backlog.
+threads = settings.thread_count
+
+# Connections waiting to be accepted before the kernel refuses new ones (Gunicorn's default).
+backlog = 2048
+
+# -- time limits ----------------------------------------------------------------------------------
+
+# env CHARRNN_WORKER_TIMEOUT: with gthread this is a liveness heartbeat between worker and master, not
+# a request limit (a stream may last far longer): a worker silent this long is killed and replaced.
+# Request length is bounded by CHARRNN_REQUEST_TIMEOUT.
+timeout = settings.worker_timeout
+
+# env CHARRNN_GRACEFUL_TIMEOUT: after SIGTERM, workers stop accepting connections and get this long
+# to finish the requests (and streams) in flight before they are killed.
+graceful_timeout = settings.graceful_timeout
+
+# Seconds an idle keep-alive connection stays open for the next request.
+keepalive = 5
+
+# -- process lifecycle ----------------------------------------------------------------------------
+
+# Never load the app in the master: PyTorch's thread pools do not survive fork(), and a worker forked
+# from a master that used torch can hang at its first inference. Each worker imports and builds the
+# app (and loads the models) itself, after fork.
+preload_app = False
+
+# env CHARRNN_MAX_REQUESTS: restart a worker after this many requests (plus up to 10% jitter, so
+# workers do not restart together), to bound slow memory leaks. Off (0) by default: no leak is
+# known, and a restart reloads the models, which stalls a single worker's requests for seconds.
+max_requests = settings.max_requests
+max_requests_jitter = max_requests // 10
+
+# The heartbeat file lives in memory: in Docker /tmp is an overlay on disk, where heartbeats can stall.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+# env PROMETHEUS_MULTIPROC_DIR: with several workers, each writes its metrics to files in this
+# directory and any worker's /metrics answers the sum over all (prometheus-client multiprocess mode).
+# Made here (in memory when /dev/shm exists) unless given; emptied at start, since old files would count.
+_own_metrics_dir = workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _own_metrics_dir:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="charrnn-metrics-", dir=worker_tmp_dir)
+
+# Shown by ps/top.
+proc_name = "charrnn"
+
+# Gunicorn >= 25.1 opens a control socket (for `gunicornc`) at one fixed path per user, which two
+# servers on one machine would share; we manage the process with signals instead. Older versions
+# ignore this setting.
+control_socket_disable = True
+
+# -- request limits (Gunicorn's defaults, written out so they are visible) -----------------------
+
+limit_request_line = 4094  # bytes in the request line (method, path, query)
+limit_request_fields = 100  # header fields per request
+limit_request_field_size = 8190  # bytes per header field
+# Body size is limited by the app (CHARRNN_MAX_BODY_BYTES), which answers 413 as JSON.
+
+# -- logging --------------------------------------------------------------------------------------
+
+# env CHARRNN_LOG_LEVEL: Gunicorn's and the app's log level.
+loglevel = settings.log_level
+accesslog = "-"  # access log to stdout
+errorlog = "-"  # errors and the app's own logs to stderr
+# The access log never includes headers, so API keys in `Authorization` are never written.
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
+
+# The app logs through `logging.getLogger(__name__)`; this gives its records the same handler and
+# format as Gunicorn's own (configured once, here, at the entry point).
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "root": {"level": loglevel.upper(), "handlers": ["error_console"]},
+    "loggers": {
+        "gunicorn.error": {"level": loglevel.upper(), "handlers": ["error_console"], "propagate": False},
+        "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
+    },
+}
+
+
+# -- hooks ------------------------------------------------------------------------------------------
+
+
+def _torch_threads() -> int:
+    """Cores this process may use, shared evenly between the workers (at least one each)."""
+    return max(1, _cores() // workers)
+
+
+def on_starting(server):
+    """In the master, before any worker: no metrics left over from an earlier run."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory and os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if name.endswith(".db"):
+                os.remove(os.path.join(directory, name))
+
+
+def on_exit(server):
+    """In the master, at the very end: remove the metrics directory if this file made it."""
+    if _own_metrics_dir:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+
+
+def child_exit(server, worker):
+    """In the master, when a worker has exited: its live gauges (in flight, queue) stop counting."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def post_fork(server, worker):
+    """In each new worker, before the app is built: torch threads so workers do not fight over cores."""
+    import torch
+
+    threads = settings.torch_threads or _torch_threads()
+    torch.set_num_threads(threads)
+    server.log.info("worker %s: torch uses %d threads", worker.pid, threads)
+
+
+def worker_exit(server, worker):
+    """When a worker stops (after finishing its requests): let its engine finish and stop."""
+    service = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("charrnn")
+    if service is not None:
+        service.close()
+        logging.getLogger("service").info("worker %s: engine stopped", worker.pid)
