@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from charrnn.model.config import BOUNDS, CELLS, PRECISIONS, RESUME_MAY_CHANGE, Range, setting_flag
+from charrnn.model.config import BOUNDS, CELLS, RESUME_MAY_CHANGE, TRAIN_PRECISIONS, Range, setting_flag
 
 log = logging.getLogger("charrnn")
 DYNAMIC_LR = 1.0  # plain SGD on the segment's mean loss: the shipped model gains 0.044 on 20 k characters
@@ -176,7 +176,7 @@ def _add_train(commands: Any) -> None:
     opt.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
     opt.add_argument(
         "--precision",
-        choices=PRECISIONS,
+        choices=TRAIN_PRECISIONS,
         help="forward-pass arithmetic: bf16 autocast or fp32 (auto: bf16 on CUDA and on CPUs with native bf16)",
     )
     opt.add_argument("--nonfinite", choices=("stop", "skip"), help="on a NaN/inf loss: stop the run, or skip the step")

@@ -10,7 +10,7 @@ from types import MappingProxyType
 from typing import Any
 
 CELLS = ("rnn", "lstm", "gru")
-PRECISIONS = ("auto", "fp32", "bf16")
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 MAX_LAYERS = 16  # recurrent layers a network may have (the C kernel and /inspect's `layer` follow it)
 
 
@@ -175,8 +175,8 @@ class TrainConfig:
         _check_bounds(self)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError("device", f"must be auto, cpu or cuda, got {self.device!r}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in TRAIN_PRECISIONS:
+            raise ConfigError("precision", f"must be one of {', '.join(TRAIN_PRECISIONS)}, got {self.precision!r}")
         if self.nonfinite not in ("stop", "skip"):
             raise ConfigError("nonfinite", f"must be stop or skip, got {self.nonfinite!r}")
 
