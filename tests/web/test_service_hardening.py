@@ -21,7 +21,7 @@ from charrnn.model.config import ModelConfig
 from charrnn.model.generation import prefill
 from charrnn.model.network import CharRNN, state_tensors
 from charrnn.service.engine.prompt_cache import TENSOR_OVERHEAD, PromptCache
-from tests.helpers import REPO
+from tests.helpers import REPO, wait_until
 
 if TYPE_CHECKING:
     from tests.helpers import GunicornServer
@@ -70,7 +70,9 @@ def test_made_up_methods_and_paths_add_no_metric_series(gunicorn_server: Gunicor
     for warm_up in ("GET", "POST", "BREW"):  # every label set an unknown method or path can reach
         requests.request(warm_up, url + "/no/such/path", timeout=30)
         requests.request(warm_up, url + "/generate", timeout=30)
-    series(gunicorn_server)  # the scrape's own series
+    # The scrape's own series: a worker records a request after answering it, and with two workers the next
+    # scrape may be read by the other one before the first has written its series, so wait until they show.
+    wait_until(lambda: any('route="/metrics"' in s for s in series(gunicorn_server)), 30, "the scrape's series")
     before = series(gunicorn_server)
     for i in range(60):
         requests.request(f"X{i}METHOD", url + f"/made-up/{i}", timeout=30)
