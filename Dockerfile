@@ -44,8 +44,8 @@ COPY corpora ./corpora
 # AVX2/FMA/F16C, portable C), so a runtime CPU unlike this one finds its own. `python -P` keeps /src off sys.path, so this
 # compiles (and checks for the default model in) the installed package, the one the runtime image gets.
 RUN pip install . \
- && CC=gcc CHARRNN_KERNEL_DIR=/opt/kernels python -P -c "from service import lstm_kernel; lstm_kernel.build_all(); assert lstm_kernel.load()" \
- && python -P -c "from service.config import DEFAULT_MODEL_DIR as d; assert '/opt/venv/' in str(d) and any(d.glob('*.safetensors')), d"
+ && CC=gcc CHARRNN_KERNEL_DIR=/opt/kernels python -P -c "from charrnn.service.engine import lstm_kernel; lstm_kernel.build_all(); assert lstm_kernel.load()" \
+ && python -P -c "from charrnn.service.config import DEFAULT_MODEL_DIR as d; assert '/opt/venv/' in str(d) and any(d.glob('*.safetensors')), d"
 
 # ---- runtime ------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}
@@ -81,6 +81,6 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
 # Gunicorn with the project's config module (gthread workers, models loaded in each worker after fork).
 # Gunicorn itself, not `charrnn serve`: serve would check the flags, change to a directory without foreign
 # code and exec this same command, but here WORKDIR is empty already, and this is the very command the
-# end-to-end tests run (GUNICORN_COMMAND, tests/service/conftest.py), so the image runs what is tested.
+# end-to-end tests run (GUNICORN_COMMAND, tests/helpers.py), so the image runs what is tested.
 # `docker stop` must wait longer than CHARRNN_GRACEFUL_TIMEOUT (30 s) for streams to finish: -t 40.
 CMD ["gunicorn", "-c", "python:charrnn.service.web.gunicorn_conf", "charrnn.service.web.app:create_app()"]

@@ -61,7 +61,8 @@ DEFAULT_MODEL_COMMAND := charrnn train --corpus tinyshakespeare --out runs/shake
 default-model: install  ## retrain the shipped default model (55 minutes on 2 CPU cores; leave them idle), then export it
 	$(BIN)/$(DEFAULT_MODEL_COMMAND)
 	$(BIN)/charrnn export runs/shakespeare --half --corpus tinyshakespeare \
-	    --out service/default_model/shakespeare.safetensors --command "$(DEFAULT_MODEL_COMMAND)"
+	    --out service/default_model/shakespeare.safetensors --command "$(DEFAULT_MODEL_COMMAND)" \
+	    --chat-template service/default_model/shakespeare.chat_template.json
 
 clean:
 	rm -rf $(VENV) $(HARNESS_VENV) .pytest_cache .ruff_cache *.egg-info

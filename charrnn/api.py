@@ -28,7 +28,20 @@ from charrnn.model.vocab import UnknownPolicy
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "service" / "default_model" / "shakespeare.safetensors"
 # generate()'s and stream()'s steering keywords (model.generation.params_for takes them)
-STEERING = frozenset({"presence_penalty", "frequency_penalty", "logit_bias", "regex", "choices"})
+STEERING = frozenset(
+    {
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "regex",
+        "choices",
+        "dry_multiplier",
+        "dry_base",
+        "dry_allowed_length",
+        "dry_penalty_last_n",
+        "dry_sequence_breakers",
+    }
+)
 TEXT_FILE = "corpus.txt"  # where `train(text=...)` keeps the text it was given, inside the run directory
 
 

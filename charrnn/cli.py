@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_corpus(commands)
     _add_export(commands)
     _add_serve(commands)
+    _add_generate(commands)
     return parser
 
 
@@ -234,6 +235,35 @@ def _add_sample(commands: Any) -> None:
         help="add BIAS (-100 to 100) to a character's logit; -100 bans it (repeatable; CHAR may be a vocabulary "
         "index of two or more digits)",
     )
+    p.add_argument(
+        "--dry-multiplier",
+        type=number(float, 0.0, 5.0),
+        default=0.0,
+        help="DRY repetition penalty (llama.cpp's): a character extending a repeat of n >= --dry-allowed-length "
+        "characters loses MULTIPLIER * BASE ** (n - allowed length) from its logit; 0 (default) is off, up to 5",
+    )
+    p.add_argument(
+        "--dry-base", type=number(float, 1.0, 4.0), default=1.75, help="DRY: growth per repeated character, > 1 to 4"
+    )
+    p.add_argument(
+        "--dry-allowed-length",
+        type=number(int, 1, 64),
+        default=2,
+        help="DRY: the longest repeat left unpenalised, 1 to 64",
+    )
+    p.add_argument(
+        "--dry-penalty-last-n",
+        type=number(int, -1, 65536),
+        default=-1,
+        help="DRY: how many of the latest characters (prompt and generated text) are searched; -1 (default) all, "
+        "0 none (DRY off)",
+    )
+    p.add_argument(
+        "--dry-sequence-breakers",
+        nargs="*",
+        metavar="STRING",
+        help="DRY: strings a repeat never spans (default: newline, ':', '\"', '*'; give none for no breakers)",
+    )
     p.set_defaults(handler=_run_sample)
 
 
@@ -299,7 +329,15 @@ def _add_export(commands: Any) -> None:
     p.add_argument("--out", required=True, type=Path, help="the file to write, e.g. models/NAME.safetensors")
     p.add_argument("--half", action="store_true", help="store float16 weights (half the size)")
     p.add_argument("--corpus", help="measure validation loss on this corpus (path or name) for the card")
-    p.add_argument("--command", help="the command that trained the model, recorded in the card")
+    p.add_argument("--command", dest="train_command", help="the command that trained the model, recorded in the card")
+    p.add_argument(
+        "--chat-template",
+        type=Path,
+        metavar="FILE.json",
+        help="how /v1/chat/completions renders a conversation for this model, recorded in the card: a JSON object "
+        'such as {"kind": "script", "user": "ROMEO", "assistant": "JULIET"} (kinds: script, transcript; '
+        "docs/SERVICE.md); without it the service uses a plain User:/Assistant: transcript",
+    )
     p.set_defaults(handler=_run_export)
 
 
@@ -321,6 +359,34 @@ def _add_serve(commands: Any) -> None:
         help="Gunicorn worker processes (default: 2 on 2+ cores)",
     )
     p.set_defaults(handler=_run_serve)
+
+
+def _add_generate(commands: Any) -> None:
+    p = commands.add_parser(
+        "generate",
+        help="answer a file of /generate request bodies offline, batched as the service batches them",
+        description="Answer a JSON-lines file of POST /generate bodies: output line i is the JSON the service "
+        "answers for input line i (its error object for a bad line, and the run goes on). A body with "
+        '"stream": true is answered with the non-streamed JSON. Exit status 0 when every line was answered.',
+    )
+    p.add_argument(
+        "--model-dir", type=Path, help="directory of checkpoints (default: $CHARRNN_MODEL_DIR, else the shipped model)"
+    )
+    p.add_argument("--input", required=True, help="a file of /generate bodies, one JSON object a line; - for stdin")
+    p.add_argument(
+        "--output",
+        required=True,
+        help="the file of answers, one line per input line; - for stdout. A file that exists is resumed: its "
+        "complete lines are kept, as many input lines skipped, the rest appended",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=number(int, 1, 4096),
+        help="lines in flight at once, their generations batched together (default: the service's max batch, "
+        "CHARRNN_MAX_BATCH, 64)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_run_generate)
 
 
 # -- handlers -----------------------------------------------------------------------------------------
@@ -377,6 +443,11 @@ def _run_sample(args: argparse.Namespace) -> int:
         logit_bias=dict(args.logit_bias),
         regex=args.regex,
         choices=args.choices,
+        dry_multiplier=args.dry_multiplier,
+        dry_base=args.dry_base,
+        dry_allowed_length=args.dry_allowed_length,
+        dry_penalty_last_n=args.dry_penalty_last_n,
+        **({} if args.dry_sequence_breakers is None else {"dry_sequence_breakers": args.dry_sequence_breakers}),
     )
     generation = generate(
         model, ckpt.vocab, args.prompt, args.length, params, seed=args.seed, stop=args.stop, unknown=args.unknown_chars
@@ -447,6 +518,7 @@ def _run_corpus(args: argparse.Namespace) -> int:
 
 def _run_export(args: argparse.Namespace) -> int:
     from charrnn.corpora.registry import resolve
+    from charrnn.model.chat_template import ChatTemplateError
     from charrnn.model.checkpoint import load_checkpoint, run_checkpoint
     from charrnn.model.data import load_corpus
     from charrnn.model.export import card_path, export
@@ -456,7 +528,11 @@ def _run_export(args: argparse.Namespace) -> int:
     if args.corpus:
         path, name = resolve(args.corpus)
         corpus = load_corpus(path, vocab=load_checkpoint(source).vocab, name=name)
-    card = export(source, args.out, args.half, corpus, args.command)
+    template = _read_chat_template(args.chat_template) if args.chat_template else None
+    try:
+        card = export(source, args.out, args.half, corpus, args.train_command, template)
+    except ChatTemplateError as exc:  # names or headers in characters the model lacks
+        raise ValueError(f"--chat-template {args.chat_template}: {exc}") from None
     print(f"wrote {args.out} ({card['file_bytes']:,} bytes) and {card_path(args.out)}")
     if "validation" in card:
         print(
@@ -466,10 +542,35 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_chat_template(path: Path) -> Any:
+    """The --chat-template file's template; a file that is unreadable, not JSON or not a template names the flag."""
+    import json
+
+    from charrnn.model.chat_template import ChatTemplate
+
+    try:
+        return ChatTemplate.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--chat-template {path}: {exc}") from None
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     from charrnn.service.web.server import serve
 
     return serve(model_dir=args.model_dir, host=args.host, port=args.port, workers=args.workers)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from charrnn.batch import generate_jsonl
+
+    summary = generate_jsonl(args.input, args.output, args.model_dir, args.concurrency, args.quiet)
+    skipped = f"; {summary.skipped:,} skipped, answered by an earlier run" if summary.skipped else ""
+    print(
+        f"charrnn generate: {summary.lines:,} lines answered, {summary.failed:,} of them with an error{skipped}; "
+        f"{summary.chars:,} characters in {summary.seconds:.1f} s ({summary.chars_per_second:,.0f} characters/s)",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

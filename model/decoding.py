@@ -22,10 +22,12 @@ so a plain row's text is the text multinomial sampling gives; its noise is drawn
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from charrnn.model.constraints import Constraint
@@ -47,6 +49,16 @@ class SamplingError(ValueError):
 MAX_PENALTY = 2.0  # presence and frequency penalties, as OpenAI bounds them
 MAX_LOGIT_BIAS = 100.0
 
+# DRY (see DryPenalty), with llama.cpp's names, defaults and meaning.
+DRY_SEQUENCE_BREAKERS = ("\n", ":", '"', "*")  # llama.cpp's and text-generation-webui's default
+MAX_DRY_MULTIPLIER = 5.0
+MAX_DRY_BASE = 4.0
+MAX_DRY_ALLOWED_LENGTH = 64
+MAX_DRY_PENALTY_LAST_N = 65536
+MAX_DRY_BREAKERS = 16
+MAX_DRY_BREAKER_CHARS = 20  # llama.cpp clamps a breaker's tail to 20 tokens
+MAX_DRY_LOGIT_PENALTY = 1e30  # a ban, yet finite: a row whose every character is penalised still has a distribution
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -57,6 +69,13 @@ class SamplingParams:
     subtracted once a character has been generated in this sample, `frequency_penalty` once per time
     it has; `constraint` masks every character after which the generated text could no longer match
     (model/constraints.py).
+
+    DRY ("don't repeat yourself", llama.cpp's `dry_*` parameters; see DryPenalty): a character that
+    would extend a repeat of n >= `dry_allowed_length` characters loses
+    `dry_multiplier * dry_base ** (n - dry_allowed_length)` from its logit. `dry_multiplier` 0 is off;
+    `dry_penalty_last_n` is how many of the latest characters (prompt and generated text) are searched,
+    -1 all of them and 0 none (DRY off), as in llama.cpp; a repeat never spans a
+    `dry_sequence_breakers` string (one or more characters, matched as a whole).
     """
 
     temperature: float = 0.8
@@ -66,6 +85,11 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (vocabulary index, bias); a mapping is accepted too
     constraint: Constraint | None = None
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1
+    dry_sequence_breakers: tuple[str, ...] = DRY_SEQUENCE_BREAKERS  # a list is accepted too
 
     def __post_init__(self) -> None:
         if not (isinstance(self.temperature, int | float) and 0.0 <= self.temperature <= MAX_TEMPERATURE):
@@ -88,6 +112,35 @@ class SamplingParams:
         if len({i for i, _ in pairs}) < len(pairs):
             raise SamplingError("logit_bias", "a vocabulary index is given twice")
         object.__setattr__(self, "logit_bias", tuple((i, float(b)) for i, b in pairs))
+        self._check_dry()
+
+    def _check_dry(self) -> None:
+        """SamplingError naming the `dry_*` field out of range; the breakers stored as a tuple."""
+        m, base, allowed, last_n = self.dry_multiplier, self.dry_base, self.dry_allowed_length, self.dry_penalty_last_n
+        if isinstance(m, bool) or not (isinstance(m, int | float) and 0.0 <= m <= MAX_DRY_MULTIPLIER):
+            raise SamplingError("dry_multiplier", f"must be between 0 and {MAX_DRY_MULTIPLIER:g}, got {m}")
+        if isinstance(base, bool) or not (isinstance(base, int | float) and 1.0 < base <= MAX_DRY_BASE):
+            raise SamplingError("dry_base", f"must be > 1 and <= {MAX_DRY_BASE:g}, got {base}")
+        if isinstance(allowed, bool) or not (isinstance(allowed, int) and 1 <= allowed <= MAX_DRY_ALLOWED_LENGTH):
+            raise SamplingError("dry_allowed_length", f"must be an integer from 1 to {MAX_DRY_ALLOWED_LENGTH}")
+        if isinstance(last_n, bool) or not (isinstance(last_n, int) and -1 <= last_n <= MAX_DRY_PENALTY_LAST_N):
+            raise SamplingError(
+                "dry_penalty_last_n", f"must be an integer from -1 (all) to {MAX_DRY_PENALTY_LAST_N}, got {last_n}"
+            )
+        breakers = self.dry_sequence_breakers
+        if isinstance(breakers, str) or not isinstance(breakers, Sequence):
+            raise SamplingError("dry_sequence_breakers", "must be a list of strings")
+        if len(breakers) > MAX_DRY_BREAKERS:
+            raise SamplingError("dry_sequence_breakers", f"at most {MAX_DRY_BREAKERS} strings, got {len(breakers)}")
+        for b in breakers:
+            if not (isinstance(b, str) and 1 <= len(b) <= MAX_DRY_BREAKER_CHARS):
+                raise SamplingError("dry_sequence_breakers", f"each must be 1 to {MAX_DRY_BREAKER_CHARS} characters")
+        object.__setattr__(self, "dry_sequence_breakers", tuple(breakers))
+
+    @property
+    def dry(self) -> bool:
+        """Whether the DRY penalty is on (a multiplier, and characters to search)."""
+        return self.dry_multiplier > 0 and self.dry_penalty_last_n != 0
 
     @property
     def plain(self) -> bool:
@@ -96,8 +149,8 @@ class SamplingParams:
 
     @property
     def has_steering(self) -> bool:
-        """Whether the logits are changed before the draw (penalties, bias or a constraint)."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.constraint)
+        """Whether the logits are changed before the draw (penalties, bias, DRY or a constraint)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.constraint or self.dry)
 
 
 @dataclass(frozen=True)
@@ -218,11 +271,111 @@ class Noise:
         return self.block.data_ptr() + self._take() * self._row_bytes
 
 
+class DryPenalty:
+    """One row's DRY penalty (llama.cpp's `llama_sampler_dry`): its parameters, the characters read so far
+    (prompt, then generated), and `penalty` (vocab,), what to subtract from the next logits (None: nothing).
+
+    With `w` the last `dry_penalty_last_n` characters (all of them for -1) and `limit` the number of
+    characters after the latest sequence breaker in `w` (found as llama.cpp does: the breaker whose first
+    character is nearest the end, the longest of those; all of `w` if there is none), a character c that
+    follows an earlier occurrence of w's last n <= limit characters gets n as a candidate repeat length; c
+    loses `multiplier * base ** (max n - allowed_length)` (the exponent capped where float32 overflows) when
+    its max n >= allowed_length, unless c is itself a one-character breaker.
+
+        w = a b c c b c y a b c     (the last 3, "a b c", also end before the 2nd "c"; "b c" before "y")
+        repeats: c: 3,  y: 2,  b: 1     -> with allowed_length 2, c and y are penalised
+
+    llama.cpp finds every repeat length with a Z-algorithm over the reversed window; here the earlier
+    positions whose match is still growing are kept in a numpy array and extended a character at a time,
+    which gives the same lengths in vectorised steps (as many as the longest repeat).
+    """
+
+    __slots__ = ("_history", "_multi", "_single", "_size", "allowed", "base", "last_n", "multiplier", "penalty")
+
+    def __init__(self, params: SamplingParams, chars: Sequence[str], prompt_ids: Sequence[int] = ()):
+        index = {c: i for i, c in enumerate(chars)}
+        self.multiplier, self.base = float(params.dry_multiplier), float(params.dry_base)
+        self.allowed, self.last_n = params.dry_allowed_length, params.dry_penalty_last_n
+        breakers = [[index[c] for c in b] for b in params.dry_sequence_breakers if all(c in index for c in b)]
+        self._single = np.zeros(len(chars), dtype=bool)  # one-character breakers: they end a match, never penalised
+        for b in breakers:
+            if len(b) == 1:
+                self._single[b[0]] = True
+        self._multi = [np.array(b) for b in breakers if len(b) > 1]  # matched as a whole
+        self._history = np.zeros(max(256, 2 * len(prompt_ids)), dtype=np.int64)
+        self._history[: len(prompt_ids)] = prompt_ids
+        self._size = len(prompt_ids)
+        self.penalty: torch.Tensor | None = self._penalty()
+
+    def advance(self, char_id: int) -> None:
+        """Add a generated character to the history; `penalty` is then the next step's."""
+        if self._size == len(self._history):
+            self._history = np.concatenate([self._history, np.zeros_like(self._history)])
+        self._history[self._size] = char_id
+        self._size += 1
+        self.penalty = self._penalty()
+
+    def window(self) -> np.ndarray:
+        """The characters searched: the last `last_n` of the history, or all of it for -1."""
+        start = 0 if self.last_n < 0 else max(0, self._size - self.last_n)
+        return self._history[start : self._size]
+
+    def _limit(self, w: np.ndarray) -> int:
+        """How long a repeat may be: the characters after the latest breaker (llama.cpp's `rep_limit`)."""
+        n = len(w)
+        best_head, best_len = -1, 0  # the forward index of the breaker's first character, its length
+        singles = np.flatnonzero(self._single[w])
+        if singles.size:
+            best_head, best_len = int(singles[-1]), 1
+        for b in self._multi:
+            span = n - len(b) + 1
+            if span <= best_head:
+                continue
+            hits = w[:span] == b[0]
+            for t in range(1, len(b)):
+                hits &= w[t : span + t] == b[t]
+            found = np.flatnonzero(hits)
+            if found.size and (found[-1] > best_head or (found[-1] == best_head and len(b) > best_len)):
+                best_head, best_len = int(found[-1]), len(b)
+        return n if best_head < 0 else n - best_head - best_len
+
+    def repeats(self) -> np.ndarray:
+        """For each character, the longest repeat it would extend (int64 (vocab,); 0 below allowed_length)."""
+        longest = np.zeros(len(self._single), dtype=np.int64)
+        w = self.window()
+        n = len(w)
+        limit = self._limit(w) if n > self.allowed else 0
+        if limit < self.allowed:
+            return longest
+        ends = np.arange(1, n)  # an earlier match ends just before w[end], the character that would follow it
+        for t in range(limit):  # after this step, `ends` hold the matches of length >= t + 1
+            ends = ends[ends > t]
+            ends = ends[w[ends - 1 - t] == w[n - 1 - t]]
+            if not ends.size:
+                break
+            if t + 1 >= self.allowed:
+                longest[w[ends]] = t + 1
+        return longest
+
+    def _penalty(self) -> torch.Tensor | None:
+        """What to subtract from the logits (float32 (vocab,)), or None where nothing is penalised."""
+        longest = self.repeats()
+        hit = (longest >= self.allowed) & ~self._single
+        if not hit.any():
+            return None
+        exponent = longest - self.allowed
+        if self.base > 1.000001:  # llama.cpp's cap on the exponent, where base ** exponent reaches float32's max
+            exponent = np.minimum(exponent, int(88.7228391 / math.log(self.base)))
+        penalty = np.where(hit, np.minimum(self.multiplier * self.base**exponent, MAX_DRY_LOGIT_PENALTY), 0.0)
+        return torch.from_numpy(penalty.astype(np.float32))
+
+
 class Sample:
     """One sample being decoded: its rule, its own generator, its stop strings and what is left of its length.
 
     A steered sample also carries what its steering needs: `offset` (vocab,), the logit bias less the
-    penalties earned so far, and the state of its constraint's automaton.
+    penalties earned so far, its DRY penalty (`dry`, seeded with the prompt) and the state of its
+    constraint's automaton.
     """
 
     __slots__ = (
@@ -230,6 +383,7 @@ class Sample:
         "_matcher",
         "_offset_active",
         "constraint",
+        "dry",
         "finish_reason",
         "generator",
         "has_steering",
@@ -251,6 +405,8 @@ class Sample:
         vocab_size: int,
         stop: Sequence[str] = (),
         top_logprobs: int = 0,
+        prompt_ids: Sequence[int] = (),
+        chars: Sequence[str] | None = None,
     ):
         self.params = params
         self.generator = torch.Generator().manual_seed(seed)
@@ -270,6 +426,11 @@ class Sample:
             if params.presence_penalty or params.frequency_penalty:
                 self._counts = [0] * vocab_size
         self._offset_active = any(bias for _, bias in params.logit_bias)  # once penalties apply: True
+        self.dry: DryPenalty | None = None
+        if params.dry:
+            if chars is None:
+                raise ValueError("a DRY sample needs the vocabulary's characters (its breakers are strings)")
+            self.dry = DryPenalty(params, chars, prompt_ids)
         self.has_steering = params.has_steering  # penalties, bias or a constraint: see steer() and advance()
         self.constraint = params.constraint
         self.state = 0  # the constraint's automaton state
@@ -278,18 +439,26 @@ class Sample:
     @property
     def steers_now(self) -> bool:
         """Whether `steer` changes the logits at this step (a zero offset and an empty mask do not)."""
-        return self._offset_active or (self.constraint is not None and self.constraint.masks[self.state])
+        return (
+            self._offset_active
+            or (self.dry is not None and self.dry.penalty is not None)
+            or (self.constraint is not None and self.constraint.masks[self.state])
+        )
 
     def steer(self, logits: torch.Tensor) -> torch.Tensor:
-        """This sample's logits (vocab,) as the draw sees them: offset added, a constraint's mask applied."""
+        """This sample's logits (vocab,) as the draw sees them: offset added, DRY's penalty subtracted, a
+        constraint's mask applied."""
         if self._offset_active:
             logits = logits + self.offset
+        if self.dry is not None and self.dry.penalty is not None:
+            logits = logits - self.dry.penalty
         if self.constraint is not None and self.constraint.masks[self.state]:
             logits = logits.masked_fill(self.constraint.blocked[self.state], float("-inf"))
         return logits
 
     def advance(self, char_id: int) -> None:
-        """Record a drawn character in the steering state: penalties earned, the automaton's next state."""
+        """Record a drawn character in the steering state: penalties earned, DRY's history, the automaton's
+        next state."""
         if self._counts is not None:
             assert self.offset is not None
             if self._counts[char_id] == 0:
@@ -297,6 +466,8 @@ class Sample:
             self._counts[char_id] += 1
             self.offset[char_id] -= self.params.frequency_penalty
             self._offset_active = True
+        if self.dry is not None:
+            self.dry.advance(char_id)
         if self.constraint is not None:
             self.state = self.constraint.advance(self.state, char_id)
             self.matched = self.constraint.finished[self.state]
@@ -360,10 +531,16 @@ class Decoder:
         self.fast = fast
 
     def new_sample(
-        self, params: SamplingParams, seed: int, max_new_chars: int, stop: Sequence[str] = (), top_logprobs: int = 0
+        self,
+        params: SamplingParams,
+        seed: int,
+        max_new_chars: int,
+        stop: Sequence[str] = (),
+        top_logprobs: int = 0,
+        prompt_ids: Sequence[int] = (),
     ) -> Sample:
-        """A new row to decode, drawing from torch.Generator().manual_seed(seed)."""
-        return Sample(params, seed, max_new_chars, self.vocab_size, stop, top_logprobs)
+        """A new row to decode, drawing from torch.Generator().manual_seed(seed); `prompt_ids` seed DRY's history."""
+        return Sample(params, seed, max_new_chars, self.vocab_size, stop, top_logprobs, prompt_ids, self.chars)
 
     def draw(self, logits: torch.Tensor, rows: Sequence[Sample]) -> tuple[list[int], list[Token]]:
         """One character for each row: logits (rows, vocab), float32 -> (ids, Tokens), row i with rows[i].

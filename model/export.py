@@ -2,7 +2,8 @@
 
 The model card (JSON beside the checkpoint) records how the model was made and what it measures: the
 training command, corpus and sha256, steps, wall time, validation loss of the exported weights in the
-project's convention (and of the float32 weights, so the cost of half precision is visible), a sample.
+project's convention (and of the float32 weights, so the cost of half precision is visible), a sample,
+and the chat template the service renders conversations with (model/chat_template.py), when given one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from charrnn.model.atomic import atomic_write
+from charrnn.model.chat_template import ChatTemplate, ChatTemplateError
 from charrnn.model.checkpoint import load_checkpoint, save_checkpoint
 from charrnn.model.data import Corpus
 from charrnn.model.decoding import SamplingParams
@@ -29,9 +31,30 @@ def card_path(checkpoint: Path) -> Path:
     return checkpoint.with_name(checkpoint.name.removesuffix(".safetensors") + ".card.json")
 
 
-def export(source: Path, out: Path, half: bool, corpus: Corpus | None, command: str | None) -> dict[str, Any]:
+def read_card(checkpoint: Path) -> dict[str, Any] | None:
+    """A checkpoint's model card, or None when it has none."""
+    try:
+        text = card_path(checkpoint).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    card = json.loads(text)
+    if not isinstance(card, dict):
+        raise ValueError(f"{card_path(checkpoint)}: a model card is a JSON object")
+    return card
+
+
+def export(
+    source: Path,
+    out: Path,
+    half: bool,
+    corpus: Corpus | None,
+    command: str | None,
+    chat_template: ChatTemplate | None = None,
+) -> dict[str, Any]:
     """Write `out` (weights only) and its model card; returns the card."""
     ckpt = load_checkpoint(source)
+    if chat_template is not None:
+        _check_template(chat_template, "".join(ckpt.vocab.chars))
     model = ckpt.build_model()
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: v for k, v in ckpt.meta.items() if k not in ("format_version", "model_config", "vocab", "torch_version")}
@@ -73,6 +96,15 @@ def export(source: Path, out: Path, half: bool, corpus: Corpus | None, command: 
         seed=SAMPLE["seed"],
     )
     card["sample"] = {**SAMPLE, "prompt": prompt, "text": prompt + "".join(t.char for t in tokens)}
+    if chat_template is not None:
+        card["chat_template"] = chat_template.to_card()
     with atomic_write(card_path(out)) as fh:
         fh.write((json.dumps(card, indent=2, ensure_ascii=False) + "\n").encode())
     return card
+
+
+def _check_template(template: ChatTemplate, alphabet: str) -> None:
+    """Refuse a template whose names or headers the model cannot read: every conversation would be refused."""
+    missing = template.missing(alphabet)
+    if missing:
+        raise ChatTemplateError(f"chat_template: the model's vocabulary lacks the characters {missing!r} of its text")

@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 import torch
 
 from charrnn.model.constraints import ConstraintError, choice_constraint, regex_constraint
-from charrnn.model.decoding import Decoder, SamplingError, SamplingParams, Token, bias_index, check_request
+from charrnn.model.decoding import (
+    DRY_SEQUENCE_BREAKERS,
+    Decoder,
+    SamplingError,
+    SamplingParams,
+    Token,
+    bias_index,
+    check_request,
+)
 from charrnn.model.network import CharRNN, State
 from charrnn.model.vocab import UnknownPolicy, Vocab
 
@@ -86,7 +94,9 @@ class Generation:
     @torch.inference_mode()
     def _run(self) -> Iterator[Token]:
         decoder = Decoder(self.vocab)
-        sample = decoder.new_sample(self.params, self.seed, self.max_new_chars, self.stop, self.top_logprobs)
+        sample = decoder.new_sample(
+            self.params, self.seed, self.max_new_chars, self.stop, self.top_logprobs, self.prompt_ids
+        )
         logits, state = prefill(self.model, start_ids(self.vocab, self.prompt_ids))
         device = logits.device
         while True:
@@ -135,10 +145,15 @@ def params_for(
     logit_bias: Mapping[str | int, float] | None = None,
     regex: str | None = None,
     choices: Sequence[str] | None = None,
+    dry_multiplier: float = 0.0,
+    dry_base: float = 1.75,
+    dry_allowed_length: int = 2,
+    dry_penalty_last_n: int = -1,
+    dry_sequence_breakers: Sequence[str] = DRY_SEQUENCE_BREAKERS,
 ) -> SamplingParams:
     """SamplingParams for this vocabulary, as `charrnn sample` and the Python API take them: `logit_bias`
-    keyed by a character or a vocabulary index, a constraint as a regular expression or a list of choices.
-    SamplingError names the field at fault."""
+    keyed by a character or a vocabulary index, a constraint as a regular expression or a list of choices,
+    DRY with llama.cpp's parameters (SamplingParams). SamplingError names the field at fault."""
     bias = {bias_index(vocab, key): value for key, value in (logit_bias or {}).items()}
     if regex is not None and choices is not None:
         raise SamplingError("regex", "give a regex or choices, not both")
@@ -158,6 +173,11 @@ def params_for(
         frequency_penalty=frequency_penalty,
         logit_bias=bias,
         constraint=constraint,
+        dry_multiplier=dry_multiplier,
+        dry_base=dry_base,
+        dry_allowed_length=dry_allowed_length,
+        dry_penalty_last_n=dry_penalty_last_n,
+        dry_sequence_breakers=tuple(dry_sequence_breakers),
     )
 
 

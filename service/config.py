@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -39,6 +40,9 @@ DEFAULT_MAX_QUEUE = 256  # generations waiting for a batch slot
 DEFAULT_PROMPT_CACHE_BYTES = 64 << 20  # recurrent states of recently seen prompts
 KERNEL_PRECISIONS = ("auto", "fp32")  # the serving kernel's arithmetic (ServiceConfig.precision), not training's
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")  # text: Gunicorn's usual lines; json: one object per line (service/web/logs.py)
+# A browser origin: scheme://host[:port], no path (what a browser sends in its Origin header)
+ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://([A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -130,15 +134,20 @@ class ServiceConfig:
     graceful_timeout: int = _setting(30, 0)  # seconds workers get after SIGTERM to finish what is in flight
     max_requests: int = _setting(0, 0)  # restart a worker after this many requests (0: never)
     log_level: str = _setting("info", choices=LOG_LEVELS)  # Gunicorn's and the app's log level
+    log_format: str = _setting("text", choices=LOG_FORMATS)  # Gunicorn's and the app's log lines: text or json
     # Host header names answered, comma-separated (".example.com": and its subdomains; "*": any); empty:
     # loopback names when `host` is a loopback address, else any (service/web/web_security.py says why)
     allowed_hosts: tuple[str, ...] = ()
+    # Browser origins (scheme://host[:port]) whose pages may call the API, comma-separated; "*" alone: any
+    # (a public API); empty: none, browsers keep other sites' pages out (service/web/cors.py)
+    cors_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name, kind in _types().items():
             _check(name, kind, getattr(self, name))
         if any(not key for key in self.api_keys):
             raise ConfigError(variable("api_keys"), "must not contain empty keys")
+        _check_origins(self.cors_origins)
 
     @property
     def request_char_limit(self) -> int:
@@ -207,6 +216,24 @@ def setting(name: str, environ: Mapping[str, str] | None = None, text: str | Non
     value = _parse(name, kind, text.strip())
     _check(name, kind, value)
     return value
+
+
+def _check_origins(origins: tuple[str, ...]) -> None:
+    """Raise ConfigError unless every origin is scheme://host[:port], or the list is "*" alone."""
+    if origins == ("*",):
+        return
+    for origin in origins:
+        if origin == "*":
+            raise ConfigError(variable("cors_origins"), "must be * alone (any origin) or a list of origins, not both")
+        if not _is_origin(origin):
+            what = "origins like https://example.org (scheme://host[:port], no path) or * alone"
+            raise ConfigError(variable("cors_origins"), f"must be {what}, got {origin!r}")
+
+
+def _is_origin(text: str) -> bool:
+    """Whether `text` is an origin as browsers send it: scheme://host or scheme://host:port (1-65535)."""
+    match = ORIGIN.fullmatch(text)
+    return match is not None and (match.group(3) is None or 0 < int(match.group(3)[1:]) <= 65535)
 
 
 def _listed(value: Any) -> Any:

@@ -429,14 +429,15 @@ class Engine:
             batch = self._batches.get(loaded.name)
             if batch is None:
                 lib = lstm_kernel.load(directory=self.kernel_dir) if self.native else None
-                bf16 = self.precision == "auto"
-                batch = self._batches[loaded.name] = make_batch(loaded.model, self.max_batch, lib, bf16=bf16)
-                log.info("model %s steps with %s", loaded.name, describe_batch(batch))
+                batch = make_batch(loaded.model, self.max_batch, lib, bf16=self.precision == "auto")
                 fast = None if lib is None else lstm_kernel.KernelDraw(lib, len(loaded.vocab))
+                # a model's batch and decoder are kept together or not at all: a step reads both
                 self._decoders[loaded.name] = Decoder(loaded.vocab, fast)
+                self._batches[loaded.name] = batch
+                log.info("model %s steps with %s", loaded.name, describe_batch(batch))
             spec = job.spec
             job.sample = self._decoders[loaded.name].new_sample(
-                spec.params, spec.seed, spec.max_new_chars, spec.stop, spec.top_logprobs
+                spec.params, spec.seed, spec.max_new_chars, spec.stop, spec.top_logprobs, spec.prompt_ids
             )
             job.admitted = time.monotonic()
             batch.add(job, entry[0], entry[1])

@@ -1,8 +1,10 @@
 """The Flask app factory. Gunicorn runs `charrnn.service.web.app:create_app()` once in every worker, after fork.
 
 create_app reads the configuration (defaults, then CHARRNN_* environment variables, then the test
-mapping; service/config.py), loads every checkpoint of the model directory, starts the generation
-engine, and registers the error handler and the blueprints. Importing this module does nothing else.
+mapping; service/config.py), configures logging when no entry point has (service/web/logs.py), loads
+every checkpoint of the model directory, starts the generation engine, and registers the request ids,
+the checks every request passes, the error handler and the blueprints. Importing this module does
+nothing else.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from charrnn.service.config import ServiceConfig, load_config
 from charrnn.service.engine.loading import LoadedModel, ModelEntry, find_checkpoints, load_models
 from charrnn.service.engine.scheduler import Engine
 from charrnn.service.web.auth import require_api_keys
+from charrnn.service.web.cors import enable_cors
 from charrnn.service.web.errors import register_error_handlers
+from charrnn.service.web.logs import configure_logging
 from charrnn.service.web.metrics import Metrics, instrument
+from charrnn.service.web.request_id import init_request_ids
 from charrnn.service.web.routes import register_blueprints
 from charrnn.service.web.slots import init_slots
 from charrnn.service.web.state import Service
@@ -65,8 +70,10 @@ def _finite_or_null(obj: Any) -> Any:
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
-    """Build the app: configuration, models, engine, metrics, error handler, blueprints."""
+    """Build the app: configuration, logging, models, engine, request ids, metrics, checks, error handler,
+    blueprints."""
     config = load_config(overrides=test_config)
+    configure_logging(config)  # under Gunicorn, its configuration has done it (service/web/gunicorn_conf.py)
     app = Flask(__name__)
     app.json = StrictJSONProvider(app)
     app.config.update(MAX_CONTENT_LENGTH=config.max_body_bytes)
@@ -89,9 +96,11 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     )
     service = Service(config, entries, engine, _metrics(engine, entries), _default_model(config, loaded))
     app.extensions["charrnn"] = service
+    init_request_ids(app)  # first: whatever refuses the request below answers (and logs) with its id
     instrument(app, service.metrics)
     add_security_headers(app)
     check_hosts(app, config)  # before the key check: a refused Host gets 400, not 401
+    enable_cors(app, config)  # before the key check: browsers send no key with a preflight
     require_api_keys(app, config.api_keys)
     register_error_handlers(app)
     init_slots(app)

@@ -1,8 +1,10 @@
 """One error type for the HTTP boundary and one handler that turns every failure into a JSON body.
 
-Native endpoints answer `{"error": {"code", "message", "field"?}}`; the OpenAI-compatible ones under
-/v1/ answer OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`. A 500 never carries a
-traceback: the traceback goes to the log.
+Native endpoints answer `{"error": {"code", "message", "field"?, "request_id"}}`; the OpenAI-compatible
+ones under /v1/ answer OpenAI's shape, `{"error": {"message", "type", "param", "code", "request_id"}}`
+(OpenAI's clients ignore keys they do not know). `request_id` is the request's id (service/web/request_id.py),
+also in its `X-Request-Id` header and its log lines, so that a client can quote it. A 500 never carries
+a traceback: the traceback goes to the log.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, has_request_context, jsonify, request
 from werkzeug.exceptions import HTTPException
+
+from charrnn.service.web.request_id import request_id
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ class ApiError(Exception):
         error: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.field is not None:
             error["field"] = self.field
-        return {"error": error}
+        return {"error": _with_request_id(error)}
 
     def openai_body(self) -> dict[str, Any]:
         """The same error in the shape OpenAI's API (and its client libraries) use."""
@@ -66,7 +70,15 @@ class ApiError(Exception):
             kind = "server_error"
         else:
             kind = "invalid_request_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.field, "code": self.code}}
+        error = {"message": self.message, "type": kind, "param": self.field, "code": self.code}
+        return {"error": _with_request_id(error)}
+
+
+def _with_request_id(error: dict[str, Any]) -> dict[str, Any]:
+    """`error` with the id of the request being answered (streams' error events too); as is outside a request."""
+    if has_request_context():
+        error["request_id"] = request_id()
+    return error
 
 
 def error_response(error: ApiError) -> Response:

@@ -18,6 +18,7 @@ import sys
 import tempfile
 
 from charrnn.service.config import ConfigError, describe, load_config
+from charrnn.service.web.logs import logging_config
 
 try:
     settings = load_config()
@@ -122,17 +123,11 @@ errorlog = "-"  # errors and the app's own logs to stderr
 # The access log never includes headers, so API keys in `Authorization` are never written.
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
 
-# The app logs through `logging.getLogger(__name__)`; this gives its records the same handler and
-# format as Gunicorn's own (configured once, here, at the entry point).
-logconfig_dict = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "root": {"level": loglevel.upper(), "handlers": ["error_console"]},
-    "loggers": {
-        "gunicorn.error": {"level": loglevel.upper(), "handlers": ["error_console"], "propagate": False},
-        "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
-    },
-}
+# env CHARRNN_LOG_FORMAT: text (the lines above, as Gunicorn writes them) or json (one object per line,
+# with the request id; the access line with method, path, status, duration_ms and characters). The app
+# logs through `logging.getLogger(__name__)`; its records reach the root logger, which this gives the same
+# handler and format as Gunicorn's own (configured once, here, at the entry point: service/web/logs.py).
+logconfig_dict = logging_config(settings.log_format, loglevel)
 
 
 # -- hooks ------------------------------------------------------------------------------------------

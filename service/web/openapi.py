@@ -30,6 +30,19 @@ INSPECT_429 = "All of this worker's inspection slots are taken; see the Retry-Af
 GENERATE_EXAMPLE = {"prompt": "ROMEO:", "max_new_chars": 100, "temperature": 0.8, "seed": 42, "stop": ["\n\n"]}
 INSPECT_EXAMPLE = {"text": 'He said "to be (or not) to be".\nAnd left.', "layer": 0}
 COMPLETION_EXAMPLE = {"model": "default", "prompt": "ROMEO:", "max_tokens": 100, "temperature": 0.8, "seed": 42}
+CHAT_EXAMPLE = {
+    "model": "default",
+    "messages": [{"role": "system", "content": "Verona, a summer night."}, {"role": "user", "content": "Good even."}],
+    "max_completion_tokens": 200,
+    "seed": 42,
+}
+CHAT_DESCRIPTION = (
+    "The model card's chat template (docs/SERVICE.md) renders `messages` into a prompt that ends where the "
+    "assistant's turn begins, and the reply ends at the template's stop strings (and the request's `stop`). "
+    "A model whose card has no template uses a plain transcript (`User: ...`, `Assistant: ...`). With "
+    "`stream: true`: `data: {ChatCompletionChunk}` events (a delta with the role first, then content deltas, "
+    "then one with the finish_reason, per choice), then `data: [DONE]`."
+)
 
 INSPECT_DESCRIPTION = (
     "The model reads the text from a zero state. For the chosen layer the answer holds, after each character, "
@@ -58,6 +71,9 @@ _MODELS: list[type[BaseModel]] = [
     schemas.ErrorResponse,
     schemas.CompletionRequest,
     schemas.CompletionResponse,
+    schemas.ChatCompletionRequest,
+    schemas.ChatCompletionResponse,
+    schemas.ChatCompletionChunk,
     schemas.OpenAIModelList,
     schemas.OpenAIErrorResponse,
     schemas.ScoreRequest,
@@ -100,6 +116,7 @@ def _component_schemas(config: ServiceConfig) -> dict[str, Any]:
     for name, samples, length in (
         ("GenerateRequest", "n", "max_new_chars"),
         ("CompletionRequest", "prompts x n", "max_tokens"),
+        ("ChatCompletionRequest", "n", "max_completion_tokens"),
     ):
         found[name]["description"] += " " + _budget_text(config, samples, length)
     return found
@@ -168,9 +185,9 @@ def _event_stream(events: dict[str, str]) -> dict[str, Any]:
     return {"text/event-stream": {"schema": one_event}}
 
 
-def _openai_event_stream() -> dict[str, Any]:
-    """OpenAI's stream: unnamed events whose data is a completion chunk or an error, then `[DONE]`."""
-    data = {"anyOf": [_json_text("CompletionResponse"), _json_text("OpenAIErrorResponse"), {"const": "[DONE]"}]}
+def _openai_event_stream(chunk: str = "CompletionResponse") -> dict[str, Any]:
+    """OpenAI's stream: unnamed events whose data is a `chunk` or an error, then `[DONE]`."""
+    data = {"anyOf": [_json_text(chunk), _json_text("OpenAIErrorResponse"), {"const": "[DONE]"}]}
     return {"text/event-stream": {"schema": {"type": "object", "required": ["data"], "properties": {"data": data}}}}
 
 
@@ -332,6 +349,20 @@ def _openai_paths() -> dict[str, Any]:
                     "200": {
                         "description": "The completion; or, with `stream`, an event stream",
                         "content": _json("CompletionResponse") | _openai_event_stream(),
+                    },
+                    **_errors(BODY_ERRORS, "OpenAIErrorResponse"),
+                },
+            }
+        },
+        "/v1/chat/completions": {
+            "post": {
+                "summary": "OpenAI-compatible chat completions through the model's chat template",
+                "description": CHAT_DESCRIPTION,
+                "requestBody": _body("ChatCompletionRequest", CHAT_EXAMPLE),
+                "responses": {
+                    "200": {
+                        "description": "The reply; or, with `stream`, an event stream",
+                        "content": _json("ChatCompletionResponse") | _openai_event_stream("ChatCompletionChunk"),
                     },
                     **_errors(BODY_ERRORS, "OpenAIErrorResponse"),
                 },

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from charrnn.model.constraints import Constraint, ConstraintError, choice_constraint, json_constraint, regex_constraint
-from charrnn.model.decoding import SamplingError, SamplingParams, Token, bias_index
+from charrnn.model.decoding import DRY_SEQUENCE_BREAKERS, SamplingError, SamplingParams, Token, bias_index
 from charrnn.model.generation import random_seed
 from charrnn.model.vocab import UnknownCharactersError
 from charrnn.service.engine.loading import LoadedModel
 from charrnn.service.engine.scheduler import JobSpec
 from charrnn.service.web.errors import ApiError
-from charrnn.service.web.schemas import SamplingFields
+from charrnn.service.web.schemas import OpenAIRequest, SamplingFields
 from charrnn.service.web.slots import slot
 
 
@@ -92,6 +92,13 @@ def request_params(
             frequency_penalty=float(body.frequency_penalty),
             logit_bias=bias,
             constraint=constraint,
+            dry_multiplier=float(body.dry_multiplier),
+            dry_base=float(body.dry_base),
+            dry_allowed_length=body.dry_allowed_length,
+            dry_penalty_last_n=body.dry_penalty_last_n,
+            dry_sequence_breakers=(
+                DRY_SEQUENCE_BREAKERS if body.dry_sequence_breakers is None else tuple(body.dry_sequence_breakers)
+            ),
         )
     except SamplingError as exc:
         raise ApiError(422, "invalid_value", str(exc), exc.field) from None
@@ -145,3 +152,18 @@ def check_best_of(body: SamplingFields, stream: bool) -> None:
         raise ApiError(
             422, "invalid_value", "best_of > n cannot be streamed: the best are known only at the end", "best_of"
         )
+
+
+def guided_constraint(loaded: LoadedModel, body: OpenAIRequest) -> Constraint | None:
+    """vLLM's guided decoding: at most one of guided_regex, guided_choice and guided_json."""
+    given = {
+        kind: value
+        for kind, value in (("regex", body.guided_regex), ("choice", body.guided_choice), ("json", body.guided_json))
+        if value is not None
+    }
+    if len(given) > 1:
+        message = f"give one of guided_regex, guided_choice and guided_json, not {' and '.join(given)}"
+        raise ApiError(422, "invalid_value", message, f"guided_{list(given)[-1]}")
+    for kind, value in given.items():
+        return compile_constraint(loaded, f"guided_{kind}", kind, value)
+    return None

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from charrnn.model.decoding import SamplingError, Token
 from charrnn.service.engine.scheduler import ClientBusyError, EngineClosedError, Job, QueueFullError
 from charrnn.service.web.errors import ApiError
+from charrnn.service.web.logs import count_characters
 from charrnn.service.web.plan import Plan
 from charrnn.service.web.state import Service
 
@@ -133,6 +134,7 @@ class Run:
         self.cancel()
         for job in self.jobs:
             self.service.metrics.generated_chars.labels(job.spec.model).inc(job.generated_chars)
+        count_characters(sum(job.generated_chars for job in self.jobs))  # for this request's access line
 
 
 def _check_finish(reason: str | None) -> None:

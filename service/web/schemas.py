@@ -16,14 +16,26 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StringConstraints,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
 from charrnn.model.constraints import MAX_PATTERN_CHARS
-from charrnn.model.decoding import MAX_LOGIT_BIAS, MAX_PENALTY
+from charrnn.model.decoding import (
+    DRY_SEQUENCE_BREAKERS,
+    MAX_DRY_ALLOWED_LENGTH,
+    MAX_DRY_BASE,
+    MAX_DRY_BREAKER_CHARS,
+    MAX_DRY_BREAKERS,
+    MAX_DRY_MULTIPLIER,
+    MAX_DRY_PENALTY_LAST_N,
+    MAX_LOGIT_BIAS,
+    MAX_PENALTY,
+)
 from charrnn.service.config import (
     MAX_LAYER_INDEX,
     MAX_PROMPTS,
@@ -53,6 +65,7 @@ PromptList = Annotated[list[str | TokenIds], Field(min_length=1, max_length=MAX_
 MAX_BIASES = 1024  # logit_bias entries (a vocabulary is rarely larger)
 MAX_CHOICES = 1024  # options of a choice constraint
 Bias = Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]
+DryBreaker = Annotated[str, StringConstraints(min_length=1, max_length=MAX_DRY_BREAKER_CHARS)]
 RegexPattern = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PATTERN_CHARS)]
 ChoiceList = Annotated[
     list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_PATTERN_CHARS)]],
@@ -149,6 +162,31 @@ class SamplingFields(StrictModel):
         max_length=MAX_BIASES,
         description="added to characters' logits before sampling (-100 bans, 100 forces): keys are vocabulary "
         "indices as in OpenAI's API (see POST /tokenize)",
+    )
+    dry_multiplier: float = Field(
+        0.0,
+        ge=0.0,
+        le=MAX_DRY_MULTIPLIER,
+        description="DRY repetition penalty (llama.cpp's meaning): a character that would extend a repeat of n >= "
+        "dry_allowed_length characters loses dry_multiplier * dry_base ** (n - dry_allowed_length) from its logit; "
+        "0 is off",
+    )
+    dry_base: float = Field(1.75, gt=1.0, le=MAX_DRY_BASE, description="DRY: how fast the penalty grows with length")
+    dry_allowed_length: int = Field(
+        2, ge=1, le=MAX_DRY_ALLOWED_LENGTH, description="DRY: the longest repeat that goes unpenalised"
+    )
+    dry_penalty_last_n: int = Field(
+        -1,
+        ge=-1,
+        le=MAX_DRY_PENALTY_LAST_N,
+        description="DRY: how many of the latest characters (prompt and generated text) are searched for repeats; "
+        "-1 all of them, 0 none (DRY off), as in llama.cpp",
+    )
+    dry_sequence_breakers: list[DryBreaker] | None = Field(
+        None,
+        max_length=MAX_DRY_BREAKERS,
+        description="DRY: strings a repeat never spans (each matched as a whole); null: "
+        + ", ".join(map(repr, DRY_SEQUENCE_BREAKERS)).replace("'", '"'),
     )
 
     @field_validator("n")
@@ -432,6 +470,7 @@ class ErrorDetail(ResponseModel):
     code: str
     message: str
     field: str | None = None
+    request_id: str | None = Field(None, description="the request's id, as in its X-Request-Id header")
 
 
 class ErrorResponse(ResponseModel):
@@ -452,39 +491,25 @@ class StreamOptions(StrictModel):
 def _null_means_default(schema: dict[str, Any]) -> None:
     """Document that every field may be null (it then takes its default), as the validator below reads it."""
     for name, field in schema.get("properties", {}).items():
+        if name in schema.get("required", ()):  # a required field has no default to stand for
+            continue
         variants = field.get("anyOf", [field])
         if not any(variant.get("type") == "null" for variant in variants):
             keep = {key: field.pop(key) for key in ("title", "description", "default") if key in field}
             schema["properties"][name] = {"anyOf": [field, {"type": "null"}], **keep}
 
 
-class CompletionRequest(SamplingFields):
-    """POST /v1/completions, as OpenAI's legacy completions API; `max_tokens` counts characters."""
+class OpenAIRequest(SamplingFields):
+    """The fields /v1/completions and /v1/chat/completions share, with OpenAI's names and defaults; as in
+    OpenAI's API, null stands for a field's default."""
 
     model_config = ConfigDict(json_schema_extra=_null_means_default)
 
     model: str | None = None
-    prompt: Prompts = Field(
-        default_factory=lambda: [""],
-        description="a string, a list of vocabulary indices (a token is one character; see POST /tokenize), "
-        f"or a list of up to {MAX_PROMPTS} of either",
-    )
-    max_tokens: int = Field(
-        16,
-        ge=0,
-        description="characters to generate at most; 0 (with `echo`) only scores the prompt",
-        json_schema_extra=configured("max_new_chars"),
-    )
     temperature: float = Field(1.0, ge=0.0, le=5.0)
     stop: StopStrings | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS, description="alternatives per character")
-    echo: bool = Field(
-        False,
-        description="return the prompt before the generated text; with `logprobs`, the prompt's characters' "
-        "log-probabilities too (the first one's is null: nothing comes before it)",
-    )
     user: str | None = Field(None, description="accepted and ignored")
     guided_regex: RegexPattern | None = Field(
         None, description="as vLLM: the generated text matches this regular expression (Python syntax)"
@@ -497,10 +522,45 @@ class CompletionRequest(SamplingFields):
     @model_validator(mode="before")
     @classmethod
     def _defaults(cls, data: Any, info: ValidationInfo) -> Any:
-        """As in OpenAI's API, null stands for the default; max_tokens defaults to 16 (or the limit)."""
+        """Null is the default; then the request's own defaults (its length, which the server may cap)."""
         if isinstance(data, dict):
             # Only known fields: an unknown one stays, null or not, so that it is refused.
             data = {key: value for key, value in data.items() if value is not None or key not in cls.model_fields}
+        return cls._default_length(data, info)
+
+    @classmethod
+    def _default_length(cls, data: Any, info: ValidationInfo) -> Any:
+        """`data` with the length field filled in when it is missing (each request names its own)."""
+        return data
+
+    def stop_strings(self) -> tuple[str, ...]:
+        """`stop` as a tuple (empty for None)."""
+        return tuple(self.stop or ())
+
+
+class CompletionRequest(OpenAIRequest):
+    """POST /v1/completions, as OpenAI's legacy completions API; `max_tokens` counts characters."""
+
+    prompt: Prompts = Field(
+        default_factory=lambda: [""],
+        description="a string, a list of vocabulary indices (a token is one character; see POST /tokenize), "
+        f"or a list of up to {MAX_PROMPTS} of either",
+    )
+    max_tokens: int = Field(
+        16,
+        ge=0,
+        description="characters to generate at most; 0 (with `echo`) only scores the prompt",
+        json_schema_extra=configured("max_new_chars"),
+    )
+    logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS, description="alternatives per character")
+    echo: bool = Field(
+        False,
+        description="return the prompt before the generated text; with `logprobs`, the prompt's characters' "
+        "log-probabilities too (the first one's is null: nothing comes before it)",
+    )
+
+    @classmethod
+    def _default_length(cls, data: Any, info: ValidationInfo) -> Any:
         return _capped_default(data, info, "max_tokens", 16)
 
     @field_validator("prompt")
@@ -519,10 +579,6 @@ class CompletionRequest(SamplingFields):
     def prompts(self) -> list[str | list[int]]:
         """`prompt` as a list of strings or lists of vocabulary indices."""
         return list(self.prompt)
-
-    def stop_strings(self) -> tuple[str, ...]:
-        """`stop` as a tuple (empty for None)."""
-        return tuple(self.stop or ())
 
 
 class OpenAILogprobs(BaseModel):
@@ -563,6 +619,205 @@ class CompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
+# -- OpenAI chat ---------------------------------------------------------------------------------------
+
+DEFAULT_REPLY_CHARS = 200  # a reply's length when the request gives none (or the server's limit if lower)
+
+
+class TextPart(StrictModel):
+    """A part of a message's content; only text parts exist for a character model."""
+
+    type: Literal["text"]
+    text: str
+
+
+def _text_content(value: Any) -> Any:
+    """A message's content as one string: a string, or its text parts joined as written; anything else
+    (an image, an audio part, null) is refused, naming what it is."""
+    if isinstance(value, list) and all(_is_text_part(part) for part in value):
+        return "".join(part["text"] for part in value)
+    if isinstance(value, list):
+        kinds = sorted({str(part.get("type")) for part in value if isinstance(part, dict)} - {"text"})
+        got = f"a part of type {kinds[0]!r}" if kinds else "a list holding something else"
+        raise ValueError(f'must be text: a string or a list of {{"type": "text", "text": ...}} parts, got {got}')
+    if not isinstance(value, str):
+        got = "null" if value is None else type(value).__name__
+        raise ValueError(f"must be text: a string or a list of text parts, got {got}")
+    return value
+
+
+def _is_text_part(part: Any) -> bool:
+    return (
+        isinstance(part, dict)
+        and part.keys() == {"type", "text"}
+        and part["type"] == "text"
+        and isinstance(part["text"], str)
+    )
+
+
+MessageText = Annotated[str, BeforeValidator(_text_content, json_schema_input_type=str | list[TextPart])]
+
+
+class ChatMessage(StrictModel):
+    """One message of a conversation."""
+
+    role: Literal["system", "user", "assistant"]
+    content: MessageText = Field(description="a string, or a list of text parts (joined as written)")
+    name: str | None = Field(None, description="accepted and ignored: the model card's template names the speakers")
+
+
+class ChatCompletionRequest(OpenAIRequest):
+    """POST /v1/chat/completions, as OpenAI's chat API: the model card's chat template renders `messages`
+    into a prompt (docs/SERVICE.md), and the reply is the model's continuation; a token is one character."""
+
+    messages: list[ChatMessage] = Field(
+        min_length=1, description="the conversation, oldest first: roles system, user and assistant"
+    )
+    max_completion_tokens: int | None = Field(
+        None,
+        ge=1,
+        description=f"characters of the reply at most (default {DEFAULT_REPLY_CHARS}, or the server's limit if lower)",
+        json_schema_extra=configured("max_new_chars"),
+    )
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="the older name of max_completion_tokens, which wins when both are given",
+        json_schema_extra=configured("max_new_chars"),
+    )
+    logprobs: bool = Field(False, description="each reply character's log-probability")
+    top_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=TOP_LOGPROBS,
+        description="alternatives per character, with each's log-probability; needs logprobs",
+    )
+
+    @classmethod
+    def _default_length(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, dict) and "max_tokens" in data:
+            return data
+        return _capped_default(data, info, "max_completion_tokens", DEFAULT_REPLY_CHARS)
+
+    @field_validator("max_completion_tokens", "max_tokens")
+    @classmethod
+    def _length_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None:
+            _check_limit(info, "max_new_chars", value, "characters")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs: true")
+        return value
+
+    def length(self) -> int:
+        """Characters of each reply at most: max_completion_tokens, else max_tokens, else the default."""
+        return next((v for v in (self.max_completion_tokens, self.max_tokens) if v is not None), DEFAULT_REPLY_CHARS)
+
+    def length_field(self) -> str:
+        """The field that set the length, to name in an error."""
+        return (
+            "max_tokens"
+            if self.max_completion_tokens is None and self.max_tokens is not None
+            else "max_completion_tokens"
+        )
+
+    def alternatives(self) -> int:
+        """Logprob alternatives per character (0 without logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else 0
+
+    def conversation(self) -> list[tuple[str, str]]:
+        """The messages as (role, text) pairs, as a chat template renders them."""
+        return [(message.role, message.content) for message in self.messages]
+
+
+class ChatReply(BaseModel):
+    """The assistant's message."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatTopLogprob(BaseModel):
+    """A character and its log-probability; `bytes` is its UTF-8 encoding."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    """A reply character with the likeliest alternatives at its position (as many as top_logprobs asked)."""
+
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """OpenAI's chat logprobs: one entry per character of the reply."""
+
+    content: list[ChatTokenLogprob] | None
+
+
+ChatFinishReason = Literal["length", "stop"]
+
+
+class ChatChoice(BaseModel):
+    """One reply (index = sample)."""
+
+    index: int
+    message: ChatReply
+    logprobs: ChatLogprobs | None = None
+    finish_reason: ChatFinishReason
+
+
+class ChatCompletionResponse(BaseModel):
+    """POST /v1/chat/completions answer."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: CompletionUsage
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(BaseModel):
+    """What a stream chunk adds to a reply: the role (first chunk), then content; fields not sent are left out."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _sent_only(self, handler: SerializerFunctionWrapHandler):  # no return type: the JSON schema stays the model's
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    """One reply's piece in a stream chunk; `finish_reason` is set on its last chunk."""
+
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: ChatFinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One event of a streamed chat completion; with stream_options.include_usage a last one has the usage
+    and no choices."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: CompletionUsage | None = None
+    system_fingerprint: str | None = None
+
+
 class OpenAIModel(BaseModel):
     """A loaded model, as OpenAI describes one."""
 
@@ -586,6 +841,7 @@ class OpenAIErrorDetail(BaseModel):
     type: str
     param: str | None = None
     code: str | None = None
+    request_id: str | None = Field(None, description="the request's id, as in its X-Request-Id header")
 
 
 class OpenAIErrorResponse(BaseModel):

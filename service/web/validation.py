@@ -77,8 +77,8 @@ def _as_api_error(exc: ValidationError) -> ApiError:
     errors = exc.errors(include_url=False, include_context=False, include_input=False)
     first = errors[0]
     field = str(first["loc"][0]) if first["loc"] else None  # the top-level field, e.g. "stop" for stop[2]
-    if first["type"] == "extra_forbidden":
-        return ApiError(422, "unknown_field", f"unknown field {field!r}", field)
+    if first["type"] == "extra_forbidden":  # named where it stands: `messages[0].tool_calls`, not `messages`
+        return ApiError(422, "unknown_field", f"unknown field {_location(first['loc'])!r}", field)
     if first["type"] == "model_type":
         return ApiError(422, "invalid_body", "the body must be a JSON object")
     messages = [f"{_location(e['loc'])}: {e['msg']}" for e in errors[:5]]

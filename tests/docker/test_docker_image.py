@@ -21,6 +21,13 @@ pytestmark = [pytest.mark.docker, pytest.mark.timeout(1800)]
 MAX_ADDED_BYTES = 850_000_000
 
 
+# The top-level names the image's site-packages holds that are ours (the distributions' own files).
+TOP_LEVEL = (
+    "import importlib.metadata as m; "
+    "print(*sorted({f.parts[0] for f in m.files('charrnn') if not f.parts[0].endswith('.dist-info')} - {'..'}))"
+)
+
+
 def sse_events(response: requests.Response) -> list[tuple[str, dict]]:
     """(event, data) of a text/event-stream response, read as it arrives."""
     events, name = [], "message"
@@ -54,7 +61,8 @@ def test_the_image_adds_at_most_850_mb_to_its_base(image: str, figures: dict[str
 
 def test_the_image_has_cpu_torch_and_the_kernels_for_every_cpu(image: str) -> None:
     probe = (
-        "import torch; from model.cpu import has_bf16_dot; from service import lstm_kernel; lib = lstm_kernel.load();"
+        "import torch; from charrnn.model.cpu import has_bf16_dot; from charrnn.service.engine import lstm_kernel;"
+        " lib = lstm_kernel.load();"
         " print(torch.__version__, lib is not None, bool(lib.charrnn_has_bf16()) == has_bf16_dot())"
     )
     result = docker("run", "--rm", "--network", "none", image, "python", "-c", probe)
@@ -70,10 +78,12 @@ def test_the_image_holds_the_code_once_in_the_installed_package(image: str) -> N
     find = ["find", "/", "-xdev", "-name", "gunicorn_conf.py"]  # as root: the app user cannot read all of /
     found = docker("run", "--rm", "--network", "none", "--user", "0", image, *find)
     (conf,) = found.stdout.split()
-    assert conf.startswith("/opt/venv/lib/") and conf.endswith("/site-packages/service/gunicorn_conf.py")
-    probe = "from service.config import ServiceConfig; print(ServiceConfig().model_dir)"
+    assert conf.startswith("/opt/venv/lib/") and conf.endswith("/site-packages/charrnn/service/web/gunicorn_conf.py")
+    probe = "from charrnn.service.config import ServiceConfig; print(ServiceConfig().model_dir)"
     (model_dir,) = docker("run", "--rm", "--network", "none", image, "python", "-c", probe).stdout.split()
-    assert model_dir == conf.replace("gunicorn_conf.py", "default_model")  # the package's own default model
+    assert model_dir == conf.replace("web/gunicorn_conf.py", "default_model")  # the package's own default model
+    listing = docker("run", "--rm", "--network", "none", image, "python", "-c", TOP_LEVEL).stdout.split()
+    assert listing == ["charrnn"]  # one installed name: no `model` or `service` in site-packages
 
 
 def test_the_container_runs_as_a_non_root_user_on_a_read_only_root(default_container: Container) -> None:

@@ -203,7 +203,9 @@ def test_a_root_owned_read_only_kernel_directory_serves_another_user(good_kernel
         shutil.copy(good_kernel, shared / good_kernel.name)
         (shared / good_kernel.name).chmod(0o755)
         env = {"PATH": "/nonexistent", "CC": "none", "CHARRNN_KERNEL_DIR": str(shared), "HOME": str(shared)}
-        probe = "from service import lstm_kernel, batch; assert lstm_kernel.load() is not None, 'not loaded'"
+        probe = (
+            "from charrnn.service.engine import lstm_kernel, batch; assert lstm_kernel.load() is not None, 'not loaded'"
+        )
         try:
             result = subprocess.run(
                 [sys.executable, "-c", probe],

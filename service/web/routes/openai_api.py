@@ -13,20 +13,20 @@ from dataclasses import dataclass
 
 from flask import Blueprint, Response, jsonify
 
-from charrnn.model.constraints import Constraint
 from charrnn.model.decoding import Token
 from charrnn.model.scoring import score_ids
 from charrnn.service.engine.loading import LoadedModel
 from charrnn.service.web.clients import client_id, disconnect_check
 from charrnn.service.web.errors import ApiError
 from charrnn.service.web.limits import check_budget, check_logprob_budget
+from charrnn.service.web.openai_shapes import openai_finish_reason, openai_usage
 from charrnn.service.web.plan import (
     Plan,
     best_results,
     check_best_of,
     choose_seed,
-    compile_constraint,
     encode_prompt,
+    guided_constraint,
     new_id,
     request_params,
 )
@@ -35,7 +35,6 @@ from charrnn.service.web.schemas import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
-    CompletionUsage,
     OpenAILogprobs,
     OpenAIModel,
     OpenAIModelList,
@@ -82,9 +81,9 @@ def completions() -> Response:
             CompletionChoice(index=i, text=prefixes[i], finish_reason="length", logprobs=echoed[i] if echoed else None)
             for i in range(len(prefixes))
         ]
-        usage = _usage([prompt.ids for prompt in prompts], generated=0)
+        usage = openai_usage([prompt.ids for prompt in prompts], generated=0)
         return jsonify(CompletionResponse(**head, choices=choices, usage=usage).model_dump(mode="json"))
-    params = request_params(body, loaded, _constraint(loaded, body))
+    params = request_params(body, loaded, guided_constraint(loaded, body))
     seed = choose_seed(body.seed)
     plans = [
         Plan(
@@ -113,25 +112,12 @@ def completions() -> Response:
         if body.logprobs is not None:
             logprobs = _joined(echoed[i] if echoed else None, _logprobs(tokens, body.logprobs, len(prefixes[i])))
         text = prefixes[i] + "".join(t.char for t in tokens)
-        choices.append(CompletionChoice(index=i, text=text, finish_reason=_finish_reason(reason), logprobs=logprobs))
-    usage = _usage([plan.prompt_ids for plan in plans], generated=sum(job.generated_chars for job in run.jobs))
+        choices.append(
+            CompletionChoice(index=i, text=text, finish_reason=openai_finish_reason(reason), logprobs=logprobs)
+        )
+    usage = openai_usage([plan.prompt_ids for plan in plans], generated=sum(job.generated_chars for job in run.jobs))
     answer = CompletionResponse(**head, choices=choices, usage=usage)
     return jsonify(answer.model_dump(mode="json"))
-
-
-def _constraint(loaded: LoadedModel, body: CompletionRequest) -> Constraint | None:
-    """vLLM's guided decoding: at most one of guided_regex, guided_choice and guided_json."""
-    given = {
-        kind: value
-        for kind, value in (("regex", body.guided_regex), ("choice", body.guided_choice), ("json", body.guided_json))
-        if value is not None
-    }
-    if len(given) > 1:
-        message = f"give one of guided_regex, guided_choice and guided_json, not {' and '.join(given)}"
-        raise ApiError(422, "invalid_value", message, f"guided_{list(given)[-1]}")
-    for kind, value in given.items():
-        return compile_constraint(loaded, f"guided_{kind}", kind, value)
-    return None
 
 
 @dataclass(frozen=True)
@@ -230,7 +216,7 @@ def _events(
             started.add(index)
             if reason is not None:
                 choice = CompletionChoice(
-                    index=index, text=text, finish_reason=_finish_reason(reason), logprobs=prompt_lp
+                    index=index, text=text, finish_reason=openai_finish_reason(reason), logprobs=prompt_lp
                 )
             else:
                 lp = None if logprobs is None else _joined(prompt_lp, _logprobs(tokens, logprobs, offsets[index]))
@@ -242,7 +228,9 @@ def _events(
                 CompletionResponse(
                     **head,
                     choices=[],
-                    usage=_usage([plan.prompt_ids for plan in plans], sum(job.generated_chars for job in run.jobs)),
+                    usage=openai_usage(
+                        [plan.prompt_ids for plan in plans], sum(job.generated_chars for job in run.jobs)
+                    ),
                 ).model_dump(mode="json")
             )
         yield sse_event("[DONE]")
@@ -253,11 +241,6 @@ def _events(
         yield sse_event(ApiError(500, "internal_error", "generation failed").openai_body())
 
 
-def _finish_reason(reason: str) -> str:
-    """OpenAI's finish reasons: a generation cut by the server's deadline ran out of length."""
-    return "stop" if reason == "stop" else "length"
-
-
 def _logprobs(tokens: list[Token], top: int, offset: int) -> OpenAILogprobs:
     """OpenAI's logprobs object for generated characters; text_offset counts from the choice's start."""
     return OpenAILogprobs(
@@ -266,10 +249,3 @@ def _logprobs(tokens: list[Token], top: int, offset: int) -> OpenAILogprobs:
         top_logprobs=[dict(t.top or ()) for t in tokens] if top else None,
         text_offset=list(range(offset, offset + len(tokens))),
     )
-
-
-def _usage(prompt_ids: list[tuple[int, ...]], generated: int) -> CompletionUsage:
-    """OpenAI's usage: each prompt (one entry of `prompt_ids`) counted once per request, whatever `n`,
-    `best_of` or `echo`; `generated` counts every character of every sample."""
-    prompt = sum(len(ids) for ids in prompt_ids)
-    return CompletionUsage(prompt_tokens=prompt, completion_tokens=generated, total_tokens=prompt + generated)
