@@ -308,6 +308,9 @@ def generate_jsonl(
             out = files.enter_context(_open(output_path, "ab", sys.stdout.buffer))
         lines = iter(source)
         skipped = skip(lines, done)
+        if skipped < done:  # another input than the one answered: appending would answer the wrong lines
+            message = f"{output_path} holds {done} answers but the input has only {skipped} lines"
+            raise UsageError(f"--output: {message}; delete it to start over")
         if done:  # a warning: whoever meant to start over should notice
             log.warning(
                 "resuming: %s has %d complete lines, so %d input lines are skipped and the rest appended "

@@ -25,6 +25,7 @@ from charrnn.service.config import ServiceConfig
 ALLOW_METHODS = "GET, POST, OPTIONS"
 ALLOW_HEADERS = "Content-Type, Authorization, X-API-Key, X-Request-Id"  # the headers the API reads
 EXPOSE_HEADERS = "X-Request-Id, Retry-After"  # beyond the few every page may read (Content-Type, ...)
+MAX_ASKED = 2048  # characters of Access-Control-Request-Headers echoed; a longer list gets ALLOW_HEADERS
 MAX_AGE_SECONDS = 600  # a browser asks again after this; Chromium caps it at 7200
 DEFAULT_PORTS = {"http": "80", "https": "443"}
 
@@ -60,7 +61,11 @@ def enable_cors(app: Flask, config: ServiceConfig) -> None:
             return None
         response = Response(status=204)
         response.headers["Access-Control-Allow-Methods"] = ALLOW_METHODS
-        response.headers["Access-Control-Allow-Headers"] = ALLOW_HEADERS
+        # The headers the page asks to send, whatever they are (OpenAI's browser SDK sends X-Stainless-*):
+        # the API ignores headers it does not read, and the real request still needs its key.
+        asked = request.headers.get("Access-Control-Request-Headers", "")
+        response.headers["Access-Control-Allow-Headers"] = asked if 0 < len(asked) <= MAX_ASKED else ALLOW_HEADERS
+        response.vary.add("Access-Control-Request-Headers")
         response.headers["Access-Control-Max-Age"] = str(MAX_AGE_SECONDS)
         return response  # the after_request below adds the origin
 

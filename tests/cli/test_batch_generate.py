@@ -191,6 +191,17 @@ def test_a_usage_error_names_its_flag(
     assert err.startswith(f"charrnn generate: error: {flag}: ")
 
 
+def test_an_output_with_more_answers_than_the_input_has_lines_is_refused(
+    model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """Another input than the one answered: resuming would append answers to the wrong lines."""
+    out = write_lines(tmp_path / "out.jsonl", [{"answer": i} for i in range(3)])
+    before = out.read_bytes()
+    code, _, err = generate(capsys, model_dir, write_lines(tmp_path / "in.jsonl", SEEDED[:2]), out, "--quiet")
+    assert code == 1 and err.startswith("charrnn generate: error: --output: ") and "3 answers" in err
+    assert out.read_bytes() == before
+
+
 def test_concurrency_below_one_is_refused_by_the_parser(model_dir: Path, tmp_path: Path, capsys) -> None:
     code, _, err = generate(capsys, model_dir, tmp_path / "in.jsonl", tmp_path / "out.jsonl", "--concurrency", "0")
     assert code == 2 and "--concurrency" in err

@@ -56,9 +56,19 @@ def test_an_allowed_origins_preflight_gets_204_without_a_key(make_app: Callable[
     assert headers["Access-Control-Allow-Origin"] == ALLOWED
     assert headers["Access-Control-Allow-Methods"] == "GET, POST, OPTIONS"
     allowed_headers = {h.strip().lower() for h in headers["Access-Control-Allow-Headers"].split(",")}
-    assert {"content-type", "authorization", "x-request-id"} <= allowed_headers
+    assert allowed_headers == {"content-type", "authorization"}  # what the page asked to send
     assert int(headers["Access-Control-Max-Age"]) > 0
     assert "Origin" in vary(response)
+
+
+def test_a_preflight_may_send_whatever_headers_the_page_asks_for(make_app: Callable[..., Flask]) -> None:
+    """OpenAI's browser SDK sends headers of its own (X-Stainless-*): the preflight lets them through."""
+    client = make_app(CORS_ORIGINS=ALLOWED).test_client()
+    asked = "authorization,content-type,x-stainless-lang,x-stainless-os"
+    headers = {"Origin": ALLOWED, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": asked}
+    response = client.options("/v1/chat/completions", headers=headers)
+    assert response.status_code == 204 and response.headers["Access-Control-Allow-Headers"] == asked
+    assert {"Origin", "Access-Control-Request-Headers"} <= vary(response)
 
 
 def test_an_allowed_origins_requests_still_need_the_key_and_every_answer_names_the_origin(
