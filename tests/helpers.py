@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 import requests
 import torch
 
+from charrnn.cli import main as cli_main
 from charrnn.model.config import PRESETS, ModelConfig, TrainConfig, split_settings
 from charrnn.model.data import Corpus
 from charrnn.model.decoding import SamplingParams
@@ -243,3 +245,13 @@ def active_generations(server: GunicornServer, headers: Mapping[str, str] | None
     text = requests.get(server.url + "/metrics", headers=dict(headers or {}), timeout=30).text
     (line,) = (line for line in text.splitlines() if line.startswith("charrnn_engine_active_generations "))
     return float(line.split()[1])
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """`charrnn ARGV` in this process: (exit status, stdout, stderr); argparse's errors included."""
+    try:
+        code = cli_main(list(argv))
+    except SystemExit as exc:  # argparse errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err

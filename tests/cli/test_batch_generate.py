@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from charrnn.batch import BatchGenerator
-from charrnn.cli import main
 from charrnn.service.web.app import create_app
 from charrnn.service.web.slots import slots_key
+from tests.helpers import run_cli
 
 SEEDED = [
     {"prompt": "the ", "max_new_chars": 20, "seed": 1},
@@ -23,17 +23,10 @@ SEEDED = [
 ]
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:  # argparse errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def generate(capsys: pytest.CaptureFixture[str], model_dir: Path, source: Path, out: Path, *flags: str):
-    return run(capsys, "generate", "--model-dir", str(model_dir), "--input", str(source), "--output", str(out), *flags)
+    return run_cli(
+        capsys, "generate", "--model-dir", str(model_dir), "--input", str(source), "--output", str(out), *flags
+    )
 
 
 def write_lines(path: Path, lines: list[dict | str | bytes]) -> Path:
@@ -148,7 +141,7 @@ def test_a_finished_output_is_left_as_it_is(model_dir: Path, tmp_path: Path, cap
 def test_dash_reads_stdin_and_writes_stdout(model_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     data = b"".join(json.dumps(body).encode() + b"\n" for body in SEEDED[:3]) + b"not json"  # no final newline
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data)))
-    code, out, err = run(capsys, "generate", "--model-dir", str(model_dir), "--input", "-", "--output", "-")
+    code, out, err = run_cli(capsys, "generate", "--model-dir", str(model_dir), "--input", "-", "--output", "-")
     lines = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and len(lines) == 4
     assert [line.get("seed") for line in lines] == [1, 2, 3, None] and lines[3]["error"]["code"] == "invalid_json"
@@ -186,7 +179,7 @@ def test_a_usage_error_names_its_flag(
     write_lines(tmp_path / "in.jsonl", SEEDED[:1])
     (tmp_path / "empty").mkdir()
     argv = {"--model-dir": str(model_dir), "--input": "in.jsonl", "--output": "out.jsonl", **change}
-    code, out, err = run(capsys, "generate", *(item for pair in argv.items() for item in pair), "--quiet")
+    code, out, err = run_cli(capsys, "generate", *(item for pair in argv.items() for item in pair), "--quiet")
     assert code == 1 and out == ""
     assert err.startswith(f"charrnn generate: error: {flag}: ")
 

@@ -3,40 +3,32 @@ from pathlib import Path
 
 import pytest
 
-from charrnn.cli import build_parser, main
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:  # argparse errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+from charrnn.cli import build_parser
+from tests.helpers import run_cli
 
 
 def test_sample_prints_prompt_and_continuation_reproducibly(trained_run: Path, capsys) -> None:
-    code, first, _ = run(capsys, "sample", str(trained_run), "--prompt", "The ", "--length", "40", "--seed", "7")
+    code, first, _ = run_cli(capsys, "sample", str(trained_run), "--prompt", "The ", "--length", "40", "--seed", "7")
     assert code == 0 and first.startswith("The ") and len(first) == len("The ") + 40 + 1
-    _, second, _ = run(
+    _, second, _ = run_cli(
         capsys, "sample", str(trained_run / "best.safetensors"), "--prompt", "The ", "--length", "40", "--seed", "7"
     )
     assert first == second
 
 
 def test_eval_prints_nats_then_bits_then_carried(trained_run: Path, text_file: Path, capsys) -> None:
-    code, out, _ = run(capsys, "eval", str(trained_run), "--corpus", str(text_file))
+    code, out, _ = run_cli(capsys, "eval", str(trained_run), "--corpus", str(text_file))
     lines = out.splitlines()
     assert code == 0
     assert lines[0].startswith("loss: ") and "nats/char" in lines[0]
     assert lines[1].startswith("bits per char: ")
     assert "state carried" in lines[2]
-    code, out_all, _ = run(capsys, "eval", str(trained_run), "--corpus", str(text_file), "--split", "all")
+    code, out_all, _ = run_cli(capsys, "eval", str(trained_run), "--corpus", str(text_file), "--split", "all")
     assert code == 0 and "split all" in out_all
 
 
 def test_train_from_the_command_line(text_file: Path, tmp_path: Path, capsys) -> None:
-    code, out, _ = run(
+    code, out, _ = run_cli(
         capsys,
         "train",
         "--corpus",
@@ -71,7 +63,7 @@ def test_bad_corpora_fail_with_a_message(tmp_path: Path, capsys, content: bytes 
     path = tmp_path / "corpus.txt"
     if content is not None:
         path.write_bytes(content)
-    code, _, err = run(capsys, "train", "--corpus", str(path), "--out", str(tmp_path / "out"), "--no-progress")
+    code, _, err = run_cli(capsys, "train", "--corpus", str(path), "--out", str(tmp_path / "out"), "--no-progress")
     assert code == 1
     assert message in err and "Traceback" not in err
 
@@ -90,7 +82,7 @@ def test_bad_corpora_fail_with_a_message(tmp_path: Path, capsys, content: bytes 
     ],
 )
 def test_bad_flags_name_the_flag_and_the_allowed_range(text_file: Path, tmp_path: Path, capsys, argv, message) -> None:
-    code, _, err = run(
+    code, _, err = run_cli(
         capsys, "train", "--corpus", str(text_file), "--out", str(tmp_path / "o"), "--no-progress", *argv
     )
     assert code in (1, 2)
@@ -100,7 +92,7 @@ def test_bad_flags_name_the_flag_and_the_allowed_range(text_file: Path, tmp_path
 def test_serve_flags_allow_what_the_settings_they_set_allow(capsys) -> None:
     args = build_parser().parse_args(["serve", "--port", "0", "--workers", "100"])  # CHARRNN_WORKERS has no maximum
     assert (args.port, args.workers) == (0, 100)
-    code, _, err = run(capsys, "serve", "--port", "65536")
+    code, _, err = run_cli(capsys, "serve", "--port", "65536")
     assert code == 2 and "argument --port: must be between 0 and 65535, got 65536" in err
 
 
@@ -109,18 +101,18 @@ def test_sample_refuses_a_bad_checkpoint_and_unknown_prompt_characters(
 ) -> None:
     bogus = tmp_path / "bogus.safetensors"
     bogus.write_bytes(b"\x80\x04not really")
-    code, _, err = run(capsys, "sample", str(bogus))
+    code, _, err = run_cli(capsys, "sample", str(bogus))
     assert code == 1 and "pickle" in err
-    code, _, err = run(capsys, "sample", str(trained_run), "--prompt", "東京")
+    code, _, err = run_cli(capsys, "sample", str(trained_run), "--prompt", "東京")
     assert code == 1 and "'東'" in err
-    code, _, err = run(capsys, "sample", str(trained_run), "--temperature", "9")
+    code, _, err = run_cli(capsys, "sample", str(trained_run), "--temperature", "9")
     assert code == 2 and "--temperature" in err
 
 
 def test_corpus_list_and_info(capsys, text_file: Path) -> None:
-    code, out, _ = run(capsys, "corpus", "list")
+    code, out, _ = run_cli(capsys, "corpus", "list")
     assert code == 0 and "tinyshakespeare" in out and "python-stdlib" in out and "licence" in out
-    code, out, _ = run(capsys, "corpus", "info", str(text_file))
+    code, out, _ = run_cli(capsys, "corpus", "info", str(text_file))
     assert code == 0 and "characters: 40,000" in out and "sha256: " in out
 
 
@@ -132,7 +124,7 @@ def test_export_writes_half_precision_weights_and_a_model_card(
     from charrnn.model.checkpoint import load_checkpoint
 
     out = tmp_path / "models" / "demo.safetensors"
-    code, stdout, _ = run(
+    code, stdout, _ = run_cli(
         capsys,
         "export",
         str(trained_run),
@@ -155,7 +147,7 @@ def test_export_writes_half_precision_weights_and_a_model_card(
 
 
 def resume(capsys, run_dir: Path, corpus: Path, *argv: str) -> tuple[int, str, str]:
-    return run(capsys, "train", "--corpus", str(corpus), "--out", str(run_dir), "--resume", "--no-progress", *argv)
+    return run_cli(capsys, "train", "--corpus", str(corpus), "--out", str(run_dir), "--resume", "--no-progress", *argv)
 
 
 @pytest.mark.parametrize(
@@ -213,7 +205,7 @@ def test_resume_may_change_how_long_and_how_often_to_evaluate(
 
 def test_resume_help_says_which_flags_may_change(capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "1000")  # one line per flag: no hyphenated words broken by wrapping
-    code, out, _ = run(capsys, "train", "--help")
+    code, out, _ = run_cli(capsys, "train", "--help")
     assert code == 0
     text = " ".join(out.split())
     assert "Only --max-steps, --time-budget, --eval-every" in text and "must match it" in text
@@ -227,7 +219,7 @@ def test_train_defaults_to_auto_says_why_and_ends_with_a_verdict(
     from charrnn.model.checkpoint import load_checkpoint
 
     with caplog.at_level(logging.INFO):
-        code, out, err = run(
+        code, out, err = run_cli(
             capsys, "train", "--corpus", str(text_file), "--out", str(tmp_path / "run"), "--no-progress",
             "--max-steps", "20", "--patience", "3", "--eval-count", "10", "--sample-chars", "12", "--threads", "1",
         )  # fmt: skip
@@ -253,14 +245,14 @@ def test_train_defaults_to_auto_says_why_and_ends_with_a_verdict(
     ],
 )
 def test_bad_evaluation_flags_name_the_flag(text_file: Path, tmp_path: Path, capsys, argv, message) -> None:
-    code, _, err = run(capsys, "train", "--corpus", str(text_file), "--out", str(tmp_path / "o"), *argv)
+    code, _, err = run_cli(capsys, "train", "--corpus", str(text_file), "--out", str(tmp_path / "o"), *argv)
     assert code == 2 and message in err
 
 
 def test_eval_dynamic_reports_dynamic_evaluation_beside_the_static_figures(
     trained_run: Path, text_file: Path, capsys
 ) -> None:
-    code, out, err = run(capsys, "eval", str(trained_run), "--corpus", str(text_file), "--dynamic")
+    code, out, err = run_cli(capsys, "eval", str(trained_run), "--corpus", str(text_file), "--dynamic")
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0].startswith("loss: ") and "state carried" in lines[2]  # the static figures stay, first
@@ -269,12 +261,14 @@ def test_eval_dynamic_reports_dynamic_evaluation_beside_the_static_figures(
 
 
 def test_sample_steers_with_a_regex_choices_penalties_and_bias(trained_run: Path, capsys) -> None:
-    code, out, _ = run(capsys, "sample", str(trained_run), "--prompt", "The ", "--seed", "2", "--regex", "[a-z]+ dog!")
+    code, out, _ = run_cli(
+        capsys, "sample", str(trained_run), "--prompt", "The ", "--seed", "2", "--regex", "[a-z]+ dog!"
+    )
     assert code == 0 and re.fullmatch(r"The [a-z]+ dog!\n", out)
-    code, out, _ = run(capsys, "sample", str(trained_run), "--prompt", "", "--choice", "fox", "--choice", "hen")
+    code, out, _ = run_cli(capsys, "sample", str(trained_run), "--prompt", "", "--choice", "fox", "--choice", "hen")
     assert code == 0 and out in ("fox\n", "hen\n")
     args = ["--length", "200", "--seed", "4", "--logit-bias", "e=-100", "--logit-bias", " =-100"]
-    code, out, _ = run(capsys, "sample", str(trained_run), *args, "--frequency-penalty", "0.5")
+    code, out, _ = run_cli(capsys, "sample", str(trained_run), *args, "--frequency-penalty", "0.5")
     assert code == 0 and "e" not in out and " " not in out
 
 
@@ -290,6 +284,6 @@ def test_sample_steers_with_a_regex_choices_penalties_and_bias(trained_run: Path
     ],
 )
 def test_bad_steering_flags_name_the_flag(trained_run: Path, capsys, argv: list[str], message: str) -> None:
-    code, _, err = run(capsys, "sample", str(trained_run), "--length", "5", *argv)
+    code, _, err = run_cli(capsys, "sample", str(trained_run), "--length", "5", *argv)
     assert code in (1, 2)
     assert message in err
