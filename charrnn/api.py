@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from charrnn.model.checkpoint import BEST, LAST, Checkpoint, load_checkpoint, run_checkpoint
+from charrnn.model.copies import DEFAULT_MIN_CHARS, MAX_MIN_CHARS, Copy, CopyIndex
 from charrnn.model.decoding import Token
 from charrnn.model.evaluate import bits_per_char
 from charrnn.model.generation import Generation, generate, params_for, start_ids
@@ -53,6 +54,7 @@ class Completion:
     finish_reason: str  # "length" or "stop"
     seed: int
     tokens: tuple[Token, ...]  # one per character of `text`, with its log-probability (and alternatives)
+    copies: tuple[Copy, ...] | None = None  # with generate(copies=...): spans of `text` found in the training text
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class Model:
         self.checkpoint = checkpoint
         self.vocab = checkpoint.vocab
         self.network = checkpoint.build_model(device)
+        self._copy_index: CopyIndex | None = None
 
     def __repr__(self) -> str:
         cfg = self.checkpoint.config
@@ -128,6 +131,7 @@ class Model:
         stop: Sequence[str] = (),
         unknown_chars: UnknownPolicy = "error",
         top_logprobs: int = 0,
+        copies: bool | int = False,
         **steering: Any,
     ) -> Completion:
         """Generate up to `max_chars` characters after `prompt`; temperature 0 is greedy.
@@ -139,14 +143,32 @@ class Model:
         Steering keywords, as the service takes them: `presence_penalty` and `frequency_penalty` (-2 to
         2, OpenAI's meaning), `logit_bias` ({character or vocabulary index: bias}, -100 bans), and a
         constraint, `regex="..."` or `choices=[...]`, that the generated text always satisfies.
+        `copies` (True: spans of at least 32 characters, or that minimum) fills `Completion.copies` (see `copies`).
         """
+        min_chars = _min_chars(copies)
+        if min_chars is not None:
+            self.copy_index()  # a model without an index fails before it generates
         generation = self._generation(
             prompt, max_chars, temperature, top_k, top_p, seed, stop, unknown_chars, top_logprobs, steering
         )
         tokens = tuple(generation)
-        return Completion(
-            "".join(t.char for t in tokens), generation.finish_reason or "length", generation.seed, tokens
-        )
+        text = "".join(t.char for t in tokens)
+        found = None if min_chars is None else tuple(self.copies(text, min_chars))
+        return Completion(text, generation.finish_reason or "length", generation.seed, tokens, found)
+
+    def copies(self, text: str, min_chars: int = DEFAULT_MIN_CHARS) -> list[Copy]:
+        """Every maximal span of `text` of at least `min_chars` characters that stands verbatim in the text the
+        model was trained on: Copy(start, end, offset), `text[start:end]` being the training text's characters
+        from `offset` on. Needs the checkpoint's copy index (`charrnn index`); CopyIndexError otherwise."""
+        return self.copy_index().find(self.vocab.encode(text), min_chars)
+
+    def copy_index(self) -> CopyIndex:
+        """The checkpoint's copy index with its training text, opened on first use (CopyIndexError if it cannot be)."""
+        if self._copy_index is None:
+            from charrnn.corpora.copies import open_index
+
+            self._copy_index = open_index(self.checkpoint.path, self.vocab)
+        return self._copy_index
 
     def score(self, text: str, context: str = "") -> Score:
         """The log-probability of each character of `text`, read after `context`.
@@ -210,6 +232,7 @@ def train(
     `text` is kept there too (corpus.txt), so that the run can be resumed and evaluated.
     `threads` (as `charrnn train --threads`) sets torch's CPU threads for this run, and is restored after it.
     """
+    from charrnn.corpora.copies import index_after_training
     from charrnn.corpora.registry import resolve
     from charrnn.model.config import MODEL_KEYS, TRAIN_KEYS
     from charrnn.model.data import load_corpus
@@ -236,7 +259,19 @@ def train(
     model_cfg, train_cfg = resolve_recipe(preset, data, overrides, out_dir, resume)
     with _torch_threads(threads):
         Trainer(model_cfg, train_cfg, data, out_dir, resume=resume, progress=progress, preset=preset).run()
+    index_after_training(out_dir, data, str(corpus), train_cfg.val_fraction)
     return load(out_dir)
+
+
+def _min_chars(copies: bool | int) -> int | None:
+    """generate()'s `copies`: False, True (the default minimum) or a minimum of at least 1."""
+    if copies is False:
+        return None
+    if copies is True:
+        return DEFAULT_MIN_CHARS
+    if not isinstance(copies, int) or not 1 <= copies <= MAX_MIN_CHARS:
+        raise ValueError(f"copies: True, False or a minimum span length from 1 to {MAX_MIN_CHARS}, got {copies!r}")
+    return copies
 
 
 @contextmanager

@@ -1,15 +1,17 @@
-"""The `charrnn` command line: train, sample, eval, corpus, serve."""
+"""The `charrnn` command line: train, sample, eval, corpus, export, index, serve, generate."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from charrnn.model.config import BOUNDS, CELLS, RESUME_MAY_CHANGE, TRAIN_PRECISIONS, Range, setting_flag
+from charrnn.model.copies import DEFAULT_MIN_CHARS, MAX_MIN_CHARS
 
 log = logging.getLogger("charrnn")
 DYNAMIC_LR = 1.0  # plain SGD on the segment's mean loss: the shipped model gains 0.044 on 20 k characters
@@ -50,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(commands)
     _add_corpus(commands)
     _add_export(commands)
+    _add_index(commands)
     _add_serve(commands)
     _add_generate(commands)
     return parser
@@ -264,6 +267,16 @@ def _add_sample(commands: Any) -> None:
         metavar="STRING",
         help="DRY: strings a repeat never spans (default: newline, ':', '\"', '*'; give none for no breakers)",
     )
+    p.add_argument(
+        "--copies",
+        nargs="?",
+        const=DEFAULT_MIN_CHARS,
+        type=number(int, 1, MAX_MIN_CHARS),
+        metavar="N",
+        help=f"after the text, list on stderr every span of at least N (default {DEFAULT_MIN_CHARS}) characters that "
+        "stands verbatim in the training text, with its offset there; needs the checkpoint's copy index "
+        "(`charrnn index`)",
+    )
     p.set_defaults(handler=_run_sample)
 
 
@@ -341,6 +354,24 @@ def _add_export(commands: Any) -> None:
     p.set_defaults(handler=_run_export)
 
 
+def _add_index(commands: Any) -> None:
+    p = commands.add_parser(
+        "index",
+        help="build a checkpoint's copy index (NAME.copies), which finds what generated text copies from training",
+        description="Build the copy index of the text a checkpoint was trained on, saved beside it as NAME.copies. "
+        "The index holds no text: the service and `charrnn sample --copies` read the corpus again when they open it.",
+    )
+    p.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint, or a run directory (uses best)")
+    p.add_argument(
+        "--corpus",
+        required=True,
+        help="the corpus the model was trained on (a name from `charrnn corpus list`, or a path); its sha256 must be "
+        "the one the checkpoint records",
+    )
+    p.add_argument("--cache-dir", type=Path, help="where encoded corpora are cached (default ~/.cache/charrnn)")
+    p.set_defaults(handler=_run_index)
+
+
 def _add_serve(commands: Any) -> None:
     from charrnn.service.config import bounds  # the flags allow what the settings they set allow
 
@@ -393,6 +424,7 @@ def _add_generate(commands: Any) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from charrnn.corpora.copies import index_after_training
     from charrnn.corpora.registry import resolve
     from charrnn.model.data import load_corpus
     from charrnn.model.recipe import resolve_recipe
@@ -412,6 +444,7 @@ def _run_train(args: argparse.Namespace) -> int:
     )
     result = trainer.run()
     if trainer.dist.is_main:
+        index_after_training(Path(args.out), corpus, args.corpus, train_cfg.val_fraction)
         print(
             f"step {result.step}: val loss {result.val_loss:.4f} nats/char; best {result.best_val_loss:.4f} at step "
             f"{result.best_step} on the evaluation windows (`charrnn eval` gives best's figure on the whole split); "
@@ -433,6 +466,11 @@ def _run_sample(args: argparse.Namespace) -> int:
 
     ckpt = load_checkpoint(run_checkpoint(args.checkpoint))
     model = ckpt.build_model()
+    index = None
+    if args.copies is not None:  # before generating: a missing index is an error now, not after the text
+        from charrnn.corpora.copies import open_index
+
+        index = open_index(ckpt.path, ckpt.vocab)
     params = params_for(
         ckpt.vocab,
         temperature=args.temperature,
@@ -453,12 +491,28 @@ def _run_sample(args: argparse.Namespace) -> int:
         model, ckpt.vocab, args.prompt, args.length, params, seed=args.seed, stop=args.stop, unknown=args.unknown_chars
     )
     sys.stdout.write(args.prompt)
+    text = []
     for token in generation:
         sys.stdout.write(token.char)
         sys.stdout.flush()
+        text.append(token.char)
     sys.stdout.write("\n")
+    sys.stdout.flush()
     log.info("seed %d, finish reason %s", generation.seed, generation.finish_reason)
+    if index is not None:
+        _print_copies("".join(text), index.find(ckpt.vocab.encode("".join(text)), args.copies), args.copies)
     return 0
+
+
+def _print_copies(text: str, found: Sequence[Any], min_chars: int) -> None:
+    """One line per copy on stderr: where it is in the generated text (after the prompt) and in the training text."""
+    print(f"copies of at least {min_chars} characters from the training text: {len(found)}", file=sys.stderr)
+    for copy in found:
+        print(
+            f"  {copy.start}-{copy.end} ({copy.end - copy.start} characters) at offset {copy.offset}: "
+            f"{text[copy.start : copy.end]!r}",
+            file=sys.stderr,
+        )
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -539,6 +593,19 @@ def _run_export(args: argparse.Namespace) -> int:
             f"validation loss {card['validation']['loss']:.4f} nats/char "
             f"(float32 weights: {card['validation']['loss_float32']:.4f})"
         )
+    return 0
+
+
+def _run_index(args: argparse.Namespace) -> int:
+    from charrnn.corpora.copies import index_checkpoint
+
+    started = time.perf_counter()
+    path, index = index_checkpoint(args.checkpoint, args.corpus, cache_dir=args.cache_dir)
+    size = path.stat().st_size
+    print(
+        f"{path}: {index.chars:,} characters of {index.header['corpus'].get('name')} indexed in "
+        f"{time.perf_counter() - started:.1f} s, {size:,} bytes ({size / index.chars:.2f} bytes per character)"
+    )
     return 0
 
 

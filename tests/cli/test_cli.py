@@ -47,6 +47,7 @@ def test_train_from_the_command_line(text_file: Path, tmp_path: Path, capsys) ->
     )
     assert code == 0 and "step 20" in out
     assert (tmp_path / "run" / "best.safetensors").exists()
+    assert (tmp_path / "run" / "best.copies").exists()  # the copy index of the text it trained on
 
 
 @pytest.mark.parametrize(
