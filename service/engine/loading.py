@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from charrnn.corpora.copies import open_index
 from charrnn.model.atomic import TMP_MARKER
 from charrnn.model.checkpoint import BEST, SUFFIX, CheckpointError, load_checkpoint
+from charrnn.model.copies import CopyIndex, CopyIndexError, index_path
 from charrnn.model.network import CharRNN
 from charrnn.model.vocab import Vocab
 
@@ -36,6 +38,8 @@ class LoadedModel:
     vocab: Vocab
     meta: dict[str, Any]
     path: Path
+    copies: CopyIndex | None = None  # the copy index over its training text, when it has one that opens
+    copies_error: str | None = None  # why it has none, said without the server's paths (a client may read it)
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,22 @@ def _load_one(name: str, path: Path) -> ModelEntry:
     except Exception as exc:  # a checkpoint that validates but will not build: report it, serve the rest
         log.exception("model %s: skipped: %s", name, path)
         return ModelEntry(name, path, error=f"could not build the model ({type(exc).__name__}: {exc})")
-    loaded = LoadedModel(name=name, model=model, vocab=ckpt.vocab, meta=ckpt.meta, path=path)
+    index, index_error = _copy_index(name, path, ckpt.vocab)
+    loaded = LoadedModel(
+        name=name, model=model, vocab=ckpt.vocab, meta=ckpt.meta, path=path, copies=index, copies_error=index_error
+    )
     log.info("model %s: loaded %s (%s, %d parameters)", name, path, ckpt.config.cell, model.num_parameters())
     return ModelEntry(name, path, loaded=loaded)
+
+
+def _copy_index(name: str, path: Path, vocab: Vocab) -> tuple[CopyIndex | None, str | None]:
+    """The checkpoint's copy index (NAME.copies), or why there is none; a bad index is logged, the model served."""
+    if not index_path(path).exists():
+        return None, "it has no copy index (`charrnn index MODEL --corpus CORPUS` builds one beside the checkpoint)"
+    try:
+        index = open_index(path, vocab)
+    except CopyIndexError as exc:
+        log.error("model %s: served without copy detection: %s", name, exc)
+        return None, "its copy index could not be opened with its training text (the server's log says why)"
+    log.info("model %s: copy index over %d characters of training text", name, index.chars)
+    return index, None

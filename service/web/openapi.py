@@ -54,7 +54,8 @@ INSPECT_DESCRIPTION = (
 
 STREAM_DESCRIPTION = (
     "With `stream: true`: Server-Sent Events. `event: chunk` with a StreamChunk as data, once per piece of "
-    "text (samples one after another, each tagged with its index); then `event: done` with a StreamDone. "
+    "text (samples one after another, each tagged with its index); then `event: done` with a StreamDone "
+    "(where each sample's `copies` come, when asked for). "
     "A failure after the stream began is `event: error` with an ErrorResponse. Lines starting with `:` "
     "are keep-alive comments."
 )

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from charrnn.model.constraints import MAX_PATTERN_CHARS
+from charrnn.model.copies import DEFAULT_MIN_CHARS, MAX_MIN_CHARS
 from charrnn.model.decoding import (
     DRY_SEQUENCE_BREAKERS,
     MAX_DRY_ALLOWED_LENGTH,
@@ -233,6 +234,30 @@ class JsonGrammar(StrictModel):
 Grammar = Annotated[RegexGrammar | ChoiceGrammar | JsonGrammar, Field(discriminator="type")]
 
 
+class CopiesOption(StrictModel):
+    """Ask for the spans of each choice that stand verbatim in the model's training text."""
+
+    min_chars: int = Field(
+        DEFAULT_MIN_CHARS,
+        ge=1,
+        le=MAX_MIN_CHARS,
+        description=f"the shortest span reported (default {DEFAULT_MIN_CHARS}); every reported span is maximal",
+    )
+
+
+def _copies_option(value: Any) -> Any:
+    """`true` stands for the default option and `false` for none (so that errors name copies.min_chars, never a
+    union branch)."""
+    if value is True:
+        return {}
+    return None if value is False else value
+
+
+Copies = Annotated[
+    CopiesOption | None, BeforeValidator(_copies_option, json_schema_input_type=bool | CopiesOption | None)
+]
+
+
 class GenerateRequest(SamplingFields):
     """POST /generate."""
 
@@ -266,11 +291,21 @@ class GenerateRequest(SamplingFields):
         description="added to characters' logits before sampling (-100 bans, 100 forces), keyed by the character "
         "itself; a key of two or more digits is a vocabulary index, as in /v1/completions",
     )
+    copies: Copies = Field(
+        None,
+        description=f"true or {{min_chars: N}}: each choice lists its spans of at least N (default "
+        f"{DEFAULT_MIN_CHARS}) characters that stand verbatim in the model's training text (a 422 for a model "
+        "without a copy index)",
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _default_length(cls, data: Any, info: ValidationInfo) -> Any:
         return _capped_default(data, info, "max_new_chars", 200)
+
+    def copies_min_chars(self) -> int | None:
+        """The shortest copied span asked for, or None when copies are not asked for."""
+        return None if self.copies is None else self.copies.min_chars
 
     @field_validator("prompt")
     @classmethod
@@ -310,6 +345,16 @@ class CharLogprob(ResponseModel):
 FinishReason = Literal["length", "stop", "deadline"]
 
 
+class CopySpan(ResponseModel):
+    """text[start:end] of a choice stands verbatim in the training text from `offset` on (characters)."""
+
+    start: int
+    end: int
+    offset: int = Field(
+        description="a character offset into the training text (the corpus the model card names) where the span stands"
+    )
+
+
 class Choice(ResponseModel):
     """One sample of a /generate answer."""
 
@@ -319,6 +364,7 @@ class Choice(ResponseModel):
         description="length: max_new_chars reached; stop: a stop string appeared; deadline: the server's time limit"
     )
     logprobs: list[CharLogprob] | None = Field(None, description="present when the request asked for logprobs")
+    copies: list[CopySpan] | None = Field(None, description="present when the request asked for copies")
 
 
 class Usage(ResponseModel):
@@ -351,6 +397,7 @@ class StreamChoiceEnd(ResponseModel):
 
     index: int
     finish_reason: FinishReason
+    copies: list[CopySpan] | None = Field(None, description="present when the request asked for copies")
 
 
 class StreamDone(ResponseModel):

@@ -79,7 +79,7 @@ def _as_api_error(exc: ValidationError) -> ApiError:
     field = str(first["loc"][0]) if first["loc"] else None  # the top-level field, e.g. "stop" for stop[2]
     if first["type"] == "extra_forbidden":  # named where it stands: `messages[0].tool_calls`, not `messages`
         return ApiError(422, "unknown_field", f"unknown field {_location(first['loc'])!r}", field)
-    if first["type"] == "model_type":
+    if first["type"] == "model_type" and not first["loc"]:  # a nested object of the wrong type is named below
         return ApiError(422, "invalid_body", "the body must be a JSON object")
     messages = [f"{_location(e['loc'])}: {e['msg']}" for e in errors[:5]]
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""

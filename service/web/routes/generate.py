@@ -7,8 +7,10 @@ from collections.abc import Iterator
 
 from flask import Blueprint, Response, jsonify
 
+from charrnn.model.copies import CopyIndex
 from charrnn.model.decoding import Token
 from charrnn.service.web.clients import client_id, disconnect_check
+from charrnn.service.web.copies import copy_index, copy_spans
 from charrnn.service.web.errors import ApiError
 from charrnn.service.web.limits import check_budget
 from charrnn.service.web.plan import (
@@ -56,6 +58,8 @@ def generate() -> Response:
     check_best_of(body, body.stream)
     check_budget(service.config, jobs=body.samples(), chars=body.max_new_chars, top_logprobs=top, fields=FIELDS)
     loaded = service.model(body.model)
+    min_chars = body.copies_min_chars()
+    index = copy_index(loaded, min_chars)
     grammar = body.grammar
     constraint = None if grammar is None else compile_constraint(loaded, "grammar.value", grammar.type, grammar.value)
     plan = Plan(
@@ -72,27 +76,43 @@ def generate() -> Response:
     run = Run(service, client_id(service.config))
     run.submit([plan])
     if body.stream:
-        response = sse_response(_events(run, plan, new_id(), body.logprobs))
+        response = sse_response(_events(run, plan, new_id(), body.logprobs, index, min_chars))
         response.call_on_close(run.cancel)  # also when the client leaves before the first event
         return response
     choices = [
-        Choice(index=i, text=_text(tokens), finish_reason=reason, logprobs=_logprobs(tokens) if body.logprobs else None)
+        Choice(
+            index=i,
+            text=_text(tokens),
+            finish_reason=reason,
+            logprobs=_logprobs(tokens) if body.logprobs else None,
+            copies=copy_spans(loaded, index, _text(tokens), min_chars),
+        )
         for i, (tokens, reason) in enumerate(best_results([plan], run.results(disconnect_check())))
     ]
     answer = GenerateResponse(id=new_id(), model=loaded.name, choices=choices, usage=_usage(run, plan), seed=plan.seed)
     return jsonify(dump(answer))
 
 
-def _events(run: Run, plan: Plan, answer_id: str, logprobs: bool) -> Iterator[str]:
-    """`event: chunk` per piece of text, `event: done` at the end; `event: error` if generation fails."""
+def _events(
+    run: Run, plan: Plan, answer_id: str, logprobs: bool, copies: CopyIndex | None, min_chars: int | None
+) -> Iterator[str]:
+    """`event: chunk` per piece of text, `event: done` at the end; `event: error` if generation fails.
+
+    Copies (when asked for) come with each choice's end in `done`: a span is known to be maximal only
+    once the text after it is.
+    """
     finished: list[StreamChoiceEnd] = []
+    texts: dict[int, list[str]] = {}
     try:
         for index, tokens, reason in run.stream():
             if reason is not None:
-                finished.append(StreamChoiceEnd(index=index, finish_reason=reason))
+                spans = copy_spans(plan.model, copies, "".join(texts.pop(index, [])), min_chars)
+                finished.append(StreamChoiceEnd(index=index, finish_reason=reason, copies=spans))
             elif not tokens:
                 yield sse_comment("keep-alive")
             else:
+                if copies is not None:
+                    texts.setdefault(index, []).append(_text(tokens))
                 chunk = StreamChunk(index=index, text=_text(tokens), logprobs=_logprobs(tokens) if logprobs else None)
                 yield sse_event(dump(chunk), "chunk")
         done = StreamDone(
