@@ -24,6 +24,14 @@ from charrnn.model.evaluate import bits_per_char, carried_loss, windowed_loss
 from charrnn.model.generation import generate
 
 SAMPLE = {"prompt": "ROMEO:\n", "length": 400, "temperature": 0.8, "seed": 1}
+# What the card's sample text depends on besides the seed (docs/SERVICE.md, "Seeds"), said in the card.
+SAMPLE_ARITHMETIC = (
+    "charrnn sample's text: PyTorch, float32. The service gives it for this seed with CHARRNN_PRECISION=fp32"
+    " in any build of its C kernel (AMX, AVX512-BF16, AVX2: the same bits; portable C: the same text but for"
+    " a draw within rounding of a tie). Its default bfloat16 arithmetic (the AMX or AVX512-BF16 build, where"
+    " the CPU has one) gives a text of its own for the same seed, per build; every build and precision keeps"
+    " a seed's text whatever shares the batch."
+)
 
 
 def card_path(checkpoint: Path) -> Path:
@@ -96,6 +104,7 @@ def export(
         seed=SAMPLE["seed"],
     )
     card["sample"] = {**SAMPLE, "prompt": prompt, "text": prompt + "".join(t.char for t in tokens)}
+    card["sample"]["arithmetic"] = SAMPLE_ARITHMETIC
     if chat_template is not None:
         card["chat_template"] = chat_template.to_card()
     with atomic_write(card_path(out)) as fh:

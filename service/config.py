@@ -39,6 +39,8 @@ DEFAULT_MAX_BATCH = 64  # generations stepped together (and, by default, Gunicor
 DEFAULT_MAX_QUEUE = 256  # generations waiting for a batch slot
 DEFAULT_PROMPT_CACHE_BYTES = 64 << 20  # recurrent states of recently seen prompts
 KERNEL_PRECISIONS = ("auto", "fp32")  # the serving kernel's arithmetic (ServiceConfig.precision), not training's
+# the C kernel's builds (service/engine/lstm_kernel.py VARIANTS), fastest first; "auto": the best this CPU passes
+KERNEL_BUILDS = ("auto", "amx", "bf16", "avx2", "portable")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")  # text: Gunicorn's usual lines; json: one object per line (service/web/logs.py)
 # A browser origin: scheme://host[:port], no path (what a browser sends in its Origin header)
@@ -121,6 +123,8 @@ class ServiceConfig:
     kernel_dir: Path | None = None  # where compiled kernels are kept; None: ~/.cache/charrnn/kernels
     # the kernel's arithmetic: auto, bfloat16 dot products where the CPU has them (AVX512-BF16); fp32 never
     precision: str = _setting("auto", choices=KERNEL_PRECISIONS)
+    # which build of the kernel: auto (the best this CPU runs and that passes its check), or one by name
+    kernel_build: str = _setting("auto", choices=KERNEL_BUILDS)
     docs: bool = True  # serve the API docs page at /docs
     playground: bool = True  # serve the playground page at /
     # -- read by Gunicorn's master (service/web/gunicorn_conf.py) --

@@ -140,16 +140,21 @@ def test_every_kernel_variant_is_built_ahead_for_cpus_unlike_the_builder(monkeyp
     monkeypatch.setenv("CHARRNN_KERNEL_DIR", str(tmp_path))
     built = lstm_kernel.build_all()
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    assert len(set(built)) == (3 if x86 else 1)  # bfloat16 (AVX512-BF16), AVX2, portable
+    # AMX (where the compiler has -mamx-tile), bfloat16 (AVX512-BF16), AVX2, portable
+    assert len(set(built)) in ((3, 4) if x86 else (1,))
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # the runtime image: no compiler
     monkeypatch.setenv("CC", "no-such-compiler")
-    cpus = [(False, False), (True, False), (True, True)] if x86 else [(False, False)]  # (AVX2, AVX512-BF16)
-    for avx2, bf16 in cpus:
+    cpus = [(False, False, False), (True, False, False), (True, True, False)] if x86 else [(False, False, False)]
+    if len(built) == 4:
+        cpus.append((True, True, True))
+    for avx2, bf16, amx in cpus:  # (AVX2, AVX512-BF16, AMX)
         monkeypatch.setattr(lstm_kernel, "_cpu_has_avx2", lambda avx2=avx2: avx2)
         monkeypatch.setattr(lstm_kernel, "has_bf16_dot", lambda bf16=bf16: bf16)
+        monkeypatch.setattr(lstm_kernel, "_cpu_has_amx", lambda amx=amx: amx)
         assert lstm_kernel._build() in built
     monkeypatch.setattr(lstm_kernel, "_cpu_has_avx2", lambda: False)
     monkeypatch.setattr(lstm_kernel, "has_bf16_dot", lambda: False)
+    monkeypatch.setattr(lstm_kernel, "_cpu_has_amx", lambda: False)
     monkeypatch.setattr(lstm_kernel, "_loaded", {})
     assert lstm_kernel.load() is not None  # the portable kernel runs on any CPU, this one included
 

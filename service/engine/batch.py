@@ -278,7 +278,8 @@ def make_batch(model: CharRNN, capacity: int, lib: Any = None, bf16: bool = Fals
 def describe_batch(batch: RecurrentBatch) -> str:
     """How a batch steps, for the log: which implementation, and the C kernel's arithmetic."""
     if isinstance(batch, NativeLSTMBatch):
-        return "the C kernel, bfloat16 arithmetic" if batch.bf16 else "the C kernel, float32 arithmetic"
+        build = batch.lib.charrnn_build().decode()
+        return f"the C kernel ({build} build), {'bfloat16' if batch.bf16 else 'float32'} arithmetic"
     if isinstance(batch, FastLSTMBatch):
         return "the PyTorch LSTM step"
     return "the model's own module"

@@ -33,6 +33,7 @@ the engine's `precision` setting): half the bytes again, and twice the products 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -41,17 +42,20 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 # Every network's layer limit is the kernel's: the C side gets it as -DCHARRNN_MAX_LAYERS and reports it back.
 from charrnn.model.config import MAX_LAYERS
-from charrnn.model.cpu import has_bf16_dot
+from charrnn.model.cpu import cpu_flags, has_bf16_dot
 from charrnn.model.decoding import Sample
 from charrnn.service import config
 
@@ -124,7 +128,21 @@ class KernelDraw:
         return self.ids[:n].tolist(), self.logprobs[:n].tolist()
 
 
-_loaded: dict[Path, ctypes.CDLL | None] = {}  # load()'s answers, per kernel directory
+@dataclass(frozen=True)
+class Choice:
+    """The kernel build a process steps with, and why: what `chosen` found and logs at start-up."""
+
+    build: str | None  # a key of VARIANTS; None: no kernel (the engine steps with PyTorch)
+    library: ctypes.CDLL | None
+    reasons: tuple[str, ...]  # a line per build looked at, the fastest first
+
+    def describe(self) -> str:
+        """One line for the log: the build, what it does, and each build looked at on the way."""
+        head = f"{self.build} ({BUILD_NAMES[self.build]})" if self.build else "none (the PyTorch step)"
+        return f"{head}; {'; '.join(self.reasons)}" if self.reasons else head
+
+
+_loaded: dict[tuple[Path, str], Choice] = {}  # chosen()'s answers, per kernel directory and build asked for
 _held_fds: list[int] = []  # the descriptors kernels were loaded through (see open_checked)
 
 
@@ -153,21 +171,107 @@ def kernel_dir(value: str | os.PathLike[str] | None = None) -> Path:
 def load(native: str | bool | None = None, directory: str | os.PathLike[str] | None = None) -> ctypes.CDLL | None:
     """The compiled kernel (built on first use), or None where it is off or cannot be built or trusted.
 
-    `native` and `directory` as for `native_enabled` and `kernel_dir`. The answer is kept for the
-    process, per directory: a failed build is not retried (its warning is logged once), and another
-    directory is looked at afresh.
+    `native` and `directory` as for `native_enabled` and `kernel_dir`; the build is `chosen`'s.
+    """
+    return chosen(native, directory).library
+
+
+def chosen(
+    native: str | bool | None = None, directory: str | os.PathLike[str] | None = None, build: str | None = None
+) -> Choice:
+    """The kernel build this process steps with, and why (logged once at info, or as a warning where
+    there is none): `build` (else the `kernel_build` setting, CHARRNN_KERNEL_BUILD) where it is named,
+    else the fastest this CPU runs. Before its first use here, a build other than the portable one runs a
+    small step in a child process (`check_build`): one that crashes there (SIGILL, an instruction this CPU
+    lacks) or answers wrong is skipped, and the next one is tried. A named build that fails gives way to
+    the slower ones the same way.
+
+    The answer is kept for the process, per directory and build asked for: a failed build is not retried
+    (its warning is logged once), and another directory is looked at afresh.
     """
     if not native_enabled(native):
-        return None
-    where = kernel_dir(directory).absolute()
-    if where not in _loaded:
-        library = None
+        return Choice(None, None, ("the native kernel is off (CHARRNN_NATIVE)",))
+    wanted = build or config.setting("kernel_build")
+    key = (kernel_dir(directory).absolute(), wanted)
+    if key not in _loaded:
         try:
-            library = open_kernel(directory=where)
+            choice = _choose(key[0], wanted)
+            log.info("native LSTM kernel: %s", choice.describe())
         except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
             log.warning("native LSTM kernel unavailable, using the PyTorch step: %s", exc)
-        _loaded[where] = library
-    return _loaded[where]
+            choice = Choice(None, None, (str(exc),))
+        _loaded[key] = choice
+    return _loaded[key]
+
+
+def _choose(where: Path, wanted: str) -> Choice:
+    """chosen()'s search: the builds from `wanted` (or the fastest, for "auto") down to the portable one.
+
+    Raises (OSError, RuntimeError, subprocess.SubprocessError) where none can be built, trusted and run.
+    """
+    if wanted != "auto" and wanted not in VARIANTS:
+        raise ValueError(f"no kernel build {wanted!r}; there are {', '.join(VARIANTS)}")
+    names = list(VARIANTS)
+    candidates = names if wanted == "auto" else names[names.index(wanted) :]
+    reasons: list[str] = []
+    for build in candidates:
+        lacks = _cpu_lacks(build)
+        if lacks and build != wanted:
+            reasons.append(f"{build} skipped: {lacks}")
+            continue
+        if lacks:  # asked for by name: tried all the same, safely (the check runs it in a child first)
+            reasons.append(f"{build} asked for although this CPU has {lacks}")
+        try:
+            path = _build(build, directory=where)
+        except KernelBuildError as exc:
+            reasons.append(f"{build} did not build ({exc})")
+            continue
+        library = _bind(open_checked(path), path)
+        failure = None if build == "portable" else check_build(path)
+        if failure is None and not library.charrnn_init():
+            failure = "the operating system refused what it needs (for AMX: arch_prctl ARCH_REQ_XCOMP_PERM)"
+        if failure is not None:
+            reasons.append(f"{build} skipped: {failure}")
+            log.warning("the %s kernel build is not used: %s", build, failure)
+            continue
+        reasons.append(f"{build} {'asked for (CHARRNN_KERNEL_BUILD)' if build == wanted else 'chosen'}")
+        return Choice(build, library, tuple(reasons))
+    raise RuntimeError("no build of the kernel runs here: " + "; ".join(reasons))
+
+
+CHECK_TIMEOUT_S = 120
+
+
+def check_build(path: Path) -> str | None:
+    """None if the kernel build at `path` steps a small random model right in a child process
+    (service/engine/kernel_check.py); else what went wrong there (a signal such as SIGILL, a wrong
+    result, a timeout). A pass is remembered beside the library, per CPU, where the directory is ours
+    to write: the next process skips the child."""
+    marker = path.with_name(f"{path.name}.checked-{_cpu_key()}")
+    if marker.exists():
+        return None
+    command = [sys.executable, "-m", "charrnn.service.engine.kernel_check", str(path)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"its check gave no answer in {CHECK_TIMEOUT_S} s"
+    if result.returncode < 0:
+        return f"its check was killed by {signal.Signals(-result.returncode).name}"
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines()
+        return f"its check failed: {lines[-1] if lines else f'exit status {result.returncode}'}"
+    with contextlib.suppress(OSError):  # a directory of someone else's (an image's): checked again next time
+        marker.write_text("passed\n")
+    return None
+
+
+def _cpu_key() -> str:
+    """A short hash of this CPU's model name and flags: a check passed on one CPU says nothing of another."""
+    try:
+        models = {line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")}
+    except OSError:
+        models = set()
+    return hashlib.sha256(repr((sorted(models), sorted(cpu_flags()))).encode()).hexdigest()[:12]
 
 
 def open_kernel(simd: bool | str | None = None, directory: str | os.PathLike[str] | None = None) -> ctypes.CDLL:
@@ -185,9 +289,16 @@ def open_kernel(simd: bool | str | None = None, directory: str | os.PathLike[str
         except KernelBuildError as exc:
             log.warning("the %s kernel did not build (%s); trying the next one this CPU runs", variant, exc)
             continue
-        return _bind(open_checked(path), path)
+        return _init(_bind(open_checked(path), path), path)
     path = _build(variants[-1], directory=directory)
-    return _bind(open_checked(path), path)
+    return _init(_bind(open_checked(path), path), path)
+
+
+def _init(library: ctypes.CDLL, path: Path) -> ctypes.CDLL:
+    """`library` once it has what it needs from the OS (`charrnn_init`); RuntimeError if refused."""
+    if not library.charrnn_init():
+        raise RuntimeError(f"{path}: the operating system refused what this build needs (AMX tile state)")
+    return library
 
 
 def build_all(directory: str | os.PathLike[str] | None = None) -> list[Path]:
@@ -199,7 +310,14 @@ def build_all(directory: str | os.PathLike[str] | None = None) -> list[Path]:
     every user (0755): the image runs as another user.
     """
     variants = list(VARIANTS) if platform.machine().lower() in ("x86_64", "amd64") else ["portable"]
-    return [_build(variant, dir_mode=0o755, directory=directory) for variant in variants]
+    built = []
+    for variant in variants:
+        try:
+            built.append(_build(variant, dir_mode=0o755, directory=directory))
+        except KernelBuildError:
+            if variant != "amx":  # an older compiler without -mamx-tile: AMX CPUs use the bfloat16 build
+                raise
+    return built
 
 
 def open_checked(path: Path) -> ctypes.CDLL:
@@ -260,10 +378,19 @@ def _check_trusted(info: os.stat_result, path: Path, what: str) -> None:
 
 # The kernel's builds, from the most capable: what each asks of the CPU is what its flags let the compiler use.
 _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+_BF16 = [*_AVX2, "-mavx512f", "-mavx512vl", "-mavx512bf16"]  # + bfloat16 dot products (vdpbf16ps)
 VARIANTS = {
-    "bf16": [*_AVX2, "-mavx512f", "-mavx512vl", "-mavx512bf16"],  # + bfloat16 dot products (vdpbf16ps)
+    "amx": [*_BF16, "-mamx-tile", "-mamx-bf16"],  # the bfloat16 products by AMX tiles (_tile_dpbf16ps)
+    "bf16": _BF16,
     "avx2": _AVX2,
     "portable": [],
+}
+# What each build does, for the log.
+BUILD_NAMES = {
+    "amx": "AMX tiles for bfloat16 products",
+    "bf16": "AVX512-BF16 dot products",
+    "avx2": "AVX2/FMA, float32",
+    "portable": "portable C, float32",
 }
 
 
@@ -271,12 +398,29 @@ def _cpu_has_avx2() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
+def _cpu_has_amx() -> bool:
+    """AMX tiles with bfloat16 (amx_tile, amx_bf16 in /proc/cpuinfo); Linux must still grant the tile state."""
+    return {"amx_tile", "amx_bf16"} <= cpu_flags()
+
+
 def cpu_variants() -> list[str]:
     """The builds this CPU runs, the fastest first (a build the compiler refuses falls to the next)."""
+    return [build for build in VARIANTS if _cpu_lacks(build) is None]
+
+
+def _cpu_lacks(build: str) -> str | None:
+    """Why this CPU cannot run `build`, or None if it can."""
+    if build == "portable":
+        return None
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return ["portable"]
-    usable = ["avx2", "portable"] if _cpu_has_avx2() else ["portable"]
-    return ["bf16", *usable] if has_bf16_dot() and _cpu_has_avx2() else usable
+        return f"this is {platform.machine()}, not x86-64"
+    if not _cpu_has_avx2():
+        return "no AVX2/FMA"
+    if build != "avx2" and not has_bf16_dot():
+        return "no AVX512-BF16 (avx512_bf16 in /proc/cpuinfo)"
+    if build == "amx" and not _cpu_has_amx():
+        return "no AMX tiles (amx_tile, amx_bf16 in /proc/cpuinfo)"
+    return None
 
 
 def _variant(simd: bool | str | None) -> str:
@@ -395,6 +539,8 @@ KERNEL_FUNCTIONS = (
     "charrnn_max_layers",
     "charrnn_set_threads",
     "charrnn_net_size",
+    "charrnn_build",
+    "charrnn_init",
 )
 
 
@@ -429,6 +575,10 @@ def _bind(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL:
     lib.charrnn_half_to_float.restype = ctypes.c_float
     lib.charrnn_has_bf16.argtypes = []
     lib.charrnn_has_bf16.restype = ctypes.c_int
+    lib.charrnn_build.argtypes = []
+    lib.charrnn_build.restype = ctypes.c_char_p
+    lib.charrnn_init.argtypes = []
+    lib.charrnn_init.restype = ctypes.c_int
     lib.charrnn_set_threads.argtypes = [ctypes.c_int]
     lib.charrnn_set_threads.restype = ctypes.c_int
     return lib

@@ -22,8 +22,45 @@
 #else
 #define CHARRNN_BF16 0
 #endif
+/* The AMX build: the bfloat16 products by tiles (_tile_dpbf16ps) instead of vdpbf16ps. Compiled with
+   -mamx-tile -mamx-bf16 on top of the bfloat16 build's flags; everything else is that build's code.
+   -DCHARRNN_AMX_EMULATE (tests only) runs the same tile code on any AVX512-BF16 CPU, with the tile
+   instructions done in C (below): it checks the layouts and loops, not the hardware. */
+#if CHARRNN_BF16 && defined(__linux__) && \
+    ((defined(__AMX_TILE__) && defined(__AMX_BF16__)) || defined(CHARRNN_AMX_EMULATE))
+#define CHARRNN_AMX 1
+#include <sys/syscall.h>
+#else
+#define CHARRNN_AMX 0
+#endif
 
 int charrnn_has_bf16(void) { return CHARRNN_BF16; }
+
+const char *charrnn_build(void) {
+#if defined(CHARRNN_AMX_EMULATE) && CHARRNN_AMX
+    return "amx-emulated";
+#elif CHARRNN_AMX
+    return "amx";
+#elif CHARRNN_BF16
+    return "bf16";
+#elif defined(__F16C__) && defined(__FMA__)
+    return "avx2";
+#else
+    return "portable";
+#endif
+}
+
+/* What a build needs from the operating system before its first step: for AMX, Linux's permission to use
+   the tile state (without it the first tile instruction is SIGILL). The permission is the process's and
+   is inherited by threads and forked children. 1: ready; 0: refused (the loader then skips this build). */
+int charrnn_init(void) {
+#if CHARRNN_AMX && !defined(CHARRNN_AMX_EMULATE)
+    const long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+#else
+    return 1;
+#endif
+}
 
 int charrnn_max_layers(void) { return CHARRNN_MAX_LAYERS; }
 size_t charrnn_net_size(void) { return sizeof(Net); }
@@ -445,6 +482,125 @@ static void (*const bblocks[9])(int, int, const uint16_t *, int, const uint16_t 
     NULL, bblock1, bblock2, bblock3, bblock4, bblock5, bblock6, bblock7, bblock8,
 };
 
+#if CHARRNN_AMX
+/* Tiles: the 64-byte configuration _tile_loadconfig reads (palette 1), room for TILE_SLOTS tiles of which
+   palette 1 has 8. */
+#define TILE_SLOTS 16
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[TILE_SLOTS];
+    uint8_t rows[TILE_SLOTS];
+} TileConfig;
+
+#ifdef CHARRNN_AMX_EMULATE
+/* The tile instructions in C, as Intel's pseudo-code has them (each bfloat16 product exact in float32,
+   the pair's two products added to the sum one after the other), for the tests of the tile code. */
+static __thread struct {
+    int rows[8], colsb[8];
+    uint8_t data[8][16][64];
+} emu;
+
+static void emu_loadconfig(const TileConfig *cfg) {
+    for (int t = 0; t < 8; t++) emu.rows[t] = cfg->rows[t], emu.colsb[t] = cfg->colsb[t];
+}
+
+static void emu_loadd(int t, const void *base, long stride) {
+    memset(emu.data[t], 0, sizeof emu.data[t]);
+    for (int r = 0; r < emu.rows[t]; r++) memcpy(emu.data[t][r], (const uint8_t *)base + r * stride, emu.colsb[t]);
+}
+
+static void emu_stored(int t, void *base, long stride) {
+    for (int r = 0; r < emu.rows[t]; r++) memcpy((uint8_t *)base + r * stride, emu.data[t][r], emu.colsb[t]);
+}
+
+static float emu_bf16(uint16_t b) {
+    const uint32_t bits = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static void emu_dpbf16ps(int c, int a, int b) {
+    for (int m = 0; m < emu.rows[c]; m++)
+        for (int n = 0; n < emu.colsb[c] / 4; n++) {
+            float acc;
+            memcpy(&acc, &emu.data[c][m][4 * n], sizeof acc);
+            for (int k = 0; k < emu.colsb[a] / 4; k++) {
+                uint16_t x[2], w[2];
+                memcpy(x, &emu.data[a][m][4 * k], sizeof x);
+                memcpy(w, &emu.data[b][k][4 * n], sizeof w);
+                acc += emu_bf16(x[0]) * emu_bf16(w[0]);
+                acc += emu_bf16(x[1]) * emu_bf16(w[1]);
+            }
+            memcpy(&emu.data[c][m][4 * n], &acc, sizeof acc);
+        }
+}
+
+#undef _tile_loadconfig
+#undef _tile_loadd
+#undef _tile_stored
+#undef _tile_dpbf16ps
+#define _tile_loadconfig(cfg) emu_loadconfig((const TileConfig *)(cfg))
+#define _tile_loadd(t, base, stride) emu_loadd(t, base, stride)
+#define _tile_stored(t, base, stride) emu_stored(t, base, stride)
+#define _tile_dpbf16ps(c, a, b) emu_dpbf16ps(c, a, b)
+#endif
+
+/* Rows and k-tail of the configuration this thread has loaded (tile configuration is per thread). */
+static __thread int tile_rows = 0, tile_tail = -1;
+
+/* tmm0, tmm1: y's R rows by 16 columns (float32), the two halves of a 32-column panel; tmm2: R rows of x by
+   32 k (bfloat16); tmm3, tmm4: 16 pairs of k by 16 columns of the panel's weights (the pairs layout of
+   bpanels is the tiles' "VNNI" layout); tmm5 .. tmm7 the same for the last K % 32 values of k. */
+static void tile_config(int R, int tail) {
+    if (R == tile_rows && tail == tile_tail) return;
+    TileConfig cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    cfg.rows[0] = cfg.rows[1] = cfg.rows[2] = (uint8_t)R;
+    cfg.colsb[0] = cfg.colsb[1] = cfg.colsb[2] = 64;
+    cfg.rows[3] = cfg.rows[4] = 16;
+    cfg.colsb[3] = cfg.colsb[4] = 64;
+    if (tail) {
+        cfg.rows[5] = (uint8_t)R;
+        cfg.colsb[5] = (uint16_t)(2 * tail);
+        cfg.rows[6] = cfg.rows[7] = (uint8_t)(tail / 2);
+        cfg.colsb[6] = cfg.colsb[7] = 64;
+    }
+    _tile_loadconfig(&cfg);
+    tile_rows = R, tile_tail = tail;
+}
+
+/* Unit u of an AMX product: 32-column panel u / groups by 16-row group u % groups. Every element is
+       acc = y[r][c];  for each chunk of 32 k (then the K % 32 left): acc = tdpbf16ps(acc, x[r][chunk], w[chunk][c])
+   the same chunks for every row whatever R is, so a row's result does not depend on its batch. */
+static void amx_unit(const Shared *s, int u) {
+    const int K = s->K, N = s->N, j = (u / s->groups) * 32, r = (u % s->groups) * 16;
+    const int R = s->n - r < 16 ? s->n - r : 16, full = K & ~31, tail = K - full;
+    const uint16_t *xb = (const uint16_t *)s->x + (size_t)r * K, *panel = (const uint16_t *)s->panels + (size_t)j * K;
+    float *y = s->y + (size_t)r * N + j;
+    tile_config(R, tail);
+    _tile_loadd(0, y, 4 * N);
+    _tile_loadd(1, y + 16, 4 * N);
+    for (int k = 0; k < full; k += 32) {
+        _tile_loadd(2, xb + k, 2 * K);
+        _tile_loadd(3, panel + (size_t)k * 32, 128); /* pair k / 2 of the panel: 64 bfloat16, 128 bytes */
+        _tile_loadd(4, panel + (size_t)k * 32 + 32, 128);
+        _tile_dpbf16ps(0, 2, 3);
+        _tile_dpbf16ps(1, 2, 4);
+    }
+    if (tail) {
+        _tile_loadd(5, xb + full, 2 * K);
+        _tile_loadd(6, panel + (size_t)full * 32, 128);
+        _tile_loadd(7, panel + (size_t)full * 32 + 32, 128);
+        _tile_dpbf16ps(0, 5, 6);
+        _tile_dpbf16ps(1, 5, 7);
+    }
+    _tile_stored(0, y, 4 * N);
+    _tile_stored(1, y + 16, 4 * N);
+}
+
+#else
 /* Unit u of a bfloat16 product: 32-column panel u / groups by 8-row group u % groups (the last group what
    is left); x here is xb, the rows rounded to bfloat16 (row stride K). */
 static void bf16_unit(const Shared *s, int u) {
@@ -452,6 +608,7 @@ static void bf16_unit(const Shared *s, int u) {
     const uint16_t *xb = (const uint16_t *)s->x, *panels = s->panels;
     bblocks[R](s->K / 2, s->N, xb + (size_t)r * s->K, s->K, panels + (size_t)j * s->K, s->y + (size_t)r * s->N + j);
 }
+#endif
 
 /* y (n, N) += bf16(x) (n, K; row stride ldx) @ the bfloat16 panels: x rounded into xb, then the units
    panel by panel, so that a panel (K x 32 bfloat16: 64 KB at K = 1024) is read from memory once and from
@@ -460,8 +617,13 @@ static void matmul_bf16(const Net *net, int n, int K, int N, const float *x, int
     uint16_t *xb = net->xb;
     for (int r = 0; r < n; r++)
         for (int k = 0; k < K; k++) xb[(size_t)r * K + k] = to_bf16(x[(size_t)r * ldx + k]);
+#if CHARRNN_AMX
+    const int groups = (n + 15) / 16;
+    Shared job = {amx_unit, groups * (N / 32), 0, 0, n, K, N, K, groups, N / 32, (const float *)xb, NULL, panels, y};
+#else
     const int groups = (n + 7) / 8;
     Shared job = {bf16_unit, groups * (N / 32), 0, 0, n, K, N, K, groups, N / 32, (const float *)xb, NULL, panels, y};
+#endif
     run_shared(&job);
 }
 #endif
@@ -568,6 +730,9 @@ static void lstm_gates(int n, int H, const float *gates, float *c, float *h, int
 #endif
 
 void charrnn_lstm_step(const Net *net, int n, const int64_t *ids) {
+#ifdef CHARRNN_TEST_TRAP
+    __builtin_trap(); /* a build that dies on its first step (SIGILL on x86), for the loader's tests */
+#endif
     const int H = net->hidden, L = net->layers, G = 4 * H, ld = L * H;
     for (int r = 0; r < n; r++) memcpy(net->gates + (size_t)r * G, net->table + (size_t)ids[r] * G, G * sizeof(float));
     recurrent_acc(net, 0, n, H, net->hs, ld, net->gates);

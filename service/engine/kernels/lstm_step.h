@@ -58,6 +58,13 @@ void charrnn_draw_rows(int n, int V, const float *logits, const float *temps, co
    there are; 1 in the portable build, which steps on the calling thread alone. */
 int charrnn_set_threads(int threads);
 
+/* This library's build: "amx", "bf16", "avx2" or "portable" (lstm_kernel.VARIANTS). */
+const char *charrnn_build(void);
+
+/* Asks the operating system for what the build needs before its first step (AMX: Linux's permission for
+   the tile state). 1 if ready, 0 if refused: then the build must not be used. Idempotent. */
+int charrnn_init(void);
+
 /* 1 if this library was built with the bfloat16 step (AVX512-BF16 and AVX512-VL), else 0. */
 int charrnn_has_bf16(void);
 

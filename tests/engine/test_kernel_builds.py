@@ -1,0 +1,192 @@
+"""The kernel's builds (AMX, AVX512-BF16, AVX2/FMA, portable C), chosen at run time: every build this CPU
+runs is checked against PyTorch's float32 step and against the others, each keeps the seeded-batch
+contract in each precision, and a build that crashes or is refused on its first step is skipped, in a
+child process, without taking the service down."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from charrnn.model.decoding import SamplingParams
+from charrnn.service.config import ConfigError
+from charrnn.service.engine import lstm_kernel
+from charrnn.service.engine.batch import FastLSTMBatch, NativeLSTMBatch, bf16_capable
+from charrnn.service.engine.scheduler import Engine, JobSpec
+from tests.helpers import tiny_model
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the kernel with")
+
+BUILDS_HERE = lstm_kernel.cpu_variants()
+POOL = 64  # rows of random state a test batch takes its rows from
+
+
+@pytest.fixture
+def fresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`chosen()` forgets what it chose before (and after)."""
+    monkeypatch.setattr(lstm_kernel, "_loaded", {})
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One kernel directory for the module: each build compiled and checked once."""
+    return tmp_path_factory.mktemp("kernels")
+
+
+def logits_after(batch: object, rows: int, steps: int) -> torch.Tensor:
+    """The logits of `rows` rows (at most POOL) after `steps` steps: row r starts from the same random state
+    and reads the same random ids whatever `rows` is."""
+    generator = torch.Generator().manual_seed(3)
+    model = batch.model
+    layers, hidden = model.config.layers, model.config.hidden
+    h, c = torch.randn(2, layers, POOL, hidden, generator=generator)
+    ids = torch.randint(0, model.config.vocab_size, (steps, POOL), generator=generator)
+    for row in range(rows):
+        batch.add(row, torch.zeros(model.config.vocab_size), (h[:, row : row + 1], c[:, row : row + 1]))
+    for step in ids:
+        batch.step(step[:rows].tolist())
+    return batch.logits.clone()
+
+
+@pytest.mark.parametrize("build", BUILDS_HERE)
+def test_every_build_this_cpu_runs_is_chosen_by_name_and_matches_pytorch(
+    build: str, kernels: Path, fresh: None
+) -> None:
+    choice = lstm_kernel.chosen(directory=kernels, build=build)
+    assert choice.build == build and choice.library.charrnn_build().decode() == build
+    loaded = tiny_model(hidden=48)  # 4H = 192: whole bfloat16 panels; K = 48: a k-tail for AMX tiles
+    with torch.inference_mode():
+        reference = logits_after(FastLSTMBatch(loaded.model, 13), 13, 5)
+        fp32 = logits_after(NativeLSTMBatch(loaded.model, 13, choice.library), 13, 5)
+        assert torch.allclose(fp32, reference, atol=1e-4, rtol=0)
+        if bf16_capable(loaded.model, choice.library):
+            bf16 = logits_after(NativeLSTMBatch(loaded.model, 13, choice.library, bf16=True), 13, 5)
+            assert torch.allclose(bf16, reference, atol=0.1, rtol=0) and not torch.equal(bf16, fp32)
+
+
+def test_the_float32_builds_with_avx2_agree_bit_for_bit(kernels: Path, fresh: None) -> None:
+    """AVX2 and the bfloat16 builds share the float32 code: the same fold, the same bits, the same text."""
+    fast = [build for build in BUILDS_HERE if build != "portable"]
+    if len(fast) < 2:
+        pytest.skip(f"this CPU runs only {BUILDS_HERE}")
+    loaded = tiny_model(hidden=48)
+    with torch.inference_mode():
+        results = [
+            logits_after(NativeLSTMBatch(loaded.model, 9, lstm_kernel.chosen(directory=kernels, build=b).library), 9, 4)
+            for b in fast
+        ]
+    assert all(torch.equal(results[0], other) for other in results[1:])
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp32"])
+@pytest.mark.parametrize("build", BUILDS_HERE)
+def test_a_seeded_job_is_the_same_text_alone_and_in_any_batch_per_build(
+    build: str, precision: str, kernels: Path, monkeypatch: pytest.MonkeyPatch, fresh: None
+) -> None:
+    monkeypatch.setenv("CHARRNN_KERNEL_BUILD", build)
+    loaded = tiny_model(hidden=48)
+    prompt = tuple(loaded.vocab.encode("ab"))
+
+    def texts(seeds: list[int]) -> list[str]:
+        engine = Engine({loaded.name: loaded}, max_batch=32, kernel_dir=kernels, precision=precision)
+        specs = [JobSpec(loaded.name, prompt, 60, SamplingParams(temperature=1.0), seed) for seed in seeds]
+        jobs = [engine.submit(spec) for spec in specs]  # queued before the start: stepped together from the first
+        engine.start()
+        try:
+            return ["".join(t.char for t in job.result(timeout=60)[0]) for job in jobs]
+        finally:
+            engine.close()
+
+    alone = texts([5])[0]
+    assert texts([100, 101, 102, 5, 103, 104, 105, 106])[3] == alone  # among 7 others
+    assert texts([*range(200, 215), 5, *range(300, 316)])[15] == alone  # among 31 others
+    assert lstm_kernel.chosen(directory=kernels).build == build
+
+
+def test_a_build_that_crashes_on_its_first_step_is_skipped_and_the_next_one_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What an untested build (AMX, on a machine that never ran it) may do: die of SIGILL. The check runs
+    it in a child process first, so this process lives on with the next build."""
+    best = BUILDS_HERE[0]
+    if best == "portable":
+        pytest.skip("only the portable build runs here, and it is never skipped")
+    monkeypatch.setitem(lstm_kernel.VARIANTS, best, [*lstm_kernel.VARIANTS[best], "-DCHARRNN_TEST_TRAP"])
+    with caplog.at_level(logging.INFO, logger="charrnn.service.engine.lstm_kernel"):
+        choice = lstm_kernel.chosen(directory=tmp_path)
+    assert choice.build == BUILDS_HERE[1] and choice.library is not None
+    assert f"{best} skipped: its check was killed by SIGILL" in choice.describe()
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"the {best} kernel build is not used: its check was killed by SIGILL" in logged
+    assert f"native LSTM kernel: {BUILDS_HERE[1]}" in logged  # which build, and why, at start-up
+    assert not list(tmp_path.glob(f"{lstm_kernel.kernel_path(best, tmp_path).name}.checked-*"))
+
+
+def test_a_build_this_cpu_lacks_asked_for_by_name_gives_way_safely(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh: None
+) -> None:
+    missing = [build for build in lstm_kernel.VARIANTS if build not in BUILDS_HERE]
+    if not missing:
+        pytest.skip("this CPU runs every build")
+    monkeypatch.setenv("CHARRNN_KERNEL_BUILD", missing[0])
+    choice = lstm_kernel.chosen(directory=tmp_path)
+    assert choice.build in BUILDS_HERE and choice.library is not None
+    assert f"{missing[0]} asked for although this CPU has no" in choice.describe()
+    assert f"{missing[0]} skipped" in choice.describe() or f"{missing[0]} did not build" in choice.describe()
+
+
+def test_a_passed_check_is_remembered_beside_the_library(tmp_path: Path, fresh: None) -> None:
+    best = BUILDS_HERE[0]
+    if best == "portable":
+        pytest.skip("the portable build is never checked")
+    lstm_kernel.chosen(directory=tmp_path)
+    (marker,) = tmp_path.glob("*.checked-*")
+    assert marker.name.startswith(lstm_kernel.kernel_path(best, tmp_path).name)
+    assert lstm_kernel.check_build(lstm_kernel.kernel_path(best, tmp_path)) is None
+
+
+def test_an_unknown_build_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch, fresh: None) -> None:
+    monkeypatch.setenv("CHARRNN_KERNEL_BUILD", "sse2")
+    with pytest.raises(ConfigError, match="CHARRNN_KERNEL_BUILD"):
+        lstm_kernel.chosen()
+
+
+@pytest.fixture
+def emulated_amx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh: None) -> object:
+    """The AMX build's tile code compiled with the tile instructions done in C (-DCHARRNN_AMX_EMULATE), as
+    "amx" on a CPU said to have AMX: what this project can check of that code without AMX hardware."""
+    if "bf16" not in BUILDS_HERE:
+        pytest.skip("the emulated tiles need the bfloat16 build (AVX512-BF16)")
+    monkeypatch.setitem(lstm_kernel.VARIANTS, "amx", [*lstm_kernel.VARIANTS["bf16"], "-DCHARRNN_AMX_EMULATE"])
+    monkeypatch.setattr(lstm_kernel, "_cpu_has_amx", lambda: True)
+    choice = lstm_kernel.chosen(directory=tmp_path)
+    assert choice.build == "amx" and choice.library.charrnn_build() == b"amx-emulated"  # it passed its check
+    return choice.library
+
+
+def test_the_amx_tile_code_matches_the_bfloat16_build(emulated_amx: object, kernels: Path) -> None:
+    bf16 = lstm_kernel.chosen(directory=kernels, build="bf16").library
+    for hidden in (48, 64):  # K = 48: a k-tail of 16 after one whole tile; 64: whole tiles only
+        loaded = tiny_model(hidden=hidden)
+        with torch.inference_mode():
+            reference = logits_after(FastLSTMBatch(loaded.model, 37), 37, 3)
+            tiles = logits_after(NativeLSTMBatch(loaded.model, 37, emulated_amx, bf16=True), 37, 3)
+            vdp = logits_after(NativeLSTMBatch(loaded.model, 37, bf16, bf16=True), 37, 3)
+        assert torch.allclose(tiles, vdp, atol=1e-4, rtol=0)  # the same bfloat16 products, summed in other orders
+        assert torch.allclose(tiles, reference, atol=0.1, rtol=0)
+
+
+def test_the_amx_tile_code_keeps_a_rows_result_whatever_its_batch(emulated_amx: object) -> None:
+    """Groups of 16 rows per tile, the last one partial: row 0 alone and among 21 and 37 rows; row 20 among
+    21 (a group of 5) and among 37 (a whole group)."""
+    loaded = tiny_model(hidden=48)
+    with torch.inference_mode():
+        one, some, many = (
+            logits_after(NativeLSTMBatch(loaded.model, n, emulated_amx, bf16=True), n, 3) for n in (1, 21, 37)
+        )
+    assert torch.equal(one[0], some[0]) and torch.equal(one[0], many[0])
+    assert torch.equal(some[20], many[20])
