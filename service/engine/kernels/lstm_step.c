@@ -495,13 +495,16 @@ typedef struct {
 #ifdef CHARRNN_AMX_EMULATE
 /* The tile instructions in C, as Intel's pseudo-code has them (each bfloat16 product exact in float32,
    the pair's two products added to the sum one after the other), for the tests of the tile code. */
+#define EMU_TILES 8      /* tiles of palette 1 */
+#define EMU_ROWS 16      /* at most, per tile */
+#define EMU_ROW_BYTES 64 /* at most, per tile row */
 static __thread struct {
-    int rows[8], colsb[8];
-    uint8_t data[8][16][64];
+    int rows[EMU_TILES], colsb[EMU_TILES];
+    uint8_t data[EMU_TILES][EMU_ROWS][EMU_ROW_BYTES];
 } emu;
 
 static void emu_loadconfig(const TileConfig *cfg) {
-    for (int t = 0; t < 8; t++) emu.rows[t] = cfg->rows[t], emu.colsb[t] = cfg->colsb[t];
+    for (int t = 0; t < EMU_TILES; t++) emu.rows[t] = cfg->rows[t], emu.colsb[t] = cfg->colsb[t];
 }
 
 static void emu_loadd(int t, const void *base, long stride) {
