@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 # machine: make TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install serve test test-docker test-harness lint format bench default-model clean
+.PHONY: install serve test test-docker test-harness lint format bench default-model default-model-index clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,19 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed  ## create .venv and install the project with its test extra
 
+# The default model's copy index (`copies` on /generate) is built here, not committed: it opens only with Tiny
+# Shakespeare, which this repository never holds. `make serve` builds it when it is missing (the corpus is taken
+# from a local copy or downloaded and checked against its sha256) and serves without it if that fails.
+DEFAULT_CHECKPOINT := service/default_model/shakespeare.safetensors
+DEFAULT_INDEX := service/default_model/shakespeare.copies
+
 serve: install  ## serve the shipped default model on http://127.0.0.1:8000
+	@test -f $(DEFAULT_INDEX) || $(MAKE) --no-print-directory default-model-index \
+	    || echo "make serve: the default model has no copy index, so /generate refuses copies (see README)"
 	$(BIN)/charrnn serve
+
+default-model-index: install  ## build the default model's copy index from Tiny Shakespeare (seconds)
+	$(BIN)/charrnn index $(DEFAULT_CHECKPOINT) --corpus tinyshakespeare
 
 lint: install  ## ruff lint and format check
 	$(BIN)/ruff check .
@@ -63,6 +74,7 @@ default-model: install  ## retrain the shipped default model (55 minutes on 2 CP
 	$(BIN)/charrnn export runs/shakespeare --half --corpus tinyshakespeare \
 	    --out service/default_model/shakespeare.safetensors --command "$(DEFAULT_MODEL_COMMAND)" \
 	    --chat-template service/default_model/shakespeare.chat_template.json
+	$(BIN)/charrnn index $(DEFAULT_CHECKPOINT) --corpus tinyshakespeare
 
 clean:
 	rm -rf $(VENV) $(HARNESS_VENV) .pytest_cache .ruff_cache *.egg-info

@@ -107,9 +107,27 @@ def export(
     card["sample"]["arithmetic"] = SAMPLE_ARITHMETIC
     if chat_template is not None:
         card["chat_template"] = chat_template.to_card()
+    card["copies"] = copies_note(card["name"], ckpt.meta)
     with atomic_write(card_path(out)) as fh:
         fh.write((json.dumps(card, indent=2, ensure_ascii=False) + "\n").encode())
     return card
+
+
+def copies_note(name: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """What the card says of copy detection: the index's file, the text it covers and what an offset counts."""
+    corpus = meta.get("corpus") if isinstance(meta.get("corpus"), dict) else {}
+    train_config = meta.get("train_config") if isinstance(meta.get("train_config"), dict) else {}
+    chars, fraction = corpus.get("chars"), train_config.get("val_fraction")
+    trained = chars - int(chars * fraction) if isinstance(chars, int) and isinstance(fraction, float) else None
+    corpus_name = corpus.get("name", "the corpus")
+    return {
+        "index": f"{name}.copies, built by `charrnn index {name}.safetensors --corpus {corpus_name}` (not shipped: "
+        "it holds no text and opens only with the corpus)",
+        "training_text": f"the first {trained} characters of {corpus_name} (sha256 {corpus.get('sha256')}): the "
+        "part before the validation split",
+        "offsets": f"a copy's offset counts characters from the start of {corpus_name}'s text, the file whose sha256 "
+        "is given",
+    }
 
 
 def _check_template(template: ChatTemplate, alphabet: str) -> None:

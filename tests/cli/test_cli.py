@@ -143,6 +143,7 @@ def test_export_writes_half_precision_weights_and_a_model_card(
     assert abs(card["validation"]["loss"] - card["validation"]["loss_float32"]) < 0.005
     assert 0 < card["validation"]["loss_state_carried"] < card["validation"]["loss"] + 0.1
     assert card["sample"]["text"].startswith(card["sample"]["prompt"]) and card["corpus"]["sha256"]
+    assert card["corpus"]["sha256"] in card["copies"]["training_text"] and "offset" in card["copies"]["offsets"]
     assert out.stat().st_size < (trained_run / "best.safetensors").stat().st_size
     assert load_checkpoint(out).meta["half"] is True
 
