@@ -12,7 +12,8 @@ test client: no HTTP socket, so the figure is the check's, not the network's) an
 
 then the index's size (bytes, bytes per character) and build time, and the added time per request: the
 median of --repeats requests of 1,500 characters with and without `copies`, alternated, same seed, and the ratio
-(goal: under 1.05). Needs the corpus (`charrnn corpus fetch tinyshakespeare`, or a local copy). Usage:
+(goal: under 1.05), and, steadier than that difference of two noisy times, the search alone on the texts above
+as a share of the request. Needs the corpus (`charrnn corpus fetch tinyshakespeare`, or a local copy). Usage:
 
     python bench/copies.py [--min-chars 32 20] [--repeats 5] [--threads 2]
 """
@@ -31,6 +32,7 @@ import torch
 
 from charrnn.corpora.copies import index_checkpoint
 from charrnn.corpora.registry import resolve
+from charrnn.model.checkpoint import load_checkpoint
 from charrnn.service.config import DEFAULT_MODEL_DIR
 from charrnn.service.web.app import create_app
 
@@ -84,13 +86,16 @@ def main() -> None:
         app = create_app({"MODEL_DIR": models, "TESTING": True})
         try:
             client = app.test_client()
-            spans_table(client, train, args.min_chars)
-            timing(client, args.repeats)
+            texts = spans_table(client, train, args.min_chars)
+            plain = timing(client, args.repeats)
+            check_alone(index, load_checkpoint(models / "shakespeare.safetensors").vocab, texts, plain)
         finally:
             app.extensions["charrnn"].close()
 
 
-def spans_table(client, train: str, minimums: list[int]) -> None:
+def spans_table(client, train: str, minimums: list[int]) -> list[str]:
+    """Print the table; return the texts generated."""
+    texts = []
     print(f"\n{'T':>4} {'seed':>4} {'min':>4} {'reported':>8} {'brute':>6} {'verbatim':>8} {'missed':>6} {'extra':>5}")
     for temperature in TEMPERATURES:
         for seed in SEEDS:
@@ -99,6 +104,8 @@ def spans_table(client, train: str, minimums: list[int]) -> None:
                 answer = client.post("/generate", json={**body, "copies": {"min_chars": min_chars}}).get_json()
                 choice = answer["choices"][0]
                 text, spans = choice["text"], choice["copies"]
+                if min_chars == minimums[0]:
+                    texts.append(text)  # the same text for every minimum (same seed)
                 reported = [(s["start"], s["end"]) for s in spans]
                 verbatim = all(
                     text[s["start"] : s["end"]] == train[s["offset"] : s["offset"] + s["end"] - s["start"]]
@@ -110,9 +117,11 @@ def spans_table(client, train: str, minimums: list[int]) -> None:
                     f"{temperature:>4} {seed:>4} {min_chars:>4} {len(reported):>8} {len(truth):>6} "
                     f"{'yes' if verbatim else 'NO':>8} {missed:>6} {extra:>5}"
                 )
+    return texts
 
 
-def timing(client, repeats: int) -> None:
+def timing(client, repeats: int) -> float:
+    """Print the median request time with and without copies and their ratio; return the time without."""
     body = {"max_new_chars": CHARS, "temperature": 1.0, "seed": 7}
     client.post("/generate", json=body)  # warm-up: kernel, caches
     plain, checked = [], []
@@ -127,6 +136,25 @@ def timing(client, repeats: int) -> None:
         f"\nPOST /generate, {CHARS} characters, median of {repeats}: without copies {a * 1000:.1f} ms, "
         f"with copies {b * 1000:.1f} ms, ratio {b / a:.3f} (+{(b - a) * 1000:.1f} ms)"
     )
+    return a
+
+
+def check_alone(index, vocab, texts: list[str], request_s: float, repeats: int = 20) -> None:
+    """The search by itself (what a request with copies adds), timed over the generated texts: steadier than
+    the difference of two noisy request times."""
+    for min_chars in (32, 20, 12):
+        times = []
+        for text in texts:
+            ids = vocab.encode(text)
+            started = time.perf_counter()
+            for _ in range(repeats):
+                index.find(ids, min_chars)
+            times.append((time.perf_counter() - started) / repeats)
+        per = statistics.median(times)
+        print(
+            f"the search alone, min_chars {min_chars}: {per * 1000:.2f} ms per {CHARS} characters (median of "
+            f"{len(texts)} texts), {100 * per / request_s:.2f} % of a request without copies"
+        )
 
 
 if __name__ == "__main__":

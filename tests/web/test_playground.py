@@ -19,6 +19,7 @@ import pytest
 import requests
 import torch
 
+from charrnn.corpora.copies import index_checkpoint
 from charrnn.model.checkpoint import load_checkpoint, save_checkpoint
 from charrnn.model.config import ModelConfig
 from charrnn.model.network import CharRNN
@@ -47,10 +48,11 @@ UNNAMED_BUTTONS = """() => [...document.querySelectorAll("button")]
 
 @pytest.fixture(scope="module")
 def models(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny trained model, and `slow`: random weights, big enough that a long generation is still running
-    when a test stops it (the tiny model generates a million characters in seconds)."""
+    """The tiny trained model (with its copy index), and `slow`: random weights, big enough that a long generation
+    is still running when a test stops it (the tiny model generates a million characters in seconds)."""
     models = tmp_path_factory.mktemp("playground-models")
     shutil.copy(model_dir / "tiny.safetensors", models / "tiny.safetensors")
+    index_checkpoint(models / "tiny.safetensors", str(model_dir.parent / "corpus.txt"))
     vocab = load_checkpoint(model_dir / "tiny.safetensors").vocab
     torch.manual_seed(0)
     slow = CharRNN(ModelConfig(vocab_size=len(vocab), cell="lstm", layers=2, hidden=384, embed=32))
@@ -291,6 +293,36 @@ def test_the_page_steers_with_a_pattern_and_penalties(page: Page, server: Gunico
     expect(page.get_by_role("alert").filter(has_text="not a valid regular expression")).to_be_visible()
     expect(page.locator("#constraint")).to_have_attribute("aria-invalid", "true")
     screenshot(page, "7-invalid-pattern")
+
+
+def test_copied_spans_are_marked_with_where_they_stand(page: Page, server: GunicornServer) -> None:
+    open_playground(page, server)
+    page.fill("#temperature", "0")
+    page.check("#copies")
+    page.fill("#copies-min", "12")
+    generate_seeded(page, "the ", 400, 3)
+    expect(page.locator("#status")).to_contain_text("copied from the training text (marked)")
+    body = {"prompt": "the ", "seed": 3, "temperature": 0, "max_new_chars": 400, "copies": {"min_chars": 12}}
+    (expected,) = requests.post(server.url + "/generate", json=body, timeout=60).json()["choices"]
+    text, spans = expected["text"], expected["copies"]
+    assert spans and page.locator("#generated").text_content() == text
+    covered = sorted({i for s in spans for i in range(s["start"], s["end"])})
+    runs = [[covered[0]]]
+    for i in covered[1:]:
+        runs[-1].append(i) if i == runs[-1][-1] + 1 else runs.append([i])
+    marks = page.locator("#generated mark.copied")
+    assert marks.all_text_contents() == [text[run[0] : run[-1] + 1] for run in runs]
+    assert str(spans[0]["offset"]) in marks.first.get_attribute("title")
+    screenshot(page, "8-copies")
+
+    page.check("#colour")  # over probability colours: the copied characters are underlined
+    generate_seeded(page, "the ", 400, 3, colour=True)
+    assert page.locator("#generated .char.copied").count() == len(covered)
+
+    page.fill("#copies-min", "0")
+    page.click("#generate")
+    expect(page.get_by_role("alert").filter(has_text="copies.min_chars")).to_be_visible()
+    expect(page.locator("#copies-min")).to_have_attribute("aria-invalid", "true")
 
 
 def test_every_control_is_labelled_and_errors_are_announced(page: Page, server: GunicornServer) -> None:

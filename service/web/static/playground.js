@@ -13,6 +13,7 @@ const page = {
   drawn: 0, // how many of them the output shows (drawn once a frame)
   drawScheduled: false,
   withLogprobs: false, // whether the last generation asked for them
+  copies: [], // the last generation's copied spans: {start, end, offset} into its text and the training text
   inspection: null, // the last POST /inspect answer
   scored: [], // the last POST /score answer's characters: {char, logprob, top}
   maxInspectChars: null,
@@ -23,7 +24,7 @@ const FIELD_CONTROLS = {
   prompt: "prompt", model: "model", temperature: "temperature", top_k: "top-k", top_p: "top-p",
   max_new_chars: "max-new-chars", seed: "seed", stop: "stop", text: "inspect-text", layer: "layer",
   grammar: "constraint", "grammar.value": "constraint", frequency_penalty: "frequency-penalty",
-  presence_penalty: "presence-penalty",
+  presence_penalty: "presence-penalty", copies: "copies-min",
 };
 
 // -- talking to the server ---------------------------------------------------------------------------
@@ -206,6 +207,7 @@ function generateBody() {
   const stop = stopStrings();
   if (stop.length) body.stop = stop;
   if ($("constraint").value) body.grammar = { type: "regex", value: $("constraint").value };
+  if ($("copies").checked) body.copies = { min_chars: numberField("copies-min", "Shortest copied span") };
   return body;
 }
 
@@ -217,6 +219,7 @@ function setRunning(running) {
 
 function resetOutput(prompt) {
   page.tokens = [];
+  page.copies = [];
   page.drawn = 0;
   $("prompt-echo").textContent = prompt;
   $("generated").replaceChildren();
@@ -314,6 +317,13 @@ function finish(done) {
   // With a pattern, "stop" may also mean that the match is complete.
   const why = reason === "stop" && $("constraint").value ? "completed the pattern or met a stop string" : FINISH[reason] || reason;
   $("status").textContent = `Done: ${page.tokens.length} characters, ${why}; seed ${done.seed}.`;
+  const copies = done.choices.length ? done.choices[0].copies : undefined;
+  if (copies) {
+    page.copies = copies;
+    markCopies();
+    const spans = copies.length === 1 ? "1 span" : `${copies.length} spans`;
+    $("status").textContent += ` ${spans} copied from the training text${copies.length ? " (marked)" : ""}.`;
+  }
   if ($("random-seed").checked) $("seed").value = String(done.seed); // untick "Random seed" to reuse it
   return true;
 }
@@ -359,6 +369,40 @@ function showProbabilities() {
   if (coloured()) target.replaceChildren(...page.tokens.map(probabilitySpan));
   else target.replaceChildren(page.tokens.map((t) => t.char).join(""));
   page.drawn = page.tokens.length;
+  markCopies();
+}
+
+// -- copied spans ------------------------------------------------------------------------------------
+
+// Marks the characters of page.copies (spans may overlap): coloured characters get an underline, plain
+// text is cut into runs, each copied run a <mark> that says where in the training text it stands.
+function markCopies() {
+  if (!page.copies.length) return;
+  const covering = new Array(page.tokens.length).fill(null); // character index -> the first span covering it
+  for (const span of page.copies) {
+    for (let i = span.start; i < Math.min(span.end, covering.length); i++) covering[i] ??= span;
+  }
+  if (coloured()) {
+    for (const el of $("generated").querySelectorAll(".char")) {
+      if (covering[Number(el.dataset.index)]) el.classList.add("copied");
+    }
+    return;
+  }
+  const parts = [];
+  for (let i = 0; i < covering.length;) {
+    let j = i;
+    while (j < covering.length && Boolean(covering[j]) === Boolean(covering[i])) j++;
+    const text = page.tokens.slice(i, j).map((t) => t.char).join("");
+    if (covering[i]) {
+      const mark = document.createElement("mark");
+      mark.className = "copied";
+      mark.textContent = text;
+      mark.title = `copied: stands in the training text from character ${covering[i].offset}`;
+      parts.push(mark);
+    } else parts.push(text);
+    i = j;
+  }
+  $("generated").replaceChildren(...parts);
 }
 
 function toggleColours() {
