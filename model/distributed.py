@@ -6,8 +6,13 @@ has one code path. `current_launch` is the one reader of torchrun's environment 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -21,6 +26,15 @@ class Launch:
     rank: int = 0  # RANK: this process among all of them
     world: int = 1  # WORLD_SIZE: how many processes train together
     local_rank: int = 0  # LOCAL_RANK: this process among those of its machine (its GPU's index)
+
+
+def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of a state dict's tensors as float32 bytes, in the order of their names: equal weights, equal digests."""
+    sha = hashlib.sha256()
+    for name in sorted(weights):
+        sha.update(name.encode())
+        sha.update(weights[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return sha.hexdigest()
 
 
 def current_launch() -> Launch:
@@ -88,6 +102,63 @@ class Distributed:
         values = torch.tensor([elapsed, float(stop)], dtype=torch.float64, device=self.device)
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
         return float(values[0]), bool(values[1])
+
+    def gather_ends(self, step: int, digest: str) -> list[tuple[int, str]]:
+        """Every rank's step and weights digest (a sha256 in hex), in rank order; this rank's alone when not
+        distributed. Ranks on different machines could drift apart where their arithmetic differs."""
+        if not self.enabled:
+            return [(step, digest)]
+        mine = torch.tensor([step, *bytes.fromhex(digest)], dtype=torch.int64, device=self.device)
+        everyone = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(everyone, mine)
+        return [(int(t[0]), bytes(t[1:].tolist()).hex()) for t in everyone]
+
+    def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's (layers, batch, hidden) tensor side by side: (layers, batch x world, hidden), rank 0's
+        rows first. Each rank carries the state of its own tracks; a checkpoint keeps all of them."""
+        if not self.enabled:
+            return tensor
+        everyone = [torch.empty_like(tensor) for _ in range(self.world)]
+        dist.all_gather(everyone, tensor.contiguous())
+        return torch.cat(everyone, dim=1)
+
+    def own_rows(self, tensor: torch.Tensor, batch: int) -> torch.Tensor:
+        """This rank's rows of a tensor that `gather_rows` made (as it is when it holds one rank's rows only)."""
+        if tensor.shape[1] != batch * self.world:
+            return tensor
+        return tensor[:, self.rank * batch : (self.rank + 1) * batch]
+
+    @contextlib.contextmanager
+    def rank0_file(self, path: Path) -> Iterator[Path | None]:
+        """Rank 0's file at `path`, on every rank (None on every rank when rank 0 has none).
+
+        Only rank 0 writes checkpoints, so on other machines (other disks) `path` is missing or stale: rank 0
+        sends its bytes and every other rank reads them from a temporary copy, so that all resume from the
+        same checkpoint whether or not the machines share a file system.
+        """
+        if not self.enabled:
+            yield path if path.is_file() else None
+            return
+        exists = self.is_main and path.is_file()
+        data = path.read_bytes() if exists else b""
+        size = torch.tensor([len(data) if exists else -1], dtype=torch.int64, device=self.device)
+        dist.broadcast(size, src=0)
+        if int(size) < 0:
+            yield None
+            return
+        buffer = torch.empty(int(size), dtype=torch.uint8)
+        if data:
+            buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # no copy of the bytes: a view
+        if len(buffer):
+            buffer = buffer.to(self.device)
+            dist.broadcast(buffer, src=0)
+        if self.is_main:
+            yield path
+            return
+        with tempfile.TemporaryDirectory(prefix="charrnn-rank0-") as folder:
+            copy = Path(folder) / path.name
+            copy.write_bytes(buffer.cpu().numpy().tobytes())
+            yield copy
 
     def close(self) -> None:
         if self.enabled and dist.is_initialized():

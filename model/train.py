@@ -33,7 +33,7 @@ from charrnn.model.cpu import cpu_flags
 from charrnn.model.data import Corpus, TrackBatcher, corpus_stats
 from charrnn.model.decoding import SamplingParams
 from charrnn.model.diagnosis import diagnose
-from charrnn.model.distributed import Distributed
+from charrnn.model.distributed import Distributed, weights_digest
 from charrnn.model.evaluate import bits_per_char, windowed_loss
 from charrnn.model.generation import generate
 from charrnn.model.network import CharRNN, State, detach_state, state_from_tensors, state_tensors
@@ -222,6 +222,7 @@ class Trainer:
                 bits_per_char(self.val_loss),
             )
             log.info("%s", summary)
+        self._log_how_ranks_end()
         # Rank 0 has just saved and plotted while the others waited for nothing: one more agreement
         # before leaving the group, so that no rank tears it down while another is still busy; and the
         # DistributedDataParallel wrapper goes first (its reducer outliving the group aborted a rank at exit).
@@ -241,6 +242,22 @@ class Trainer:
             self.best_step,
             summary,
         )
+
+    def _log_how_ranks_end(self) -> None:
+        """Under torchrun, rank 0 logs whether every rank ends at the same step with bit-identical weights:
+        only rank 0's are saved, and ranks on machines whose arithmetic differs could drift apart."""
+        if not self.dist.enabled:
+            return
+        ends = self.dist.gather_ends(self.step, weights_digest(self.model.state_dict()))
+        if not self.dist.is_main:
+            return
+        if len(set(ends)) == 1:
+            log.info("all %d ranks end at step %d with identical weights (sha256 %s)", self.dist.world, *ends[0])
+            return
+        apart = "; ".join(
+            f"rank {rank}: step {step}, weights sha256 {digest}" for rank, (step, digest) in enumerate(ends)
+        )
+        log.warning("the ranks end apart (%s); the checkpoints hold rank 0's weights", apart)
 
     def evaluation_interval(self) -> float | None:
         """Seconds of training between evaluations by the clock: the budget / eval_count (None: by steps only)."""
@@ -370,9 +387,11 @@ class Trainer:
         """Evaluate (the averaged weights, with --ema) and save `best` if it improved, then `last` (raw)."""
         with self._averaged():
             self._evaluate_and_save_best(final)
+        # Each rank carries the state of its own tracks: `last` keeps every rank's, for --resume.
+        carry = [self.dist.gather_rows(t) for t in state_tensors(self.state)] if self.state is not None else []
         if not self.dist.is_main:
             return
-        self._save(LAST, training_state=True)
+        self._save(LAST, training_state=True, carry=carry)
         if final or time.monotonic() - self._plotted_at >= PLOT_INTERVAL_S:  # a PNG costs ~0.3 s: not every eval
             plot.write_loss_curve(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
             self._plotted_at = time.monotonic()
@@ -444,7 +463,7 @@ class Trainer:
         for temperature, text in samples.items():
             log.info("  sample at step %d, temperature %s: %r", self.step, temperature, text)
 
-    def _save(self, name: str, training_state: bool) -> None:
+    def _save(self, name: str, training_state: bool, carry: list[torch.Tensor] | None = None) -> None:
         meta = {
             "kind": name.removesuffix(SUFFIX),
             "step": self.step,
@@ -463,7 +482,7 @@ class Trainer:
             "saved_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         meta = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in meta.items()}
-        extra = self._training_state() if training_state else None
+        extra = self._training_state(carry or []) if training_state else None
         path = self.out_dir / name
         try:
             save_checkpoint(path, self.model, self.corpus.vocab, meta, extra)
@@ -474,26 +493,28 @@ class Trainer:
                 " (free some space or fix the directory's permissions, then --resume)"
             ) from exc
 
-    def _training_state(self) -> dict[str, torch.Tensor]:
-        """Everything beyond the weights that makes a resumed run identical to an unbroken one."""
+    def _training_state(self, carry: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Everything beyond the weights that makes a resumed run identical to an unbroken one (`carry`: the
+        carried state of every rank's tracks, (layers, batch x world, hidden) each)."""
         tensors = {"rng.torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         for i, param in enumerate(self.model.parameters()):
             for key, value in self.optimizer.state.get(param, {}).items():
                 tensors[f"optim.{i}.{key}"] = torch.as_tensor(value)
-        if self.state is not None:
-            for j, tensor in enumerate(state_tensors(self.state)):
-                tensors[f"carry.{j}"] = tensor
+        for j, tensor in enumerate(carry):
+            tensors[f"carry.{j}"] = tensor
         for i, average in enumerate(self.ema or []):
             tensors[f"ema.{i}"] = average
         return tensors
 
     def _restore(self) -> None:
         path = self.out_dir / LAST
-        if not path.exists():
-            raise TrainingError(f"--resume: no {LAST} in {self.out_dir} to resume from")
-        ckpt = load_checkpoint(path, with_training_state=True)
+        with self.dist.rank0_file(path) as local:  # rank 0's checkpoint on every machine
+            if local is None:
+                where = " on the machine of rank 0" if self.dist.enabled else ""
+                raise TrainingError(f"--resume: no {LAST} in {self.out_dir}{where} to resume from")
+            ckpt = load_checkpoint(local, with_training_state=True)
         self._check_same_run(path, ckpt.meta, ckpt.config)
         self.model.load_state_dict(ckpt.weights)
         self._restore_optimizer(ckpt.extra)
@@ -507,7 +528,8 @@ class Trainer:
         if "rng.cuda" in ckpt.extra and self.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt.extra["rng.cuda"], self.device)
         carry = [ckpt.extra[f"carry.{j}"] for j in range(2) if f"carry.{j}" in ckpt.extra]
-        self.state = state_from_tensors([t.to(self.device) for t in carry]) if carry else None
+        own = [self.dist.own_rows(t, self.cfg.batch).to(self.device) for t in carry]
+        self.state = state_from_tensors(own) if own else None
         meta = ckpt.meta
         self.step, self.elapsed = meta["step"], meta["elapsed_s"]
         self.train_loss, self.val_loss, self.best_val_loss = meta["train_loss"], meta["val_loss"], meta["best_val_loss"]
