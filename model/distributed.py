@@ -103,12 +103,12 @@ class Distributed:
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
         return float(values[0]), bool(values[1])
 
-    def gather_ends(self, step: int, digest: str) -> list[tuple[int, str]]:
-        """Every rank's step and weights digest (a sha256 in hex), in rank order; this rank's alone when not
-        distributed. Ranks on different machines could drift apart where their arithmetic differs."""
+    def gather_digests(self, count: int, digest: str) -> list[tuple[int, str]]:
+        """Every rank's count and sha256 (in hex), in rank order (this rank's alone when not distributed): to
+        check that ranks on different machines read the same corpus and end with the same weights."""
         if not self.enabled:
-            return [(step, digest)]
-        mine = torch.tensor([step, *bytes.fromhex(digest)], dtype=torch.int64, device=self.device)
+            return [(count, digest)]
+        mine = torch.tensor([count, *bytes.fromhex(digest)], dtype=torch.int64, device=self.device)
         everyone = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(everyone, mine)
         return [(int(t[0]), bytes(t[1:].tolist()).hex()) for t in everyone]

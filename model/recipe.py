@@ -161,7 +161,8 @@ def resolve_recipe(
             raise ValueError(f"preset: unknown {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
         settings = {**PRESETS[preset], **overrides}
     else:
-        base = _recorded_recipe(out_dir) if resume and out_dir is not None else None
+        device = overrides.get("device", TrainConfig.device)
+        base = _recorded_recipe(out_dir, device) if resume and out_dir is not None else None
         if base is None:
             base = _auto_settings(corpus, overrides)
         settings = {**base, **overrides}
@@ -199,18 +200,23 @@ def _auto_choices(corpus: Corpus, overrides: dict[str, Any], world: int) -> list
     )
 
 
-def _recorded_recipe(out_dir: Path) -> dict[str, Any] | None:
-    """The settings an `auto` run's last checkpoint was trained with (None: not an auto run, or none)."""
-    from charrnn.model.checkpoint import LAST, load_checkpoint  # imports torch: only when resuming
+def _recorded_recipe(out_dir: Path, device: str) -> dict[str, Any] | None:
+    """The settings an `auto` run's last checkpoint was trained with (None: not an auto run, or none).
 
-    path = out_dir / LAST
-    if not path.exists():
-        return None
-    ckpt = load_checkpoint(path)
+    Under torchrun every rank reads rank 0's checkpoint, which is on rank 0's machine only (unless the
+    machines share --out): a rank choosing afresh could pick another recipe than the run it resumes.
+    """
+    from charrnn.model.checkpoint import LAST, load_checkpoint  # imports torch: only when resuming
+    from charrnn.model.distributed import Distributed
+
+    with Distributed.from_environment(device).rank0_file(out_dir / LAST) as path:
+        if path is None:
+            return None
+        ckpt = load_checkpoint(path)
     if ckpt.meta.get("preset") != AUTO:
         return None
     model = {k: v for k, v in ckpt.config.to_dict().items() if k != "vocab_size"}
-    log.info("--preset auto: resuming with the recipe %s recorded", path)
+    log.info("--preset auto: resuming with the recipe %s recorded", out_dir / LAST)
     return {**model, **(ckpt.meta.get("train_config") or {})}
 
 

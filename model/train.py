@@ -112,6 +112,7 @@ class Trainer:
     ):
         self.cfg, self.corpus, self.out_dir, self.preset = cfg, corpus, Path(out_dir), preset
         self.dist = Distributed.from_environment(cfg.device)
+        self._check_same_corpus()
         self.device = self.dist.device if self.dist.enabled else resolve_device(cfg.device)
         self.show_progress = progress and self.dist.is_main
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)
@@ -152,6 +153,14 @@ class Trainer:
         if self.dist.is_main:
             for warning in text_warnings(corpus_stats(corpus, cfg.val_fraction), self.model.num_parameters()):
                 log.warning("%s", warning)
+
+    def _check_same_corpus(self) -> None:
+        """Under torchrun every rank cuts the same text into tracks and reads its own: a machine holding
+        another text (another version of a file) would train on the wrong tracks, so refuse it."""
+        corpora = self.dist.gather_digests(len(self.corpus), self.corpus.sha256)
+        if len(set(corpora)) > 1:
+            each = "; ".join(f"rank {r}: {n:,} characters, sha256 {sha[:16]}" for r, (n, sha) in enumerate(corpora))
+            raise TrainingError(f"the ranks read different corpora ({each}); give every machine the same --corpus text")
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -248,7 +257,7 @@ class Trainer:
         only rank 0's are saved, and ranks on machines whose arithmetic differs could drift apart."""
         if not self.dist.enabled:
             return
-        ends = self.dist.gather_ends(self.step, weights_digest(self.model.state_dict()))
+        ends = self.dist.gather_digests(self.step, weights_digest(self.model.state_dict()))
         if not self.dist.is_main:
             return
         if len(set(ends)) == 1:

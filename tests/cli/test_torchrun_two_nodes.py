@@ -8,7 +8,8 @@ logs every rank's step and weights digest, and that digest is the digest of the 
 node of rank 0 holds checkpoints; a resume continues across the two nodes (node 1 has no checkpoint of its
 own) and ends bit-identical to an unbroken run.
 
-Needs root and `ip netns` (iproute2): skipped otherwise, failed in CI (CI=true). Run with `-s` for the figures.
+Needs root (skipped otherwise) and `ip netns` from iproute2 (without it: skipped, or failed in CI, CI=true).
+Run with `-s` for the figures.
 """
 
 from __future__ import annotations
@@ -166,10 +167,17 @@ class Launch:
 
     def worker(self, node: int) -> int:
         """The pid of the training process (torchrun's one child) on that node."""
-        agent = (self.node0, self.node1)[node].pid
-        children = Path(f"/proc/{agent}/task/{agent}/children").read_text().split()
-        assert len(children) == 1, f"torchrun {agent} has children {children}"
-        return int(children[0])
+        workers = children((self.node0, self.node1)[node].pid)
+        assert len(workers) == 1, f"torchrun has children {workers}"
+        return workers[0]
+
+    def kill(self) -> None:
+        """SIGKILL both launches: each torchrun's group and its workers (torchrun gives each a session of its own)."""
+        for process in (self.node0, self.node1):
+            if process.poll() is None:
+                for worker in children(process.pid):
+                    os.kill(worker, signal.SIGKILL)
+                os.killpg(process.pid, signal.SIGKILL)
 
     def finish(self, timeout: float = 120) -> Run:
         """Wait for both nodes (killing both launches after `timeout` s); both must exit 0."""
@@ -178,15 +186,21 @@ class Launch:
             try:
                 outputs.append(process.communicate(timeout=max(self.started + timeout - time.perf_counter(), 1))[0])
             except subprocess.TimeoutExpired:
-                for p in (self.node0, self.node1):
-                    if p.poll() is None:
-                        os.killpg(p.pid, signal.SIGKILL)  # torchrun and its worker
-                texts = [p.communicate()[0][-3000:] for p in (self.node0, self.node1)]
-                pytest.fail(f"a two-node launch did not finish in {timeout} s:\n" + "\n".join(texts))
+                self.kill()
+                texts = outputs + [p.communicate()[0] for p in (self.node0, self.node1)[len(outputs) :]]
+                pytest.fail(f"a two-node launch did not finish in {timeout} s:\n" + "\n".join(t[-3000:] for t in texts))
         seconds = time.perf_counter() - self.started
         for i, process in enumerate((self.node0, self.node1)):
             assert process.returncode == 0, f"node {i} exited {process.returncode}:\n{outputs[i][-4000:]}"
         return Run((outputs[0], outputs[1]), seconds)
+
+
+def children(pid: int) -> list[int]:
+    """The pids of a process's children (Linux)."""
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:  # it has exited
+        return []
 
 
 def train_on_two_nodes(nodes: tuple[Node, Node], run: str, *flags: str) -> Run:
@@ -210,10 +224,17 @@ def logged_steps(run: Path) -> list[int]:
     return [r["step"] for r in records if "train_loss" in r]
 
 
-def report(label: str, run: Run, step: int) -> None:
-    """The figures: wall time of the launch (torchrun's start and the rendezvous included), steps, and that
-    the ranks ended with identical weights (`Run.ends` failed otherwise)."""
-    print(f"\ntwo nodes, {label}: {run.seconds:.1f} s, {step} steps, identical weights on both ranks: yes")
+def report(label: str, run: Run, out: Path) -> None:
+    """The figures: the launch's wall time (torchrun's start, the rendezvous and the final evaluation
+    included), the training time the run's checkpoint recorded, steps, and that the ranks ended with
+    identical weights (`Run.ends` failed otherwise)."""
+    from charrnn.model.checkpoint import load_checkpoint
+
+    meta = load_checkpoint(out / "last.safetensors").meta
+    print(
+        f"\ntwo nodes, {label}: {run.seconds:.1f} s wall, {meta['elapsed_s']:.1f} s training, "
+        f"{meta['step']} steps, identical weights on both ranks: yes"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +250,7 @@ def test_two_nodes_by_steps_end_together_and_only_rank_0_writes(two_nodes: tuple
     assert checkpoint_digest(node0.out("whole") / "last.safetensors") == (200, digest)
     assert not node1.out("whole").exists()  # rank 1 writes nothing, on its own disk either
     assert "stopped by max_steps at step 200" in unbroken.outputs[0]
-    report("by steps", unbroken, step)
+    report("by steps", unbroken, node0.out("whole"))
 
 
 def test_two_nodes_with_a_time_budget_stop_at_the_same_step(two_nodes: tuple[Node, Node]) -> None:
@@ -239,7 +260,7 @@ def test_two_nodes_with_a_time_budget_stop_at_the_same_step(two_nodes: tuple[Nod
     assert step > 0
     assert checkpoint_digest(node0.out("budget") / "last.safetensors") == (step, digest)
     assert f"stopped by time_budget at step {step}" in run.outputs[0]
-    report("time budget 2 s", run, step)
+    report("time budget 2 s", run, node0.out("budget"))
 
 
 def test_an_interrupted_run_resumed_on_two_nodes_ends_as_the_unbroken_one(
@@ -247,12 +268,16 @@ def test_an_interrupted_run_resumed_on_two_nodes_ends_as_the_unbroken_one(
 ) -> None:
     node0, node1 = two_nodes
     launch = start_on_two_nodes(two_nodes, "broken", *STEPS)
-    wait_until(lambda: logged_steps(node0.out("broken")), 120, "the first logged step")
-    os.kill(launch.worker(1), signal.SIGINT)  # Ctrl-C to node 1's rank: every rank stops, rank 0 saves
+    try:
+        wait_until(lambda: logged_steps(node0.out("broken")), 120, "the first logged step")
+        os.kill(launch.worker(1), signal.SIGINT)  # Ctrl-C to node 1's rank: every rank stops, rank 0 saves
+    except BaseException:
+        launch.kill()
+        raise
     stopped = re.search(r"stopped by interrupt at step (\d+)", launch.finish().outputs[0])
     assert stopped and 0 < int(stopped[1]) < 200
     assert not node1.out("broken").exists()  # node 1 resumes from node 0's checkpoint, sent over the network
     resumed = train_on_two_nodes(two_nodes, "broken", *STEPS, "--resume")
     assert f"at step {stopped[1]}" in resumed.outputs[0]
     assert resumed.ends() == unbroken.ends()  # the same step, bit-identical weights on both ranks
-    report(f"interrupted at step {stopped[1]}, resumed", resumed, 200)
+    report(f"interrupted at step {stopped[1]}, resumed", resumed, node0.out("broken"))
