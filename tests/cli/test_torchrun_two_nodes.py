@@ -118,8 +118,8 @@ class Run:
     seconds: float
 
     def ends(self) -> tuple[int, str]:
-        """The step and weights digest rank 0 logged as every rank's, failing if the ranks ended apart."""
-        found = ENDS.search(self.outputs[0]) or ENDS.search(self.outputs[1])
+        """The step and weights digest rank 0 (node 0) logged as every rank's, failing if the ranks ended apart."""
+        found = ENDS.search(self.outputs[0])
         assert found, f"no rank reported how the ranks ended:\n{self.outputs[0][-3000:]}"
         return int(found[1]), found[2]
 
