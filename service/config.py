@@ -125,6 +125,12 @@ class ServiceConfig:
     precision: str = _setting("auto", choices=KERNEL_PRECISIONS)
     # which build of the kernel: auto (the best this CPU runs and that passes its check), or one by name
     kernel_build: str = _setting("auto", choices=KERNEL_BUILDS)
+    # Hot reload (docs/SERVICE.md): seconds between two polls of the model directory for checkpoints added,
+    # replaced or removed; inotify events start a check at once where the kernel sends them
+    reload_interval: float = _setting(2.0, 0, 10, strict=True)
+    # A file whose every change asks this worker to check the model directory. Gunicorn's configuration makes
+    # one for its workers (service/web/gunicorn_conf.py); POST /admin/reload and SIGHUP to the master rewrite it.
+    reload_signal_file: Path | None = None
     docs: bool = True  # serve the API docs page at /docs
     playground: bool = True  # serve the playground page at /
     # -- read by Gunicorn's master (service/web/gunicorn_conf.py) --

@@ -6,14 +6,19 @@
       .hidden.safetensors          -> ignored (hidden)
       .x.safetensors.tmp-3f2a      -> ignored (a checkpoint still being written)
 
-A checkpoint that fails to load is reported (log, /models) and skipped.
+A checkpoint that fails to load is reported (log, /models) and skipped. Publishing a checkpoint into a
+directory that is being served: write it under a temporary name in the same directory, then rename it
+to its final name (model/atomic.py does this); the service never reads a temporary name
+(service/engine/reloading.py reloads what changed).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +33,22 @@ log = logging.getLogger(__name__)
 
 RUN_CHECKPOINT = BEST  # what a training run's directory serves
 
+# What says that a checkpoint file changed: (device, inode, size, mtime, ctime; times in ns). A rename over
+# the file gives it another inode; a rewrite in place another size or mtime; chmod another ctime.
+Fingerprint = tuple[int, int, int, int, int]
+
+_serials = itertools.count(1)
+
+
+def fingerprint(path: Path) -> Fingerprint:
+    """The file's fingerprint (OSError if it is gone)."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model the engine serves under `name`."""
+    """A model the engine serves under `name`. Never changed once made: a reload makes a new one."""
 
     name: str
     model: CharRNN  # eval mode, CPU
@@ -40,16 +57,28 @@ class LoadedModel:
     path: Path
     copies: CopyIndex | None = None  # the copy index over its training text, when it has one that opens
     copies_error: str | None = None  # why it has none, said without the server's paths (a client may read it)
+    # tells this load from any other of the same name (the engine's batches and prompt cache keep them apart)
+    serial: int = field(default_factory=lambda: next(_serials), compare=False)
+
+    @property
+    def key(self) -> str:
+        """Unique to this load: "name#serial"."""
+        return f"{self.name}#{self.serial}"
 
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One checkpoint found in the model directory: loaded, or the reason it is not."""
+    """One checkpoint found in the model directory: loaded, or the reason it is not.
+
+    Both `loaded` and `error`: the file now in the directory failed to load, and the model loaded from
+    an earlier file of that name is still served.
+    """
 
     name: str
     path: Path
     loaded: LoadedModel | None = None
     error: str | None = None
+    fingerprint: Fingerprint | None = None  # of the file as it was when it was read
 
     def describe(self) -> dict[str, Any]:
         """What /models says about this checkpoint."""
@@ -60,6 +89,8 @@ class ModelEntry:
         }
         if self.loaded is None:
             return info | {"error": self.error}
+        if self.error is not None:
+            info["error"] = f"{self.error} (still serving the model loaded earlier from this name)"
         config, meta = self.loaded.model.config, self.loaded.meta
         # load_checkpoint checked these against its schema; what /models answers must hold in any case
         corpus = meta.get("corpus") if isinstance(meta.get("corpus"), dict) else {}
@@ -107,26 +138,43 @@ def load_models(model_dir: Path) -> list[ModelEntry]:
             entries.append(ModelEntry(name, path, error=f"another checkpoint is already served as {name!r}"))
             log.error("model %s: %s is skipped, the name is taken", name, path)
             continue
-        entries.append(_load_one(name, path))
+        entries.append(load_one(name, path))
     return entries
 
 
-def _load_one(name: str, path: Path) -> ModelEntry:
+def load_one(name: str, path: Path) -> ModelEntry:
+    """Load one checkpoint; a bad one becomes an entry with its error, never an exception."""
     try:
+        seen = fingerprint(path)  # before reading: a file replaced meanwhile is read again at the next check
         ckpt = load_checkpoint(path)
         model = ckpt.build_model("cpu")
     except CheckpointError as exc:
         log.error("model %s: skipped: %s", name, exc)
-        return ModelEntry(name, path, error=exc.problem)
+        return ModelEntry(name, path, error=exc.problem, fingerprint=_fingerprint_or_none(path))
+    except OSError as exc:  # gone, or unreadable, between finding and reading it
+        log.error("model %s: skipped: %s", name, exc)
+        return ModelEntry(name, path, error=f"could not read {path.name} ({exc.strerror or exc})")
     except Exception as exc:  # a checkpoint that validates but will not build: report it, serve the rest
         log.exception("model %s: skipped: %s", name, path)
-        return ModelEntry(name, path, error=f"could not build the model ({type(exc).__name__}: {exc})")
+        return ModelEntry(
+            name,
+            path,
+            error=f"could not build the model ({type(exc).__name__}: {exc})",
+            fingerprint=_fingerprint_or_none(path),
+        )
     index, index_error = _copy_index(name, path, ckpt.vocab)
     loaded = LoadedModel(
         name=name, model=model, vocab=ckpt.vocab, meta=ckpt.meta, path=path, copies=index, copies_error=index_error
     )
     log.info("model %s: loaded %s (%s, %d parameters)", name, path, ckpt.config.cell, model.num_parameters())
-    return ModelEntry(name, path, loaded=loaded)
+    return ModelEntry(name, path, loaded=loaded, fingerprint=seen)
+
+
+def _fingerprint_or_none(path: Path) -> Fingerprint | None:
+    try:
+        return fingerprint(path)
+    except OSError:
+        return None
 
 
 def _copy_index(name: str, path: Path, vocab: Vocab) -> tuple[CopyIndex | None, str | None]:

@@ -1,6 +1,6 @@
 """A bounded cache of prompt states: a prompt seen before skips its prefill.
 
-Keys are (model name, the ids the network reads); values are what `model.generation.prefill` returned
+Keys are (the model's LoadedModel.key, the ids the network reads); values are what `model.generation.prefill` returned
 for exactly those ids, so a hit gives bit-for-bit the state and logits a miss would compute. Only
 whole prompts are reused, never a cached prefix plus the rest: reading the rest on its own sums in a
 different order than one fused call over the whole prompt, and the text could drift.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
@@ -62,6 +63,11 @@ class PromptCache:
             self.bytes -= entry_bytes(old_key, old_entry)
         self._entries[key] = entry
         self.bytes += size
+
+    def discard(self, model_gone: Callable[[str], bool]) -> None:
+        """Drop the entries of every model for whose key `model_gone` is true (a model no longer served)."""
+        for key in [k for k in self._entries if model_gone(k[0])]:
+            self.bytes -= entry_bytes(key, self._entries.pop(key))
 
 
 def owned(entry: Entry) -> Entry:

@@ -12,6 +12,11 @@ network. Each scheduler iteration:
     -> one recurrent step of the whole batch, (batch, 1) ids -> (batch, vocab) logits
 
 Jobs join and leave at any iteration (continuous batching). See docs/ENGINE_INTERFACE.md.
+
+Models are swapped, never changed (`replace_models`, for hot reload: service/engine/reloading.py): a job
+holds the LoadedModel it was submitted to, and batches, decoders and cached prompt states are kept per
+LoadedModel (its `key`), so a generation in flight ends on the model it started with; a batch of a model
+no longer served is dropped once its last job has finished.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,14 +96,18 @@ class JobSpec:
     stop: tuple[str, ...] = ()
     top_logprobs: int = 0
     timeout: float | None = None  # seconds after submission
+    # the model object to run, where the caller has resolved `model` already (it encoded the prompt with
+    # that model's vocabulary); None: the model served as `model` when the job is submitted
+    loaded: LoadedModel | None = field(default=None, compare=False, repr=False)
 
 
 class Job:
     """One generation: read `chunks()` as it runs, or wait for `result()`."""
 
-    def __init__(self, spec: JobSpec, wake: threading.Condition):
+    def __init__(self, spec: JobSpec, wake: threading.Condition, loaded: LoadedModel):
         self.id = uuid.uuid4().hex
         self.spec = spec
+        self.loaded = loaded  # what it runs on, to the end, whatever is served meanwhile
         self.on_finish: Callable[[Job], None] | None = None  # called once, when finish_reason is set
         self.finish_reason: str | None = None
         self.generated_chars = 0  # characters emitted so far (a matched stop string is not emitted)
@@ -195,7 +204,9 @@ class Engine:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         if precision not in KERNEL_PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(KERNEL_PRECISIONS)}, not {precision!r}")
-        self.models = dict(models)
+        self.models = dict(models)  # replaced whole (replace_models), never changed in place
+        self._live_keys = {m.key for m in self.models.values()}
+        self._models_replaced = False  # set by replace_models, cleared by the scheduler thread
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.batching = batching
@@ -204,7 +215,7 @@ class Engine:
         self.kernel_dir = kernel_dir  # where that kernel is kept; None: the kernel loader's default
         # "auto": the kernel steps in bfloat16 where it and the CPU can (service/batch.bf16_capable)
         self.precision = precision
-        self._decoders: dict[str, Decoder] = {}
+        self._decoders: dict[str, Decoder] = {}  # by LoadedModel.key, as _batches
         self._slots = max_batch if batching else 1
         self._wake = threading.Condition()
         self._queue: deque[Job] = deque()
@@ -236,6 +247,15 @@ class Engine:
         """Admitted jobs whose prompts are still being read."""
         return len(self._prefilling)
 
+    def replace_models(self, models: dict[str, LoadedModel]) -> None:
+        """Serve `models` from now on; jobs already submitted finish on the models they were submitted to."""
+        models = dict(models)
+        with self._wake:
+            self.models = models
+            self._live_keys = {m.key for m in models.values()}
+            self._models_replaced = True
+            self._wake.notify()  # the scheduler drops what is no longer served
+
     def start(self) -> None:
         """Start the scheduler thread (idempotent)."""
         with self._wake:
@@ -245,11 +265,12 @@ class Engine:
 
     def submit(self, spec: JobSpec) -> Job:
         """Queue a job; never blocks. QueueFullError, EngineClosedError, KeyError(model), SamplingError."""
-        if spec.model not in self.models:
+        loaded = spec.loaded if spec.loaded is not None else self.models.get(spec.model)
+        if loaded is None or loaded.name != spec.model:
             raise KeyError(spec.model)
-        vocab_size = len(self.models[spec.model].vocab)
+        vocab_size = len(loaded.vocab)
         check_request(spec.max_new_chars, spec.stop, spec.top_logprobs, spec.prompt_ids, vocab_size, spec.params)
-        job = Job(spec, self._wake)
+        job = Job(spec, self._wake, loaded)
         with self._wake:
             if self._closing:
                 raise EngineClosedError("the engine is shutting down")
@@ -342,6 +363,8 @@ class Engine:
                 for batch in self._batches.values():
                     if batch.jobs:
                         self._advance(batch)
+                if self._models_replaced or any(key not in self._live_keys for key in self._batches):
+                    self._drop_retired()
                 self._active = sum(len(b.jobs) for b in self._batches.values()) + len(self._prefilling)
         for batch in self._batches.values():
             for job in batch.jobs:
@@ -350,6 +373,15 @@ class Engine:
         for pending in self._prefilling:
             pending.job.publish([], "cancelled")
         self._prefilling.clear()
+
+    def _drop_retired(self) -> None:
+        """Forget the batches (once empty) and cached prompts of models no longer served."""
+        self._models_replaced = False
+        live = self._live_keys
+        for key in [k for k, batch in self._batches.items() if k not in live and not batch.jobs]:
+            del self._batches[key], self._decoders[key]
+            log.info("model %s: its batch is gone (the model is no longer served)", key)
+        self.prompt_cache.discard(lambda key: key not in live)
 
     def _next_admissions(self) -> list[Job] | None:
         """Queued jobs that may start now; waits while there is nothing to do; None: stop."""
@@ -362,7 +394,7 @@ class Engine:
                     return None
                 free = self._slots - self._active
                 admitted = [self._queue.popleft() for _ in range(min(free, len(self._queue)))]
-                if admitted or self._active:
+                if admitted or self._active or self._models_replaced:
                     return admitted
                 self._wake.wait(self._next_queue_deadline())
 
@@ -386,10 +418,10 @@ class Engine:
 
     def _start_job(self, job: Job) -> None:
         """Join the batch with the prompt's cached state, or start reading the prompt (see _prefill_step)."""
-        loaded = self.models[job.spec.model]
+        loaded = job.loaded
         try:
             ids = tuple(start_ids(loaded.vocab, list(job.spec.prompt_ids)))
-            key = (loaded.name, ids)
+            key = (loaded.key, ids)
             entry = self.prompt_cache.get(key)
         except Exception:
             log.exception("job %s failed to start", job.id)
@@ -424,19 +456,19 @@ class Engine:
 
     def _join_batch(self, job: Job, entry: tuple[torch.Tensor, tuple[torch.Tensor, ...]]) -> None:
         """Add a job whose prompt has been read to its model's batch (its `_active` is already counted)."""
-        loaded = self.models[job.spec.model]
+        loaded = job.loaded
         try:
-            batch = self._batches.get(loaded.name)
+            batch = self._batches.get(loaded.key)
             if batch is None:
                 lib = lstm_kernel.load(directory=self.kernel_dir) if self.native else None
                 batch = make_batch(loaded.model, self.max_batch, lib, bf16=self.precision == "auto")
                 fast = None if lib is None else lstm_kernel.KernelDraw(lib, len(loaded.vocab))
                 # a model's batch and decoder are kept together or not at all: a step reads both
-                self._decoders[loaded.name] = Decoder(loaded.vocab, fast)
-                self._batches[loaded.name] = batch
-                log.info("model %s steps with %s", loaded.name, describe_batch(batch))
+                self._decoders[loaded.key] = Decoder(loaded.vocab, fast)
+                self._batches[loaded.key] = batch
+                log.info("model %s steps with %s", loaded.key, describe_batch(batch))
             spec = job.spec
-            job.sample = self._decoders[loaded.name].new_sample(
+            job.sample = self._decoders[loaded.key].new_sample(
                 spec.params, spec.seed, spec.max_new_chars, spec.stop, spec.top_logprobs, spec.prompt_ids
             )
             job.admitted = time.monotonic()
@@ -452,8 +484,8 @@ class Engine:
             self._drop_stopped(batch)
             if not batch.jobs:
                 return
-            jobs_model = batch.jobs[0].spec.model
-            ids, tokens = self._decoders[jobs_model].draw(batch.logits, [job.sample for job in batch.jobs])
+            loaded = batch.jobs[0].loaded
+            ids, tokens = self._decoders[loaded.key].draw(batch.logits, [job.sample for job in batch.jobs])
             running = []
             interval = wake_interval(self._active)
             for row, (job, token) in enumerate(zip(batch.jobs, tokens, strict=True)):
@@ -468,7 +500,7 @@ class Engine:
                 batch.keep(running)
             if batch.jobs:
                 batch.step([ids[row] for row in running])
-            self.last_step_ok_at[jobs_model] = time.monotonic()
+            self.last_step_ok_at[loaded.name] = time.monotonic()
         except Exception:
             log.exception("batch step failed; failing its %d jobs", len(batch.jobs))
             self._active -= len(batch.jobs)

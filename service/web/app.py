@@ -2,7 +2,8 @@
 
 create_app reads the configuration (defaults, then CHARRNN_* environment variables, then the test
 mapping; service/config.py), configures logging when no entry point has (service/web/logs.py), loads
-every checkpoint of the model directory, starts the generation engine, and registers the request ids,
+every checkpoint of the model directory, starts the generation engine and the watcher that reloads the
+model directory when it changes (service/engine/reloading.py), and registers the request ids,
 the checks every request passes, the error handler and the blueprints. Importing this module does
 nothing else.
 """
@@ -18,7 +19,8 @@ from flask import Flask
 from flask.json.provider import DefaultJSONProvider
 
 from charrnn.service.config import ServiceConfig, load_config
-from charrnn.service.engine.loading import LoadedModel, ModelEntry, find_checkpoints, load_models
+from charrnn.service.engine.loading import ModelEntry, find_checkpoints, load_models
+from charrnn.service.engine.reloading import ModelDirectory, Watcher
 from charrnn.service.engine.scheduler import Engine
 from charrnn.service.web.auth import require_api_keys
 from charrnn.service.web.cors import enable_cors
@@ -28,7 +30,7 @@ from charrnn.service.web.metrics import Metrics, instrument
 from charrnn.service.web.request_id import init_request_ids
 from charrnn.service.web.routes import register_blueprints
 from charrnn.service.web.slots import init_slots
-from charrnn.service.web.state import Service
+from charrnn.service.web.state import Service, default_model
 from charrnn.service.web.web_security import add_security_headers, check_hosts
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         kernel_dir=config.kernel_dir,
         precision=config.precision,
     )
-    service = Service(config, entries, engine, _metrics(engine, entries), _default_model(config, loaded))
+    directory = ModelDirectory(config.model_dir, entries, engine)
+    service = Service(config, directory, engine, _metrics(engine, directory))
+    _check_default(config, loaded)
     app.extensions["charrnn"] = service
     init_request_ids(app)  # first: whatever refuses the request below answers (and logs) with its id
     instrument(app, service.metrics)
@@ -106,17 +110,19 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     init_slots(app)
     register_blueprints(app)
     engine.start()
+    signals = (config.reload_signal_file,) if config.reload_signal_file is not None else ()
+    service.watcher = Watcher(directory, config.reload_interval, signals)
+    service.watcher.start()
     log.info("serving %s (default %s) from %s", ", ".join(loaded), service.default_model, config.model_dir)
     return app
 
 
-def _metrics(engine: Engine, entries: list[ModelEntry]) -> Metrics:
-    """The app's metrics, watching `engine` and counting the checkpoints that loaded and failed."""
+def _metrics(engine: Engine, directory: ModelDirectory) -> Metrics:
+    """The app's metrics, watching `engine` and the model directory's checks."""
     metrics = Metrics()
     metrics.watch_engine(lambda: engine.queue_depth, lambda: engine.active)
-    loaded = sum(1 for e in entries if e.loaded is not None)
-    metrics.models.labels("loaded").set(loaded)
-    metrics.models.labels("failed").set(len(entries) - loaded)
+    metrics.count_models(directory.entries)
+    directory.listeners.append(lambda report: metrics.record_check(report, directory.entries))
     return metrics
 
 
@@ -134,11 +140,8 @@ def _load_entries(config: ServiceConfig) -> list[ModelEntry]:
     return entries
 
 
-def _default_model(config: ServiceConfig, loaded: dict[str, LoadedModel]) -> str:
-    """The configured default if it loaded; else "default" if there is one; else the first by name."""
-    if config.default_model in loaded:
-        return config.default_model  # type: ignore[return-value]
-    fallback = "default" if "default" in loaded else min(loaded)
-    if config.default_model is not None:
+def _check_default(config: ServiceConfig, loaded: dict[str, object]) -> None:
+    """Say so when the configured default model is not loaded (the default then falls back: state.default_model)."""
+    if config.default_model is not None and config.default_model not in loaded:
+        fallback = default_model(config, loaded)  # type: ignore[arg-type]
         log.error("default model %r is not loaded; using %r instead", config.default_model, fallback)
-    return fallback

@@ -16,8 +16,10 @@ import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
 
-from charrnn.service.config import ConfigError, describe, load_config
+from charrnn.service.config import ConfigError, describe, load_config, variable
+from charrnn.service.reload_signal import make_signal_file, raise_signal
 from charrnn.service.web.logs import logging_config
 
 try:
@@ -99,6 +101,14 @@ _own_metrics_dir = workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"
 if _own_metrics_dir:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="charrnn-metrics-", dir=worker_tmp_dir)
 
+# Hot reload (docs/SERVICE.md): each worker watches the model directory itself. To make all of them
+# check now (POST /admin/reload in one worker, SIGHUP here), a signal file in memory is rewritten; each
+# worker watches it too. Made here, in the master, and named to the workers in their environment.
+_own_reload_signal = settings.reload_signal_file is None
+if _own_reload_signal:
+    os.environ[variable("reload_signal_file")] = str(make_signal_file(worker_tmp_dir))
+_reload_signal = os.environ[variable("reload_signal_file")]
+
 # Shown by ps/top.
 proc_name = "charrnn"
 
@@ -139,18 +149,35 @@ def _torch_threads() -> int:
 
 
 def on_starting(server):
-    """In the master, before any worker: no metrics left over from an earlier run."""
+    """In the master, before any worker: no metrics left over from an earlier run; SIGHUP checks the models."""
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if directory and os.path.isdir(directory):
         for name in os.listdir(directory):
             if name.endswith(".db"):
                 os.remove(os.path.join(directory, name))
+    server.handle_hup = lambda: _check_models_everywhere(server)
+
+
+def _check_models_everywhere(server):
+    """SIGHUP to the master: every worker checks the model directory at once (hot reload), and keeps running.
+
+    Gunicorn's own SIGHUP starts new workers and stops the old ones, which here would load every model
+    again, drop the prompt caches and end streams that outlast graceful_timeout, to reload what a check
+    reloads in place. A new configuration or new code needs a restart (SIGTERM, then start again).
+    """
+    server.log.info("SIGHUP: every worker checks the model directory (workers are not restarted)")
+    try:
+        raise_signal(Path(_reload_signal))
+    except OSError as exc:
+        server.log.error("SIGHUP: could not signal the workers (%s): %s", _reload_signal, exc)
 
 
 def on_exit(server):
-    """In the master, at the very end: remove the metrics directory if this file made it."""
+    """In the master, at the very end: remove the metrics and reload-signal directories if this file made them."""
     if _own_metrics_dir:
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    if _own_reload_signal:
+        shutil.rmtree(os.path.dirname(_reload_signal), ignore_errors=True)
 
 
 def child_exit(server, worker):

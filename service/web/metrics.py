@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from flask import Flask, Response, g, request
 from prometheus_client import (
@@ -22,6 +22,9 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+
+from charrnn.service.engine.loading import ModelEntry
+from charrnn.service.engine.reloading import CheckReport
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -85,6 +88,27 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        # Hot reload (service/engine/reloading.py). Each worker reloads on its own, so with N workers one
+        # checkpoint renamed into the directory counts N times.
+        self.model_reloads = Counter(
+            "charrnn_model_reloads",
+            "Models the model directory's checks added, replaced or removed while serving, by change",
+            ["change"],
+            registry=r,
+        )
+        self.model_reload_failures = Counter(
+            "charrnn_model_reload_failures",
+            "Checkpoint files that failed to load while serving, by whether a model of that name stayed served",
+            ["kept_serving"],
+            registry=r,
+        )
+        self.model_dir_checks = Counter(
+            "charrnn_model_dir_checks",
+            "Checks of the model directory asked for: request (POST /admin/reload), signal (another worker's "
+            "request, or SIGHUP to the master); the watcher's own checks are not counted",
+            ["trigger"],
+            registry=r,
+        )
         self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
         if not self.multiprocess:  # Info metrics do not work in multiprocess mode
             Info("charrnn_worker", "The process answering this scrape", registry=r).info({"worker": str(os.getpid())})
@@ -96,6 +120,24 @@ class Metrics:
         if not self.multiprocess:
             self.queue_depth.set_function(queue_depth)
             self.active.set_function(active)
+
+    def count_models(self, entries: Sequence[ModelEntry]) -> None:
+        """Set the loaded and failed checkpoint gauge from the model directory's entries."""
+        failed = sum(1 for e in entries if e.error is not None)
+        self.models.labels("loaded").set(sum(1 for e in entries if e.loaded is not None))
+        self.models.labels("failed").set(failed)
+
+    def record_check(self, report: CheckReport, entries: Sequence[ModelEntry]) -> None:
+        """Count what one check of the model directory did."""
+        if report.trigger != "watch":
+            self.model_dir_checks.labels(report.trigger).inc()
+        for change in report.changes:
+            if change.kind == "failed":
+                kept = any(e.name == change.name and e.loaded is not None for e in entries)
+                self.model_reload_failures.labels("yes" if kept else "no").inc()
+            else:
+                self.model_reloads.labels(change.kind).inc()
+        self.count_models(entries)
 
     def refresh(self) -> None:
         """In multiprocess mode, write the engine's current readings (other workers' are as of their last request)."""

@@ -17,6 +17,7 @@ REF = "#/components/schemas/{model}"
 NATIVE_ERRORS = {
     "400": "Malformed JSON (also NaN/Infinity, duplicate keys, nesting too deep), or a Host not allowed",
     "401": "Missing or wrong API key (only when keys are configured)",
+    "403": "Without API keys, an administrative request that does not come from this machine",
     "413": "Request body over the configured limit",
     "415": "Body not sent as application/json",
     "422": "A field of the wrong type or range, an unknown field or model, or prompt characters outside the vocabulary",
@@ -68,6 +69,7 @@ _MODELS: list[type[BaseModel]] = [
     schemas.InspectRequest,
     schemas.InspectResponse,
     schemas.ModelsResponse,
+    schemas.ReloadResponse,
     schemas.HealthResponse,
     schemas.ErrorResponse,
     schemas.CompletionRequest,
@@ -310,6 +312,18 @@ def _info_paths() -> dict[str, Any]:
                 "summary": "The checkpoints of the model directory and their load status",
                 "responses": {"200": {"description": "Every checkpoint", "content": _json("ModelsResponse")}}
                 | _errors(["401"]),
+            }
+        },
+        "/admin/reload": {
+            "post": {
+                "summary": "Check the model directory now in this worker (every other worker follows within seconds)",
+                "description": "Loads checkpoints added or changed since the last check and stops serving removed "
+                "ones; a file that fails to load leaves the model served under its name as it was. Generations in "
+                "flight finish on the model they started with. With API keys configured it needs one; without, "
+                "only requests from this machine (a loopback address, no forwarding header) are answered. "
+                "SIGHUP to the server's master does the same for every worker.",
+                "responses": {"200": {"description": "What the check found", "content": _json("ReloadResponse")}}
+                | _errors(["401", "403"]),
             }
         },
         "/health": {

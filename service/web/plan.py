@@ -51,6 +51,7 @@ class Plan:
                 stop=self.stop,
                 top_logprobs=self.top_logprobs,
                 timeout=timeout,
+                loaded=self.model,  # the prompt was encoded with this model's vocabulary: run exactly it
             )
             for i in range(self.samples)
         ]

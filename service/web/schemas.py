@@ -480,8 +480,14 @@ class ModelInfo(ResponseModel):
 
     name: str
     file: str
-    status: Literal["loaded", "failed"]
-    error: str | None = None
+    status: Literal["loaded", "failed"] = Field(
+        description="loaded: served; failed: not served (a file that failed to load never replaces a served model)"
+    )
+    error: str | None = Field(
+        None,
+        description="why the file failed to load; with status loaded, the file now in the directory failed and "
+        "the model loaded earlier from that name is still served",
+    )
     cell: str | None = None
     layers: int | None = None
     hidden: int | None = None
@@ -494,10 +500,30 @@ class ModelInfo(ResponseModel):
 
 
 class ModelsResponse(ResponseModel):
-    """GET /models: the default model's name and every checkpoint found."""
+    """GET /models: the default model's name and every checkpoint found, as the worker answering serves them."""
 
-    default: str
+    default: str | None = Field(description="served when a request names no model; null when none is loaded")
     models: list[ModelInfo]
+    worker: int = Field(description="the process id of the worker that answered (each worker reloads on its own)")
+    checked_at: float = Field(description="when this worker last checked the model directory (Unix seconds)")
+
+
+class ReloadChange(ResponseModel):
+    """What a check did to one model name."""
+
+    name: str
+    kind: Literal["added", "replaced", "removed", "failed"]
+    error: str | None = Field(None, description="why the file failed to load (kind failed)")
+
+
+class ReloadResponse(ResponseModel):
+    """POST /admin/reload: what the check in the worker that answered found; the others check within seconds."""
+
+    worker: int = Field(description="the process id of the worker that checked")
+    changes: list[ReloadChange]
+    seconds: float = Field(description="how long the check took")
+    models: list[str] = Field(description="the models this worker serves now")
+    error: str | None = Field(None, description="the model directory itself could not be read (nothing changed)")
 
 
 class HealthResponse(ResponseModel):

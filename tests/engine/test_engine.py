@@ -334,7 +334,7 @@ def test_bf16_texts_do_not_depend_on_the_batch(bf16_kernel: object) -> None:
     try:
         specs = mixed_specs(loaded, 12)
         alone = [engine.submit(s).result(timeout=60)[0] for s in specs]
-        assert "bfloat16" in describe_batch(engine._batches[loaded.name])
+        assert "bfloat16" in describe_batch(engine._batches[loaded.key])
         crowd = [engine.submit(s) for s in specs + mixed_specs(loaded, 20)[::-1]]
         for job, want in zip(crowd, alone, strict=False):
             assert job.result(timeout=60)[0] == want  # the same characters and the same logprob bits

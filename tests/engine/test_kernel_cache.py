@@ -250,5 +250,5 @@ def test_the_batch_uses_the_kernel_it_trusts(kernels: Path) -> None:
         engine.submit(spec).result(timeout=60)
     finally:
         engine.close()
-    assert isinstance(engine._batches[loaded.name], NativeLSTMBatch)
-    assert isinstance(engine._decoders[loaded.name].fast, lstm_kernel.KernelDraw)  # the draw: the kernel's too
+    assert isinstance(engine._batches[loaded.key], NativeLSTMBatch)
+    assert isinstance(engine._decoders[loaded.key].fast, lstm_kernel.KernelDraw)  # the draw: the kernel's too

@@ -130,7 +130,8 @@ def test_a_test_mapping_turns_the_kernel_off(make_app: Callable[..., Flask], mon
     app = make_app(NATIVE=False)
     generate_once(app)
     assert recorder.calls == []  # the kernel is never asked for
-    assert isinstance(app.extensions["charrnn"].engine._batches["tiny"], FastLSTMBatch)
+    engine = app.extensions["charrnn"].engine
+    assert isinstance(engine._batches[engine.models["tiny"].key], FastLSTMBatch)
 
 
 def test_the_kernel_directory_setting_reaches_the_kernel_loader(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -25,10 +26,13 @@ _SELF_CHECK = threading.Lock()
 
 @bp.get("/models")
 def models() -> Response:
-    """Every checkpoint of the model directory, loaded or not (with the reason)."""
+    """Every checkpoint of the model directory, loaded or not (with the reason), as this worker serves them now."""
     service = current_service()
     listing = ModelsResponse(
-        default=service.default_model, models=[ModelInfo(**entry.describe()) for entry in service.entries]
+        default=service.default_model,
+        models=[ModelInfo(**entry.describe()) for entry in service.entries],
+        worker=os.getpid(),
+        checked_at=service.directory.checked_at,
     )
     return jsonify(dump(listing))
 
@@ -41,6 +45,7 @@ def health() -> Response:
     """
     service = current_service()
     checks = {name: _model_status(service, name) for name in service.engine.models}
+    checks = {name: status for name, status in checks.items() if name in service.engine.models}  # a reload's
     ok = bool(checks) and all(status == "ok" for status in checks.values())
     body = HealthResponse(status="ok" if ok else "unavailable")
     if may_see_details(service.config.api_keys):
@@ -122,6 +127,8 @@ def _generates_one_char(service: Service, name: str) -> str:
         return "the generation queue is full"
     except EngineClosedError:
         return "shutting down"
+    except KeyError:  # removed from the model directory since this check began
+        return "no longer served"
     try:
         tokens, reason = job.result(timeout=timeout + 1.0)
     except TimeoutError:

@@ -7,6 +7,7 @@ const $ = (id) => document.getElementById(id);
 
 const page = {
   models: new Map(), // name -> its entry of GET /models
+  modelsShown: null, // what the model list shows, to redraw it only when the server's models change
   modelsProblem: false, // whether the message shown is about listing the models
   controller: null, // the AbortController of the generation in flight
   tokens: [], // generated characters: {char, logprob?, top?}
@@ -115,6 +116,10 @@ async function readEvents(response, onEvent) {
 
 // -- models and limits -------------------------------------------------------------------------------
 
+// The server reloads its model directory while it runs (docs/SERVICE.md, "Hot reload"): the list is asked
+// for again this often while the page is visible, so a model added or removed shows without a page reload.
+const MODELS_POLL_MS = 5000;
+
 async function loadModels() {
   let response;
   try {
@@ -128,9 +133,14 @@ async function loadModels() {
     return;
   }
   const listing = await response.json();
-  page.models = new Map(listing.models.filter((m) => m.status === "loaded").map((m) => [m.name, m]));
+  const loaded = listing.models.filter((m) => m.status === "loaded");
+  const shown = JSON.stringify([listing.default, loaded.map((m) => [m.name, m.cell, m.layers, m.hidden])]);
+  if (shown === page.modelsShown && !page.modelsProblem) return; // unchanged: leave the list (and its focus) be
+  page.modelsShown = shown;
+  page.models = new Map(loaded.map((m) => [m.name, m]));
   const select = $("model");
-  const chosen = select.value || listing.default;
+  const layer = $("layer").value;
+  const chosen = page.models.has(select.value) ? select.value : listing.default;
   select.replaceChildren();
   for (const [name, info] of page.models) {
     const label = `${name}${name === listing.default ? " (default)" : ""}, ${info.cell} ${info.layers}×${info.hidden}`;
@@ -139,6 +149,7 @@ async function loadModels() {
   if (page.modelsProblem) clearErrors("error", "generate-form");
   page.modelsProblem = false;
   fillLayers();
+  if ([...$("layer").options].some((o) => o.value === layer)) $("layer").value = layer;
 }
 
 function showModelsProblem(problem) {
@@ -669,6 +680,7 @@ function start() {
   paintLegends();
   loadLimits();
   loadModels();
+  setInterval(() => { if (!document.hidden) loadModels(); }, MODELS_POLL_MS);
 }
 
 start();
