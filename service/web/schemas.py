@@ -502,7 +502,7 @@ class ModelInfo(ResponseModel):
 class ModelsResponse(ResponseModel):
     """GET /models: the default model's name and every checkpoint found, as the worker answering serves them."""
 
-    default: str | None = Field(description="served when a request names no model; null when none is loaded")
+    default: str | None = Field(None, description="served when a request names no model; absent when none is loaded")
     models: list[ModelInfo]
     worker: int = Field(description="the process id of the worker that answered (each worker reloads on its own)")
     checked_at: float = Field(description="when this worker last checked the model directory (Unix seconds)")

@@ -399,3 +399,25 @@ def start_stream(server: GunicornServer, wait_for_chars: bool) -> tuple[requests
     while wait_for_chars and not next(lines).startswith(b"event: chunk"):
         pass
     return response, lines
+
+
+def test_a_model_published_while_the_page_is_open_is_listed_without_a_reload(
+    page: Page, models: Path, tmp_path: Path
+) -> None:
+    own = tmp_path / "models"
+    own.mkdir()
+    shutil.copy(models / "tiny.safetensors", own / "tiny.safetensors")
+    server = serve(own, tmp_path / "server.log", CHARRNN_WORKERS="2")
+    try:
+        open_playground(page, server)
+        page.select_option("#model", "tiny")
+        expect(page.locator("#model option")).to_have_count(1)
+        shutil.copy(models / "slow.safetensors", own / ".slow.safetensors.tmp-1")
+        os.replace(own / ".slow.safetensors.tmp-1", own / "slow.safetensors")  # published by an atomic rename
+        expect(page.locator("#model option[value=slow]")).to_have_count(1)  # the page asks every 5 s
+        expect(page.locator("#model")).to_have_value("tiny")  # the choice made stays
+        (own / "slow.safetensors").unlink()
+        expect(page.locator("#model option")).to_have_count(1)
+        screenshot(page, "model-list-after-reload")
+    finally:
+        server.stop()
