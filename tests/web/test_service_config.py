@@ -70,9 +70,11 @@ def test_values_are_parsed_by_their_fields_type() -> None:
 
 def run_gunicorn_conf(monkeypatch: pytest.MonkeyPatch, **env: str) -> dict[str, object]:
     """The settings Gunicorn reads from charrnn.service.web.gunicorn_conf under `env` (every other CHARRNN_* unset)."""
+    # The module names what it makes (the metrics directory with 2 workers, the reload signal file) in
+    # os.environ for the workers: here a copy, so that nothing it sets outlives the test.
+    monkeypatch.setattr(__import__("os"), "environ", dict(__import__("os").environ))
     for name in [n for n in __import__("os").environ if n.startswith("CHARRNN_")]:
         monkeypatch.delenv(name)
-    # with 2 workers the module makes a metrics directory and names it here; undone after the test
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
