@@ -93,6 +93,7 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, 
             ip("-n", node.namespace, "addr", "add", f"{node.address}/24", "dev", node.interface)
             ip("-n", node.namespace, "link", "set", node.interface, "up")
             ip("-n", node.namespace, "link", "set", "lo", "up")
+            ip("netns", "exec", node.namespace, "true")  # it also mounts a /sys of its own: not allowed everywhere
             node.corpus.write_text(text, encoding="utf-8")
     except subprocess.CalledProcessError as exc:
         remove(made, nodes[0].interface)
