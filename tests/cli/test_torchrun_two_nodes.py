@@ -34,8 +34,9 @@ from tests.helpers import make_text, wait_until
 pytestmark = pytest.mark.slow
 
 RENDEZVOUS_PORT = 29500
-# The tiny preset, with a shorter window so that a step is quick, one thread per node (2 cores for 2 nodes).
-FLAGS = "--preset tiny --seq-len 16 --eval-every 50 --log-every 5 --no-progress --threads 1 --seed 5".split()
+# The tiny preset, with a shorter window so that a step is quick, one thread per node (2 cores for 2 nodes);
+# every step logged, so that the interrupt can land from the first step on, long before the 200th.
+FLAGS = "--preset tiny --seq-len 16 --eval-every 50 --log-every 1 --no-progress --threads 1 --seed 5".split()
 STEPS = ("--max-steps", "200")
 ENDS = re.compile(r"all 2 ranks end at step (\d+) with identical weights \(sha256 ([0-9a-f]{64})\)")
 
