@@ -161,7 +161,9 @@ class Watcher:
             self._thread.start()
 
     def stop(self) -> None:
-        """Stop watching (at once, unless a check is running)."""
+        """Stop watching (at once, unless a check is running); idempotent."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         os.write(self._wake_w, b"x")
         if self._thread is not None:

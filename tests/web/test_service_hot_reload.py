@@ -58,11 +58,18 @@ def models(model_dir: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def reload_app(models: Path, make_app: Callable[..., Flask]) -> Callable[..., Flask]:
-    return lambda **overrides: make_app(MODEL_DIR=models, **overrides)
+    """Apps over `models` whose watcher is stopped: only POST /admin/reload checks, so its answer is exact."""
+
+    def build(**overrides: object) -> Flask:
+        app = make_app(MODEL_DIR=models, **overrides)
+        app.extensions["charrnn"].watcher.stop()
+        return app
+
+    return build
 
 
 def test_admin_reload_checks_at_once_and_answers_what_changed(reload_app: Callable[..., Flask], models: Path) -> None:
-    client = reload_app(RELOAD_INTERVAL=10).test_client()
+    client = reload_app().test_client()
     publish(models / "tiny.safetensors", models / "second.safetensors", step=4)
     answer = client.post("/admin/reload")
     assert answer.status_code == 200
