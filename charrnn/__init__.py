@@ -25,11 +25,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from charrnn.api import Completion, Model, Score, load, train
+    from charrnn.api import DEFAULT_MODEL, Completion, Model, Score, load, train
     from charrnn.model.decoding import SamplingError, SamplingParams, Token
 
 # Imported on first use (PEP 562), so that `charrnn --help` (charrnn.cli) does not wait for torch.
 _HOMES = {
+    "DEFAULT_MODEL": "charrnn.api",
     "Completion": "charrnn.api",
     "Model": "charrnn.api",
     "Score": "charrnn.api",
@@ -39,7 +40,7 @@ _HOMES = {
     "SamplingParams": "charrnn.model.generation",
     "Token": "charrnn.model.generation",
 }
-__all__ = ["Completion", "Model", "SamplingError", "SamplingParams", "Score", "Token", "load", "train"]
+__all__ = ["DEFAULT_MODEL", "Completion", "Model", "SamplingError", "SamplingParams", "Score", "Token", "load", "train"]
 
 
 def __getattr__(name: str) -> Any:

@@ -219,6 +219,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     threads: int | None = None,
+    init_from: str | os.PathLike[str] | None = None,
     **settings: Any,
 ) -> Model:
     """Train on a corpus (a path, a directory of files, or a manifest name) or on `text`; return the best model.
@@ -229,14 +230,17 @@ def train(
     `settings` are the trainer's own settings, the names of `charrnn train`'s flags with
     underscores (`hidden=256`, `dropout=0.3`, `max_steps=2000`, ...), and override the preset's.
     The checkpoints, metrics and loss plot are written to `out`, exactly as `charrnn train --out` does;
-    `text` is kept there too (corpus.txt), so that the run can be resumed and evaluated.
+    `text` is kept there too (corpus.txt), so that the run can be resumed and evaluated (resumed with a
+    longer text that starts with it, training goes on on the whole, as with a corpus that grew).
     `threads` (as `charrnn train --threads`) sets torch's CPU threads for this run, and is restored after it.
+    `init_from` (as `charrnn train --init-from`) fine-tunes a trained model: a run directory, a checkpoint or an
+    exported model (`charrnn.DEFAULT_MODEL` is the shipped one); its shape is used, its vocabulary grown.
     """
     from charrnn.corpora.copies import index_after_training
     from charrnn.corpora.registry import resolve
     from charrnn.model.config import MODEL_KEYS, TRAIN_KEYS
-    from charrnn.model.data import load_corpus
-    from charrnn.model.recipe import PRESET_NAMES, resolve_recipe
+    from charrnn.model.finetune import plan_run
+    from charrnn.model.recipe import PRESET_NAMES
     from charrnn.model.train import Trainer
 
     if (corpus is None) == (text is None):
@@ -255,11 +259,19 @@ def train(
     if time_budget is not None:
         overrides["time_budget"] = time_budget
     path, name = resolve(str(corpus))
-    data = load_corpus(path, name=name)
-    model_cfg, train_cfg = resolve_recipe(preset, data, overrides, out_dir, resume)
+    plan = plan_run(path, name, out_dir, preset, overrides, resume, init_from)
     with _torch_threads(threads):
-        Trainer(model_cfg, train_cfg, data, out_dir, resume=resume, progress=progress, preset=preset).run()
-    index_after_training(out_dir, data, str(corpus), train_cfg.val_fraction)
+        Trainer(
+            plan.model_config,
+            plan.train_config,
+            plan.corpus,
+            out_dir,
+            resume=resume,
+            progress=progress,
+            preset=preset,
+            init_from=plan.parent,
+        ).run()
+    index_after_training(out_dir, plan.corpus, str(corpus), plan.train_config.val_fraction)
     return load(out_dir)
 
 
@@ -296,9 +308,11 @@ def _keep_text(out_dir: Path, text: str, resume: bool) -> Path:
     if not resume and ((out_dir / LAST).exists() or (out_dir / BEST).exists()):
         raise ValueError(f"{out_dir} already holds a training run; pass resume=True or choose another `out`")
     if resume and path.exists():
-        if path.read_text(encoding="utf-8") != text:
-            raise ValueError(f"resume: {path} holds a different text than the one given")
-        return path
+        kept = path.read_text(encoding="utf-8")
+        if kept == text:
+            return path
+        if not text.startswith(kept):  # a text that grew at its end is a corpus that grew: training goes on
+            raise ValueError(f"resume: {path} holds a different text than the one given (not its start)")
     out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path

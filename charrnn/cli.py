@@ -82,7 +82,16 @@ def _add_train(commands: Any) -> None:
         action="store_true",
         help=f"continue from the last checkpoint in OUT exactly where it stopped. Only {may_change} (and --threads, "
         "--no-progress, --cache-dir) may differ from the first run; every other setting, given as a flag or by "
-        "--preset, must match it, or the resume is refused",
+        "--preset, must match it, or the resume is refused. A corpus that grew (lines appended, files added) is "
+        "trained on from the checkpoint, its new characters added to the vocabulary",
+    )
+    p.add_argument(
+        "--init-from",
+        metavar="CHECKPOINT",
+        help="fine-tune: start from this trained model (a run directory, a .safetensors checkpoint, or an exported "
+        "model such as service/default_model/shakespeare.safetensors). Its network's shape is used (--cell, "
+        "--layers, --hidden, --embed may not differ from it); the vocabulary is its characters and the text's; "
+        "auto chooses a fine-tuning recipe (lr 5e-4)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument(
@@ -426,8 +435,7 @@ def _add_generate(commands: Any) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from charrnn.corpora.copies import index_after_training
     from charrnn.corpora.registry import resolve
-    from charrnn.model.data import load_corpus
-    from charrnn.model.recipe import resolve_recipe
+    from charrnn.model.finetune import plan_run
     from charrnn.model.train import Trainer
 
     if args.threads:
@@ -437,14 +445,20 @@ def _run_train(args: argparse.Namespace) -> int:
     flags = {k: v for k, v in vars(args).items() if v is not None}
     overrides = {k: flags[k] for k in flags if k in _config_keys()}
     path, name = resolve(args.corpus)
-    corpus = load_corpus(path, cache_dir=args.cache_dir, name=name)
-    model_cfg, train_cfg = resolve_recipe(args.preset, corpus, overrides, args.out, args.resume)
+    plan = plan_run(path, name, args.out, args.preset, overrides, args.resume, args.init_from, args.cache_dir)
     trainer = Trainer(
-        model_cfg, train_cfg, corpus, args.out, resume=args.resume, progress=not args.no_progress, preset=args.preset
+        plan.model_config,
+        plan.train_config,
+        plan.corpus,
+        args.out,
+        resume=args.resume,
+        progress=not args.no_progress,
+        preset=args.preset,
+        init_from=plan.parent,
     )
     result = trainer.run()
     if trainer.dist.is_main:
-        index_after_training(Path(args.out), corpus, args.corpus, train_cfg.val_fraction)
+        index_after_training(Path(args.out), plan.corpus, args.corpus, plan.train_config.val_fraction)
         print(
             f"step {result.step}: val loss {result.val_loss:.4f} nats/char; best {result.best_val_loss:.4f} at step "
             f"{result.best_step} on the evaluation windows (`charrnn eval` gives best's figure on the whole split); "

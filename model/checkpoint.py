@@ -262,10 +262,26 @@ def _or_null(check: Check) -> Check:
     return lambda v: v is None or check(v)
 
 
+def _file_entries(v: object) -> bool:
+    """[[path, bytes], ...]: a corpus's files as data.Corpus.files records them."""
+    return isinstance(v, list) and all(
+        isinstance(e, list) and len(e) == 2 and _text(e[0]) and _whole(0)(e[1]) for e in v
+    )
+
+
 CORPUS_SCHEMA: dict[str, tuple[Check, str]] = {
     "name": (_text, "a string"),
     "sha256": (_text, "a string"),
     "chars": (_whole(0), "a whole number >= 0"),
+    "files": (_file_entries, "a list of [path, bytes] pairs"),
+}
+# The model a run was fine-tuned from (--init-from): model/finetune.py's Parent.record.
+PARENT_SCHEMA: dict[str, tuple[Check, str]] = {
+    "name": (_text, "a string"),
+    "sha256": (_text, "a string"),
+    "file": (_text, "a string"),
+    "corpus": (_or_null(lambda v: isinstance(v, dict)), "an object or null"),
+    "steps": (_or_null(_whole(0)), "a whole number >= 0 or null"),
 }
 META_SCHEMA: dict[str, tuple[Check, str]] = {
     "kind": (_text, "a string"),
@@ -285,8 +301,11 @@ META_SCHEMA: dict[str, tuple[Check, str]] = {
     "torch_version": (_text, "a string"),
     "model_config": (lambda v: isinstance(v, dict), "an object"),
     "vocab": (lambda v: isinstance(v, list), "a list of characters"),
+    "parent": (lambda v: isinstance(v, dict), "an object"),
+    "earlier_corpora": (lambda v: isinstance(v, list) and all(isinstance(c, dict) for c in v), "a list of objects"),
+    "tokenisation": (_text, "a string"),
 }
-_NESTED = {"corpus": CORPUS_SCHEMA}
+_NESTED = {"corpus": CORPUS_SCHEMA, "parent": PARENT_SCHEMA}
 
 
 def _schema_problem(data: dict[str, Any], schema: dict[str, tuple[Check, str]], prefix: str) -> str | None:

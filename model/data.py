@@ -26,6 +26,7 @@ from charrnn.model.vocab import UnknownCharactersError, Vocab
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 16 << 20
+MAX_RECORDED_FILES = 10_000  # a checkpoint records a corpus's files (for --resume on a grown one) up to this many
 
 
 class CorpusError(ValueError):
@@ -40,6 +41,10 @@ class Corpus:
     sha256: str
     vocab: Vocab
     ids: np.ndarray
+    root: Path | None = None  # the file or directory it was read from
+    # (path relative to `root`, "" for a single file; bytes) per file, in reading order: what --resume
+    # checks a grown corpus against (corpus_growth); empty past MAX_RECORDED_FILES files
+    files: tuple[tuple[str, int], ...] = ()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -148,11 +153,17 @@ def default_cache_dir() -> Path:
 
 
 def load_corpus(
-    path: str | Path, vocab: Vocab | None = None, cache_dir: Path | None = None, name: str | None = None
+    path: str | Path,
+    vocab: Vocab | None = None,
+    cache_dir: Path | None = None,
+    name: str | None = None,
+    base_vocab: Vocab | None = None,
 ) -> Corpus:
     """Encode a corpus (or reuse its cached encoding) into a memory-mapped id array.
 
-    With `vocab` given (evaluating a trained model), the corpus must use only its characters.
+    With `vocab` given (evaluating a trained model), the corpus must use only its characters. With
+    `base_vocab` (a run continued or fine-tuned from a checkpoint), the vocabulary is the union of the
+    text's characters and base_vocab's.
     """
     path = Path(path)
     files = corpus_files(path)
@@ -162,10 +173,15 @@ def load_corpus(
     cache_dir = cache_dir or default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
     corpus_name = name or path.stem
+    manifest = _manifest(path, files)
+    if base_vocab is not None and vocab is None:
+        # An encoding cached with base_vocab itself holds every character of the text: the union is base_vocab.
+        known = _load_cached(cache_dir, sha, base_vocab) is not None
+        vocab = base_vocab if known else base_vocab.union(scan_characters(files)[0].chars)
     cached = _load_cached(cache_dir, sha, vocab)
     if cached is not None:
         log.info("corpus %s: %d characters (cached encoding)", corpus_name, len(cached[1]))
-        return Corpus(corpus_name, sha, cached[0], cached[1])
+        return Corpus(corpus_name, sha, cached[0], cached[1], path, manifest)
 
     own_vocab, n_chars = scan_characters(files)
     if vocab is not None:
@@ -180,9 +196,58 @@ def load_corpus(
         for _, text in _decoded_chunks(files):
             fh.write(vocab.encode_array(text).tobytes())
     with atomic_write(cache_dir / f"{stem}.json") as fh:
-        fh.write(json.dumps({"vocab": vocab.to_json(), "chars": n_chars, "dtype": vocab.id_dtype.name}).encode())
+        record = {"vocab": vocab.to_json(), "chars": n_chars, "dtype": vocab.id_dtype.name}
+        fh.write(json.dumps(record | {"text_vocab": vocab == own_vocab}).encode())
     log.info("corpus %s: %d characters, vocabulary %d, cached as %s.ids", corpus_name, n_chars, len(vocab), stem)
-    return Corpus(corpus_name, sha, vocab, _open_ids(cache_dir / f"{stem}.ids", vocab.id_dtype, n_chars))
+    ids = _open_ids(cache_dir / f"{stem}.ids", vocab.id_dtype, n_chars)
+    return Corpus(corpus_name, sha, vocab, ids, path, manifest)
+
+
+def _manifest(path: Path, files: list[Path]) -> tuple[tuple[str, int], ...]:
+    """Corpus.files for the corpus at `path`."""
+    if path.is_file():
+        return (("", path.stat().st_size),)
+    if len(files) > MAX_RECORDED_FILES:
+        return ()
+    return tuple((f.relative_to(path).as_posix(), f.stat().st_size) for f in files)
+
+
+def corpus_growth(recorded: dict, corpus: Corpus) -> str:
+    """How `corpus` grew from the corpus a checkpoint `recorded` (its meta's "corpus"): a sentence for the log.
+
+    It grew if each recorded file still starts with the bytes it had (lines appended) and new files may
+    have been added: the recorded files' first recorded bytes, read in the recorded order, must hash to the
+    recorded sha256. Anything else (a file edited, shortened or removed) raises CorpusError.
+    """
+    entries = recorded.get("files")
+    if not entries or corpus.root is None:
+        raise CorpusError(
+            "the checkpoint was trained on a different corpus (sha256 differs) and does not record its files, "
+            "so it cannot tell whether this one only grew"
+        )
+    digest = hashlib.sha256()
+    grown = 0
+    for relative, size in entries:
+        file = corpus.root / relative if relative else corpus.root
+        if not file.is_file() or file.stat().st_size < size:
+            what = "is gone" if not file.is_file() else f"is shorter than the {size:,} bytes it had"
+            raise CorpusError(f"the corpus did not only grow: {file} {what}")
+        grown += file.stat().st_size > size
+        with open(file, "rb") as fh:
+            left = size
+            while left and (chunk := fh.read(min(CHUNK_BYTES, left))):
+                digest.update(chunk)
+                left -= len(chunk)
+    if digest.hexdigest() != recorded.get("sha256"):
+        raise CorpusError(
+            "the corpus did not only grow: the text the checkpoint was trained on was edited "
+            "(its files no longer start with the bytes they had)"
+        )
+    added = len(corpus.files) - len(entries)
+    return (
+        f"{added} file(s) added, {grown} file(s) appended to: "
+        f"{recorded.get('chars', 0):,} -> {len(corpus):,} characters"
+    )
 
 
 def _open_ids(path: Path, dtype: np.dtype, n_chars: int) -> np.ndarray:
@@ -207,7 +272,8 @@ def _load_cached(cache_dir: Path, sha: str, vocab: Vocab | None) -> tuple[Vocab,
             ids = _open_ids(ids_path, cached_vocab.id_dtype, meta["chars"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if vocab is None or cached_vocab == vocab:
+        # With no vocabulary asked for, only the text's own (not one grown by a model's, for eval or fine-tuning).
+        if (vocab is None and meta.get("text_vocab", True)) or cached_vocab == vocab:
             return cached_vocab, ids
     return None
 

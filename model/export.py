@@ -1,7 +1,8 @@
 """Export a trained checkpoint for serving: weights only (optionally half precision) and a model card.
 
 The model card (JSON beside the checkpoint) records how the model was made and what it measures: the
-training command, corpus and sha256, steps, wall time, validation loss of the exported weights in the
+training command, corpus and sha256 (and, for a fine-tuned model, the parent model's name, sha256 and
+corpus), steps, wall time, validation loss of the exported weights in the
 project's convention (and of the float32 weights, so the cost of half precision is visible), a sample,
 and the chat template the service renders conversations with (model/chat_template.py), when given one.
 """
@@ -83,6 +84,8 @@ def export(
         "torch_version": torch.__version__,
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    # The model it was fine-tuned from (--init-from) with its corpus, and what it trained on before its corpus grew.
+    card |= {key: ckpt.meta[key] for key in ("parent", "earlier_corpora") if ckpt.meta.get(key) is not None}
     if corpus is not None:
         val = corpus.split(ckpt.meta["train_config"]["val_fraction"])[1]
         full, stored = windowed_loss(model, val), windowed_loss(exported.build_model(), val)

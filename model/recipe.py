@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from charrnn.model.config import PRESETS, ModelConfig, TrainConfig, split_settings
+from charrnn.model.config import PRESETS, ModelConfig, TrainConfig, setting_flag, split_settings
 from charrnn.model.data import Corpus
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,9 @@ PERIODIC_EVAL_CHARS = 16_384  # a larger split is sampled this much at each peri
 # takes, and how many times it reads the text: a guess too high would over-regularise a short run.
 CPU_CHARS_PER_S_512 = 25_000.0
 GPU_SPEEDUP = 20.0  # a guess, not measured: every figure here is from CPUs
+FINETUNE_LR = 5e-4  # AdamW from a trained model (--init-from): issue 31's measurement, bench/fine_tune.py
+FINETUNE_WARMUP = 0.05
+SHAPE_KEYS = ("cell", "layers", "hidden", "embed")  # the settings --init-from's checkpoint decides
 
 
 @dataclass(frozen=True)
@@ -64,16 +67,16 @@ def hidden_for(
     return hidden, why
 
 
-def step_cost(hidden: int, vocab_size: int) -> float:
-    """Multiply-adds per character (the LSTM's four gates, the head), plus a fixed cost per character
-    fitted to steps measured on a 2-core Zen 5 (128 units trained ~7x faster than 512, not the 11x the
-    arithmetic says)."""
-    return 4 * hidden * (hidden + 64) + hidden * vocab_size + 85_000
+def step_cost(hidden: int, vocab_size: int, layers: int = 1) -> float:
+    """Multiply-adds per character (the LSTM's four gates, a layer above the first reading `hidden` inputs,
+    the head), plus a fixed cost per character fitted to steps measured on a 2-core Zen 5 (128 units
+    trained ~7x faster than 512, not the 11x the arithmetic says)."""
+    return 4 * hidden * (hidden + 64) + (layers - 1) * 8 * hidden * hidden + hidden * vocab_size + 85_000
 
 
-def chars_per_second(hidden: int, device: str, world: int, vocab_size: int = 65) -> float:
+def chars_per_second(hidden: int, device: str, world: int, vocab_size: int = 65, layers: int = 1) -> float:
     """A rough training speed, to estimate how many steps the budget takes and how often it reads the text."""
-    speed = CPU_CHARS_PER_S_512 * step_cost(512, 65) / step_cost(hidden, vocab_size)
+    speed = CPU_CHARS_PER_S_512 * step_cost(512, 65) / step_cost(hidden, vocab_size, layers)
     return speed * world * (GPU_SPEEDUP if device == "cuda" else 1.0)
 
 
@@ -89,36 +92,95 @@ def auto_recipe(
     """The `auto` preset's settings for this text, budget and device, each with its reason."""
     hidden, hidden_why = hidden_for(train_chars, budget_s, device, world, vocab_size)
     epochs = budget_s * chars_per_second(hidden, device, world, vocab_size) / max(train_chars, 1)
-    reads = f"the budget reads the text about {epochs:,.0f} times"
-    if epochs <= 12:
-        dropout, dropout_why = 0.15, f"{reads} (cpu-fast's ~7 on Tiny Shakespeare): light regularisation"
-    elif epochs <= 40:
-        dropout, dropout_why = 0.3, f"{reads}: it would overfit with cpu-fast's 0.15"
-    else:
-        dropout, dropout_why = 0.5, f"{reads}: a small text overfits fast, so heavy dropout"
+    dropout, dropout_why = _dropout_for(epochs)
     if hidden <= 128:  # one level down: 0.5 -> 0.3 -> 0.15 -> 0
         dropout = {0.5: 0.3, 0.3: 0.15, 0.15: 0.0}[dropout]
-        dropout_why = f"{reads}, but 128 units in a short budget underfit first: one level less"
-    batch, seq_len = (96 if device == "cuda" else 24), 64
-    fits = max(1, train_chars // (world * (4 * seq_len + 1)))  # at least 4 windows per track and epoch
-    batch_why = "cpu-fast's (measured best of 16-32 on 2 cores)" if device != "cuda" else "a GPU runs 4x cpu-fast's"
-    if fits < batch:
-        batch, batch_why = fits, f"the most tracks that each still hold 4 windows of {seq_len} characters"
+        dropout_why = f"{_reads(epochs)}, but 128 units in a short budget underfit first: one level less"
     choices = [
         Choice("cell", "lstm", "as every measured recipe"),
         Choice("layers", 1, "one layer trains the most steps in a short budget (cpu-fast)"),
         Choice("hidden", hidden, hidden_why),
         Choice("embed", 64, "as cpu-fast"),
         Choice("dropout", dropout, dropout_why),
-        Choice("batch", batch, batch_why),
-        Choice("seq_len", seq_len, "cpu-fast's window"),
-        Choice("reset_every", 4, "restarts every 256 characters: validation and prompts start from a zero state"),
+        *_layout_choices(train_chars, device, world),
         Choice("lr", 5e-3, "cpu-fast's (measured best of 3e-3-8e-3)"),
         Choice("warmup_frac", 0.03, "as cpu-fast"),
         Choice("time_budget", budget_s, "cpu-fast's 150 s" if budget_s == DEFAULT_BUDGET_S else "as given"),
     ]
     choices += _evaluation_choices(epochs, budget_s, max_steps, val_chars)
     return choices
+
+
+def finetune_recipe(
+    parent: ModelConfig,
+    train_chars: int,
+    vocab_size: int,
+    budget_s: float,
+    device: str = "cpu",
+    world: int = 1,
+    max_steps: int | None = None,
+    val_chars: int | None = None,
+) -> list[Choice]:
+    """`auto`'s settings for fine-tuning `parent` (--init-from) on a text, each with its reason.
+
+    The shape is the parent's. The learning rate is the one measured in issue 31 (AdamW 5e-4 from the
+    default model, 0.1-0.3 nats/char better than from scratch in the same minute on three licence texts):
+    a tenth of a from-scratch run's, because the weights start near a good solution and large steps
+    would first undo what the parent learnt.
+    """
+    speed = chars_per_second(parent.hidden, device, world, vocab_size, parent.layers)
+    epochs = budget_s * speed / max(train_chars, 1)
+    dropout, dropout_why = _dropout_for(epochs)
+    if parent.dropout > dropout:
+        dropout, dropout_why = parent.dropout, f"the parent's: its weights were trained with it ({_reads(epochs)})"
+    shape = f"{parent.cell} {parent.layers} x {parent.hidden}, embedding {parent.embed}"
+    choices = [
+        Choice("cell", parent.cell, f"the parent's ({shape}): its weights need its shape"),
+        Choice("layers", parent.layers, "the parent's"),
+        Choice("hidden", parent.hidden, "the parent's"),
+        Choice("embed", parent.embed, "the parent's"),
+        Choice("dropout", dropout, dropout_why),
+        Choice("weight_drop", parent.weight_drop, "the parent's"),
+        *_layout_choices(train_chars, device, world),
+        Choice("lr", FINETUNE_LR, "fine-tuning: measured best from the default model (issue 31), 1/10 of scratch's"),
+        Choice(
+            "warmup_frac",
+            FINETUNE_WARMUP,
+            "AdamW's first steps are full-size before its moments settle: a longer warm-up keeps them from "
+            "undoing the parent",
+        ),
+        Choice("time_budget", budget_s, "150 s, as from scratch" if budget_s == DEFAULT_BUDGET_S else "as given"),
+    ]
+    choices += _evaluation_choices(epochs, budget_s, max_steps, val_chars)
+    return choices
+
+
+def _reads(epochs: float) -> str:
+    return f"the budget reads the text about {epochs:,.0f} times"
+
+
+def _dropout_for(epochs: float) -> tuple[float, str]:
+    """Dropout for a budget that reads the text `epochs` times, and why."""
+    reads = _reads(epochs)
+    if epochs <= 12:
+        return 0.15, f"{reads} (cpu-fast's ~7 on Tiny Shakespeare): light regularisation"
+    if epochs <= 40:
+        return 0.3, f"{reads}: it would overfit with cpu-fast's 0.15"
+    return 0.5, f"{reads}: a small text overfits fast, so heavy dropout"
+
+
+def _layout_choices(train_chars: int, device: str, world: int) -> list[Choice]:
+    """How the text is read: tracks, window, restarts."""
+    batch, seq_len = (96 if device == "cuda" else 24), 64
+    fits = max(1, train_chars // (world * (4 * seq_len + 1)))  # at least 4 windows per track and epoch
+    batch_why = "cpu-fast's (measured best of 16-32 on 2 cores)" if device != "cuda" else "a GPU runs 4x cpu-fast's"
+    if fits < batch:
+        batch, batch_why = fits, f"the most tracks that each still hold 4 windows of {seq_len} characters"
+    return [
+        Choice("batch", batch, batch_why),
+        Choice("seq_len", seq_len, "cpu-fast's window"),
+        Choice("reset_every", 4, "restarts every 256 characters: validation and prompts start from a zero state"),
+    ]
 
 
 def _evaluation_choices(epochs: float, budget_s: float, max_steps: int | None, val_chars: int | None) -> list[Choice]:
@@ -151,53 +213,69 @@ def resolve_recipe(
     overrides: dict[str, Any],
     out_dir: Path | None = None,
     resume: bool = False,
+    parent: ModelConfig | None = None,
 ) -> tuple[ModelConfig, TrainConfig]:
     """The configs of a run: a named preset or `auto`'s choices for this corpus, then `overrides` on top.
 
     Resuming an `auto` run repeats the recipe its checkpoint recorded (a new budget must not change it).
+    With `parent` (--init-from's network) the shape is the parent's, whatever the preset says; a shape
+    given in `overrides` that differs from it is refused (ValueError naming the flag).
     """
+    if parent is not None:
+        _check_shape(parent, overrides)
     if preset != AUTO:
         if preset not in PRESETS:
             raise ValueError(f"preset: unknown {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
         settings = {**PRESETS[preset], **overrides}
+        if parent is not None:
+            settings |= {k: getattr(parent, k) for k in SHAPE_KEYS}
+            log.info("--init-from: the network's shape is the parent's, not --preset %s's", preset)
     else:
         device = overrides.get("device", TrainConfig.device)
         base = _recorded_recipe(out_dir, device) if resume and out_dir is not None else None
         if base is None:
-            base = _auto_settings(corpus, overrides)
+            base = _auto_settings(corpus, overrides, parent)
         settings = {**base, **overrides}
     model_settings, train_settings = split_settings(settings)
     return ModelConfig(vocab_size=len(corpus.vocab), **model_settings), TrainConfig(**train_settings)
 
 
-def _auto_settings(corpus: Corpus, overrides: dict[str, Any]) -> dict[str, Any]:
+def _check_shape(parent: ModelConfig, overrides: dict[str, Any]) -> None:
+    """Refuse a cell, layer count or size asked for beside --init-from that is not the parent's."""
+    clashes = [k for k in SHAPE_KEYS if k in overrides and overrides[k] != getattr(parent, k)]
+    if clashes:
+        given = ", ".join(f"{setting_flag(k)} {overrides[k]} (the parent's: {getattr(parent, k)})" for k in clashes)
+        raise ValueError(
+            f"--init-from: the network's shape comes from the checkpoint it starts from, and {given} "
+            "would not fit its weights; leave these flags out, or train from scratch without --init-from"
+        )
+
+
+def _auto_settings(corpus: Corpus, overrides: dict[str, Any], parent: ModelConfig | None = None) -> dict[str, Any]:
     """`auto`'s settings for this corpus and this torchrun launch, logged with their reasons by rank 0."""
     from charrnn.model.distributed import current_launch  # imports torch: only when auto chooses
 
     launch = current_launch()
-    choices = _auto_choices(corpus, overrides, launch.world)
+    choices = _auto_choices(corpus, overrides, launch.world, parent)
     if launch.rank == 0:  # under torchrun every rank chooses the same; rank 0 says so
-        _log_choices(choices, overrides)
+        _log_choices(choices, overrides, fine_tuning=parent is not None)
     return {c.name: c.value for c in choices}
 
 
-def _auto_choices(corpus: Corpus, overrides: dict[str, Any], world: int) -> list[Choice]:
-    """auto_recipe for this corpus's split, the budget and device asked for, and `world` ranks."""
+def _auto_choices(
+    corpus: Corpus, overrides: dict[str, Any], world: int, parent: ModelConfig | None = None
+) -> list[Choice]:
+    """auto_recipe (finetune_recipe with a parent) for this corpus's split, the budget and device asked for,
+    and `world` ranks."""
     import torch
 
     val_fraction = overrides.get("val_fraction", TrainConfig.val_fraction)
     train, val = corpus.split(val_fraction)
     name = overrides.get("device", "auto")  # TrainConfig checks the name; here only its kind matters
     device = "cuda" if name.startswith("cuda") or (name == "auto" and torch.cuda.is_available()) else "cpu"
-    return auto_recipe(
-        len(train),
-        len(corpus.vocab),
-        overrides.get("time_budget") or DEFAULT_BUDGET_S,
-        device,
-        world,
-        overrides.get("max_steps"),
-        len(val),
-    )
+    budget = overrides.get("time_budget") or DEFAULT_BUDGET_S
+    shared = (len(train), len(corpus.vocab), budget, device, world, overrides.get("max_steps"), len(val))
+    return auto_recipe(*shared) if parent is None else finetune_recipe(parent, *shared)
 
 
 def _recorded_recipe(out_dir: Path, device: str) -> dict[str, Any] | None:
@@ -220,8 +298,8 @@ def _recorded_recipe(out_dir: Path, device: str) -> dict[str, Any] | None:
     return {**model, **(ckpt.meta.get("train_config") or {})}
 
 
-def _log_choices(choices: list[Choice], overrides: dict[str, Any]) -> None:
-    log.info("--preset auto chose, for this text and budget:")
+def _log_choices(choices: list[Choice], overrides: dict[str, Any], fine_tuning: bool = False) -> None:
+    log.info("--preset auto chose, %s this text and budget:", "for fine-tuning on" if fine_tuning else "for")
     for c in choices:
         if c.name in overrides:
             log.info("  %-13s %s (given; auto would choose %s: %s)", c.name, overrides[c.name], c.value, c.reason)

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from charrnn.model import plot
 from charrnn.model.checkpoint import BEST, LAST, SUFFIX, load_checkpoint, save_checkpoint
 from charrnn.model.config import RESUME_MAY_CHANGE, ModelConfig, TrainConfig, setting_flag
 from charrnn.model.cpu import cpu_flags
-from charrnn.model.data import Corpus, TrackBatcher, corpus_stats
+from charrnn.model.data import Corpus, CorpusError, TrackBatcher, corpus_growth, corpus_stats
 from charrnn.model.decoding import SamplingParams
 from charrnn.model.diagnosis import diagnose
 from charrnn.model.distributed import Distributed, weights_digest
@@ -38,6 +38,11 @@ from charrnn.model.evaluate import bits_per_char, windowed_loss
 from charrnn.model.generation import generate
 from charrnn.model.network import CharRNN, State, detach_state, state_from_tensors, state_tensors
 from charrnn.model.text_warnings import text_warnings
+from charrnn.model.vocab import Vocab
+from charrnn.model.vocab_growth import VOCAB_ROWS, added_ids, grow_rows, grow_weights
+
+if TYPE_CHECKING:
+    from charrnn.model.finetune import Parent
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +114,7 @@ class Trainer:
         resume: bool = False,
         progress: bool = True,
         preset: str | None = None,
+        init_from: Parent | None = None,
     ):
         self.cfg, self.corpus, self.out_dir, self.preset = cfg, corpus, Path(out_dir), preset
         self.dist = Distributed.from_environment(cfg.device)
@@ -143,6 +149,10 @@ class Trainer:
         # What the last evaluation cost, in agreed seconds (its step included), learnt at the first agreement
         # after it: evaluations by the clock wait until training has had EVAL_SHARE_CAP x that much time.
         self._eval_cost, self._measure_eval_cost = 0.0, False
+        # What the checkpoints record beyond this run's corpus: the model it was fine-tuned from (--init-from),
+        # and the corpora it was trained on before its corpus grew (--resume).
+        self.parent: dict[str, Any] | None = init_from.record() if init_from is not None else None
+        self.earlier_corpora: list[dict[str, Any]] = []
         if resume:
             self._restore()
         elif (self.out_dir / LAST).exists() or (self.out_dir / BEST).exists():
@@ -150,6 +160,8 @@ class Trainer:
                 f"{self.out_dir} already holds a training run; pass --resume to continue it, "
                 "or choose another --out (nothing there is overwritten)"
             )
+        elif init_from is not None:
+            self._start_from(init_from)
         if self.dist.is_main:
             for warning in text_warnings(corpus_stats(corpus, cfg.val_fraction), self.model.num_parameters()):
                 log.warning("%s", warning)
@@ -171,6 +183,8 @@ class Trainer:
         cfg, stopped_by = self.cfg, "max_steps"
         bar = self._progress_bar()
         chars_per_step = cfg.batch * cfg.seq_len * self.dist.world
+        if self.parent is not None and self.step == 0:  # the parent's figure on this text: `best` starts there
+            self._evaluate_and_save()
         interrupted = _InterruptFlag()
         window_start, window_steps = time.perf_counter(), 0
         with interrupted:
@@ -483,7 +497,9 @@ class Trainer:
             "best_train_loss": self.best_train_loss,
             "evals_since_best": self.evals_since_best,
             "elapsed_s": round(self.elapsed, 3),
-            "corpus": {"name": self.corpus.name, "sha256": self.corpus.sha256, "chars": len(self.corpus)},
+            "corpus": self._corpus_record(),
+            "parent": self.parent,
+            "earlier_corpora": self.earlier_corpora or None,
             "train_config": self.cfg.to_dict(),
             "preset": self.preset,
             "world_size": self.dist.world,
@@ -491,6 +507,7 @@ class Trainer:
             "saved_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         meta = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in meta.items()}
+        meta = {k: v for k, v in meta.items() if v is not None or k not in ("parent", "earlier_corpora")}
         extra = self._training_state(carry or []) if training_state else None
         path = self.out_dir / name
         try:
@@ -501,6 +518,27 @@ class Trainer:
                 f"could not save {path} at step {self.step}: {reason}; the previous {name} is intact"
                 " (free some space or fix the directory's permissions, then --resume)"
             ) from exc
+
+    def _corpus_record(self) -> dict[str, Any]:
+        """The corpus as checkpoints record it; its files let a later --resume tell growth from change."""
+        record = {"name": self.corpus.name, "sha256": self.corpus.sha256, "chars": len(self.corpus)}
+        return record | ({"files": [list(f) for f in self.corpus.files]} if self.corpus.files else {})
+
+    def _start_from(self, parent: Parent) -> None:
+        """Load the parent's weights (--init-from), its vocabulary grown to the corpus's."""
+        old = parent.checkpoint.vocab
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        self.model.load_state_dict(grow_weights(parent.checkpoint.weights, old, self.corpus.vocab, generator))
+        if self.ema is not None:
+            self.ema = [p.detach().clone() for p in self.model.parameters()]
+        if self.dist.is_main:
+            log.info(
+                "fine-tuning %s (%s), %d characters of vocabulary grown to %d",
+                parent.name,
+                parent.checkpoint.path,
+                len(old),
+                len(self.corpus.vocab),
+            )
 
     def _training_state(self, carry: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Everything beyond the weights that makes a resumed run identical to an unbroken one (`carry`: the
@@ -524,21 +562,23 @@ class Trainer:
                 where = " on the machine of rank 0" if self.dist.enabled else ""
                 raise TrainingError(f"--resume: no {LAST} in {self.out_dir}{where} to resume from")
             ckpt = load_checkpoint(local, with_training_state=True)
-        self._check_same_run(path, ckpt.meta, ckpt.config)
-        self.model.load_state_dict(ckpt.weights)
-        self._restore_optimizer(ckpt.extra)
+        growth = self._check_same_run(path, ckpt.meta, ckpt.config)
+        generator = torch.Generator().manual_seed(self.cfg.seed + ckpt.meta["step"])
+        self.model.load_state_dict(grow_weights(ckpt.weights, ckpt.vocab, self.corpus.vocab, generator))
+        self._restore_optimizer(ckpt.extra, ckpt.vocab)
         if self.ema is not None:  # a checkpoint without one (written before --ema existed) starts it afresh
             restored = [ckpt.extra.get(f"ema.{i}") for i in range(len(self.ema))]
             self.ema = [
-                (r if r is not None else p.detach()).to(self.device).clone()
-                for r, p in zip(restored, self.model.parameters(), strict=True)
+                self._grown(name, r, ckpt.vocab, p) if r is not None else p.detach().clone()
+                for r, (name, p) in zip(restored, self.model.named_parameters(), strict=True)
             ]
         torch.set_rng_state(ckpt.extra["rng.torch"])
         if "rng.cuda" in ckpt.extra and self.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt.extra["rng.cuda"], self.device)
         carry = [ckpt.extra[f"carry.{j}"] for j in range(2) if f"carry.{j}" in ckpt.extra]
-        own = [self.dist.own_rows(t, self.cfg.batch).to(self.device) for t in carry]
-        self.state = state_from_tensors(own) if own else None
+        if growth is None:  # on a grown corpus the tracks are laid out anew: each starts from a zero state
+            own = [self.dist.own_rows(t, self.cfg.batch).to(self.device) for t in carry]
+            self.state = state_from_tensors(own) if own else None
         meta = ckpt.meta
         self.step, self.elapsed = meta["step"], meta["elapsed_s"]
         self.train_loss, self.val_loss, self.best_val_loss = meta["train_loss"], meta["val_loss"], meta["best_val_loss"]
@@ -546,12 +586,49 @@ class Trainer:
         self.evals_since_best = meta.get("evals_since_best", 0)
         self._last_eval_elapsed = self.elapsed  # `last` is written at an evaluation
         self.started_at = meta["started_at"]
+        self.parent, self.earlier_corpora = meta.get("parent"), list(meta.get("earlier_corpora") or [])
+        if growth is not None:
+            self._continue_on_grown_corpus(growth, meta["corpus"], ckpt.vocab)
         log.info("resumed from %s at step %d", path, self.step)
 
-    def _check_same_run(self, path: Path, meta: dict[str, Any], model_cfg: ModelConfig) -> None:
-        """Refuse a resume whose corpus, world size or settings would change the data order or the arithmetic."""
+    def _continue_on_grown_corpus(self, growth: str, was: dict[str, Any], old_vocab: Vocab) -> None:
+        """After a resume on a corpus that grew: the new split's losses are not the old one's, so `best` starts
+        again at the next evaluation; the corpus trained on before is recorded."""
+        self.val_loss = self.best_val_loss = self.best_step = self.best_train_loss = None
+        self.evals_since_best = 0
+        self.earlier_corpora.append({k: was[k] for k in ("name", "sha256", "chars") if k in was})
+        added = "".join(c for c in self.corpus.vocab.chars if c not in old_vocab)
+        vocab = f"vocabulary {len(old_vocab)} -> {len(self.corpus.vocab)} characters ({len(added)} new: {added!r})"
+        if self.dist.is_main:
+            log.info(
+                "--resume: the corpus grew (%s); %s. Training goes on from step %d on the grown text, not exactly "
+                "as an unbroken run would; `best` is chosen again on its validation split, from the next evaluation",
+                growth,
+                vocab if added else f"the same {len(old_vocab)} characters",
+                self.step,
+            )
+
+    def _grown(self, name: str, tensor: torch.Tensor, old: Vocab, param: torch.Tensor) -> torch.Tensor:
+        """An average (--ema) of the checkpoint's vocabulary as this run's: new characters' rows are the weights'."""
+        tensor = tensor.to(self.device)
+        if name not in VOCAB_ROWS or old == self.corpus.vocab:
+            return tensor.clone()
+        grown = grow_rows(tensor, old, self.corpus.vocab)
+        added = added_ids(old, self.corpus.vocab).to(self.device)
+        grown[added] = param.detach()[added]
+        return grown
+
+    def _check_same_run(self, path: Path, meta: dict[str, Any], model_cfg: ModelConfig) -> str | None:
+        """Refuse a resume whose corpus, world size or settings would change the data order or the arithmetic.
+
+        A corpus that only grew (lines appended, files added) is allowed: returns how it grew (None: unchanged).
+        """
+        growth = None
         if meta["corpus"]["sha256"] != self.corpus.sha256:
-            raise TrainingError(f"--resume: {path} was trained on a different corpus (sha256 differs)")
+            try:
+                growth = corpus_growth(meta["corpus"], self.corpus)
+            except CorpusError as exc:
+                raise TrainingError(f"--resume: {path} was trained on a different corpus: {exc}") from None
         if meta.get("world_size", 1) != self.dist.world:
             raise TrainingError(
                 f"--resume: {path} was written by {meta.get('world_size', 1)} ranks, "
@@ -559,10 +636,11 @@ class Trainer:
             )
         was = {**(meta.get("train_config") or {}), **model_cfg.to_dict()}
         now = {**self.cfg.to_dict(), **self.model.config.to_dict()}
+        may_change = (*RESUME_MAY_CHANGE, "vocab_size") if growth else RESUME_MAY_CHANGE  # grown: new characters
         # A key the checkpoint lacks (written before the setting existed) cannot be checked.
-        changed = [k for k in now if k in was and k not in RESUME_MAY_CHANGE and was[k] != now[k]]
+        changed = [k for k in now if k in was and k not in may_change and was[k] != now[k]]
         if not changed:
-            return
+            return growth
         differences = ", ".join(f"{setting_flag(k)} {now[k]} (was {was[k]})" for k in changed)
         preset = meta.get("preset")
         hint = f" (it was trained with --preset {preset})" if preset and preset != self.preset else ""
@@ -571,11 +649,15 @@ class Trainer:
             f"Pass the first run's values{hint}; only {', '.join(map(setting_flag, RESUME_MAY_CHANGE))} may change"
         )
 
-    def _restore_optimizer(self, extra: dict[str, torch.Tensor]) -> None:
+    def _restore_optimizer(self, extra: dict[str, torch.Tensor], old_vocab: Vocab) -> None:
+        """AdamW's moments as saved; a grown vocabulary's new rows start with zero moments."""
+        names = [name for name, _ in self.model.named_parameters()]
         state: dict[int, dict[str, torch.Tensor]] = {}
         for name, tensor in extra.items():
             if name.startswith("optim."):
                 _, index, key = name.split(".", 2)
+                if names[int(index)] in VOCAB_ROWS and tensor.dim() > 0 and old_vocab != self.corpus.vocab:
+                    tensor = grow_rows(tensor, old_vocab, self.corpus.vocab)
                 state.setdefault(int(index), {})[key] = tensor
         groups = self.optimizer.state_dict()["param_groups"]
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})

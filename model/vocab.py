@@ -79,6 +79,15 @@ class Vocab:
             raise UnknownCharactersError(chr(c) for c in np.unique(codepoints[bad]))
         return ids.astype(self.id_dtype)
 
+    def union(self, chars: Iterable[str]) -> Vocab:
+        """This vocabulary grown by `chars`: a character's id may move (ids follow code points), never its row's
+        meaning; see model/vocab_growth.py."""
+        return Vocab(set(self.chars).union(chars))
+
+    def ids_of(self, chars: Iterable[str]) -> np.ndarray:
+        """The ids of `chars` (each must be in the vocabulary), as int64."""
+        return np.array([self._index[c] for c in chars], dtype=np.int64)
+
     def decode(self, ids: Iterable[int]) -> str:
         """The text of a sequence of ids."""
         return "".join(self.chars[i] for i in ids)
