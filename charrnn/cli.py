@@ -91,7 +91,7 @@ def _add_train(commands: Any) -> None:
         help="fine-tune: start from this trained model (a run directory, a .safetensors checkpoint, or an exported "
         "model such as service/default_model/shakespeare.safetensors). Its network's shape is used (--cell, "
         "--layers, --hidden, --embed may not differ from it); the vocabulary is its characters and the text's; "
-        "auto chooses a fine-tuning recipe (lr 5e-4)",
+        "auto chooses a fine-tuning recipe and logs why",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument(
