@@ -41,23 +41,23 @@ from charrnn.service.engine.scheduler import Engine, JobSpec
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "service" / "default_model" / "shakespeare.safetensors"
 
 
-def zero_batch(model: CharRNN, lib: object, rows: int, bf16: bool) -> NativeLSTMBatch:
-    """A kernel batch of `rows` rows, each from a zero state."""
-    batch = NativeLSTMBatch(model, rows, lib, bf16=bf16)
+def zero_batch(model: CharRNN, lib: object, rows: int, bf16: bool, int8: bool = False) -> NativeLSTMBatch:
+    """A kernel batch of `rows` rows, each from a zero state (in int8 arithmetic with `int8`)."""
+    batch = NativeLSTMBatch(model, rows, lib, bf16=bf16, int8=int8)
     zeros = torch.zeros(model.config.layers, 1, model.config.hidden)
     for row in range(rows):
         batch.add(row, torch.zeros(model.config.vocab_size), (zeros, zeros))
     return batch
 
 
-def kernel_loss(model: CharRNN, lib: object, ids: np.ndarray, bf16: bool) -> float:
+def kernel_loss(model: CharRNN, lib: object, ids: np.ndarray, bf16: bool, int8: bool = False) -> float:
     """windowed_loss's figure, computed by the kernel: every window a row, stepped one character at a time."""
     blocks = list(validation_windows(ids, WINDOW))
     total, count = 0.0, 0
     for length in sorted({len(b) for b in blocks}):
         group = torch.from_numpy(np.stack([b for b in blocks if len(b) == length]))  # (rows, length)
         rows = len(group)
-        batch = zero_batch(model, lib, rows, bf16)
+        batch = zero_batch(model, lib, rows, bf16, int8)
         for t in range(length - 1):
             batch.step(group[:, t].tolist())
             total += float(F.cross_entropy(batch.logits, group[:, t + 1], reduction="sum"))

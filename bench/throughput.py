@@ -47,9 +47,11 @@ def flop_per_char(model: torch.nn.Module) -> int:
     return 2 * sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and not name.startswith("embed"))
 
 
-def engine_alone(loaded: LoadedModel, jobs: int, seconds: float, chars: int) -> tuple[float, float]:
+def engine_alone(
+    loaded: LoadedModel, jobs: int, seconds: float, chars: int, precision: str = "auto"
+) -> tuple[float, float]:
     """(characters/s, p99 time to the first character) of `jobs` submitters keeping one job each running."""
-    engine = Engine({loaded.name: loaded}, max_batch=max(jobs, 8), max_queue=4 * jobs)
+    engine = Engine({loaded.name: loaded}, max_batch=max(jobs, 8), max_queue=4 * jobs, precision=precision)
     engine.start()
     made, first = [0] * jobs, []
     stop_at = time.perf_counter() + seconds

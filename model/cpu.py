@@ -24,3 +24,9 @@ def has_bf16_dot() -> bool:
     """Whether the CPU multiplies bfloat16 pairs natively into float32 sums (AVX512-BF16's vdpbf16ps), with
     the AVX-512 subsets the kernel's bfloat16 build is compiled for (-mavx512bf16 implies AVX512BW)."""
     return {"avx512f", "avx512vl", "avx512bw", "avx512_bf16"} <= cpu_flags()
+
+
+def has_int8_dot() -> bool:
+    """Whether the CPU multiplies quads of 8-bit integers into 32-bit sums (AVX512-VNNI's vpdpbusd), as the
+    kernel's int8 arithmetic does."""
+    return {"avx512f", "avx512bw", "avx512_vnni"} <= cpu_flags()

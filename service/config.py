@@ -38,7 +38,11 @@ TOP_LOGPROBS = 5  # alternatives per character a request may ask for
 DEFAULT_MAX_BATCH = 64  # generations stepped together (and, by default, Gunicorn threads per worker)
 DEFAULT_MAX_QUEUE = 256  # generations waiting for a batch slot
 DEFAULT_PROMPT_CACHE_BYTES = 64 << 20  # recurrent states of recently seen prompts
-KERNEL_PRECISIONS = ("auto", "fp32")  # the serving kernel's arithmetic (ServiceConfig.precision), not training's
+KERNEL_PRECISIONS = (
+    "auto",
+    "fp32",
+    "int8",
+)  # the serving kernel's arithmetic (ServiceConfig.precision), not training's
 # the C kernel's builds (service/engine/lstm_kernel.py VARIANTS), fastest first; "auto": the best this CPU passes
 KERNEL_BUILDS = ("auto", "amx", "bf16", "avx2", "portable")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from charrnn.model.cpu import has_bf16_dot
+from charrnn.model.cpu import has_bf16_dot, has_int8_dot
 from charrnn.model.network import CharRNN, state_from_tensors, state_tensors
 from charrnn.service.engine import lstm_kernel
 
@@ -185,12 +185,15 @@ class NativeLSTMBatch(FastLSTMBatch):
     over from 64 rows while the kernel ran on one thread).
     """
 
-    def __init__(self, model: CharRNN, capacity: int, lib: Any, bf16: bool = False):
+    def __init__(self, model: CharRNN, capacity: int, lib: Any, bf16: bool = False, int8: bool = False):
         super().__init__(model, capacity)
         if model.config.layers > lstm_kernel.MAX_LAYERS:
             raise ValueError("too many layers for the native kernel")
         if bf16 and not bf16_capable(model, lib):
             raise ValueError("this kernel or model cannot step in bfloat16 (see bf16_capable)")
+        if int8 and not int8_capable(model, lib):
+            raise ValueError("this kernel or model cannot step in int8 (see int8_capable)")
+        bf16 = bf16 and not int8  # int8 replaces the bfloat16 products
         self.lib = lib
         self._ids_np = self.ids.numpy()
         net = lstm_kernel.Net(layers=model.config.layers, hidden=model.config.hidden)
@@ -198,10 +201,11 @@ class NativeLSTMBatch(FastLSTMBatch):
         net.table, net.head_w, net.head_b = self.table.data_ptr(), self.head_w.data_ptr(), self.head_b.data_ptr()
         # float16 copies of the weights that are float16 values (see lstm_kernel: exact, half the bytes);
         # none in bfloat16 mode, where the kernel reads only the bfloat16 panels (below)
-        self.weights_half = [w.half() if not bf16 and _exact_in_half(w) else None for w in self.weights]
+        reduced = bf16 or int8
+        self.weights_half = [w.half() if not reduced and _exact_in_half(w) else None for w in self.weights]
         # The weights a batch reads, in panels of 16 columns (see lstm_step.h): a block of rows reads them in order.
         self.panels = [
-            None if bf16 else _panels(w if wh is None else wh)
+            None if reduced else _panels(w if wh is None else wh)
             for w, wh in zip(self.weights, self.weights_half, strict=True)
         ]
         for layer, (w, b, wh, panels) in enumerate(
@@ -219,6 +223,17 @@ class NativeLSTMBatch(FastLSTMBatch):
         for layer, panels in enumerate(self.bpanels):
             net.bpanels[layer] = panels.data_ptr()
         net.xb = None if self.xb is None else self.xb.data_ptr()
+        # int8 arithmetic: every recurrent layer's weights quantized per column and packed (lstm_step.h)
+        self.int8 = int8
+        self.quantized = [_int8_panels(w) for w in self.weights] if int8 else []
+        self.xq = torch.zeros(capacity, 2 * model.config.hidden, dtype=torch.uint8) if int8 else None
+        for layer, (panels, scale, corr) in enumerate(self.quantized):
+            net.qpanels[layer], net.qscale[layer], net.qcorr[layer] = (
+                panels.data_ptr(),
+                scale.data_ptr(),
+                corr.data_ptr(),
+            )
+        net.xq = None if self.xq is None else self.xq.data_ptr()
         net.hs, net.cs, net.gates, net.logits = (t.data_ptr() for t in (self.hs, self.cs, self.gates, self.out))
         self.net = ctypes.byref(net)
         self._net = net  # keeps the struct alive; the tensors it points into are attributes of self
@@ -245,6 +260,32 @@ def _bf16_panels(weights: torch.Tensor) -> torch.Tensor:
     return paired.permute(2, 0, 3, 1).contiguous()
 
 
+def _int8_panels(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weights (K, N) quantized per column (q = round(w / s), s = max |w| / 127) and packed as the kernel's
+    qpanels (service/engine/kernels/lstm_step.h): N / 32 panels, each K / 4 quads of rows of 32 columns, a
+    column's four weights side by side; with qscale (N,) = s / 127 (the inputs are round(127 h)) and
+    qcorr (N,) = 128 * sum_k q (the inputs are stored plus 128, unsigned)."""
+    rows, columns = weights.shape
+    scale = weights.abs().amax(0).clamp_min(1e-30) / 127
+    q = torch.round(weights / scale).clamp(-127, 127).to(torch.int8)
+    panels = q.view(rows // 4, 4, columns // 32, 32).permute(2, 0, 3, 1).contiguous()
+    corr = (128 * q.sum(0, dtype=torch.int32)).to(torch.int32).contiguous()
+    return panels, (scale / 127).float().contiguous(), corr
+
+
+def int8_capable(model: CharRNN, lib: Any) -> bool:
+    """Whether `lib` can step this model in int8: the kernel was built with AVX512-VNNI and this CPU runs it,
+    and the panels fit (4H a multiple of 32 and every K a multiple of 4: hidden a multiple of 8)."""
+    return (
+        lib is not None
+        and bool(lib.charrnn_has_int8())
+        and has_int8_dot()
+        and model.config.cell == "lstm"
+        and model.config.hidden % 8 == 0
+        and model.config.layers <= lstm_kernel.MAX_LAYERS
+    )
+
+
 def bf16_capable(model: CharRNN, lib: Any) -> bool:
     """Whether `lib` (a kernel from lstm_kernel) can step this model in bfloat16: the kernel was built with
     AVX512-BF16 and this CPU runs it, and the panels fit (4H a multiple of 32, so hidden a multiple of 8;
@@ -264,22 +305,33 @@ def _exact_in_half(weights: torch.Tensor) -> bool:
     return bool(torch.equal(weights.half().float(), weights))
 
 
-def make_batch(model: CharRNN, capacity: int, lib: Any = None, bf16: bool = False) -> RecurrentBatch:
+def make_batch(
+    model: CharRNN, capacity: int, lib: Any = None, bf16: bool = False, int8: bool = False
+) -> RecurrentBatch:
     """The batch implementation for this model: the C kernel's step where there is one (`lib`, from
     `lstm_kernel.load`) and the model is an LSTM, else the lean PyTorch LSTM step, else the module's.
-    With `bf16`, the kernel's bfloat16 arithmetic where it and the model allow it (`bf16_capable`)."""
+    With `int8`, the kernel's int8 arithmetic where it and the model allow it (`int8_capable`); else, with
+    `bf16`, its bfloat16 arithmetic where they allow that (`bf16_capable`)."""
     if model.config.cell != "lstm":
         return ModuleBatch(model, capacity)
     if lib is not None and model.config.layers <= lstm_kernel.MAX_LAYERS:
-        return NativeLSTMBatch(model, capacity, lib, bf16=bf16 and bf16_capable(model, lib))
+        int8 = int8 and int8_capable(model, lib)
+        return NativeLSTMBatch(model, capacity, lib, bf16=bf16 and not int8 and bf16_capable(model, lib), int8=int8)
     return FastLSTMBatch(model, capacity)
+
+
+def arithmetic(batch: RecurrentBatch) -> str:
+    """The recurrent layers' arithmetic of a batch: "int8", "bfloat16" or "float32"."""
+    if isinstance(batch, NativeLSTMBatch) and batch.int8:
+        return "int8"
+    return "bfloat16" if isinstance(batch, NativeLSTMBatch) and batch.bf16 else "float32"
 
 
 def describe_batch(batch: RecurrentBatch) -> str:
     """How a batch steps, for the log: which implementation, and the C kernel's arithmetic."""
     if isinstance(batch, NativeLSTMBatch):
         build = batch.lib.charrnn_build().decode()
-        return f"the C kernel ({build} build), {'bfloat16' if batch.bf16 else 'float32'} arithmetic"
+        return f"the C kernel ({build} build), {arithmetic(batch)} arithmetic"
     if isinstance(batch, FastLSTMBatch):
         return "the PyTorch LSTM step"
     return "the model's own module"

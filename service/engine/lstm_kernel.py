@@ -55,7 +55,7 @@ import torch
 
 # Every network's layer limit is the kernel's: the C side gets it as -DCHARRNN_MAX_LAYERS and reports it back.
 from charrnn.model.config import MAX_LAYERS
-from charrnn.model.cpu import cpu_flags, has_bf16_dot
+from charrnn.model.cpu import cpu_flags, has_bf16_dot, has_int8_dot
 from charrnn.model.decoding import Sample
 from charrnn.service import config
 
@@ -87,6 +87,10 @@ class Net(ctypes.Structure):
         ("panels", ctypes.c_void_p * MAX_LAYERS),
         ("bpanels", ctypes.c_void_p * MAX_LAYERS),
         ("xb", ctypes.c_void_p),
+        ("qpanels", ctypes.c_void_p * MAX_LAYERS),
+        ("qscale", ctypes.c_void_p * MAX_LAYERS),
+        ("qcorr", ctypes.c_void_p * MAX_LAYERS),
+        ("xq", ctypes.c_void_p),
     ]
 
 
@@ -378,7 +382,8 @@ def _check_trusted(info: os.stat_result, path: Path, what: str) -> None:
 
 # The kernel's builds, from the most capable: what each asks of the CPU is what its flags let the compiler use.
 _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
-_BF16 = [*_AVX2, "-mavx512f", "-mavx512vl", "-mavx512bf16"]  # + bfloat16 dot products (vdpbf16ps)
+# + bfloat16 dot products (vdpbf16ps) and int8 ones (vpdpbusd): every CPU with AVX512-BF16 has AVX512-VNNI
+_BF16 = [*_AVX2, "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512bf16", "-mavx512vnni"]
 VARIANTS = {
     "amx": [*_BF16, "-mamx-tile", "-mamx-bf16"],  # the bfloat16 products by AMX tiles (_tile_dpbf16ps)
     "bf16": _BF16,
@@ -418,6 +423,8 @@ def _cpu_lacks(build: str) -> str | None:
         return "no AVX2/FMA"
     if build != "avx2" and not has_bf16_dot():
         return "no AVX512-BF16 (avx512_bf16 in /proc/cpuinfo)"
+    if build != "avx2" and not has_int8_dot():
+        return "no AVX512-VNNI (avx512_vnni in /proc/cpuinfo)"
     if build == "amx" and not _cpu_has_amx():
         return "no AMX tiles (amx_tile, amx_bf16 in /proc/cpuinfo)"
     return None
@@ -541,6 +548,7 @@ KERNEL_FUNCTIONS = (
     "charrnn_net_size",
     "charrnn_build",
     "charrnn_init",
+    "charrnn_has_int8",
 )
 
 
@@ -579,6 +587,8 @@ def _bind(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL:
     lib.charrnn_build.restype = ctypes.c_char_p
     lib.charrnn_init.argtypes = []
     lib.charrnn_init.restype = ctypes.c_int
+    lib.charrnn_has_int8.argtypes = []
+    lib.charrnn_has_int8.restype = ctypes.c_int
     lib.charrnn_set_threads.argtypes = [ctypes.c_int]
     lib.charrnn_set_threads.restype = ctypes.c_int
     return lib

@@ -461,7 +461,9 @@ class Engine:
             batch = self._batches.get(loaded.key)
             if batch is None:
                 lib = lstm_kernel.load(directory=self.kernel_dir) if self.native else None
-                batch = make_batch(loaded.model, self.max_batch, lib, bf16=self.precision == "auto")
+                batch = make_batch(
+                    loaded.model, self.max_batch, lib, bf16=self.precision != "fp32", int8=self.precision == "int8"
+                )
                 fast = None if lib is None else lstm_kernel.KernelDraw(lib, len(loaded.vocab))
                 # a model's batch and decoder are kept together or not at all: a step reads both
                 self._decoders[loaded.key] = Decoder(loaded.vocab, fast)

@@ -15,7 +15,7 @@ import torch
 from charrnn.model.decoding import SamplingParams
 from charrnn.service.config import ConfigError
 from charrnn.service.engine import lstm_kernel
-from charrnn.service.engine.batch import FastLSTMBatch, NativeLSTMBatch, bf16_capable
+from charrnn.service.engine.batch import FastLSTMBatch, NativeLSTMBatch, bf16_capable, int8_capable
 from charrnn.service.engine.scheduler import Engine, JobSpec
 from tests.helpers import tiny_model
 
@@ -66,6 +66,9 @@ def test_every_build_this_cpu_runs_is_chosen_by_name_and_matches_pytorch(
         if bf16_capable(loaded.model, choice.library):
             bf16 = logits_after(NativeLSTMBatch(loaded.model, 13, choice.library, bf16=True), 13, 5)
             assert torch.allclose(bf16, reference, atol=0.1, rtol=0) and not torch.equal(bf16, fp32)
+        if int8_capable(loaded.model, choice.library):
+            int8 = logits_after(NativeLSTMBatch(loaded.model, 13, choice.library, int8=True), 13, 5)
+            assert torch.allclose(int8, reference, atol=0.1, rtol=0) and not torch.equal(int8, fp32)
 
 
 def test_the_float32_builds_with_avx2_agree_bit_for_bit(kernels: Path, fresh: None) -> None:
@@ -82,7 +85,7 @@ def test_the_float32_builds_with_avx2_agree_bit_for_bit(kernels: Path, fresh: No
     assert all(torch.equal(results[0], other) for other in results[1:])
 
 
-@pytest.mark.parametrize("precision", ["auto", "fp32"])
+@pytest.mark.parametrize("precision", ["auto", "fp32", "int8"])
 @pytest.mark.parametrize("build", BUILDS_HERE)
 def test_a_seeded_job_is_the_same_text_alone_and_in_any_batch_per_build(
     build: str, precision: str, kernels: Path, monkeypatch: pytest.MonkeyPatch, fresh: None
@@ -190,3 +193,38 @@ def test_the_amx_tile_code_keeps_a_rows_result_whatever_its_batch(emulated_amx: 
         )
     assert torch.equal(one[0], some[0]) and torch.equal(one[0], many[0])
     assert torch.equal(some[20], many[20])
+
+
+def test_int8_rows_are_exact_sums_the_same_in_any_batch_and_on_any_thread(kernels: Path, fresh: None) -> None:
+    """int8 products are exact int32 sums: a row's logits are the same bits alone, among 9 or 37 rows, on
+    one thread or two."""
+    lib = lstm_kernel.chosen(directory=kernels).library
+    loaded = tiny_model(hidden=48)
+    if not int8_capable(loaded.model, lib):
+        pytest.skip("this CPU or build has no int8 step (AVX512-VNNI)")
+    results = []
+    with torch.inference_mode():
+        for threads in (1, 2):
+            lib.charrnn_set_threads(threads)
+            for n in (1, 9, 37):
+                batch = NativeLSTMBatch(loaded.model, n, lib, int8=True)
+                lib.charrnn_set_threads(threads)  # the batch set torch's number; this test sets its own
+                results.append(logits_after(batch, n, 4)[0])
+    assert all(torch.equal(results[0], other) for other in results[1:])
+
+
+def test_the_engine_names_each_models_arithmetic(kernels: Path, fresh: None, caplog: pytest.LogCaptureFixture) -> None:
+    lib = lstm_kernel.chosen(directory=kernels).library
+    loaded = tiny_model(hidden=48)
+    expected = {"fp32": "float32", "auto": "bfloat16" if bf16_capable(loaded.model, lib) else "float32"}
+    expected["int8"] = "int8" if int8_capable(loaded.model, lib) else expected["auto"]
+    for precision, arithmetic in expected.items():
+        engine = Engine({loaded.name: loaded}, max_batch=4, kernel_dir=kernels, precision=precision)
+        engine.start()
+        with caplog.at_level(logging.INFO, logger="charrnn.service.engine.scheduler"):
+            spec = JobSpec(loaded.name, tuple(loaded.vocab.encode("ab")), 5, SamplingParams(temperature=1.0), 1)
+            engine.submit(spec).result(timeout=60)
+        engine.close()
+        build = lib.charrnn_build().decode()
+        assert f"steps with the C kernel ({build} build), {arithmetic} arithmetic" in caplog.text
+        caplog.clear()

@@ -631,6 +631,94 @@ static void matmul_bf16(const Net *net, int n, int K, int N, const float *x, int
 }
 #endif
 
+/* int8 products (Net.qpanels) by vpdpbusd: exact int32 sums, so the order of k does not matter at all,
+   then one multiply-add per element into y. */
+#if CHARRNN_SHARE && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#define CHARRNN_INT8 1
+
+/* Rows 0 .. R - 1 (R <= 8) of y, the 32 columns of one panel: each quad of weights loaded once for R rows. */
+static inline __attribute__((always_inline)) void qblock(const int R, int K4, int N, const uint8_t *xq, int ldxq,
+                                                         const int8_t *panel, const float *scale,
+                                                         const int32_t *corr, float *y) {
+    __m512i a[8][2];
+    for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm512_setzero_si512();
+    for (int k = 0; k < K4; k++) {
+        const __m512i w0 = _mm512_loadu_si512(panel + (size_t)k * 128);
+        const __m512i w1 = _mm512_loadu_si512(panel + (size_t)k * 128 + 64);
+        for (int r = 0; r < R; r++) {
+            int32_t quad;
+            memcpy(&quad, xq + (size_t)r * ldxq + 4 * k, sizeof quad);
+            const __m512i b = _mm512_set1_epi32(quad);
+            a[r][0] = _mm512_dpbusd_epi32(a[r][0], b, w0);
+            a[r][1] = _mm512_dpbusd_epi32(a[r][1], b, w1);
+        }
+    }
+    const __m512 s0 = _mm512_loadu_ps(scale), s1 = _mm512_loadu_ps(scale + 16);
+    const __m512i c0 = _mm512_loadu_si512(corr), c1 = _mm512_loadu_si512(corr + 16);
+    for (int r = 0; r < R; r++) {
+        float *yr = y + (size_t)r * N;
+        _mm512_storeu_ps(yr, _mm512_fmadd_ps(s0, _mm512_cvtepi32_ps(_mm512_sub_epi32(a[r][0], c0)), _mm512_loadu_ps(yr)));
+        _mm512_storeu_ps(yr + 16,
+                         _mm512_fmadd_ps(s1, _mm512_cvtepi32_ps(_mm512_sub_epi32(a[r][1], c1)), _mm512_loadu_ps(yr + 16)));
+    }
+}
+
+#define QBLOCK(R)                                                                                                \
+    static __attribute__((noinline)) void qblock##R(int K4, int N, const uint8_t *xq, int ldxq, const int8_t *panel, \
+                                                    const float *scale, const int32_t *corr, float *y) {         \
+        qblock(R, K4, N, xq, ldxq, panel, scale, corr, y);                                                       \
+    }
+QBLOCK(1) QBLOCK(2) QBLOCK(3) QBLOCK(4) QBLOCK(5) QBLOCK(6) QBLOCK(7) QBLOCK(8)
+#undef QBLOCK
+
+static void (*const qblocks[9])(int, int, const uint8_t *, int, const int8_t *, const float *, const int32_t *,
+                                float *) = {
+    NULL, qblock1, qblock2, qblock3, qblock4, qblock5, qblock6, qblock7, qblock8,
+};
+
+/* The int8 product's panels, scales and corrections for one call (Shared has room for one pointer). */
+typedef struct {
+    const uint8_t *xq;
+    const int8_t *panels;
+    const float *scale;
+    const int32_t *corr;
+} Int8Product;
+
+/* Unit u: 32-column panel u / groups by 8-row group u % groups (the last group what is left). */
+static void int8_unit(const Shared *s, int u) {
+    const Int8Product *p = s->panels;
+    const int j = (u / s->groups) * 32, r = (u % s->groups) * 8, R = s->n - r < 8 ? s->n - r : 8;
+    qblocks[R](s->K / 4, s->N, p->xq + (size_t)r * s->K, s->K, p->panels + (size_t)j * s->K, p->scale + j,
+               p->corr + j, s->y + (size_t)r * s->N + j);
+}
+
+/* y (n, N) += layer l's int8 product of x (n, K; row stride ldx): x quantized into xq (a fixed scale: every
+   input is an h, in (-1, 1)), then the units panel by panel, as matmul_bf16 does. */
+static void matmul_int8(const Net *net, int l, int n, int K, int N, const float *x, int ldx, float *y) {
+    uint8_t *xq = net->xq;
+    const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f), by = _mm512_set1_ps(127.0f);
+    for (int r = 0; r < n; r++) {
+        const float *xr = x + (size_t)r * ldx;
+        uint8_t *qr = xq + (size_t)r * K;
+        int k = 0;
+        for (; k + 16 <= K; k += 16) { /* round to nearest even, as lrintf below */
+            const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(xr + k), by), lo), hi);
+            const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(v), _mm512_set1_epi32(128));
+            _mm_storeu_si128((__m128i *)(qr + k), _mm512_cvtepi32_epi8(q));
+        }
+        for (; k < K; k++) qr[k] = (uint8_t)(lrintf(fminf(fmaxf(xr[k] * 127.0f, -127.0f), 127.0f)) + 128);
+    }
+    const Int8Product product = {xq, net->qpanels[l], net->qscale[l], net->qcorr[l]};
+    const int groups = (n + 7) / 8;
+    Shared job = {int8_unit, groups * (N / 32), 0, 0, n, K, N, K, groups, N / 32, NULL, NULL, &product, y};
+    run_shared(&job);
+}
+#else
+#define CHARRNN_INT8 0
+#endif
+
+int charrnn_has_int8(void) { return CHARRNN_INT8; }
+
 int charrnn_set_threads(int threads) {
 #if CHARRNN_SHARE
     return set_threads(threads);
@@ -643,6 +731,12 @@ int charrnn_set_threads(int threads) {
 /* y (n, 4H) += x @ layer l's recurrent weights, in whichever precision the net holds them, shared with
    the helper threads where the build has them. */
 static void recurrent_acc(const Net *net, int l, int n, int K, const float *x, int ldx, float *y) {
+#if CHARRNN_INT8
+    if (net->qpanels[l]) {
+        matmul_int8(net, l, n, K, 4 * net->hidden, x, ldx, y);
+        return;
+    }
+#endif
 #if CHARRNN_BF16
     if (net->bpanels[l]) {
         matmul_bf16(net, n, K, 4 * net->hidden, x, ldx, net->bpanels[l], y);

@@ -40,6 +40,20 @@ typedef struct {
        xb (capacity, 2H) holds the rows of x rounded to bfloat16 while a layer is multiplied. */
     const uint16_t *bpanels[CHARRNN_MAX_LAYERS];
     uint16_t *xb;
+    /* int8 arithmetic (a kernel built with AVX512-VNNI, where the CPU has it; see charrnn_has_int8):
+       w[l] quantized per column c, q = round(w / s_c) with s_c = max_k |w[k][c]| / 127, packed in panels of
+       32 columns by quads of k,
+           qpanels[l][((j / 32) * (K / 4) + k / 4) * 128 + 4 * c + k % 4] = q[k][j + c],
+       qscale[l][c] = s_c / 127 and qcorr[l][c] = 128 * sum_k q[k][c]. The rows of x (every h, in (-1, 1))
+       are quantized to round(127 x) + 128 into xq (capacity, 2H) while a layer is multiplied, so that one
+       vpdpbusd multiplies 4 of x by 4 rows for 16 columns, summed exactly in int32:
+           y[r][c] += qscale[c] * (sum_k xq[r][k] q[k][c] - qcorr[c])
+       Set for every layer or for none (NULL: float or bfloat16 arithmetic); needs 4H a multiple of 32 and
+       K a multiple of 4 (the loader checks). */
+    const int8_t *qpanels[CHARRNN_MAX_LAYERS];
+    const float *qscale[CHARRNN_MAX_LAYERS];
+    const int32_t *qcorr[CHARRNN_MAX_LAYERS];
+    uint8_t *xq;
 } Net;
 
 /* One step of n rows: ids (n,) -> logits (n, vocab); hs and cs move on by one character. */
@@ -64,6 +78,9 @@ const char *charrnn_build(void);
 /* Asks the operating system for what the build needs before its first step (AMX: Linux's permission for
    the tile state). 1 if ready, 0 if refused: then the build must not be used. Idempotent. */
 int charrnn_init(void);
+
+/* 1 if this library was built with the int8 step (AVX512-VNNI), else 0. */
+int charrnn_has_int8(void);
 
 /* 1 if this library was built with the bfloat16 step (AVX512-BF16 and AVX512-VL), else 0. */
 int charrnn_has_bf16(void);
