@@ -21,16 +21,24 @@ DOMINANT_SHARE = 0.5  # one character this share of the text, or the top three T
 TOP3_SHARE = 0.8
 
 
-def text_warnings(stats: CorpusStats, parameters: int) -> list[str]:
-    """What about this text (and this network's size) is likely to waste a user's run, in plain words."""
+def text_warnings(stats: CorpusStats, parameters: int, fine_tuning: bool = False) -> list[str]:
+    """What about this text (and this network's size) is likely to waste a user's run, in plain words.
+
+    `fine_tuning` (--init-from): the network's size is the parent's, so the advice on a small text differs.
+    """
     warnings = []
     train_chars, vocab = stats.train_chars, len(stats.vocab)
     per_param = train_chars / max(parameters, 1)
     if per_param < MIN_CHARS_PER_PARAM:
+        advice = (
+            "--init-from keeps the parent's size: best.safetensors keeps the best evaluation (the parent's own "
+            "figure at step 0 included); more --dropout or more text help"
+            if fine_tuning
+            else "Use --preset auto, a smaller --hidden, more --dropout, or more text"
+        )
         warnings.append(
             f"the text is small for this network: {train_chars:,} training characters for {parameters:,} "
-            f"parameters ({per_param:.3f} per parameter); it will memorise the text and overfit. "
-            "Use --preset auto, a smaller --hidden, more --dropout, or more text"
+            f"parameters ({per_param:.3f} per parameter); it will memorise the text and overfit. {advice}"
         )
     unseen = (stats.val_counts > 0) & (stats.train_counts == 0)
     if unseen.any():

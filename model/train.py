@@ -163,7 +163,8 @@ class Trainer:
         elif init_from is not None:
             self._start_from(init_from)
         if self.dist.is_main:
-            for warning in text_warnings(corpus_stats(corpus, cfg.val_fraction), self.model.num_parameters()):
+            stats, size = corpus_stats(corpus, cfg.val_fraction), self.model.num_parameters()
+            for warning in text_warnings(stats, size, fine_tuning=self.parent is not None):
                 log.warning("%s", warning)
 
     def _check_same_corpus(self) -> None:

@@ -138,6 +138,30 @@ def test_the_fine_tuning_recipe_keeps_the_parents_shape_and_says_why(
     assert plan.model_config.hidden == load_checkpoint(trained_run / BEST).config.hidden
 
 
+def test_a_named_preset_beside_init_from_keeps_its_training_settings_and_takes_the_parents_shape(
+    trained_run: Path, new_text: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    parent = load_checkpoint(trained_run / BEST).config
+    with caplog.at_level(logging.INFO):
+        plan = plan_run(new_text, None, tmp_path / "run", "cpu-fast", {}, init_from=trained_run)
+    assert (plan.model_config.hidden, plan.model_config.layers) == (parent.hidden, parent.layers) != (512, 1)
+    assert plan.train_config.lr == 5e-3 and plan.model_config.dropout == 0.15  # cpu-fast's
+    assert "the network's shape is the parent's, not --preset cpu-fast's" in caplog.text
+
+
+def test_a_small_text_under_init_from_is_not_told_to_shrink_the_network(
+    trained_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text(NEW_TEXT[:400], encoding="utf-8")  # 360 training characters for ~25,000 parameters
+    plan = fine_tune_plan(trained_run, short, tmp_path / "run")
+    with caplog.at_level(logging.WARNING):
+        Trainer(plan.model_config, plan.train_config, plan.corpus, tmp_path / "run", progress=False,
+                init_from=plan.parent)  # fmt: skip
+    assert "the text is small for this network" in caplog.text and "--init-from keeps the parent's size" in caplog.text
+    assert "a smaller --hidden" not in caplog.text
+
+
 # -- continuing on a corpus that grew -------------------------------------------------------------------
 
 
