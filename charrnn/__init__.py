@@ -8,6 +8,7 @@
     for chunk in model.stream("ROMEO:", max_chars=200):
         print(chunk, end="", flush=True)
     score = model.score("To be, or not to be")   # per-character log-probabilities, nats and bits per character
+    model.copies(text, 32)  # [Copy(start, end, offset)]: spans of `text` verbatim in the training text
 
 A seed reproduces a text. The same seed gives the same text for the same model file, the same prompt and
 settings (temperature, top_k, top_p, penalties, logit bias, constraint, max_chars, stop strings) and the
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from charrnn.api import DEFAULT_MODEL, Completion, Model, Score, load, train
+    from charrnn.model.copies import Copy, CopyIndexError
     from charrnn.model.decoding import SamplingError, SamplingParams, Token
 
 # Imported on first use (PEP 562), so that `charrnn --help` (charrnn.cli) does not wait for torch.
@@ -39,8 +41,22 @@ _HOMES = {
     "SamplingError": "charrnn.model.generation",
     "SamplingParams": "charrnn.model.generation",
     "Token": "charrnn.model.generation",
+    "Copy": "charrnn.model.copies",
+    "CopyIndexError": "charrnn.model.copies",
 }
-__all__ = ["DEFAULT_MODEL", "Completion", "Model", "SamplingError", "SamplingParams", "Score", "Token", "load", "train"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "Completion",
+    "Copy",
+    "CopyIndexError",
+    "Model",
+    "SamplingError",
+    "SamplingParams",
+    "Score",
+    "Token",
+    "load",
+    "train",
+]
 
 
 def __getattr__(name: str) -> Any:

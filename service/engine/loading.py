@@ -105,6 +105,7 @@ class ModelEntry:
             "steps": _only(int, meta.get("step")),
             "val_loss": loss if type(loss) in (int, float) and math.isfinite(loss) else None,
             "corpus": _only(str, corpus.get("name")),
+            "copies": self.loaded.copies is not None,
         }
 
 

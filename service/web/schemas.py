@@ -497,6 +497,7 @@ class ModelInfo(ResponseModel):
     steps: int | None = None
     val_loss: float | None = Field(None, description="validation loss in nats per character")
     corpus: str | None = None
+    copies: bool | None = Field(None, description="whether /generate can report copies (the model has a copy index)")
 
 
 class ModelsResponse(ResponseModel):

@@ -28,6 +28,11 @@ def test_train_on_a_string_returns_the_best_model_and_keeps_the_text(tmp_path: P
     assert trained.meta["step"] > 0
     assert (tmp_path / "run" / "corpus.txt").read_text(encoding="utf-8") == text
     assert set(trained.vocab.chars) == set(text)
+    # the run's copy index, over the text it learnt from (the first 90 %), opened from corpus.txt
+    train = text[: len(text) - int(len(text) * 0.1)]
+    (found,) = trained.copies(train[1000:1100], 32)
+    assert isinstance(found, charrnn.Copy) and (found.start, found.end) == (0, 100)
+    assert train[found.offset : found.offset + 100] == train[1000:1100]
 
 
 def test_train_on_a_path_resumes_and_refuses_to_overwrite(text_file: Path, tmp_path: Path) -> None:

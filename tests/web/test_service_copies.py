@@ -132,6 +132,11 @@ def test_bad_copies_values_are_a_422_naming_the_field(client: FlaskClient, copie
     assert where in error["message"]
 
 
+def test_models_says_which_models_can_report_copies(client: FlaskClient) -> None:
+    listed = {m["name"]: m.get("copies") for m in client.get("/models").json["models"]}
+    assert listed == {"tiny": True, "plain": False, "broken": False}
+
+
 def test_openapi_describes_copies(client: FlaskClient) -> None:
     schemas = client.get("/openapi.json").json["components"]["schemas"]
     request = schemas["GenerateRequest"]["properties"]["copies"]
