@@ -35,15 +35,22 @@ RUN_CHECKPOINT = BEST  # what a training run's directory serves
 
 # What says that a checkpoint file changed: (device, inode, size, mtime, ctime; times in ns). A rename over
 # the file gives it another inode; a rewrite in place another size or mtime; chmod another ctime.
-Fingerprint = tuple[int, int, int, int, int]
+# the checkpoint's (device, inode, size, mtime, ctime), then its copy index's mtime and size, or (0, 0) without one
+Fingerprint = tuple[int, int, int, int, int, int, int]
 
 _serials = itertools.count(1)
 
 
 def fingerprint(path: Path) -> Fingerprint:
-    """The file's fingerprint (OSError if it is gone)."""
+    """The file's fingerprint (OSError if it is gone); a copy index added, rebuilt or removed beside it changes
+    it too, so that a reload opens the index with the model."""
     st = os.stat(path)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    try:
+        index = os.stat(index_path(path))
+        copies = (index.st_mtime_ns, index.st_size)
+    except OSError:
+        copies = (0, 0)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, *copies)
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,24 @@ def test_models_says_which_models_can_report_copies(client: FlaskClient) -> None
     assert listed == {"tiny": True, "plain": False, "broken": False}
 
 
+def test_an_index_built_beside_a_served_model_is_taken_at_the_next_reload(
+    copies_dir: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(copies_dir / "plain.safetensors", models / "late.safetensors")
+    app = create_app({"MODEL_DIR": models, "TESTING": True})
+    try:
+        client = app.test_client()
+        body = {**BODY, "model": "late", "copies": True}
+        assert client.post("/generate", json=body).status_code == 422
+        index_checkpoint(models / "late.safetensors", str(model_dir.parent / "corpus.txt"))
+        app.extensions["charrnn"].directory.check("test")
+        assert client.post("/generate", json=body).status_code == 200
+    finally:
+        app.extensions["charrnn"].close()
+
+
 def test_openapi_describes_copies(client: FlaskClient) -> None:
     schemas = client.get("/openapi.json").json["components"]["schemas"]
     request = schemas["GenerateRequest"]["properties"]["copies"]
