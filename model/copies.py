@@ -30,7 +30,7 @@ import ctypes
 import hashlib
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -95,11 +95,9 @@ class CopyIndex:
         self.header = header
         self.width: int = header["width"]
         self.text = text
-        self.sa = sa
         self.sa = np.ascontiguousarray(sa)
         self._sa = memoryview(self.sa).cast("B").cast("q" if sa.dtype == np.int64 else "i")  # fast item reads
-        self._search, self._left = _bind_search(sa.dtype)
-        self._left_ref = ctypes.byref(self._left)
+        self._search, self._index_type = _bind_search(sa.dtype)
         self._sa_address = self.sa.ctypes.data  # self.sa keeps it alive
 
     @property
@@ -107,11 +105,21 @@ class CopyIndex:
         """Characters of training text indexed."""
         return len(self.text) // self.width
 
-    def _find(self, pattern: bytes) -> int:
-        """A character offset where `pattern` (symbols) stands in the text, or -1."""
-        text = self.text
-        count = self._search(text, len(text), pattern, len(pattern), self._sa_address, len(self._sa), self._left_ref)
-        return self._sa[self._left.value] // self.width if count > 0 else -1
+    def _finder(self) -> Callable[[bytes], int]:
+        """A search for a pattern (symbols) that answers a character offset where it stands, or -1.
+
+        Each has its own output variable: the search runs without the GIL, so two threads (a Gunicorn
+        worker's) must never share one.
+        """
+        search, text, sa, address, width = self._search, self.text, self._sa, self._sa_address, self.width
+        left = self._index_type()
+        where = ctypes.byref(left)
+
+        def find(pattern: bytes) -> int:
+            count = search(text, len(text), pattern, len(pattern), address, len(sa), where)
+            return sa[left.value] // width if count > 0 else -1
+
+        return find
 
     def find(self, ids: Sequence[int], min_chars: int = DEFAULT_MIN_CHARS) -> list[Copy]:
         """Every maximal span of at least `min_chars` characters of `ids` that stands in the text, in order."""
@@ -120,6 +128,7 @@ class CopyIndex:
         w, m, k = self.width, len(ids), min_chars
         g = symbols(ids, w)
         t = self.text
+        at = self._finder()
         block = (k + 1) // 2  # a window of k characters holds a whole aligned block of this many
         blocks: dict[int, bool] = {}
         copies: list[Copy] = []
@@ -130,8 +139,8 @@ class CopyIndex:
             else:
                 b = -(-i // block) * block  # the first aligned block at or after i (inside [i, i + k))
                 if b not in blocks:
-                    blocks[b] = self._find(g[b * w : (b + block) * w]) >= 0
-                pos = self._find(g[i * w : (i + k) * w]) if blocks[b] else -1
+                    blocks[b] = at(g[b * w : (b + block) * w]) >= 0
+                pos = at(g[i * w : (i + k) * w]) if blocks[b] else -1
                 if pos < 0:
                     prev_len = 0
                     continue
@@ -144,7 +153,7 @@ class CopyIndex:
                     length += 1
                 if i + length >= m:
                     break
-                longer = self._find(g[i * w : (i + length + 1) * w])
+                longer = at(g[i * w : (i + length + 1) * w])
                 if longer < 0:
                     break
                 pos, length = longer, length + 1
@@ -172,8 +181,7 @@ def _bind_search(dtype: np.dtype) -> tuple[Any, Any]:
         function.argtypes += [ctypes.POINTER(index)]
         function.restype = index
         _SEARCH[key] = (function, index)
-    function, index = _SEARCH[key]
-    return function, index()
+    return _SEARCH[key]
 
 
 def build(ids: np.ndarray, vocab: Vocab, corpus: dict[str, Any], source: str | None = None) -> CopyIndex:
@@ -282,7 +290,8 @@ def load(path: Path, ids: np.ndarray, vocab: Vocab) -> CopyIndex:
     expected = offset + n * dtype.itemsize
     if path.stat().st_size != expected:
         raise CopyIndexError(f"{path} has {path.stat().st_size} bytes where its header implies {expected}: damaged")
-    sa = np.fromfile(path, dtype=dtype, count=n, offset=offset)
-    if hashlib.sha256(sa.tobytes()).hexdigest() != header["sa_sha256"]:
+    # a read-only map: the workers of one server share its pages
+    sa = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(n,))
+    if hashlib.sha256(memoryview(sa).cast("B")).hexdigest() != header["sa_sha256"]:
         raise CopyIndexError(f"{path}: the suffix array does not match its checksum; the file is damaged")
     return CopyIndex(header, data, sa.astype(sa.dtype.newbyteorder("="), copy=False))

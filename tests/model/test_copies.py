@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import random
 import struct
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +101,24 @@ def test_a_vocabulary_past_256_characters_is_indexed_in_two_bytes() -> None:
 )
 def test_property_every_copy_is_verbatim_maximal_and_none_is_missed(text: str, generated: str, min_chars: int) -> None:
     check(text, generated, min_chars, Vocab("abc\n"))
+
+
+def test_threads_searching_one_index_at_once_get_the_answers_one_alone_gets() -> None:
+    # The search runs without the GIL: an output variable shared between threads gave wrong offsets here.
+    rng = random.Random(3)
+    text = "".join(rng.choice("abcdef") for _ in range(200_000))
+    vocab = Vocab("abcdef")
+    index = index_of(text, vocab)
+    queries = [vocab.encode(text[s : s + 300] + "ab" + text[s + 500 : s + 800]) for s in range(0, 150_000, 500)]
+    alone = [index.find(q, 4) for q in queries]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns as often as they can
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            for _ in range(3):
+                assert list(pool.map(lambda q: index.find(q, 4), queries)) == alone
+    finally:
+        sys.setswitchinterval(interval)
 
 
 # -- the file ------------------------------------------------------------------------------------------
