@@ -102,11 +102,16 @@ class ModelDirectory:
         return report
 
     def fingerprints(self) -> dict[str, Fingerprint | None]:
-        """The fingerprint each served name was read with."""
-        return {e.name: e.fingerprint for e in self.entries}
+        """The fingerprint each name's file was read with (the first file of a name, as check() reads them)."""
+        found: dict[str, Fingerprint | None] = {}
+        for entry in self.entries:
+            found.setdefault(entry.name, entry.fingerprint)
+        return found
 
     def _scan(self) -> tuple[list[ModelEntry], list[Change]]:
-        old = {e.name: e for e in self.entries}
+        old: dict[str, ModelEntry] = {}
+        for entry in self.entries:
+            old.setdefault(entry.name, entry)  # a second file of one name is listed at start, never served
         entries: list[ModelEntry] = []
         changes: list[Change] = []
         for name, path in find_checkpoints(self.path):

@@ -217,3 +217,14 @@ def test_a_signal_file_makes_the_watcher_check(
         assert reports.count("signal") == 1
     finally:
         watcher.stop()
+
+
+def test_two_files_of_one_name_are_not_reloaded_at_every_check(models: Path, engine: Engine) -> None:
+    (models / "tiny").mkdir()
+    shutil.copy(models / "tiny.safetensors", models / "tiny" / "best.safetensors")
+    entries = load_models(models)
+    assert [e.error is None for e in entries] == [True, False]  # the second is listed with its error
+    engine.replace_models({e.name: e.loaded for e in entries if e.loaded is not None})
+    directory = ModelDirectory(models, entries, engine)
+    served = engine.models["tiny"]
+    assert changes(directory) == [] and engine.models["tiny"] is served
