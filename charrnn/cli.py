@@ -388,9 +388,13 @@ def _add_serve(commands: Any) -> None:
     p = commands.add_parser(
         "serve",
         help="run the HTTP service under Gunicorn",
-        description="Serve every checkpoint in a model directory over HTTP.",
+        description="Serve every checkpoint in a model directory over HTTP. The directory is watched: a checkpoint "
+        "renamed into it (or replaced, or removed) is served (or no longer served) by every worker within seconds; "
+        "POST /admin/reload or SIGHUP to the server checks at once (docs/SERVICE.md, Hot reload).",
     )
-    p.add_argument("--model-dir", type=Path, help="directory of checkpoints (default: the shipped default model)")
+    p.add_argument(
+        "--model-dir", type=Path, help="directory of checkpoints, watched while serving (default: the shipped model)"
+    )
     p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 in Docker)")
     p.add_argument("--port", type=number(int, port.low, port.high), help="port to bind (default 8000)")
     p.add_argument(
