@@ -33,9 +33,9 @@ log = logging.getLogger(__name__)
 
 RUN_CHECKPOINT = BEST  # what a training run's directory serves
 
-# What says that a checkpoint file changed: (device, inode, size, mtime, ctime; times in ns). A rename over
-# the file gives it another inode; a rewrite in place another size or mtime; chmod another ctime.
-# the checkpoint's (device, inode, size, mtime, ctime), then its copy index's mtime and size, or (0, 0) without one
+# What says that a checkpoint changed: the file's (device, inode, size, mtime, ctime; times in ns), then its
+# copy index's (mtime, size), or (0, 0) without one. A rename over the file gives it another inode; a rewrite
+# in place another size or mtime; chmod another ctime.
 Fingerprint = tuple[int, int, int, int, int, int, int]
 
 _serials = itertools.count(1)
