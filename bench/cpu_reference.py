@@ -15,7 +15,9 @@ Printed, every number from this run, with the shipped default model (LSTM 2 x 51
                  of --chars characters through `charrnn serve`'s Gunicorn, 1 worker, --threads torch
                  threads), the engine alone (that many submitters to one Engine in this process), the
                  reference fp32 and bf16 at R = clients rows, and the ratios service / engine and
-                 service / best reference; p99 time to the first character through the service. Each
+                 service / best reference; p99 time to the first character through the service; and the
+                 engine's characters per second of this process's CPU time (its threads' and the
+                 kernel's), which other work on the machine moves far less than wall-clock figures. Each
                  figure is the best of --repeats runs taken in turn, so that the service and the engine
                  meet the same load from other work on the machine.
     quality      validation loss of the module (float32) and of the kernel in each precision it has on
@@ -217,8 +219,11 @@ def main() -> None:
                 with torch.inference_mode():
                     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
                         row[name] = max(row.get(name, 0.0), reference_speed(shapes, clients, dtype))
+                    cpu = time.process_time()
                     engine, _ = engine_alone(loaded, clients, args.seconds, args.chars, args.precision)
+                    per_cpu_second = engine * args.seconds / max(time.process_time() - cpu, 1e-9)
                     row["engine"] = max(row.get("engine", 0.0), engine)
+                    row["engine_cpu"] = max(row.get("engine_cpu", 0.0), per_cpu_second)
                 if port is not None:
                     tally, elapsed = asyncio.run(run_clients(port, clients, args.seconds, args.chars))
                     if tally.chars / elapsed > row.get("service", 0.0):
@@ -229,6 +234,7 @@ def main() -> None:
     print(
         f"{'clients':>7} {'service':>8} {'engine':>8} {'torch fp32':>10} {'torch bf16':>10}"
         f" {'svc/engine':>10} {'svc/best':>8} {'engine/best':>11} {'svc/fp32':>8} {'ttfc p99 ms':>11}"
+        f" {'engine/CPU-s':>12}"
     )
     for clients, row in rows.items():
         best = max(row["fp32"], row["bf16"])
@@ -236,7 +242,7 @@ def main() -> None:
         print(
             f"{clients:>7} {service:>8.0f} {row['engine']:>8.0f} {row['fp32']:>10.0f} {row['bf16']:>10.0f}"
             f" {service / row['engine']:>10.2f} {service / best:>8.2f} {row['engine'] / best:>11.2f}"
-            f" {service / row['fp32']:>8.2f} {row.get('p99', float('nan')):>11.1f}",
+            f" {service / row['fp32']:>8.2f} {row.get('p99', float('nan')):>11.1f} {row['engine_cpu']:>12.0f}",
             flush=True,
         )
 
