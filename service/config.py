@@ -146,6 +146,9 @@ class ServiceConfig:
     threads: int | None = _setting(None, 1)  # concurrent requests (streams included) per worker; None: max_batch
     worker_timeout: int = _setting(60, 0)  # seconds a silent worker lives before it is replaced (0: never)
     graceful_timeout: int = _setting(30, 0)  # seconds workers get after SIGTERM to finish what is in flight
+    # seconds /health answers 503 after SIGTERM, still serving, before the graceful stop begins (a load
+    # balancer polling /health drops the replica first; service/web/drain.py)
+    drain_seconds: float = _setting(0.0, 0, 600)
     max_requests: int = _setting(0, 0)  # restart a worker after this many requests (0: never)
     log_level: str = _setting("info", choices=LOG_LEVELS)  # Gunicorn's and the app's log level
     log_format: str = _setting("text", choices=LOG_FORMATS)  # Gunicorn's and the app's log lines: text or json

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from charrnn.service.config import ConfigError, describe, load_config, variable
 from charrnn.service.reload_signal import make_signal_file, raise_signal
+from charrnn.service.web import drain
 from charrnn.service.web.logs import logging_config
 
 try:
@@ -93,6 +94,11 @@ max_requests_jitter = max_requests // 10
 
 # The heartbeat file lives in memory: in Docker /tmp is an overlay on disk, where heartbeats can stall.
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+# env CHARRNN_DRAIN_SECONDS: on SIGTERM, /health answers 503 this long (everything else is still served)
+# before the graceful stop begins, so that a load balancer polling /health drops this replica while it
+# still takes requests (service/web/drain.py). The workers learn of it from a marker file (in memory too).
+_drain_file = drain.prepare(worker_tmp_dir)
 
 # env PROMETHEUS_MULTIPROC_DIR: with several workers, each writes its metrics to files in this
 # directory and any worker's /metrics answers the sum over all (prometheus-client multiprocess mode).
@@ -172,8 +178,15 @@ def _check_models_everywhere(server):
         server.log.error("SIGHUP: could not signal the workers (%s): %s", _reload_signal, exc)
 
 
+def when_ready(server):
+    """In the master, once it listens: SIGTERM marks the drain and waits CHARRNN_DRAIN_SECONDS first."""
+    drain.install(server, settings.drain_seconds)
+
+
 def on_exit(server):
-    """In the master, at the very end: remove the metrics and reload-signal directories if this file made them."""
+    """In the master, at the very end: remove the drain marker, and the metrics and reload-signal directories
+    if this file made them."""
+    drain.remove(_drain_file)
     if _own_metrics_dir:
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
     if _own_reload_signal:

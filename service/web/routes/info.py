@@ -11,6 +11,7 @@ from flask import Blueprint, Response, jsonify
 from charrnn.model.decoding import SamplingParams
 from charrnn.service.engine.scheduler import Engine, EngineClosedError, JobSpec, QueueFullError
 from charrnn.service.web.auth import may_see_details
+from charrnn.service.web.drain import draining
 from charrnn.service.web.schemas import HealthResponse, ModelInfo, ModelsResponse, dump
 from charrnn.service.web.state import Service, current_service
 
@@ -41,10 +42,14 @@ def models() -> Response:
 def health() -> Response:
     """Readiness: 200 when every loaded model generates (a recent step proves it, else a check), else 503.
 
-    With API keys configured, a caller without a valid key learns only ok or unavailable.
+    With API keys configured, a caller without a valid key learns only ok or unavailable. After SIGTERM
+    it is 503 at once (service/web/drain.py): the replica leaves a load balancer's pool while it still serves.
     """
     service = current_service()
-    checks = {name: _model_status(service, name) for name in service.engine.models}
+    if draining():
+        checks = {name: "shutting down" for name in service.engine.models}
+    else:
+        checks = {name: _model_status(service, name) for name in service.engine.models}
     checks = {name: status for name, status in checks.items() if name in service.engine.models}  # a reload's
     ok = bool(checks) and all(status == "ok" for status in checks.values())
     body = HealthResponse(status="ok" if ok else "unavailable")
