@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 # machine: make TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install serve test test-docker test-harness lint format bench default-model default-model-index clean
+.PHONY: install serve test test-docker test-stack stack-up stack-down test-harness lint format bench default-model default-model-index clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,22 @@ test: lint  ## lint, then the whole test suite (slow tests included)
 # needs root, a Docker engine, debootstrap, docker-compose and nginx (.ci/run installs them). CI runs it.
 test-docker: install  ## the docker tier: the image built and run for real (minutes; see README "Docker")
 	$(BIN)/python -m pytest -m docker tests/docker
+
+# The Swarm stack (deploy/stack.yml): replicas behind nginx, Prometheus. stack-up builds the app image from the
+# Dockerfile (PYTHON_IMAGE and TORCH_INDEX_URL, as the docker tier), the proxy and Prometheus images from
+# Debian's packages (DEBIAN_IMAGE), makes a one-node Swarm if the engine is in none, deploys the stack and
+# returns once every replica is healthy; stack-down removes it (and leaves a Swarm that stack-up made).
+# Settings: deploy/stack.yml's CHARRNN_* variables (docs/SCALING.md).
+stack-up:  ## deploy deploy/stack.yml on this Docker engine (one-node Swarm; see docs/SCALING.md)
+	TORCH_INDEX_URL=$(TORCH_INDEX_URL) bash deploy/stack.sh up
+
+stack-down:  ## remove the stack (and the Swarm, if stack-up made it)
+	bash deploy/stack.sh down
+
+# The stack tier: stack-up with 3 replicas, load through the proxy during a rolling update, a scale 3 -> 5 -> 3
+# and a hung replica (no request may fail), then stack-down. Reuses the docker tier's image when it exists.
+test-stack: install  ## the stack tier: deploy/stack.yml under load on a one-node Swarm (minutes)
+	$(BIN)/python -m pytest -m stack tests/stack
 
 # lm-evaluation-harness, a real client of the scoring API, evaluates the served default model. It is heavy
 # (transformers, datasets, ...), so it gets its own virtual environment, with the same CPU torch first.

@@ -43,9 +43,9 @@ http {{
 
 
 def render(upstream: str, listen: str) -> str:
-    """deploy/nginx.conf with its two variables filled in, as the nginx image's envsubst does."""
+    """deploy/nginx.conf with its two variables filled in, as deploy/proxy/entrypoint.sh does (one upstream)."""
     template = string.Template((REPO / "deploy" / "nginx.conf").read_text(encoding="utf-8"))
-    return template.safe_substitute(CHARRNN_UPSTREAM=upstream, CHARRNN_PROXY_PORT=listen)
+    return template.safe_substitute(CHARRNN_UPSTREAM_SERVERS=f"server {upstream};", CHARRNN_PROXY_PORT=listen)
 
 
 @pytest.fixture

@@ -1,0 +1,172 @@
+"""deploy/stack.yml under load: a rolling update, a scale from 3 replicas to 5 and back, and a replica whose
+processes are stopped (SIGSTOP) lose no request that the proxy accepted. Prints, per change, the requests
+sent and failed and the p99 to the first character before and during it, and the hung replica's
+replacement time.
+
+A stream that a replica was already answering when its processes froze is the one loss no proxy can undo
+(its first bytes have reached the client): those are counted apart, and the tier fails on any other.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+
+import pytest
+import requests
+
+from tests.docker.tools import REPO, docker, run
+from tests.helpers import wait_until
+from tests.stack.conftest import REPLICAS, Stack
+from tests.stack.load import Load, Outcome, p99
+
+pytestmark = pytest.mark.stack
+
+SLOT_PORT = "181{:02d}"  # deploy/stack.yml: CHARRNN_PORT of task slot N
+
+
+def slot_answers(slot: int) -> bool:
+    """Whether the replica of task slot `slot` answers /health with 200."""
+    try:
+        return requests.get(f"http://127.0.0.1:{SLOT_PORT.format(slot)}/health", timeout=10).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def running_slots(stack: Stack) -> dict[int, str]:
+    """Task slot -> container id of the app's running tasks."""
+    lines = docker(
+        "ps",
+        "--filter",
+        f"label=com.docker.swarm.service.name={stack.app}",
+        "--format",
+        '{{.ID}} {{.Label "com.docker.swarm.task.name"}}',
+    ).stdout.split("\n")
+    slots = {}
+    for line in filter(None, lines):
+        container, task = line.split()
+        slots[int(task.split(".")[1])] = container
+    return slots
+
+
+def converged(stack: Stack, replicas: int) -> Callable[[], bool]:
+    """A condition: `replicas` tasks run, each one's slot answers /health."""
+
+    def done() -> bool:
+        slots = running_slots(stack)
+        return len(slots) == replicas and all(slot_answers(slot) for slot in slots)
+
+    return done
+
+
+def service(stack: Stack, *args: str, timeout: float = 400) -> None:
+    """`docker service ARGS` on the app service, waiting until it has converged."""
+    run(["docker", "service", *args, "--detach=false", stack.app], timeout=timeout, cwd=REPO)
+
+
+def freeze(container: str) -> list[str]:
+    """SIGSTOP every process of a container (the host's pids, from `docker top`); the pids."""
+    pids = docker("top", container, "-eo", "pid").stdout.split()[1:]
+    run(["kill", "-STOP", *pids])
+    return pids
+
+
+def report(outcomes: list[Outcome], phases: list[str], frozen_at: float | None) -> tuple[list[str], int, int]:
+    """Table lines per phase, the failures the tier fails on, and the streams cut by the freeze."""
+    lines = [f"{'phase':<22}{'sent':>6}{'failed':>8}{'p99 first char (stream)':>26}{'p99 answer (plain)':>21}"]
+    failed, cut = 0, 0
+    for phase in phases:
+        done = [o for o in outcomes if o.phase == phase]
+        cut_here = [o for o in done if o.error and frozen_at and o.answered_at and o.answered_at < frozen_at]
+        failed_here = [o for o in done if o.error and o not in cut_here]
+        failed, cut = failed + len(failed_here), cut + len(cut_here)
+        stream = p99([o.first_char for o in done if o.kind == "stream" and o.first_char is not None])
+        plain = p99([o.first_char for o in done if o.kind == "plain" and o.first_char is not None])
+        lines.append(
+            f"{phase:<22}{len(done):>6}{len(failed_here):>8}{seconds(stream):>26}{seconds(plain):>21}"
+            + (f"  ({len(cut_here)} streams already answering from the frozen replica, cut)" if cut_here else "")
+        )
+    return lines, failed, cut
+
+
+def seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.0f} ms"
+
+
+@pytest.mark.timeout(900)
+def test_no_request_lost_while_replicas_change(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    wait_until(converged(stack, REPLICAS), 120, "3 replicas answering")
+    load = Load(stack.url).start()
+    try:
+        time.sleep(15)
+        load.phase = "rolling update"
+        started = time.monotonic()
+        service(stack, "update", "--force")
+        wait_until(converged(stack, REPLICAS), 120, "3 replicas after the update")
+        timings = {"rolling update": time.monotonic() - started}
+        load.phase = "scale 3 -> 5"
+        started = time.monotonic()
+        service(stack, "update", "--replicas", "5")
+        wait_until(converged(stack, 5), 120, "5 replicas")
+        timings["scale 3 -> 5"] = time.monotonic() - started
+        load.phase = "scale 5 -> 3"
+        started = time.monotonic()
+        service(stack, "update", "--replicas", str(REPLICAS))
+        wait_until(converged(stack, REPLICAS), 120, "3 replicas after scaling down")
+        timings["scale 5 -> 3"] = time.monotonic() - started
+        load.phase = "hung replica"
+        slot, container = sorted(running_slots(stack).items())[0]
+        frozen_at = time.monotonic()
+        freeze(container)
+        wait_until(
+            lambda: running_slots(stack).get(slot, container) != container and slot_answers(slot),
+            150,
+            f"a new replica in slot {slot} (the hung one, {container}, replaced)",
+        )
+        timings["hung replica"] = replaced = time.monotonic() - frozen_at
+        wait_until(converged(stack, REPLICAS), 120, "3 replicas after the replacement")
+        load.phase = "after"
+        time.sleep(10)
+    finally:
+        outcomes = load.stop()
+    phases = ["before", "rolling update", "scale 3 -> 5", "scale 5 -> 3", "hung replica", "after"]
+    lines, failed, cut = report(outcomes, phases, frozen_at)
+    with capsys.disabled():
+        print("\nstack tier: streaming and non-streaming load through the proxy (deploy/stack.yml, 3 replicas)")
+        for line in lines:
+            print("  " + line)
+        for phase, duration in timings.items():
+            print(f"  {phase}: {duration:.1f} s")
+        print(f"  hung replica replaced (SIGSTOP to a new replica answering /health) in {replaced:.1f} s")
+        print(f"  sent {len(outcomes)}, failed {failed}, cut by the freeze {cut}")
+        for o in [o for o in outcomes if o.error][:5]:
+            print(f"  {o.kind} request started in phase {o.phase!r}: {o.error}")
+    errors = [o.error for o in outcomes if o.error][:5]
+    assert failed == 0, errors
+    assert replaced < 120
+
+
+def test_prometheus_scrapes_every_replica_and_records_the_rules(stack: Stack) -> None:
+    def query(expression: str) -> list[dict]:
+        answer = requests.get(stack.prometheus + "/api/v1/query", params={"query": expression}, timeout=10).json()
+        return answer["data"]["result"]
+
+    wait_until(lambda: bool(query("charrnn:replicas_up:sum")), 60, "the recording rules evaluated")
+    requests.post(stack.url + "/generate", json={"prompt": "ROMEO:", "max_new_chars": 20}, timeout=60)
+    up = {r["metric"]["instance"] for r in query('up{job="charrnn"} == 1')}
+    slots = running_slots(stack)
+    wait_until(lambda: len(query('up{job="charrnn"} == 1')) == len(slots), 60, "every replica scraped")
+    assert {f"127.0.0.1:{SLOT_PORT.format(slot)}" for slot in slots} <= {
+        r["metric"]["instance"] for r in query('up{job="charrnn"} == 1')
+    }, up
+    assert float(query("charrnn:replicas_up:sum")[0]["value"][1]) == len(slots)
+    image = stack.env.get("CHARRNN_PROMETHEUS_IMAGE", "charrnn-prometheus:latest")
+    rules = run(
+        ["docker", "run", "--rm", "--entrypoint", "promtool", image, "check", "rules", "/etc/charrnn/rules.yml"]
+    )
+    assert "SUCCESS" in rules.stdout + rules.stderr
+    for name in re.findall(r"record: (\S+)", (REPO / "deploy" / "prometheus" / "rules.yml").read_text()):
+        wait_until(lambda name=name: bool(query(name)), 60, f"the recorded series {name}")
+    json.loads((REPO / "deploy" / "grafana" / "charrnn-dashboard.json").read_text())
