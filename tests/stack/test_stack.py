@@ -170,3 +170,37 @@ def test_prometheus_scrapes_every_replica_and_records_the_rules(stack: Stack) ->
     for name in re.findall(r"record: (\S+)", (REPO / "deploy" / "prometheus" / "rules.yml").read_text()):
         wait_until(lambda name=name: bool(query(name)), 60, f"the recorded series {name}")
     json.loads((REPO / "deploy" / "grafana" / "charrnn-dashboard.json").read_text())
+
+
+def test_what_the_proxy_and_prometheus_cost(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same short requests straight to a replica and through nginx, one at a time; the two containers' use."""
+    slot = min(running_slots(stack))
+    direct, proxied = f"http://127.0.0.1:{SLOT_PORT.format(slot)}", stack.url
+    times: dict[str, list[float]] = {direct: [], proxied: []}
+    session = requests.Session()
+    for i in range(400):  # alternating, so that both see the same neighbours
+        url = (direct, proxied)[i % 2]
+        started = time.monotonic()
+        answer = session.post(url + "/generate", json={"prompt": "ROMEO:", "max_new_chars": 1, "seed": i}, timeout=60)
+        times[url].append(time.monotonic() - started)
+        assert answer.status_code == 200, answer.text
+    usage = docker(
+        "stats",
+        "--no-stream",
+        "--format",
+        "{{.Name}} {{.CPUPerc}} {{.MemUsage}}",
+        *[
+            line
+            for line in docker("ps", "-q", "--filter", f"label=com.docker.stack.namespace={stack.name}").stdout.split()
+        ],
+    ).stdout
+    with capsys.disabled():
+        median = {url: sorted(values)[len(values) // 2] for url, values in times.items()}
+        print("\nstack tier: 200 one-character requests each, one at a time")
+        print(f"  straight to a replica: median {median[direct] * 1000:.1f} ms, p99 {p99(times[direct]) * 1000:.1f} ms")
+        print(
+            f"  through nginx:         median {median[proxied] * 1000:.1f} ms, p99 {p99(times[proxied]) * 1000:.1f} ms"
+        )
+        print("  containers (name, CPU, memory), idle after the load:")
+        for line in sorted(usage.splitlines()):
+            print("    " + line)
