@@ -53,8 +53,9 @@ def test_sigterm_turns_health_to_503_while_requests_are_still_served(
     assert server.log().index("draining") < server.log().index("Shutting down")
 
 
-def test_without_a_drain_sigterm_stops_at_once(start_server: Callable[..., GunicornServer]) -> None:
+def test_without_a_drain_sigterm_goes_straight_to_the_graceful_stop(
+    start_server: Callable[..., GunicornServer],
+) -> None:
     server = start_server()
-    signalled = time.monotonic()
     assert server.stop(signal.SIGTERM) == 0
-    assert time.monotonic() - signalled < 4 and "draining" not in server.log()
+    assert "Handling signal: term" in server.log() and "draining" not in server.log()
