@@ -29,16 +29,16 @@ from tests.helpers import free_port
 
 STACK = "charrnn-test"
 REPLICAS = 3
-# Short enough for the tier's time, long enough for its 300-character streams: a stopping replica drains
-# 2 s, then gives streams in flight 10 s, and is killed 15 s after SIGTERM (also a hung one).
+# Short enough for the tier's time, long enough for its 300-character streams on 2 busy cores: a stopping
+# replica drains 2 s, then gives streams in flight 20 s, and is killed 25 s after SIGTERM (a hung one too).
 SETTINGS = {
     "CHARRNN_REPLICAS": str(REPLICAS),
     "CHARRNN_WORKERS": "1",
     "CHARRNN_REPLICA_CPUS": "1",
     "CHARRNN_REPLICA_MEMORY": "1G",
     "CHARRNN_DRAIN_SECONDS": "2",
-    "CHARRNN_GRACEFUL_TIMEOUT": "10",
-    "CHARRNN_STOP_GRACE_PERIOD": "15s",
+    "CHARRNN_GRACEFUL_TIMEOUT": "20",
+    "CHARRNN_STOP_GRACE_PERIOD": "25s",
 }
 
 

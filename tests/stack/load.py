@@ -29,6 +29,8 @@ class Outcome:
     start: float
     first_char: float | None = None
     answered_at: float | None = None  # when the first byte of the answer came (monotonic s)
+    ended_at: float | None = None
+    chars: int = 0  # characters received
     error: str | None = None
 
 
@@ -73,6 +75,7 @@ class Load:
                 (stream if kind == "stream" else plain)(session, self.url, seed, outcome)
             except (requests.RequestException, ValueError, KeyError) as error:
                 outcome.error = f"{type(error).__name__}: {error}"
+            outcome.ended_at = time.monotonic()
             with self._lock:
                 self.outcomes.append(outcome)
 
@@ -102,6 +105,7 @@ def stream(session: requests.Session, url: str, seed: int, outcome: Outcome) -> 
                 event = line[7:]
             elif line.startswith("data: ") and event == "chunk":
                 chars += len(json.loads(line[6:])["text"])
+                outcome.chars = chars
                 if outcome.first_char is None:
                     outcome.first_char = time.monotonic() - outcome.start
             elif line.startswith("data: ") and event == "done":
