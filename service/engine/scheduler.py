@@ -351,6 +351,7 @@ class Engine:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        self._prepare_kernel()
         with torch.inference_mode():
             while True:
                 admitted = self._next_admissions()
@@ -453,6 +454,16 @@ class Engine:
         entry = (logits.clone(), tuple(state_tensors(state)))
         self.prompt_cache.put(pending.key, entry)
         self._join_batch(pending.job, entry)
+
+    def _prepare_kernel(self) -> None:
+        """Build, check and load the C kernel as the thread starts (lstm_kernel.chosen: a compile and a check in
+        a child process, seconds), so that the first request does not wait for it."""
+        if not self.native or not any(m.model.config.cell == "lstm" for m in self.models.values()):
+            return
+        try:
+            lstm_kernel.load(directory=self.kernel_dir)
+        except Exception:  # a bad setting: the first batch reports it again, and its jobs fail
+            log.exception("the C kernel could not be prepared")
 
     def _join_batch(self, job: Job, entry: tuple[torch.Tensor, tuple[torch.Tensor, ...]]) -> None:
         """Add a job whose prompt has been read to its model's batch (its `_active` is already counted)."""
