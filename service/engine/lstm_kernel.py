@@ -188,7 +188,7 @@ def chosen(
     else the fastest this CPU runs. Before its first use here, a build other than the portable one runs a
     small step in a child process (`check_build`): one that crashes there (SIGILL, an instruction this CPU
     lacks) or answers wrong is skipped, and the next one is tried. A named build that fails gives way to
-    the slower ones the same way.
+    the slower ones the same way. The check is a child process with no torch in it, milliseconds long.
 
     The answer is kept for the process, per directory and build asked for: a failed build is not retried
     (its warning is logged once), and another directory is looked at afresh.
@@ -231,7 +231,7 @@ def _choose(where: Path, wanted: str) -> Choice:
             reasons.append(f"{build} did not build ({exc})")
             continue
         library = _bind(open_checked(path), path)
-        failure = None if build == "portable" else check_build(path)
+        failure = None if build == "portable" else check_build(path, _held_fds[-1])
         if failure is None and not library.charrnn_init():
             failure = "the operating system refused what it needs (for AMX: arch_prctl ARCH_REQ_XCOMP_PERM)"
         if failure is not None:
@@ -243,20 +243,34 @@ def _choose(where: Path, wanted: str) -> Choice:
     raise RuntimeError("no build of the kernel runs here: " + "; ".join(reasons))
 
 
-CHECK_TIMEOUT_S = 120
+CHECK_TIMEOUT_S = 60
+# The child of check_build: Python without site or environment (it starts in milliseconds, no torch), loading
+# the very file the parent checked (an inherited descriptor) and running its self test.
+CHECK_CHILD = """
+import ctypes, sys
+library = ctypes.CDLL(sys.argv[1])
+library.charrnn_self_test.restype = ctypes.c_char_p
+problem = library.charrnn_self_test()
+sys.exit(problem.decode() if problem else 0)
+"""
 
 
-def check_build(path: Path) -> str | None:
-    """None if the kernel build at `path` steps a small random model right in a child process
-    (service/engine/kernel_check.py); else what went wrong there (a signal such as SIGILL, a wrong
-    result, a timeout). A pass is remembered beside the library, per CPU, where the directory is ours
-    to write: the next process skips the child."""
+def check_build(path: Path, fd: int | None = None) -> str | None:
+    """None if the kernel build at `path` passes its self test (`charrnn_self_test`: its products in each
+    arithmetic it has against a float64 reference, a row alone against the same row in a batch, whole
+    steps) in a child process; else what went wrong there (a signal such as SIGILL, what the test found,
+    a timeout). `fd`, an open descriptor of that file (`open_checked`'s), is what the child loads. A pass
+    is remembered beside the library, per CPU, where the directory is ours to write: the next process
+    skips the child."""
     marker = path.with_name(f"{path.name}.checked-{_cpu_key()}")
     if marker.exists():
         return None
-    command = [sys.executable, "-m", "charrnn.service.engine.kernel_check", str(path)]
+    target, fds = (
+        (f"/proc/self/fd/{fd}", (fd,)) if fd is not None and os.path.exists("/proc/self/fd") else (str(path), ())
+    )
+    command = [sys.executable, "-I", "-S", "-c", CHECK_CHILD, target]
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S, pass_fds=fds)
     except subprocess.TimeoutExpired:
         return f"its check gave no answer in {CHECK_TIMEOUT_S} s"
     if result.returncode < 0:
@@ -549,6 +563,7 @@ KERNEL_FUNCTIONS = (
     "charrnn_build",
     "charrnn_init",
     "charrnn_has_int8",
+    "charrnn_self_test",
 )
 
 
@@ -589,6 +604,8 @@ def _bind(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL:
     lib.charrnn_init.restype = ctypes.c_int
     lib.charrnn_has_int8.argtypes = []
     lib.charrnn_has_int8.restype = ctypes.c_int
+    lib.charrnn_self_test.argtypes = []
+    lib.charrnn_self_test.restype = ctypes.c_char_p
     lib.charrnn_set_threads.argtypes = [ctypes.c_int]
     lib.charrnn_set_threads.restype = ctypes.c_int
     return lib

@@ -873,3 +873,104 @@ void charrnn_draw_rows(int n, int V, const float *logits, const float *temps, co
     for (int r = 0; r < n; r++)
         if (temps[r] > 0) ids[r] = charrnn_draw(logits + (size_t)r * V, V, temps[r], noise[r], logprobs + r);
 }
+
+/* ---- charrnn_self_test: this build's first run, in a child process of the loader ---------------------- */
+
+#define ST_ROWS 19 /* more than one group of rows (8 for vdpbf16ps and vpdpbusd, 16 for tiles), shared by threads */
+#define ST_K 48    /* one whole 32-wide tile of k and a tail of 16 */
+#define ST_N 64    /* two 32-column panels */
+
+static uint32_t st_seed;
+
+/* A uniform value in (-1, 1) from a linear congruential generator: the same numbers on every machine. */
+static float st_rand(void) {
+    st_seed = st_seed * 1664525u + 1013904223u;
+    return (float)(st_seed >> 8) * (2.0f / 16777216.0f) - 1.0f;
+}
+
+/* What is wrong with y (ST_ROWS x ST_N) = y0 + x @ W against ref, and with the last row computed alone. */
+static const char *st_check(const Net *net, const float *x, const float *y0, const double *ref, double tolerance,
+                            const char *off, const char *alone_differs) {
+    static float y[ST_ROWS * ST_N], alone[ST_N];
+    const size_t last = (size_t)(ST_ROWS - 1) * ST_N;
+    memcpy(y, y0, sizeof y);
+    recurrent_acc(net, 0, ST_ROWS, ST_K, x, ST_K, y);
+    for (int i = 0; i < ST_ROWS * ST_N; i++)
+        if (!(fabs((double)y[i] - ref[i]) <= tolerance)) return off; /* a NaN fails too */
+    memcpy(alone, y0 + last, sizeof alone);
+    recurrent_acc(net, 0, 1, ST_K, x + (size_t)(ST_ROWS - 1) * ST_K, ST_K, alone);
+    return memcmp(alone, y + last, sizeof alone) ? alone_differs : NULL;
+}
+
+const char *charrnn_self_test(void) {
+    static float W[ST_K * ST_N], x[ST_ROWS * ST_K], y0[ST_ROWS * ST_N];
+    static double ref[ST_ROWS * ST_N];
+    if (!charrnn_init()) return "the operating system refused what this build needs (AMX tile state)";
+    charrnn_set_threads(2);
+    st_seed = 29;
+    for (int i = 0; i < ST_K * ST_N; i++) W[i] = 0.3f * st_rand();
+    for (int i = 0; i < ST_ROWS * ST_K; i++) x[i] = st_rand();
+    for (int i = 0; i < ST_ROWS * ST_N; i++) y0[i] = st_rand();
+    for (int r = 0; r < ST_ROWS; r++)
+        for (int c = 0; c < ST_N; c++) {
+            double sum = y0[r * ST_N + c];
+            for (int k = 0; k < ST_K; k++) sum += (double)x[r * ST_K + k] * W[k * ST_N + c];
+            ref[r * ST_N + c] = sum;
+        }
+    Net net;
+    memset(&net, 0, sizeof net);
+    net.layers = 1, net.hidden = ST_N / 4, net.capacity = ST_ROWS, net.w[0] = W;
+    const char *problem = st_check(&net, x, y0, ref, 1e-4, "float32 products differ from a float64 reference",
+                                   "float32: a row alone differs from the same row in a batch");
+    if (problem) return problem;
+#if CHARRNN_BF16 /* bfloat16 weights and inputs: 8 bits of mantissa each, 48 products of up to 0.3 */
+    static uint16_t bpanel[ST_K * ST_N], xb[ST_ROWS * ST_K];
+    for (int k = 0; k < ST_K; k++)
+        for (int c = 0; c < ST_N; c++)
+            bpanel[((c / 32) * (ST_K / 2) + k / 2) * 64 + 2 * (c % 32) + k % 2] = to_bf16(W[k * ST_N + c]);
+    net.bpanels[0] = bpanel, net.xb = xb;
+    problem = st_check(&net, x, y0, ref, 0.1, "bfloat16 products differ from a float64 reference",
+                       "bfloat16: a row alone differs from the same row in a batch");
+    net.bpanels[0] = NULL, net.xb = NULL;
+    if (problem) return problem;
+#endif
+#if CHARRNN_INT8 /* int8 weights per column and inputs at a step of 1 / 127 */
+    static int8_t qpanel[ST_K * ST_N];
+    static float qscale[ST_N];
+    static int32_t qcorr[ST_N];
+    static uint8_t xq[ST_ROWS * ST_K];
+    for (int c = 0; c < ST_N; c++) {
+        float most = 0.0f;
+        for (int k = 0; k < ST_K; k++) most = fmaxf(most, fabsf(W[k * ST_N + c]));
+        const float scale = most > 0.0f ? most / 127.0f : 1.0f;
+        int32_t sum = 0;
+        for (int k = 0; k < ST_K; k++) {
+            const int8_t q = (int8_t)lrintf(fminf(fmaxf(W[k * ST_N + c] / scale, -127.0f), 127.0f));
+            qpanel[((c / 32) * (ST_K / 4) + k / 4) * 128 + 4 * (c % 32) + k % 4] = q;
+            sum += q;
+        }
+        qscale[c] = scale / 127.0f, qcorr[c] = 128 * sum;
+    }
+    net.qpanels[0] = qpanel, net.qscale[0] = qscale, net.qcorr[0] = qcorr, net.xq = xq;
+    problem = st_check(&net, x, y0, ref, 0.1, "int8 products differ from a float64 reference",
+                       "int8: a row alone differs from the same row in a batch");
+    if (problem) return problem;
+#endif
+    /* one whole step of a 1-layer net (the gates' code too): finite logits */
+    enum { H = ST_N / 4, V = 5 };
+    static float table[V * 4 * H], head_w[H * V], head_b[V], hs[ST_ROWS * H], cs[ST_ROWS * H], gates[ST_ROWS * 4 * H],
+        logits[ST_ROWS * V];
+    static int64_t ids[ST_ROWS];
+    for (int i = 0; i < V * 4 * H; i++) table[i] = st_rand();
+    for (int i = 0; i < H * V; i++) head_w[i] = st_rand();
+    for (int r = 0; r < ST_ROWS; r++) ids[r] = r % V;
+    Net step;
+    memset(&step, 0, sizeof step);
+    step.layers = 1, step.hidden = H, step.vocab = V, step.capacity = ST_ROWS;
+    step.table = table, step.head_w = head_w, step.head_b = head_b, step.w[0] = W; /* W's first H rows: (H, 4H) */
+    step.hs = hs, step.cs = cs, step.gates = gates, step.logits = logits;
+    for (int t = 0; t < 3; t++) charrnn_lstm_step(&step, ST_ROWS, ids);
+    for (int i = 0; i < ST_ROWS * V; i++)
+        if (!isfinite(logits[i])) return "a whole step gave logits that are not finite";
+    return NULL;
+}

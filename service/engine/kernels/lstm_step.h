@@ -79,6 +79,13 @@ const char *charrnn_build(void);
    the tile state). 1 if ready, 0 if refused: then the build must not be used. Idempotent. */
 int charrnn_init(void);
 
+/* This build's first run, for the loader's child process: charrnn_init, then the products of a small random
+   matrix (19 rows, two helper threads) in each arithmetic the build has (float32; bfloat16, by tiles in the
+   AMX build; int8) against a float64 reference, the last row again alone (the same bits, or the
+   seeded-batch contract is broken), and a few whole steps of a small net. NULL if all is right, else what
+   was wrong. A build whose instructions this CPU lacks dies here instead (SIGILL). */
+const char *charrnn_self_test(void);
+
 /* 1 if this library was built with the int8 step (AVX512-VNNI), else 0. */
 int charrnn_has_int8(void);
 
