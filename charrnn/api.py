@@ -167,7 +167,7 @@ class Model:
         if self._copy_index is None:
             from charrnn.corpora.copies import open_index
 
-            self._copy_index = open_index(self.checkpoint.path, self.vocab)
+            self._copy_index = open_index(self.checkpoint.path, self.vocab, self.checkpoint.meta)
         return self._copy_index
 
     def score(self, text: str, context: str = "") -> Score:

@@ -488,7 +488,7 @@ def _run_sample(args: argparse.Namespace) -> int:
     if args.copies is not None:  # before generating: a missing index is an error now, not after the text
         from charrnn.corpora.copies import open_index
 
-        index = open_index(ckpt.path, ckpt.vocab)
+        index = open_index(ckpt.path, ckpt.vocab, ckpt.meta)
     params = params_for(
         ckpt.vocab,
         temperature=args.temperature,

@@ -17,7 +17,7 @@ import numpy as np
 
 from charrnn.corpora.registry import manifest, resolve
 from charrnn.model import copies
-from charrnn.model.checkpoint import BEST, load_checkpoint, run_checkpoint
+from charrnn.model.checkpoint import BEST, CheckpointError, load_checkpoint, run_checkpoint
 from charrnn.model.copies import CopyIndex, CopyIndexError
 from charrnn.model.data import Corpus, CorpusError, load_corpus
 from charrnn.model.vocab import Vocab
@@ -69,10 +69,14 @@ def index_checkpoint(checkpoint: Path, corpus_arg: str, cache_dir: Path | None =
     return write_index(checkpoint, corpus, source_of(corpus_arg), float(val_fraction))
 
 
-def open_index(checkpoint: Path, vocab: Vocab, cache_dir: Path | None = None) -> CopyIndex:
-    """The copy index beside `checkpoint`, over its training text; CopyIndexError if it cannot be used."""
+def open_index(checkpoint: Path, vocab: Vocab, meta: dict[str, Any], cache_dir: Path | None = None) -> CopyIndex:
+    """The copy index beside `checkpoint` (whose metadata is `meta`), over its training text.
+
+    CopyIndexError if it cannot be used; ForeignIndexError if it is of another corpus than the checkpoint's.
+    """
     path = copies.index_path(checkpoint)
     header, _ = copies.read_header(path)
+    copies.check_model(header, meta, path)  # before reading a corpus: the header alone tells
     corpus: dict[str, Any] = header["corpus"]
     source = header.get("source") or corpus.get("name")
     if not isinstance(source, str):
@@ -90,9 +94,18 @@ def open_index(checkpoint: Path, vocab: Vocab, cache_dir: Path | None = None) ->
 
 def index_after_training(out_dir: Path, corpus: Corpus, corpus_arg: str, val_fraction: float) -> Path | None:
     """The index of a training run (best.copies beside best.safetensors); a failure is a warning, not an error:
-    the run's checkpoints are what matters, and `charrnn index` builds the index later."""
+    the run's checkpoints are what matters, and `charrnn index` builds the index later.
+
+    Rebuilt after every run, a resumed one too: a corpus that grew makes `best` anew on it, and the index of the
+    text before is then another corpus's (opening it beside the new `best` is refused, copies.check_model). A
+    `best` still from before the corpus grew (no evaluation since) keeps its index.
+    """
     try:
+        trained = load_checkpoint(out_dir / BEST).meta.get("corpus") or {}
+        if trained.get("sha256") not in (None, corpus.sha256):
+            log.warning("%s was trained on an earlier text of %s: its copy index is left as it is", BEST, corpus.name)
+            return None
         return write_index(out_dir / BEST, corpus, source_of(corpus_arg), val_fraction)[0]
-    except (CopyIndexError, OSError, MemoryError) as exc:
+    except (CopyIndexError, CheckpointError, OSError, MemoryError) as exc:
         log.warning("the copy index was not built (%s); `charrnn index %s --corpus ...` builds it", exc, out_dir)
         return None

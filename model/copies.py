@@ -54,6 +54,21 @@ class CopyIndexError(ValueError):
     """An index that cannot be used: missing, damaged, of another version, or not of this text."""
 
 
+class ForeignIndexError(CopyIndexError):
+    """An index of another corpus than the one its model was trained on: it would report another text's spans.
+
+    `reason` says so without the server's paths, for a client to read (/models, a 422).
+    """
+
+    def __init__(self, path: Path, indexed: dict[str, Any], trained: dict[str, Any]):
+        self.reason = (
+            f"its copy index was built from corpus {indexed.get('name')!r} (sha256 {indexed.get('sha256')}), not from "
+            f"the corpus the model was trained on, {trained.get('name')!r} (sha256 {trained.get('sha256')}): "
+            "`charrnn index MODEL --corpus CORPUS` rebuilds it"
+        )
+        super().__init__(f"{path}: {self.reason}")
+
+
 @dataclass(frozen=True)
 class Copy:
     """text[start:end] stands verbatim at `offset` of the training text (character offsets)."""
@@ -268,6 +283,18 @@ def _check_fields(header: dict[str, Any], path: Path) -> None:
         raise CopyIndexError(f"{path}: the header's width, sa_dtype or indexed_chars is out of range")
 
 
+def check_model(header: dict[str, Any], meta: dict[str, Any], path: Path) -> None:
+    """ForeignIndexError unless the index (its `header`) is of the corpus the checkpoint's `meta` was trained on.
+
+    The text check in `load` proves only that the index matches the text its own header names; this one ties it
+    to the model beside it (an index copied beside another model, or left from before a resumed run's corpus
+    grew, names a text that still opens). A checkpoint that records no corpus sha256 cannot be checked.
+    """
+    trained = meta.get("corpus") if isinstance(meta.get("corpus"), dict) else {}
+    if isinstance(trained.get("sha256"), str) and header["corpus"].get("sha256") != trained["sha256"]:
+        raise ForeignIndexError(path, header["corpus"], trained)
+
+
 def load(path: Path, ids: np.ndarray, vocab: Vocab) -> CopyIndex:
     """Open the index at `path` over `ids` (the corpus under `vocab`; the index covers a prefix of it).
 
@@ -290,8 +317,43 @@ def load(path: Path, ids: np.ndarray, vocab: Vocab) -> CopyIndex:
     expected = offset + n * dtype.itemsize
     if path.stat().st_size != expected:
         raise CopyIndexError(f"{path} has {path.stat().st_size} bytes where its header implies {expected}: damaged")
-    # a read-only map: the workers of one server share its pages
+    if dtype.itemsize == 4 and len(data) > np.iinfo(np.int32).max:
+        raise CopyIndexError(f"{path}: a text of {len(data)} bytes needs an int64 suffix array, not int32: damaged")
+    # A read-only map: the workers of one server share its pages. Publish an index by rename, never by writing
+    # over it in place (docs/SERVICE.md): a file cut short under a map faults (SIGBUS) at the next search.
     sa = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(n,))
     if hashlib.sha256(memoryview(sa).cast("B")).hexdigest() != header["sa_sha256"]:
         raise CopyIndexError(f"{path}: the suffix array does not match its checksum; the file is damaged")
+    check_suffix_array(sa, n, width, path)
     return CopyIndex(header, data, sa.astype(sa.dtype.newbyteorder("="), copy=False))
+
+
+_CHUNK = 1 << 22  # entries checked at once: bounds check_suffix_array's temporaries (16 MiB of int32)
+
+
+def check_suffix_array(sa: np.ndarray, n: int, width: int, path: Path) -> None:
+    """CopyIndexError unless `sa` holds each character's byte offset (0, width, ..., (n - 1) * width) once.
+
+    The checksum beside the array is in the same file, so it shows the file is whole, not that it is safe:
+    libdivsufsort's search reads text[sa[i] + k] checking only the upper bound, and a negative or
+    too-large entry reads outside the text. One pass, n bytes of bitmap: a permutation is what a suffix
+    array is (its order is not checked: a wrong order finds wrong spans, it reads no memory it should not).
+    """
+    seen = np.zeros(n, dtype=bool)
+    for start in range(0, n, _CHUNK):
+        part = sa[start : start + _CHUNK]
+        low, high = int(part.min()), int(part.max())
+        if low < 0 or high > (n - 1) * width:
+            raise CopyIndexError(
+                f"{path}: the suffix array holds {low if low < 0 else high}, outside the text's offsets "
+                f"0 to {(n - 1) * width}; the file is damaged or crafted"
+            )
+        if width > 1:
+            if np.any(part % width):
+                raise CopyIndexError(f"{path}: the suffix array holds offsets inside a character; the file is damaged")
+            part = part // width
+        seen[part] = True
+    if not seen.all():  # n entries in range, and one of the n offsets missing: another is there twice
+        raise CopyIndexError(
+            f"{path}: the suffix array is not a permutation of the text's offsets; the file is damaged"
+        )

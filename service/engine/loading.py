@@ -25,7 +25,7 @@ from typing import Any
 from charrnn.corpora.copies import open_index
 from charrnn.model.atomic import TMP_MARKER
 from charrnn.model.checkpoint import BEST, SUFFIX, CheckpointError, load_checkpoint
-from charrnn.model.copies import CopyIndex, CopyIndexError, index_path
+from charrnn.model.copies import CopyIndex, CopyIndexError, ForeignIndexError, index_path
 from charrnn.model.network import CharRNN
 from charrnn.model.vocab import Vocab
 
@@ -113,6 +113,7 @@ class ModelEntry:
             "val_loss": loss if type(loss) in (int, float) and math.isfinite(loss) else None,
             "corpus": _only(str, corpus.get("name")),
             "copies": self.loaded.copies is not None,
+            "copies_error": self.loaded.copies_error,
         }
 
 
@@ -170,7 +171,7 @@ def load_one(name: str, path: Path) -> ModelEntry:
             error=f"could not build the model ({type(exc).__name__}: {exc})",
             fingerprint=_fingerprint_or_none(path),
         )
-    index, index_error = _copy_index(name, path, ckpt.vocab)
+    index, index_error = _copy_index(name, path, ckpt.vocab, ckpt.meta)
     loaded = LoadedModel(
         name=name, model=model, vocab=ckpt.vocab, meta=ckpt.meta, path=path, copies=index, copies_error=index_error
     )
@@ -185,12 +186,15 @@ def _fingerprint_or_none(path: Path) -> Fingerprint | None:
         return None
 
 
-def _copy_index(name: str, path: Path, vocab: Vocab) -> tuple[CopyIndex | None, str | None]:
+def _copy_index(name: str, path: Path, vocab: Vocab, meta: dict[str, Any]) -> tuple[CopyIndex | None, str | None]:
     """The checkpoint's copy index (NAME.copies), or why there is none; a bad index is logged, the model served."""
     if not index_path(path).exists():
         return None, "it has no copy index (`charrnn index MODEL --corpus CORPUS` builds one beside the checkpoint)"
     try:
-        index = open_index(path, vocab)
+        index = open_index(path, vocab, meta)
+    except ForeignIndexError as exc:
+        log.error("model %s: served without copy detection: %s", name, exc)
+        return None, exc.reason
     except CopyIndexError as exc:
         log.error("model %s: served without copy detection: %s", name, exc)
         return None, "its copy index could not be opened with its training text (the server's log says why)"

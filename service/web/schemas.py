@@ -498,6 +498,9 @@ class ModelInfo(ResponseModel):
     val_loss: float | None = Field(None, description="validation loss in nats per character")
     corpus: str | None = None
     copies: bool | None = Field(None, description="whether /generate can report copies (the model has a copy index)")
+    copies_error: str | None = Field(
+        None, description="why the model cannot report copies (no copy index, or one that would not open)"
+    )
 
 
 class ModelsResponse(ResponseModel):

@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 
 import charrnn
+from charrnn.corpora.copies import index_after_training
+from charrnn.model import copies
 from charrnn.model.copies import CopyIndexError
-from tests.helpers import run_cli
+from charrnn.model.data import load_corpus
+from tests.helpers import make_word_text, run_cli
 
 SPAN = re.compile(r"^  (\d+)-(\d+) \((\d+) characters\) at offset (\d+): ", re.M)
 
@@ -101,3 +104,41 @@ def test_the_python_api_returns_copies(checkpoint: Path, text_file: Path, capsys
     assert model.copies(train[100:160], 20)[0].end == 60  # any text can be checked, not only generated text
     with pytest.raises(ValueError, match="copies: True, False or a minimum"):
         model.generate(max_chars=5, copies=0)
+
+
+def test_a_resumed_run_on_a_grown_corpus_rewrites_its_index_and_the_old_one_is_refused(tmp_path: Path, capsys) -> None:
+    corpus, run = tmp_path / "words.txt", tmp_path / "run"
+    corpus.write_text(make_word_text(12_000), encoding="utf-8")
+    train = ["train", "--corpus", str(corpus), "--out", str(run), "--preset", "tiny", "--hidden", "32"]
+    train += ["--eval-every", "20", "--eval-max-chars", "1024", "--no-progress"]
+    assert run_cli(capsys, *train, "--max-steps", "20")[0] == 0
+    old_index = (run / "best.copies").read_bytes()
+    with corpus.open("a", encoding="utf-8") as fh:  # the corpus grows; its first part, and vocabulary, unchanged
+        fh.write(make_word_text(6_000, seed=1))
+    assert run_cli(capsys, *train, "--max-steps", "40", "--resume")[0] == 0
+    best_corpus = charrnn.load(run / "best.safetensors").meta["corpus"]
+    header, _ = copies.read_header(run / "best.copies")
+    assert header["corpus"]["sha256"] == best_corpus["sha256"] and best_corpus["chars"] == len(corpus.read_text())
+    assert run_cli(capsys, "sample", str(run), "--copies", "--length", "5")[0] == 0
+
+    (run / "best.copies").write_bytes(old_index)  # the index from before the corpus grew: its text still opens
+    code, _, err = run_cli(capsys, "sample", str(run), "--copies", "--length", "5")
+    assert code == 1 and "not from the corpus the model was trained on" in err and "charrnn index" in err
+    with pytest.raises(CopyIndexError, match="not from the corpus the model was trained on"):
+        charrnn.load(run).copies("the ", 3)
+
+
+def test_an_index_is_never_written_beside_a_best_trained_on_another_text(
+    trained_run: Path, text_file: Path, tmp_path: Path
+) -> None:
+    # A resumed run on a grown corpus that stopped before its first evaluation: `best` is still the earlier text's.
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "best.copies").unlink(missing_ok=True)
+    grown = tmp_path / "grown.txt"
+    grown.write_text(text_file.read_text(encoding="utf-8") * 2, encoding="utf-8")
+    corpus = load_corpus(grown, vocab=charrnn.load(run).vocab, cache_dir=tmp_path / "cache")
+    assert index_after_training(run, corpus, str(grown), 0.1) is None
+    assert not (run / "best.copies").exists()
+    corpus = load_corpus(text_file, vocab=charrnn.load(run).vocab, cache_dir=tmp_path / "cache")
+    assert index_after_training(run, corpus, str(text_file), 0.1) == run / "best.copies"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import struct
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -197,3 +199,90 @@ def test_another_version_is_refused_naming_the_rebuild(saved: tuple[Path, np.nda
 def test_a_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(CopyIndexError, match="no copy index at"):
         copies.read_header(tmp_path / "none.copies")
+
+
+# -- a crafted suffix array: its checksum recomputed, so only the array's values can betray it ----------------
+
+
+def rewrite_sa(path: Path, ids: np.ndarray, vocab: Vocab, change) -> None:
+    """Save the index of `ids` at `path` with change(sa) applied to its suffix array and sa_sha256 made to match."""
+    index = copies.build(ids, vocab, CORPUS)
+    sa = index.sa.copy()
+    change(sa)
+    index.header["sa_sha256"] = hashlib.sha256(sa.astype(sa.dtype.newbyteorder("<")).tobytes()).hexdigest()
+    index.sa = sa
+    copies.save(index, path)
+
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 3
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda sa: sa.fill(-(1 << 30)), "outside the text's offsets"),
+        (lambda sa: sa.__setitem__(7, -1), r"holds -1, outside"),
+        (lambda sa: sa.__setitem__(7, len(sa)), rf"outside the text's offsets 0 to {len(TEXT) - 1}"),
+        (lambda sa: sa.__setitem__(-1, np.iinfo(np.int32).max), "outside"),
+        (lambda sa: sa.__setitem__(0, sa[1]), "not a permutation"),
+    ],
+    ids=["all-negative", "one-negative", "one-past-the-end", "int32-max", "a-duplicate"],
+)
+def test_a_crafted_suffix_array_with_a_matching_checksum_is_refused(tmp_path: Path, change, message: str) -> None:
+    vocab = Vocab(TEXT)
+    ids = np.array(vocab.encode(TEXT))
+    path = tmp_path / "m.copies"
+    rewrite_sa(path, ids, vocab, change)
+    with pytest.raises(CopyIndexError, match=message):
+        copies.load(path, ids, vocab)
+
+
+def test_an_offset_inside_a_two_byte_character_is_refused(tmp_path: Path) -> None:
+    text = "".join(chr(0x100 + i) for i in range(300)) * 2  # 300 characters: two bytes each in the index
+    vocab = Vocab(text)
+    ids = np.array(vocab.encode(text))
+    path = tmp_path / "m.copies"
+    rewrite_sa(path, ids, vocab, lambda sa: sa.__setitem__(0, sa[0] + 1))
+    with pytest.raises(CopyIndexError, match="inside a character"):
+        copies.load(path, ids, vocab)
+    rewrite_sa(path, ids, vocab, lambda sa: sa.__setitem__(0, 2 * len(ids)))  # in bytes, past the last character
+    with pytest.raises(CopyIndexError, match="outside"):
+        copies.load(path, ids, vocab)
+    rewrite_sa(path, ids, vocab, lambda sa: None)
+    assert copies.load(path, ids, vocab).chars == len(ids)
+
+
+CRAFTED = """
+import hashlib, sys
+from pathlib import Path
+import numpy as np
+from charrnn.model import copies
+from charrnn.model.vocab import Vocab
+text = "the quick brown fox jumps over the lazy dog " * 50
+vocab = Vocab(text)
+ids = np.array(vocab.encode(text))
+index = copies.build(ids, vocab, {"name": "x", "sha256": "0", "chars": len(ids)})
+sa = index.sa.copy()
+sa[:] = -(1 << 30)  # every entry far before the text, the checksum recomputed to match
+index.header["sa_sha256"] = hashlib.sha256(sa.astype("<i4").tobytes()).hexdigest()
+index.sa = sa
+path = Path(sys.argv[1])
+copies.save(index, path)
+try:
+    loaded = copies.load(path, ids, vocab)
+except copies.CopyIndexError as exc:
+    print("refused:", exc)
+    raise SystemExit(0)
+print("loaded; searching", flush=True)
+print(loaded.find(vocab.encode("quick brown fox jumps over"), 8))  # reads outside the text: a segfault
+raise SystemExit(3)
+"""
+
+
+def test_a_crafted_index_is_refused_before_any_search_reads_outside_the_text(tmp_path: Path) -> None:
+    # In a child process: a regression that searches such an index crashes the child, not pytest.
+    run = subprocess.run(
+        [sys.executable, "-c", CRAFTED, str(tmp_path / "x.copies")], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, f"exit {run.returncode}: {run.stdout}{run.stderr}"
+    assert "refused:" in run.stdout and "-1073741824, outside the text's offsets 0 to 2199" in run.stdout

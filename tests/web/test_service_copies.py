@@ -15,9 +15,10 @@ from flask.testing import FlaskClient
 
 from charrnn.corpora.copies import index_checkpoint
 from charrnn.model.copies import DEFAULT_MIN_CHARS, MAX_MIN_CHARS
+from charrnn.model.data import load_corpus
 from charrnn.service.web.app import create_app
 from charrnn.service.web.schemas import GenerateResponse, StreamDone
-from tests.helpers import api_error
+from tests.helpers import api_error, make_word_text, train_tiny
 from tests.web.test_service_api import parse_sse
 
 BODY = {"model": "tiny", "prompt": "the ", "max_new_chars": 400, "temperature": 0, "seed": 3}
@@ -163,3 +164,30 @@ def test_openapi_describes_copies(client: FlaskClient) -> None:
     assert "CopySpan" in str(spans)
     assert set(schemas["CopySpan"]["properties"]) == {"start", "end", "offset"}
     assert schemas["CopiesOption"]["properties"]["min_chars"]["maximum"] == MAX_MIN_CHARS
+
+
+def test_an_index_of_another_corpus_than_its_models_is_refused_and_models_says_why(
+    copies_dir: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    # A model trained on a grown corpus.txt (as a resumed run would be), beside the index of corpus.txt as it was
+    # before: the index's own text still opens, so only its model's corpus tells it is not this model's.
+    grown = tmp_path / "grown.txt"
+    grown.write_text((model_dir.parent / "corpus.txt").read_text(encoding="utf-8") + make_word_text(4_000, seed=1))
+    run = train_tiny(load_corpus(grown, cache_dir=tmp_path / "cache"), tmp_path / "run", hidden=32, max_steps=5)
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(run / "best.safetensors", models / "grown.safetensors")
+    shutil.copy(copies_dir / "tiny.copies", models / "grown.copies")
+    app = create_app({"MODEL_DIR": models, "TESTING": True})
+    try:
+        client = app.test_client()
+        (listed,) = client.get("/models").json["models"]
+        assert listed["status"] == "loaded" and listed["copies"] is False
+        assert "not from the corpus the model was trained on" in listed["copies_error"]
+        response = client.post("/generate", json={**BODY, "model": "grown", "copies": True})
+        error = api_error(response, 422, "copies_unavailable", "copies")
+        assert "not from the corpus the model was trained on" in error["message"]
+        assert str(models) not in error["message"]
+        assert client.post("/generate", json={**BODY, "model": "grown"}).status_code == 200  # served all the same
+    finally:
+        app.extensions["charrnn"].close()
