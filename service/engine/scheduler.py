@@ -265,8 +265,11 @@ class Engine:
 
     def submit(self, spec: JobSpec) -> Job:
         """Queue a job; never blocks. QueueFullError, EngineClosedError, KeyError(model), SamplingError."""
-        loaded = spec.loaded if spec.loaded is not None else self.models.get(spec.model)
-        if loaded is None or loaded.name != spec.model:
+        if spec.loaded is not None:  # pinned by the caller to the load it resolved: it must be that name's
+            loaded = spec.loaded if spec.loaded.name == spec.model else None
+        else:  # the engine's models are keyed by the name callers use, whatever the model calls itself
+            loaded = self.models.get(spec.model)
+        if loaded is None:
             raise KeyError(spec.model)
         vocab_size = len(loaded.vocab)
         check_request(spec.max_new_chars, spec.stop, spec.top_logprobs, spec.prompt_ids, vocab_size, spec.params)
