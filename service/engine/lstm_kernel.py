@@ -7,10 +7,13 @@ machine can. One C call does a whole step (and one the draw), with the GIL relea
 
 The source is service/engine/kernels/lstm_step.c with its header lstm_step.h (the layouts and the
 functions this module binds), shipped as package data. It is compiled on first use with the
-system's C compiler (`cc`, -O3; AVX2/FMA/F16C when the CPU has them, and AVX512-BF16 when it has that
-too: see `VARIANTS` and `cpu_variants`) into a cache directory, keyed
-by a hash of the source files' bytes and the flags; a kernel already there is used without a
-compiler (the Docker image's, built in its build stage). If there is neither, or `CHARRNN_NATIVE=0`,
+system's C compiler (`cc`, -O3; AVX2/FMA/F16C when the CPU has them, AVX512-BF16 and AVX512-VNNI when
+it has those too, and AMX tiles on top where it has AMX: see `VARIANTS` and `cpu_variants`) into a cache
+directory, keyed by a hash of the source files' bytes and the flags; a kernel already there is used
+without a compiler (the Docker image's, built in its build stage). `chosen()` picks the build (the
+CHARRNN_KERNEL_BUILD setting, or the fastest this CPU's flags allow), runs its self test in a child
+process before this process first steps with it (`check_build`: a build that crashes or answers wrong
+there gives way to the next), and logs which build and why. If there is none, or `CHARRNN_NATIVE=0`,
 `load()` returns None and the engine uses its PyTorch step; a compiler that fails has its command
 and output logged as a warning.
 
