@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from charrnn.corpora.copies import index_checkpoint
+from charrnn.corpora.indexed_text import index_checkpoint
 from charrnn.corpora.registry import resolve
 from charrnn.model.checkpoint import load_checkpoint
 from charrnn.service.config import DEFAULT_MODEL_DIR

@@ -165,7 +165,7 @@ class Model:
     def copy_index(self) -> CopyIndex:
         """The checkpoint's copy index with its training text, opened on first use (CopyIndexError if it cannot be)."""
         if self._copy_index is None:
-            from charrnn.corpora.copies import open_index
+            from charrnn.corpora.indexed_text import open_index
 
             self._copy_index = open_index(self.checkpoint.path, self.vocab, self.checkpoint.meta)
         return self._copy_index
@@ -236,7 +236,7 @@ def train(
     `init_from` (as `charrnn train --init-from`) fine-tunes a trained model: a run directory, a checkpoint or an
     exported model (`charrnn.DEFAULT_MODEL` is the shipped one); its shape is used, its vocabulary grown.
     """
-    from charrnn.corpora.copies import index_after_training
+    from charrnn.corpora.indexed_text import index_after_training
     from charrnn.corpora.registry import resolve
     from charrnn.model.config import MODEL_KEYS, TRAIN_KEYS
     from charrnn.model.finetune import plan_run

@@ -437,7 +437,7 @@ def _add_generate(commands: Any) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from charrnn.corpora.copies import index_after_training
+    from charrnn.corpora.indexed_text import index_after_training
     from charrnn.corpora.registry import resolve
     from charrnn.model.finetune import plan_run
     from charrnn.model.train import Trainer
@@ -486,7 +486,7 @@ def _run_sample(args: argparse.Namespace) -> int:
     model = ckpt.build_model()
     index = None
     if args.copies is not None:  # before generating: a missing index is an error now, not after the text
-        from charrnn.corpora.copies import open_index
+        from charrnn.corpora.indexed_text import open_index
 
         index = open_index(ckpt.path, ckpt.vocab, ckpt.meta)
     params = params_for(
@@ -615,7 +615,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_index(args: argparse.Namespace) -> int:
-    from charrnn.corpora.copies import index_checkpoint
+    from charrnn.corpora.indexed_text import index_checkpoint
 
     started = time.perf_counter()
     path, index = index_checkpoint(args.checkpoint, args.corpus, cache_dir=args.cache_dir)

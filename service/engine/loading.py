@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from charrnn.corpora.copies import open_index
+from charrnn.corpora.indexed_text import open_index
 from charrnn.model.atomic import TMP_MARKER
 from charrnn.model.checkpoint import BEST, SUFFIX, CheckpointError, load_checkpoint
 from charrnn.model.copies import CopyIndex, CopyIndexError, ForeignIndexError, index_path

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import charrnn
-from charrnn.corpora.copies import index_after_training
+from charrnn.corpora.indexed_text import index_after_training
 from charrnn.model import copies
 from charrnn.model.copies import CopyIndexError
 from charrnn.model.data import load_corpus

@@ -19,7 +19,7 @@ import pytest
 import requests
 import torch
 
-from charrnn.corpora.copies import index_checkpoint
+from charrnn.corpora.indexed_text import index_checkpoint
 from charrnn.model.checkpoint import load_checkpoint, save_checkpoint
 from charrnn.model.config import ModelConfig
 from charrnn.model.network import CharRNN

@@ -13,7 +13,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from charrnn.corpora.copies import index_checkpoint
+from charrnn.corpora.indexed_text import index_checkpoint
 from charrnn.model.copies import DEFAULT_MIN_CHARS, MAX_MIN_CHARS
 from charrnn.model.data import load_corpus
 from charrnn.service.web.app import create_app

@@ -10,7 +10,7 @@ from flask import Blueprint, Response, jsonify
 from charrnn.model.copies import CopyIndex
 from charrnn.model.decoding import Token
 from charrnn.service.web.clients import client_id, disconnect_check
-from charrnn.service.web.copies import copy_index, copy_spans
+from charrnn.service.web.copy_spans import copy_index, copy_spans
 from charrnn.service.web.errors import ApiError
 from charrnn.service.web.limits import check_budget
 from charrnn.service.web.plan import (

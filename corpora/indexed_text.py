@@ -1,4 +1,4 @@
-"""A checkpoint's copy index (model/copies.py) with the training text it needs: build it, open it.
+"""The training text of a checkpoint's copy index (model/copies.py): build the index from it, open the index with it.
 
 The index holds no text, so opening one finds the text again: the corpus the index's header names
 (`source`: a registry name, resolved without downloading, or the path it was built from), read as
