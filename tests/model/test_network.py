@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from charrnn.model.config import ConfigError, ModelConfig
-from charrnn.model.network import CharRNN, detach_state
+from charrnn.model.network import CharRNN, detach_state, dropout, state_tensors
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
@@ -84,3 +84,47 @@ def test_weight_drop_masks_recurrent_weights_only_while_training(cell: str) -> N
     model.eval()
     plain.eval()
     assert torch.equal(model(ids)[0], plain(ids)[0])  # evaluation and serving see the whole weights
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_layer_by_layer_without_dropout_is_the_fused_stack_bit_for_bit(cell: str, autocast: bool) -> None:
+    # Training with dropout runs the layers one at a time; without it, that path computes what nn.RNN/LSTM/GRU do.
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab_size=20, cell=cell, layers=3, hidden=32, dropout=0.3))
+    x = model.embed(torch.randint(0, 20, (4, 9)))
+    state = [torch.randn_like(t) for t in state_tensors(model.zero_state(4))]
+    start = tuple(state) if cell == "lstm" else state[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        fused, fused_end = model.rnn.eval()(x, start)
+        ours, our_end = model.layer_by_layer(x, start, 0.0, 0.0)
+    assert ours.dtype == fused.dtype and torch.equal(ours, fused)
+    for a, b in zip(state_tensors(fused_end), state_tensors(our_end), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_dropout_zeroes_a_share_p_and_keeps_the_mean() -> None:
+    x = torch.ones(400, 500, requires_grad=True)
+    torch.manual_seed(3)
+    y = dropout(x, 0.4)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.6) < 0.005
+    assert torch.allclose(y[kept], torch.tensor(1 / 0.6)) and abs(y.mean().item() - 1.0) < 0.01
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient goes through the same mask and scale
+    torch.manual_seed(3)
+    assert torch.equal(dropout(x, 0.4), y)  # the same seed, the same mask
+    assert dropout(x, 0.4, training=False) is x and dropout(x, 0.0) is x
+
+
+def test_dropout_between_layers_is_drawn_anew_while_training_and_off_in_evaluation() -> None:
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab_size=20, layers=2, hidden=32, dropout=0.5))
+    ids = torch.randint(0, 20, (3, 9))
+    first, _ = model(ids)
+    second, _ = model(ids)
+    assert not torch.allclose(first, second)
+    first.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.rnn.parameters())
+    model.eval()
+    assert torch.equal(model(ids)[0], model.head(model.rnn(model.embed(ids))[0]))

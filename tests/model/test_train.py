@@ -50,9 +50,12 @@ def test_warmup_then_cosine_schedule() -> None:
     assert learning_rate(cfg, 1.0) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize(("cell", "precision"), [("lstm", "fp32"), ("gru", "fp32"), ("lstm", "bf16")])
+@pytest.mark.parametrize(
+    ("cell", "precision", "weight_drop"),
+    [("lstm", "fp32", 0.0), ("gru", "fp32", 0.0), ("lstm", "bf16", 0.0), ("lstm", "bf16", 0.3)],
+)
 def test_resumed_run_is_identical_to_an_unbroken_one(
-    text_file: Path, tmp_path: Path, cell: str, precision: str
+    text_file: Path, tmp_path: Path, cell: str, precision: str, weight_drop: float
 ) -> None:
     corpus = load_corpus(text_file, cache_dir=tmp_path / "cache")
     model_cfg, cfg = tiny_configs(
@@ -64,6 +67,7 @@ def test_resumed_run_is_identical_to_an_unbroken_one(
         layers=2,
         reset_every=3,
         precision=precision,
+        weight_drop=weight_drop,
     )
     whole = Trainer(model_cfg, cfg, corpus, tmp_path / "whole", progress=False).run()
     first = Trainer(model_cfg, cfg, corpus, tmp_path / "broken", progress=False).run(stop_at_step=22)
