@@ -28,7 +28,7 @@ import torch
 from charrnn.api import DEFAULT_MODEL
 from charrnn.model.checkpoint import BEST, load_checkpoint
 from charrnn.model.evaluate import windowed_loss
-from charrnn.model.finetune import plan_run
+from charrnn.model.run_plan import plan_run
 from charrnn.model.train import Trainer
 
 LICENSES = Path("/usr/share/common-licenses")

@@ -239,8 +239,8 @@ def train(
     from charrnn.corpora.indexed_text import index_after_training
     from charrnn.corpora.registry import resolve
     from charrnn.model.config import MODEL_KEYS, TRAIN_KEYS
-    from charrnn.model.finetune import plan_run
     from charrnn.model.recipe import PRESET_NAMES
+    from charrnn.model.run_plan import plan_run
     from charrnn.model.train import Trainer
 
     if (corpus is None) == (text is None):

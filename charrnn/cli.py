@@ -439,7 +439,7 @@ def _add_generate(commands: Any) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from charrnn.corpora.indexed_text import index_after_training
     from charrnn.corpora.registry import resolve
-    from charrnn.model.finetune import plan_run
+    from charrnn.model.run_plan import plan_run
     from charrnn.model.train import Trainer
 
     if args.threads:
@@ -664,6 +664,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from charrnn.model.config import ConfigError
     from charrnn.model.data import CorpusError
     from charrnn.model.decoding import SamplingError
+    from charrnn.model.distributed import RankFailedError
     from charrnn.model.train import TrainingError
     from charrnn.model.vocab import UnknownCharactersError
 
@@ -682,6 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         CorpusError,
         CheckpointError,
         TrainingError,
+        RankFailedError,
         UnknownCharactersError,
         ValueError,
         OSError,

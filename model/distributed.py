@@ -19,6 +19,10 @@ import torch.distributed as dist
 from torch import nn
 
 
+class RankFailedError(RuntimeError):
+    """Another rank failed a check before training (a file missing from its disk, another corpus): its message."""
+
+
 @dataclass(frozen=True)
 class Launch:
     """This process's place in a torchrun launch as its environment states it, before any group is joined."""
@@ -127,6 +131,47 @@ class Distributed:
         if tensor.shape[1] != batch * self.world:
             return tensor
         return tensor[:, self.rank * batch : (self.rank + 1) * batch]
+
+    @contextlib.contextmanager
+    def failing_together(self, stage: str = "before training") -> Iterator[None]:
+        """Run a block on every rank; when it raises on any rank, it raises on every rank, right after it.
+
+        The block must hold no collective. A check that fails on one machine only (a file missing from its
+        disk) would otherwise end that rank alone and leave the others waiting in their next collective until
+        the timeout. The failing rank raises its own error; the others raise RankFailedError with its message.
+        """
+        error: Exception | None = None
+        try:
+            yield
+        except Exception as exc:
+            if not self.enabled:
+                raise
+            error = exc
+        if not self.enabled:
+            return
+        messages = self._gather_texts("" if error is None else str(error) or type(error).__name__)
+        failed = [(rank, text) for rank, text in enumerate(messages) if text]
+        if failed:  # the job ends here on every rank: leave the group now, not in gloo's teardown at exit
+            self.close()
+        if error is not None:
+            raise error
+        if failed:
+            rank, text = failed[0]
+            raise RankFailedError(f"rank {rank} of {self.world} failed {stage}, so every rank stops: {text}")
+
+    def _gather_texts(self, text: str) -> list[str]:
+        """Every rank's text, in rank order (sizes first, then the UTF-8 bytes padded to the longest)."""
+        data = text.encode()
+        size = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
+        sizes = [torch.empty_like(size) for _ in range(self.world)]
+        dist.all_gather(sizes, size)
+        longest = max(int(s) for s in sizes)
+        if longest == 0:
+            return [""] * self.world
+        mine = torch.tensor(list(data.ljust(longest, b"\0")), dtype=torch.uint8, device=self.device)
+        everyone = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(everyone, mine)
+        return [bytes(t[: int(n)].tolist()).decode() for t, n in zip(everyone, sizes, strict=True)]
 
     @contextlib.contextmanager
     def rank0_file(self, path: Path) -> Iterator[Path | None]:

@@ -1,5 +1,4 @@
-"""What a training run starts from: `--init-from`'s trained model, or `--resume`'s checkpoint, and the corpus
-encoded with a vocabulary that holds theirs.
+"""The trained model a fine-tuning run starts from (`--init-from`). model/run_plan.py plans every run with it.
 
 A parent is a training run's directory (its best checkpoint), a checkpoint file, or an exported model such
 as the shipped service/default_model/shakespeare.safetensors (with or without its model card). Its shape
@@ -16,10 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from charrnn.model.checkpoint import BEST, LAST, Checkpoint, load_checkpoint
-from charrnn.model.config import ModelConfig, TrainConfig
-from charrnn.model.data import Corpus, load_corpus
 from charrnn.model.export import read_card
-from charrnn.model.recipe import resolve_recipe
 from charrnn.model.vocab_growth import VocabularyGrowthError
 
 log = logging.getLogger(__name__)
@@ -75,76 +71,3 @@ def load_parent(source: str | Path) -> Parent:
     if name is None:  # a run's checkpoint is known by its directory
         name = file.parent.resolve().name if file.name in (BEST, LAST) else file.stem
     return Parent(name, hashlib.sha256(file.read_bytes()).hexdigest(), checkpoint)
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """Everything a Trainer is built from."""
-
-    model_config: ModelConfig
-    train_config: TrainConfig
-    corpus: Corpus
-    parent: Parent | None  # None: from scratch, or resuming (the checkpoint holds the weights)
-
-
-def plan_run(
-    corpus_path: Path,
-    corpus_name: str | None,
-    out_dir: Path,
-    preset: str,
-    overrides: dict[str, Any],
-    resume: bool = False,
-    init_from: str | Path | None = None,
-    cache_dir: Path | None = None,
-) -> RunPlan:
-    """The configs, the corpus and the parent of a run: `charrnn train`'s and the API's `train`'s one path.
-
-    The vocabulary is the text's characters, grown by the parent's (--init-from) or by the resumed
-    checkpoint's (a resumed run whose corpus grew may hold new characters; it keeps the old ones).
-    """
-    parent = load_parent(init_from) if init_from is not None else None
-    base = parent.checkpoint.vocab if parent is not None else None
-    if resume and (out_dir / LAST).exists():
-        resumed = load_checkpoint(out_dir / LAST)
-        if parent is not None:
-            _check_same_parent(resumed.meta.get("parent"), parent, out_dir)
-        base, parent = resumed.vocab, None  # the run's checkpoint holds the weights now
-    corpus = load_corpus(corpus_path, cache_dir=cache_dir, name=corpus_name, base_vocab=base)
-    if parent is not None:
-        _log_vocabulary(parent, corpus)
-    parent_config = parent.checkpoint.config if parent is not None else None
-    model_cfg, train_cfg = resolve_recipe(preset, corpus, overrides, out_dir, resume, parent_config)
-    return RunPlan(model_cfg, train_cfg, corpus, parent)
-
-
-def _check_same_parent(recorded: object, parent: Parent, out_dir: Path) -> None:
-    """A resumed run may name its parent again, but not another one."""
-    if not isinstance(recorded, dict) or recorded.get("sha256") != parent.sha256:
-        was = f"from {recorded.get('name')!r}" if isinstance(recorded, dict) else "from scratch"
-        raise InitFromError(
-            f"--init-from {parent.name!r} with --resume: the run in {out_dir} was started {was}; "
-            "leave out --init-from to resume it"
-        )
-
-
-def _log_vocabulary(parent: Parent, corpus: Corpus) -> None:
-    """Say how the vocabulary grew, and warn when the text shares little of the parent's."""
-    old = parent.checkpoint.vocab
-    added = [c for c in corpus.vocab.chars if c not in old]
-    shown = "".join(added[:40]) + ("..." if len(added) > 40 else "")
-    log.info(
-        "--init-from %s (sha256 %s): vocabulary %d -> %d characters (%d new: %r)",
-        parent.name,
-        parent.sha256[:12],
-        len(old),
-        len(corpus.vocab),
-        len(added),
-        shown,
-    )
-    if len(added) > len(old):
-        log.warning(
-            "the text has more characters the parent never saw (%d) than it knows (%d): "
-            "fine-tuning will start mostly from scratch",
-            len(added),
-            len(old),
-        )

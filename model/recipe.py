@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from charrnn.model.config import PRESETS, ModelConfig, TrainConfig, setting_flag, split_settings
 from charrnn.model.data import Corpus
+
+if TYPE_CHECKING:  # checkpoint imports torch, which choosing a recipe does not need
+    from charrnn.model.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -215,13 +217,13 @@ def resolve_recipe(
     preset: str,
     corpus: Corpus,
     overrides: dict[str, Any],
-    out_dir: Path | None = None,
-    resume: bool = False,
+    resumed: Checkpoint | None = None,
     parent: ModelConfig | None = None,
 ) -> tuple[ModelConfig, TrainConfig]:
     """The configs of a run: a named preset or `auto`'s choices for this corpus, then `overrides` on top.
 
-    Resuming an `auto` run repeats the recipe its checkpoint recorded (a new budget must not change it).
+    Resuming an `auto` run repeats the recipe its checkpoint (`resumed`: the run's `last`, rank 0's under
+    torchrun) recorded (a new budget must not change it).
     With `parent` (--init-from's network) the shape is the parent's, whatever the preset says; a shape
     given in `overrides` that differs from it is refused (ValueError naming the flag).
     """
@@ -235,8 +237,7 @@ def resolve_recipe(
             settings |= {k: getattr(parent, k) for k in SHAPE_KEYS}
             log.info("--init-from: the network's shape is the parent's, not --preset %s's", preset)
     else:
-        device = overrides.get("device", TrainConfig.device)
-        base = _recorded_recipe(out_dir, device) if resume and out_dir is not None else None
+        base = _recorded_recipe(resumed) if resumed is not None else None
         if base is None:
             base = _auto_settings(corpus, overrides, parent)
         settings = {**base, **overrides}
@@ -282,24 +283,13 @@ def _auto_choices(
     return auto_recipe(*shared) if parent is None else finetune_recipe(parent, *shared)
 
 
-def _recorded_recipe(out_dir: Path, device: str) -> dict[str, Any] | None:
-    """The settings an `auto` run's last checkpoint was trained with (None: not an auto run, or none).
-
-    Under torchrun every rank reads rank 0's checkpoint, which is on rank 0's machine only (unless the
-    machines share --out): a rank choosing afresh could pick another recipe than the run it resumes.
-    """
-    from charrnn.model.checkpoint import LAST, load_checkpoint  # imports torch: only when resuming
-    from charrnn.model.distributed import Distributed
-
-    with Distributed.from_environment(device).rank0_file(out_dir / LAST) as path:
-        if path is None:
-            return None
-        ckpt = load_checkpoint(path)
-    if ckpt.meta.get("preset") != AUTO:
+def _recorded_recipe(resumed: Checkpoint) -> dict[str, Any] | None:
+    """The settings an `auto` run's checkpoint was trained with (None: not an auto run)."""
+    if resumed.meta.get("preset") != AUTO:
         return None
-    model = {k: v for k, v in ckpt.config.to_dict().items() if k != "vocab_size"}
-    log.info("--preset auto: resuming with the recipe %s recorded", out_dir / LAST)
-    return {**model, **(ckpt.meta.get("train_config") or {})}
+    model = {k: v for k, v in resumed.config.to_dict().items() if k != "vocab_size"}
+    log.info("--preset auto: resuming with the recipe the run's %s recorded", resumed.path.name)
+    return {**model, **(resumed.meta.get("train_config") or {})}
 
 
 def _log_choices(choices: list[Choice], overrides: dict[str, Any], fine_tuning: bool = False) -> None:

@@ -161,17 +161,23 @@ class Trainer:
         self.earlier_corpora: list[dict[str, Any]] = []
         if resume:
             self._restore()
-        elif (self.out_dir / LAST).exists() or (self.out_dir / BEST).exists():
-            raise TrainingError(
-                f"{self.out_dir} already holds a training run; pass --resume to continue it, "
-                "or choose another --out (nothing there is overwritten)"
-            )
-        elif init_from is not None:
-            self._start_from(init_from)
+        else:
+            self._check_out_dir_is_free()
+            if init_from is not None:
+                self._start_from(init_from)
         if self.dist.is_main:
             stats, size = corpus_stats(corpus, cfg.val_fraction), self.model.num_parameters()
             for warning in text_warnings(stats, size, fine_tuning=self.parent is not None):
                 log.warning("%s", warning)
+
+    def _check_out_dir_is_free(self) -> None:
+        """Refuse to start over a run. Only rank 0's --out counts (it alone writes); its refusal stops every rank."""
+        with self.dist.failing_together():
+            if self.dist.is_main and ((self.out_dir / LAST).exists() or (self.out_dir / BEST).exists()):
+                raise TrainingError(
+                    f"{self.out_dir} already holds a training run; pass --resume to continue it, "
+                    "or choose another --out (nothing there is overwritten)"
+                )
 
     def _check_same_corpus(self) -> None:
         """Under torchrun every rank cuts the same text into tracks and reads its own: a machine holding
@@ -179,6 +185,7 @@ class Trainer:
         corpora = self.dist.gather_digests(len(self.corpus), self.corpus.sha256)
         if len(set(corpora)) > 1:
             each = "; ".join(f"rank {r}: {n:,} characters, sha256 {sha[:16]}" for r, (n, sha) in enumerate(corpora))
+            self.dist.close()  # every rank stops here: leave the group now (gloo's teardown at exit aborted a rank)
             raise TrainingError(f"the ranks read different corpora ({each}); give every machine the same --corpus text")
 
     # -- the loop -------------------------------------------------------------------------------

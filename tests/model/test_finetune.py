@@ -13,9 +13,10 @@ from charrnn.model.checkpoint import BEST, LAST, load_checkpoint, save_checkpoin
 from charrnn.model.config import ModelConfig
 from charrnn.model.data import load_corpus
 from charrnn.model.evaluate import windowed_loss
-from charrnn.model.finetune import InitFromError, load_parent, plan_run
+from charrnn.model.finetune import InitFromError, load_parent
 from charrnn.model.network import CharRNN
 from charrnn.model.recipe import FINETUNE_LR, finetune_recipe
+from charrnn.model.run_plan import plan_run
 from charrnn.model.train import Trainer, TrainingError
 from charrnn.model.vocab import Vocab
 from charrnn.model.vocab_growth import NEW_CHAR_PROB, VocabularyGrowthError, grow_weights

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import charrnn.model.data
+from charrnn.model.checkpoint import LAST, load_checkpoint
 from charrnn.model.config import PRESETS
 from charrnn.model.data import CorpusStats, corpus_stats, load_corpus
 from charrnn.model.diagnosis import diagnose
@@ -72,7 +73,7 @@ def test_resuming_an_auto_run_repeats_its_recipe_under_a_new_budget(text_file: P
     Trainer(model_cfg, cfg, corpus, tmp_path / "run", progress=False, preset="auto").run()
     new = {"time_budget": 5.0, "max_steps": 8}  # would choose a smaller network and less dropout afresh
     assert resolve_recipe("auto", corpus, new)[0] != model_cfg
-    resumed_model, resumed = resolve_recipe("auto", corpus, new, tmp_path / "run", resume=True)
+    resumed_model, resumed = resolve_recipe("auto", corpus, new, load_checkpoint(tmp_path / "run" / LAST))
     assert resumed_model == model_cfg and resumed.time_budget == 5.0 and resumed.max_steps == 8
     result = Trainer(resumed_model, resumed, corpus, tmp_path / "run", resume=True, progress=False, preset="auto").run()
     assert result.step == 8
