@@ -53,6 +53,14 @@ def fingerprint(path: Path) -> Fingerprint:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, *copies)
 
 
+def fingerprint_or_none(path: Path) -> Fingerprint | None:
+    """The file's fingerprint, or None if it is gone."""
+    try:
+        return fingerprint(path)
+    except OSError:
+        return None
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """A model the engine serves under `name`. Never changed once made: a reload makes a new one."""
@@ -159,7 +167,7 @@ def load_one(name: str, path: Path) -> ModelEntry:
         model = ckpt.build_model("cpu")
     except CheckpointError as exc:
         log.error("model %s: skipped: %s", name, exc)
-        return ModelEntry(name, path, error=exc.problem, fingerprint=_fingerprint_or_none(path))
+        return ModelEntry(name, path, error=exc.problem, fingerprint=fingerprint_or_none(path))
     except OSError as exc:  # gone, or unreadable, between finding and reading it
         log.error("model %s: skipped: %s", name, exc)
         return ModelEntry(name, path, error=f"could not read {path.name} ({exc.strerror or exc})")
@@ -169,7 +177,7 @@ def load_one(name: str, path: Path) -> ModelEntry:
             name,
             path,
             error=f"could not build the model ({type(exc).__name__}: {exc})",
-            fingerprint=_fingerprint_or_none(path),
+            fingerprint=fingerprint_or_none(path),
         )
     index, index_error = _copy_index(name, path, ckpt.vocab, ckpt.meta)
     loaded = LoadedModel(
@@ -177,13 +185,6 @@ def load_one(name: str, path: Path) -> ModelEntry:
     )
     log.info("model %s: loaded %s (%s, %d parameters)", name, path, ckpt.config.cell, model.num_parameters())
     return ModelEntry(name, path, loaded=loaded, fingerprint=seen)
-
-
-def _fingerprint_or_none(path: Path) -> Fingerprint | None:
-    try:
-        return fingerprint(path)
-    except OSError:
-        return None
 
 
 def _copy_index(name: str, path: Path, vocab: Vocab, meta: dict[str, Any]) -> tuple[CopyIndex | None, str | None]:

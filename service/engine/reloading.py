@@ -14,7 +14,8 @@ A file that is removed stops being served.
 
 With Gunicorn each worker has its own engine, directory and watcher. Whoever asks for a check of every
 worker (POST /admin/reload in one worker, SIGHUP to the master) rewrites a shared signal file that every
-watcher also watches (service/reload_signal.py). Nothing here imports the web layer.
+other watcher also watches (service/reload_signal.py); the file names its writer, so the asker's own
+watcher does not check a second time. Nothing here imports the web layer.
 """
 
 from __future__ import annotations
@@ -30,9 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from charrnn.service.engine.loading import Fingerprint, ModelEntry, find_checkpoints, fingerprint, load_one
+from charrnn.service.engine.loading import (
+    Fingerprint,
+    ModelEntry,
+    find_checkpoints,
+    fingerprint,
+    fingerprint_or_none,
+    load_one,
+)
 from charrnn.service.engine.scheduler import Engine
-from charrnn.service.reload_signal import raise_signal
+from charrnn.service.reload_signal import raise_signal, read_signal, sender
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +153,7 @@ class ModelDirectory:
 class Watcher:
     """A thread that checks a ModelDirectory when it changes: inotify events where the kernel has them,
     and a poll every `interval` seconds in any case (network and bind mounts may send no events), and when
-    one of `signal_files` changes (another process asks for a check)."""
+    another process rewrites one of `signal_files` (it asks for a check)."""
 
     def __init__(self, directory: ModelDirectory, interval: float, signal_files: tuple[Path, ...] = ()):
         if interval <= 0:
@@ -154,15 +162,17 @@ class Watcher:
         self.interval = interval
         self.signal_files = signal_files
         self.inotify = False  # whether events wake it (set once the thread has started)
-        self._signals = {path: _fingerprint_or_none(path) for path in signal_files}
+        # what each signal file held when the watcher thread last read it (that thread alone writes it)
+        self._signals = {path: read_signal(path) for path in signal_files}
         self._stop = threading.Event()
-        self._wake_r, self._wake_w = os.pipe()  # stop() writes to it: the thread wakes from its wait at once
+        self._wake_w: int | None = None  # stop() writes to it: the thread wakes from its wait at once
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        """Start watching (idempotent)."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="charrnn-model-watcher", daemon=True)
+        """Start watching (idempotent; a stopped watcher stays stopped)."""
+        if self._thread is None and not self._stop.is_set():
+            wake_r, self._wake_w = os.pipe()  # made here, so that a watcher never started holds no descriptor
+            self._thread = threading.Thread(target=self._run, args=(wake_r,), name="charrnn-model-watcher", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
@@ -170,22 +180,26 @@ class Watcher:
         if self._stop.is_set():
             return
         self._stop.set()
-        os.write(self._wake_w, b"x")
-        if self._thread is not None:
+        if self._thread is not None and self._wake_w is not None:
+            try:
+                os.write(self._wake_w, b"x")
+            except BrokenPipeError:  # the thread saw the stop on its own, and has closed its end already
+                pass
             self._thread.join(self.interval + 1.0)
-        os.close(self._wake_w)
+            os.close(self._wake_w)  # the thread closes its end as it ends
 
     def signal_others(self) -> None:
-        """Ask every process watching the signal files to check its model directory (this one has just checked)."""
+        """Ask every other process watching the signal files to check its model directory.
+
+        This process has just checked: the signal names it as the sender, and its own watcher skips it."""
         for path in self.signal_files:
             try:
                 raise_signal(path)
-                self._signals[path] = _fingerprint_or_none(path)  # this process need not check again for it
             except OSError as exc:
                 log.error("could not ask the other workers to check the model directory (%s): %s", path, exc)
 
-    def _run(self) -> None:
-        events = _Events.open(self.directory.path, [p.parent for p in self.signal_files], self._wake_r)
+    def _run(self, wake_r: int) -> None:
+        events = _Events.open(self.directory.path, [p.parent for p in self.signal_files], wake_r)
         self.inotify = events is not None
         log.info(
             "watching the model directory %s (%s, and a check every %g s)",
@@ -197,7 +211,7 @@ class Watcher:
             if events:
                 woken = events.wait(self.interval)
             else:
-                select.select([self._wake_r], [], [], self.interval)
+                select.select([wake_r], [], [], self.interval)
                 woken = False
             if self._stop.is_set():
                 break
@@ -209,19 +223,24 @@ class Watcher:
                 events.follow(self.directory.path)
         if events:
             events.close()
-        os.close(self._wake_r)
+        os.close(wake_r)
 
     def _check(self, woken: bool) -> None:
-        signalled = False
-        for path, old in self._signals.items():
-            now = _fingerprint_or_none(path)
-            if now != old:
-                self._signals[path] = now
-                signalled = True
-        if signalled:
+        """Check when another process asked, or the model directory changed (`woken`: an event from it)."""
+        if self._signalled():
             self.directory.check("signal")
         elif woken or self._changed_on_disk():
             self.directory.check("watch")
+
+    def _signalled(self) -> bool:
+        """Whether another process rewrote a signal file since the last look (this process's own are skipped)."""
+        signalled = False
+        for path, seen in self._signals.items():
+            now = read_signal(path)
+            if now != seen:
+                self._signals[path] = now
+                signalled |= now is not None and sender(now) != os.getpid()
+        return signalled
 
     def _changed_on_disk(self) -> bool:
         """Whether the directory's checkpoints differ from what was read (stat only: cheap enough to poll)."""
@@ -232,18 +251,11 @@ class Watcher:
         served = self.directory.fingerprints()
         if {name for name, _ in found} != set(served):
             return True
-        return any(_fingerprint_or_none(path) != served[name] for name, path in found)
+        return any(fingerprint_or_none(path) != served[name] for name, path in found)
 
 
 def _identities(models: dict[str, Any]) -> dict[str, int]:
     return {name: id(loaded) for name, loaded in models.items()}
-
-
-def _fingerprint_or_none(path: Path) -> Fingerprint | None:
-    try:
-        return fingerprint(path)
-    except OSError:
-        return None
 
 
 # What inotify reports that can change the checkpoints: a file written, renamed in or out, removed;
@@ -252,19 +264,18 @@ _MASK_NAMES = ("CLOSE_WRITE", "MOVED_TO", "MOVED_FROM", "CREATE", "DELETE", "ATT
 
 
 class _Events:
-    """inotify over the model directory, its subdirectories (training runs) and the signal files' folders."""
+    """inotify over the model directory and its subdirectories (training runs), and the signal files' folders."""
 
-    def __init__(self, inotify: Any, mask: int, fixed: list[Path], wake: int):
+    def __init__(self, inotify: Any, mask: int, signal_folders: list[Path], wake: int):
         self._inotify = inotify
         self._mask = mask
         self._wake = wake  # a descriptor that becomes readable when the wait must end (stop)
-        self._watched: dict[Path, int] = {}
-        for folder in fixed:
-            self._add(folder)
+        self._watched: dict[Path, int] = {}  # the model directory and its subdirectories, as `follow` saw them
+        self._signal_wds = {wd for wd in map(self._add_watch, signal_folders) if wd is not None}
 
     @classmethod
-    def open(cls, directory: Path, fixed: list[Path], wake: int) -> _Events | None:
-        """Events for `directory` and `fixed` folders, or None where inotify is missing or refused."""
+    def open(cls, directory: Path, signal_folders: list[Path], wake: int) -> _Events | None:
+        """Events for `directory` and `signal_folders`, or None where inotify is missing or refused."""
         try:
             from inotify_simple import INotify, flags
         except ImportError:  # not Linux, or the library is not installed
@@ -277,17 +288,20 @@ class _Events:
         mask = 0
         for name in _MASK_NAMES:
             mask |= getattr(flags, name)
-        events = cls(inotify, mask, [*fixed, directory], wake)
+        events = cls(inotify, mask, signal_folders, wake)
         events.follow(directory)
         return events
 
     def wait(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds; True if anything happened (and then what followed within SETTLE_SECONDS)."""
+        """Wait up to `timeout` seconds, or until any event (a signal file's included) or stop; True if the
+        model directory changed (events that follow within SETTLE_SECONDS are taken with the first)."""
         ready, _, _ = select.select([self._inotify.fileno(), self._wake], [], [], timeout)
         if self._inotify.fileno() not in ready:
             return False
         time.sleep(SETTLE_SECONDS)  # let the events that follow the first arrive: one check sees them all
-        return bool(self._inotify.read(timeout=0))
+        signal_only = self._signal_wds - set(self._watched.values())  # a signal folder may be a model folder too
+        # an overflow (wd -1) or a watch the kernel dropped counts as a change: the check finds out what changed
+        return any(event.wd not in signal_only for event in self._inotify.read(timeout=0))
 
     def follow(self, directory: Path) -> None:
         """Watch `directory` and its subdirectories as they are now (run directories come and go)."""
@@ -296,16 +310,19 @@ class _Events:
         except OSError:
             folders = set()
         for folder in folders - set(self._watched):
-            self._add(folder)
+            wd = self._add_watch(folder)
+            if wd is not None:
+                self._watched[folder] = wd
         for folder in set(self._watched) - folders:
             if folder.parent == directory:
                 self._watched.pop(folder)  # the kernel dropped the watch when the folder went
 
-    def _add(self, folder: Path) -> None:
+    def _add_watch(self, folder: Path) -> int | None:
         try:
-            self._watched[folder] = self._inotify.add_watch(os.fspath(folder), self._mask)
+            return self._inotify.add_watch(os.fspath(folder), self._mask)
         except OSError as exc:  # gone already, or fs.inotify.max_user_watches reached: the poll covers it
             log.debug("no inotify watch on %s: %s", folder, exc)
+            return None
 
     def close(self) -> None:
         """Release the inotify descriptor."""

@@ -364,11 +364,13 @@ class Engine:
                     self._start_job(job)
                 if self._prefilling:
                     self._prefill_step()
-                for batch in self._batches.values():
+                if self._models_replaced:
+                    self._forget_retired()
+                for key, batch in list(self._batches.items()):
                     if batch.jobs:
                         self._advance(batch)
-                if self._models_replaced or any(key not in self._live_keys for key in self._batches):
-                    self._drop_retired()
+                    if not batch.jobs and key not in self._live_keys:
+                        self._drop_batch(key)
                 self._active = sum(len(b.jobs) for b in self._batches.values()) + len(self._prefilling)
         for batch in self._batches.values():
             for job in batch.jobs:
@@ -378,14 +380,17 @@ class Engine:
             pending.job.publish([], "cancelled")
         self._prefilling.clear()
 
-    def _drop_retired(self) -> None:
-        """Forget the batches (once empty) and cached prompts of models no longer served."""
-        self._models_replaced = False
+    def _forget_retired(self) -> None:
+        """Once per replace_models: drop the cached prompts of models no longer served (their batches go as
+        they empty, in _run; a prompt of theirs read later is not cached, in _prefill_step)."""
+        self._models_replaced = False  # before reading the keys: a replacement meanwhile sets it again
         live = self._live_keys
-        for key in [k for k, batch in self._batches.items() if k not in live and not batch.jobs]:
-            del self._batches[key], self._decoders[key]
-            log.info("model %s: its batch is gone (the model is no longer served)", key)
         self.prompt_cache.discard(lambda key: key not in live)
+
+    def _drop_batch(self, key: str) -> None:
+        """Forget the (empty) batch and decoder of a model no longer served."""
+        del self._batches[key], self._decoders[key]
+        log.info("model %s: its batch is gone (the model is no longer served)", key)
 
     def _next_admissions(self) -> list[Job] | None:
         """Queued jobs that may start now; waits while there is nothing to do; None: stop."""
@@ -455,7 +460,8 @@ class Engine:
         logits, state = pending.last
         # clone: the logits are a view of the chunk's (1, time, vocab) output
         entry = (logits.clone(), tuple(state_tensors(state)))
-        self.prompt_cache.put(pending.key, entry)
+        if pending.key[0] in self._live_keys:  # a retired model's prompt would stay until evicted
+            self.prompt_cache.put(pending.key, entry)
         self._join_batch(pending.job, entry)
 
     def _prepare_kernel(self) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from charrnn.service.engine import reloading
 from charrnn.service.engine.loading import LoadedModel, load_models
 from charrnn.service.engine.reloading import ModelDirectory, Watcher
 from charrnn.service.engine.scheduler import Engine, JobSpec
+from charrnn.service.reload_signal import make_signal_file
 from tests.helpers import tiny_model, wait_until
 
 LONG = 20_000  # characters: a generation still running when the test swaps its model (seconds here)
@@ -71,6 +73,34 @@ def test_the_batch_and_cached_prompts_of_a_model_no_longer_served_are_dropped(en
     assert old.key in engine._batches and len(engine.prompt_cache) == 1
     engine.replace_models({"lstm": new})
     wait_until(lambda: old.key not in engine._batches, 10, "the old model's batch to go")
+    assert len(engine.prompt_cache) == 0
+
+
+def test_a_retired_models_batch_ends_with_its_last_job_and_its_cache_is_cleared_once(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old, new = tiny_model(seed=0), tiny_model(seed=1)
+    engine.replace_models({"lstm": old})
+    engine.submit(JobSpec("lstm", (1, 2, 3), 20, SamplingParams(temperature=1.0), seed=1)).result(timeout=60)
+    scans: list[Callable[[str], bool]] = []
+    discard = engine.prompt_cache.discard
+
+    def counted(gone: Callable[[str], bool]) -> None:
+        scans.append(gone)
+        discard(gone)
+
+    monkeypatch.setattr(engine.prompt_cache, "discard", counted)  # the real discard, counted
+    running = engine.submit(JobSpec("lstm", (), LONG, SamplingParams(temperature=1.0), seed=3))
+    next(running.chunks())  # it has started
+    engine.replace_models({"lstm": new})
+    wait_until(lambda: len(engine.prompt_cache) == 0, 30, "the retired model's cached prompts to go")
+    assert running.finish_reason is None, "the generation ended before the swap: make it longer"
+    assert old.key in engine._batches  # its job still runs
+    late = JobSpec("lstm", (4, 5, 6), 5, SamplingParams(temperature=1.0), seed=2, loaded=old)
+    assert engine.submit(late).result(timeout=60)[1] == "length"  # joins the retired batch; its prompt is not cached
+    running.cancel()
+    wait_until(lambda: old.key not in engine._batches, 30, "the retired model's batch to go once its jobs end")
+    assert len(scans) == 1  # the cache was scanned once, not at every step of the retired batch
     assert len(engine.prompt_cache) == 0
 
 
@@ -198,25 +228,68 @@ def test_the_watcher_notices_a_new_checkpoint(
         watcher.stop()
 
 
-def test_a_signal_file_makes_the_watcher_check(
-    served: ModelDirectory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from charrnn.service.reload_signal import make_signal_file, raise_signal
+def raise_from_another_process(signal: Path) -> None:
+    """Rewrite the signal file from another process, as another worker or Gunicorn's master does."""
+    code = (
+        "import sys, pathlib; from charrnn.service.reload_signal import raise_signal; "
+        "raise_signal(pathlib.Path(sys.argv[1]))"
+    )
+    subprocess.run([sys.executable, "-c", code, str(signal)], check=True, timeout=120)
 
+
+def test_another_process_signal_makes_the_watcher_check_and_its_own_does_not(
+    served: ModelDirectory, tmp_path: Path
+) -> None:
     signal = make_signal_file(str(tmp_path))
     reports: list[str] = []
     served.listeners.append(lambda report: reports.append(report.trigger))
     watcher = Watcher(served, interval=5.0, signal_files=(signal,))
     watcher.start()
     try:
-        wait_until(lambda: watcher.inotify, 10, "the watcher to start")
-        raise_signal(signal)
-        wait_until(lambda: "signal" in reports, 10, "a check asked for by the signal file")
-        watcher.signal_others()  # this process's own signal: no second check for it
-        time.sleep(0.5)
-        assert reports.count("signal") == 1
+        wait_until(lambda: watcher.inotify, 30, "the watcher to start")
+        raise_from_another_process(signal)
+        wait_until(lambda: "signal" in reports, 30, "a check asked for by the signal file")
+        watcher.signal_others()  # as POST /admin/reload does, once this process has checked
+        own = signal.read_bytes()
+        wait_until(lambda: watcher._signals[signal] == own, 30, "the watcher to read this process's own signal")
+        raise_from_another_process(signal)  # the watcher handles its wakes in order: this one comes after
+        wait_until(lambda: reports.count("signal") == 2, 30, "a check asked for by the second signal")
+        assert reports == ["signal", "signal"]  # none for its own signal, and no "watch" check for that wake
     finally:
         watcher.stop()
+
+
+def test_only_an_event_in_the_model_directory_wakes_the_watcher_as_a_change(models: Path, tmp_path: Path) -> None:
+    signal = make_signal_file(str(tmp_path))
+    wake_r, wake_w = os.pipe()
+    events = reloading._Events.open(models, [signal.parent], wake_r)
+    if events is None:
+        pytest.skip("no inotify here")
+    try:
+        (signal.parent / "unrelated").write_bytes(b"x")  # what raise_signal does there, without a signal
+        assert events.wait(60) is False  # woken, but no change to check for
+        (models / "run").mkdir()
+        assert events.wait(60) is True
+    finally:
+        events.close()
+        os.close(wake_r)
+        os.close(wake_w)
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors through /proc")
+def test_a_watcher_leaves_no_descriptor_open(served: ModelDirectory, tmp_path: Path) -> None:
+    before = open_descriptors()
+    Watcher(served, interval=5.0).stop()  # made and stopped, never started
+    assert open_descriptors() == before
+    watcher = Watcher(served, interval=5.0, signal_files=(make_signal_file(str(tmp_path)),))
+    watcher.start()
+    wait_until(lambda: watcher.inotify, 30, "the watcher to start")
+    watcher.stop()
+    assert not watcher._thread.is_alive() and open_descriptors() == before
 
 
 def test_two_files_of_one_name_are_not_reloaded_at_every_check(models: Path, engine: Engine) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -252,16 +253,33 @@ def test_admin_reload_and_sighup_make_every_worker_check(two_workers: GunicornSe
     pids = set(worker_listings(two_workers))
 
     def checks(trigger: str) -> float:
+        """The checks of every worker for `trigger` (the metric sums the workers)."""
         text = requests.get(two_workers.url + "/metrics", timeout=10).text
         line = f'charrnn_model_dir_checks_total{{trigger="{trigger}"}} '
         return sum(float(row.split()[-1]) for row in text.splitlines() if row.startswith(line))
 
-    answer = requests.post(two_workers.url + "/admin/reload", timeout=30)
-    assert answer.status_code == 200 and answer.json()["worker"] in pids
-    assert checks("request") == 1
-    wait_until(lambda: checks("signal") == 1, WITHIN, "the other worker to check when asked")  # not the asker
+    def counts() -> str:
+        return f"request {checks('request')}, signal {checks('signal')}\n{two_workers.log()[-3000:]}"
 
+    asked = time.time()
+    answer = requests.post(two_workers.url + "/admin/reload", timeout=30)
+    assert answer.status_code == 200
+    asker = answer.json()["worker"]
+    assert asker in pids
+    assert checks("request") == 1  # counted before the answer
+
+    def checked_unless_asker(listing: dict) -> bool:
+        return listing["worker"] == asker or listing["checked_at"] >= asked
+
+    every_worker(two_workers, checked_unless_asker, "check when another worker is asked")
+    # the other worker's check, and none by the asker: its signal names it, and its watcher skips it
+    wait_until(lambda: checks("signal") >= 1, WITHIN, counts)
+    assert checks("signal") == 1, counts()
+
+    hup = time.time()
     two_workers.process.send_signal(signal.SIGHUP)
-    wait_until(lambda: checks("signal") == 3, WITHIN, lambda: f"both workers to check on SIGHUP\n{two_workers.log()}")
+    every_worker(two_workers, lambda m: m["checked_at"] >= hup, "check on SIGHUP")
+    wait_until(lambda: checks("signal") >= 3, WITHIN, counts)  # the master's signal: one check in each worker
+    assert checks("signal") == 3 and checks("request") == 1, counts()
     assert "SIGHUP: every worker checks the model directory" in two_workers.log()
     assert set(worker_listings(two_workers)) == pids  # the same workers: checked, not restarted
