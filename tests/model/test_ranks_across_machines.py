@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -113,13 +114,19 @@ def run_two_ranks(work: Callable[[int, int, Path], dict], folders: list[Path]) -
     """`work` in two processes, ranks 0 and 1 of a gloo group on 127.0.0.1, each with its own folder."""
     spawn, port = multiprocessing.get_context("spawn"), free_port()
     ranks = [spawn.Process(target=as_rank, args=(work, r, port, str(folders[r]))) for r in (0, 1)]
+    for folder in folders:
+        (folder / "answer.json").unlink(missing_ok=True)  # a launch before this one's
     for process in ranks:
         process.start()
-    for process in ranks:
+    for process, folder in zip(ranks, folders, strict=True):
         process.join(120)
         if process.exitcode is None:
             process.kill()
-        assert process.exitcode == 0
+        # A rank that wrote its answer is done; now and then torch's teardown of the gloo group at interpreter
+        # exit aborts it afterwards ("terminate called without an active exception", seen with every kind of
+        # work here): that abort is not what these tests check, a rank that hung or failed before answering is.
+        aborted_after = process.exitcode == -signal.SIGABRT and (folder / "answer.json").exists()
+        assert process.exitcode == 0 or aborted_after, f"rank exited {process.exitcode} without an answer"
     return [json.loads((folder / "answer.json").read_text()) for folder in folders]
 
 
