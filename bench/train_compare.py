@@ -63,9 +63,8 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model_keys, train_keys = split_settings(PRESETS[args.recipe])
     steps = args.loss_steps if args.child_mode == "loss" else 10**6
-    train_keys.update(
-        time_budget=None, max_steps=steps, eval_every=10**6, log_every=10**6, precision=args.child_precision
-    )
+    train_keys.update(time_budget=None, max_steps=steps, eval_every=10**6, log_every=10**6, seed=args.seed)
+    train_keys.update(precision=args.child_precision)
     with tempfile.TemporaryDirectory() as tmp:
         text = Path(args.corpus) if args.child_mode == "loss" else write_text(Path(tmp) / "text.txt", 1_000_000)
         corpus = load_corpus(text, cache_dir=Path(tmp) / "cache")
@@ -95,7 +94,7 @@ def measure(args: argparse.Namespace, root: Path, mode: str, precision: str) -> 
         precision,
     ]
     command += ["--recipe", args.recipe, "--steps", str(args.steps), "--threads", str(args.threads)]
-    command += ["--loss-steps", str(args.loss_steps), "--corpus", str(args.corpus)]
+    command += ["--loss-steps", str(args.loss_steps), "--corpus", str(args.corpus), "--seed", str(args.seed)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"the child for {root} ({mode}, {precision}) failed:\n{done.stderr[-3000:]}")
@@ -119,6 +118,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads in each child")
     parser.add_argument("--loss-steps", type=int, default=0, help="also train this many steps per tree (0: no)")
     parser.add_argument("--corpus", default="", help="the text of the --loss-steps runs")
+    parser.add_argument("--seed", type=int, default=1337, help="the seed of every child's trainer")
     parser.add_argument("--child-root", help=argparse.SUPPRESS)
     parser.add_argument("--child-mode", help=argparse.SUPPRESS)
     parser.add_argument("--child-precision", help=argparse.SUPPRESS)
@@ -148,7 +148,7 @@ def main() -> None:
             )
         if args.loss_steps:
             losses = {name: measure(args, root, "loss", precision)["val_loss"] for name, root in trees.items()}
-            print(f"{precision} validation loss after {args.loss_steps} steps: {losses}")
+            print(f"{precision} validation loss after {args.loss_steps} steps, seed {args.seed}: {losses}")
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
