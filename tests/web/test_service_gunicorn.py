@@ -176,6 +176,23 @@ def test_charrnn_serve_runs_the_service(model_dir: Path, start_server: Callable[
     assert server.stop() == 0
 
 
+def test_a_metric_file_a_worker_has_only_created_is_left_out_of_a_scrape(tmp_path: Path) -> None:
+    # A worker creates its metric file, then sizes it; a scrape in between once answered 500 in CI.
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    from charrnn.service.web.metrics import _WrittenFilesCollector
+
+    written = MmapedDict(str(tmp_path / "counter_1.db"))
+    key = mmap_key("charrnn_generated_chars", "charrnn_generated_chars_total", ["model"], ["tiny"], "help")
+    written.write_value(key, 5.0, 0.0)
+    written.close()
+    (tmp_path / "counter_2.db").touch()  # the other worker, between its open() and its truncate()
+    registry = CollectorRegistry()
+    _WrittenFilesCollector(registry, path=str(tmp_path))
+    assert 'charrnn_generated_chars_total{model="tiny"} 5.0' in generate_latest(registry).decode()
+
+
 def test_with_two_workers_metrics_add_up_over_both(start_server: Callable[..., GunicornServer]) -> None:
     server = start_server(CHARRNN_WORKERS="2")
     api = Client(server.url)
