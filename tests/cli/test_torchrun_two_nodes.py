@@ -6,7 +6,8 @@ the other never reads), so nothing is shared but the network.
 The checks: both ranks end at the same step with bit-identical weights, by steps and by a time budget (rank 0
 logs every rank's step and weights digest, and that digest is the digest of the checkpoint it saved); only the
 node of rank 0 holds checkpoints; a resume continues across the two nodes (node 1 has no checkpoint of its
-own) and ends bit-identical to an unbroken run.
+own) and ends bit-identical to an unbroken run; a fine-tuned run (--init-from) resumed without --init-from keeps,
+on both ranks, the vocabulary of rank 0's checkpoint (the parent's characters included).
 
 Needs root (skipped otherwise) and `ip netns` from iproute2 (without it: skipped, or failed in CI, CI=true).
 Run with `-s` for the figures.
@@ -126,7 +127,7 @@ class Run:
         return int(found[1]), found[2]
 
 
-def torchrun_command(node: Node, is_host: bool, run_id: str, port: int, argv: list[str]) -> list[str]:
+def torchrun_command(node: Node, is_host: bool, run_id: str, port: int, argv: list[str], corpus: str) -> list[str]:
     """docs/TRAINING.md's command for this node, run in its namespace with its interface for gloo."""
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     return [
@@ -136,7 +137,7 @@ def torchrun_command(node: Node, is_host: bool, run_id: str, port: int, argv: li
         *("--nnodes", "2", "--nproc_per_node", "1"),
         *("--rdzv_backend", "c10d", "--rdzv_endpoint", f"10.77.0.1:{port}", "--rdzv_id", run_id),
         *("--rdzv_conf", f"is_host={int(is_host)}", "--local-addr", node.address),
-        *("-m", "charrnn.cli", "train", "--corpus", str(node.corpus)),
+        *("-m", "charrnn.cli", "train", "--corpus", str(node.home / corpus)),
         *argv,
     ]
 
@@ -144,14 +145,15 @@ def torchrun_command(node: Node, is_host: bool, run_id: str, port: int, argv: li
 LAUNCHES = iter(range(1000))  # a fresh rendezvous id and port for every launch in this module
 
 
-def start_on_two_nodes(nodes: tuple[Node, Node], run: str, *flags: str) -> Launch:
-    """`charrnn train --out <node's own folder>/runs/RUN FLAGS` on both nodes at once."""
+def start_on_two_nodes(nodes: tuple[Node, Node], run: str, *flags: str, corpus: str = "corpus.txt") -> Launch:
+    """`charrnn train --corpus <node's own folder>/CORPUS --out <node's own folder>/runs/RUN FLAGS` on both nodes
+    at once."""
     launch = next(LAUNCHES)
     processes = []
     for i, node in enumerate(nodes):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "CHARRNN_CACHE_DIR": str(node.home / "cache")}
         argv = ["--out", str(node.out(run)), *FLAGS, *flags]
-        command = torchrun_command(node, i == 0, f"{run}-{launch}", RENDEZVOUS_PORT + launch, argv)
+        command = torchrun_command(node, i == 0, f"{run}-{launch}", RENDEZVOUS_PORT + launch, argv, corpus)
         process = subprocess.Popen(
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
         )
@@ -205,9 +207,9 @@ def children(pid: int) -> list[int]:
         return []
 
 
-def train_on_two_nodes(nodes: tuple[Node, Node], run: str, *flags: str) -> Run:
+def train_on_two_nodes(nodes: tuple[Node, Node], run: str, *flags: str, corpus: str = "corpus.txt") -> Run:
     """A two-node launch to its end."""
-    return start_on_two_nodes(nodes, run, *flags).finish()
+    return start_on_two_nodes(nodes, run, *flags, corpus=corpus).finish()
 
 
 def checkpoint_digest(path: Path) -> tuple[int, str]:
@@ -283,3 +285,25 @@ def test_an_interrupted_run_resumed_on_two_nodes_ends_as_the_unbroken_one(
     assert f"at step {stopped[1]}" in resumed.outputs[0]
     assert resumed.ends() == unbroken.ends()  # the same step, bit-identical weights on both ranks
     report(f"interrupted at step {stopped[1]}, resumed", resumed, node0.out("broken"))
+
+
+def test_a_fine_tuned_run_resumed_on_two_nodes_keeps_the_vocabulary_of_rank_0s_checkpoint(
+    two_nodes: tuple[Node, Node], unbroken: Run
+) -> None:
+    from charrnn.model.checkpoint import load_checkpoint
+
+    node0, node1 = two_nodes
+    parent = (node0.out("whole") / "last.safetensors").read_bytes()  # each node has its own copy of the parent
+    new_text = node0.corpus.read_text(encoding="utf-8").replace("z", "") + "Section 42 [b] #7\n" * 40
+    for node in two_nodes:
+        (node.home / "parent.safetensors").write_bytes(parent)
+        (node.home / "letters.txt").write_text(new_text, encoding="utf-8")
+    tuned = ("--init-from", str(node0.home / "parent.safetensors"))  # the same path on both nodes
+    train_on_two_nodes(two_nodes, "tuned", "--max-steps", "20", *tuned, corpus="letters.txt")
+    assert not node1.out("tuned").exists()
+    # docs/TRAINING.md's resume, without --init-from: node 1 has no checkpoint, so only rank 0's holds the 'z'
+    resumed = train_on_two_nodes(two_nodes, "tuned", "--max-steps", "40", "--resume", corpus="letters.txt")
+    step, digest = resumed.ends()  # both ranks: the same step, bit-identical weights
+    assert checkpoint_digest(node0.out("tuned") / "last.safetensors") == (step, digest) and step == 40
+    vocab = load_checkpoint(node0.out("tuned") / "last.safetensors").vocab
+    assert "z" in vocab and "#" in vocab  # the parent's characters and the new text's
