@@ -165,9 +165,13 @@ def test_training_in_the_image_into_the_volume_is_what_compose_serves(compose: C
 
 
 def test_the_compose_file_with_its_proxy_is_valid(compose: Compose) -> None:
-    """What `docker-compose --profile proxy up` reads (the proxy's nginx image cannot be pulled here)."""
+    """What `docker-compose --profile proxy up` reads: the proxy built from deploy/proxy/Dockerfile (Debian's
+    nginx; no registry image can be pulled here), in front of `serve` by name."""
     config = compose("docker-compose --profile proxy config")
-    assert "./deploy/nginx.conf" not in config.stdout and "/deploy/nginx.conf" in config.stdout  # made absolute
+    deploy = Path(__file__).resolve().parents[2] / "deploy"
+    assert f"context: {deploy}\n" in config.stdout, config.stdout  # made absolute
+    assert "dockerfile: proxy/Dockerfile" in config.stdout and (deploy / "proxy" / "Dockerfile").is_file()
+    assert "CHARRNN_UPSTREAM: serve:8000" in config.stdout, config.stdout
 
 
 def test_docker_stop_lets_the_streams_in_flight_finish_and_exits_0(start_container) -> None:
