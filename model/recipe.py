@@ -147,7 +147,9 @@ def finetune_recipe(
         Choice("weight_drop", parent.weight_drop, "the parent's"),
         *_layout_choices(train_chars, device, world),
         Choice(
-            "lr", FINETUNE_LR, "fine-tuning a trained model (measured from the shipped one: 2e-3-4e-3 did best in 50-200 steps, 5e-4 too little)"
+            "lr",
+            FINETUNE_LR,
+            "fine-tuning a trained model (from the shipped one, 2e-3-4e-3 did best in 50-200 steps; 5e-4: too little)",
         ),
         Choice(
             "warmup_frac",
