@@ -1,7 +1,8 @@
-"""Helpers shared by the benchmark scripts: a generated corpus, medians and the machine's matmul FLOP/s."""
+"""Helpers shared by the benchmark scripts: a generated corpus, medians, the CPU's name and its matmul FLOP/s."""
 
 from __future__ import annotations
 
+import platform
 import random
 import statistics
 import time
@@ -25,6 +26,18 @@ def write_text(path: Path, chars: int, seed: int = 0, block: int = 1 << 20) -> P
             fh.write(text)
             written += len(text)
     return path
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (where there is none: what `platform` knows, or "unknown")."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == "model name":
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def median(values: list[float]) -> float:

@@ -34,21 +34,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/NAME.py`
 
+from bench._common import cpu_name
 from bench.engine_service import Tally, free_port, one_request, start_gunicorn, stop_server
 from bench.throughput import PROMPTS
 from charrnn.service.config import DEFAULT_MODEL_DIR
 
 SUMMARY_SPEED = re.compile(r"\(([\d,]+) characters/s\)")  # the end of `charrnn generate`'s summary line
-
-
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo ("unknown" elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    found = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-    return found.group(1).strip() if found else "unknown"
 
 
 def bodies(lines: int, chars: int) -> list[dict]:

@@ -21,15 +21,18 @@ as a share of the request. Needs the corpus (`charrnn corpus fetch tinyshakespea
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/NAME.py`
+
+from bench._common import cpu_name
 from charrnn.corpora.indexed_text import index_checkpoint
 from charrnn.corpora.registry import resolve
 from charrnn.model.checkpoint import load_checkpoint
@@ -50,16 +53,6 @@ def brute_force(train: str, text: str, min_chars: int) -> list[tuple[int, int]]:
             length += 1
         longest.append(length)
     return [(i, i + n) for i, n in enumerate(longest) if n >= min_chars and (i == 0 or longest[i - 1] <= n)]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

@@ -45,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/NAME.py`
 
+from bench._common import cpu_name
 from bench.engine_service import free_port, percentile, run_clients, start_gunicorn, stop_server
 from bench.throughput import DEFAULT_MODEL, engine_alone
 from charrnn.model.checkpoint import load_checkpoint
@@ -60,18 +61,6 @@ from charrnn.service.engine.scheduler import Engine, JobSpec
 FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512vl", "avx512bw", "avx512_bf16", "avx512_vnni", "avx_vnni",
          "amx_tile", "amx_bf16", "amx_int8")  # fmt: skip
 OTHERS = (7, 31, 127)  # jobs sharing the batch with the seeded one
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo ('unknown' where there is none)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name.strip() == "model name":
-                return value.strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def step_shapes(model: CharRNN) -> list[tuple[int, int]]:
@@ -175,7 +164,7 @@ def serving(clients: list[int], threads: int) -> Iterator[int]:
 
 def print_machine(threads: int) -> None:
     flags = cpu_flags()
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}, {threads} threads")
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, {threads} threads")
     print("flags: " + " ".join(f"{flag}{'+' if flag in flags else '-'}" for flag in FLAGS))
     print(f"kernel build: {lstm_kernel.chosen().describe()}")
     print(f"precision: {os.environ.get('CHARRNN_PRECISION', 'auto')}")

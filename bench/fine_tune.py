@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/NAME.py`
+
+from bench._common import cpu_name
 from charrnn.api import DEFAULT_MODEL
 from charrnn.model.checkpoint import BEST, load_checkpoint
 from charrnn.model.evaluate import windowed_loss
@@ -47,17 +50,6 @@ def run(text: Path, out: Path, budget: float, init_from: Path | None) -> tuple[f
     best = load_checkpoint(out / BEST)
     val = plan.corpus.split(plan.train_config.val_fraction)[1]
     return windowed_loss(best.build_model(), val), result.step, result.stopped_by
-
-
-def cpu_name() -> str:
-    """The CPU's model name, from /proc/cpuinfo where there is one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/NAME.py`
 
-from bench._common import median, write_text
+from bench._common import cpu_name, median, write_text
 
 HERE = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = {
@@ -99,13 +99,6 @@ def measure(args: argparse.Namespace, root: Path, mode: str, precision: str) -> 
     if done.returncode != 0:
         sys.exit(f"the child for {root} ({mode}, {precision}) failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.partition(":")[2].strip()
-    return "unknown CPU"
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ import requests
 import torch
 
 from charrnn.cli import main as cli_main
+from charrnn.model.checkpoint import load_checkpoint, save_checkpoint
 from charrnn.model.config import PRESETS, ModelConfig, TrainConfig, split_settings
 from charrnn.model.data import Corpus
 from charrnn.model.decoding import SamplingParams
@@ -255,3 +256,14 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
         code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def publish(source: Path, target: Path, step: int) -> None:
+    """`source`'s model, its weights scaled by a step-dependent factor, published as `target`: written under a
+    temporary name beside it and renamed over it (save_checkpoint: the publishing protocol of hot reload)."""
+    ckpt = load_checkpoint(source)
+    model = ckpt.build_model()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(1.0 + step / 1000)
+    save_checkpoint(target, model, ckpt.vocab, {"step": step})

@@ -10,16 +10,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
-from charrnn.model.checkpoint import load_checkpoint, save_checkpoint
+from charrnn.model.checkpoint import save_checkpoint
 from charrnn.model.decoding import SamplingParams
 from charrnn.service.engine import reloading
 from charrnn.service.engine.loading import LoadedModel, load_models
 from charrnn.service.engine.reloading import ModelDirectory, Watcher
 from charrnn.service.engine.scheduler import Engine, JobSpec
 from charrnn.service.reload_signal import make_signal_file
-from tests.helpers import tiny_model, wait_until
+from tests.helpers import publish, tiny_model, wait_until
 
 LONG = 20_000  # characters: a generation still running when the test swaps its model (seconds here)
 
@@ -112,17 +111,6 @@ def test_a_removed_model_is_unknown_to_new_jobs(engine: Engine) -> None:
 
 
 # -- the model directory ---------------------------------------------------------------------------------
-
-
-def publish(source: Path, target: Path, step: int) -> None:
-    """`source`'s model, its weights scaled by a step-dependent factor, saved as `target`: written under a
-    temporary name beside it and renamed over it (save_checkpoint: the publishing protocol)."""
-    ckpt = load_checkpoint(source)
-    model = ckpt.build_model()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.mul_(1.0 + step / 1000)
-    save_checkpoint(target, model, ckpt.vocab, {"step": step})
 
 
 @pytest.fixture

@@ -21,21 +21,10 @@ from charrnn.model.config import ModelConfig
 from charrnn.model.network import CharRNN
 from charrnn.service.client import Client
 from charrnn.service.web.schemas import ModelsResponse, ReloadResponse
-from tests.helpers import GunicornServer, api_error, start_gunicorn, wait_until
+from tests.helpers import GunicornServer, api_error, publish, start_gunicorn, wait_until
 
 KEY = "reload-key"
 WITHIN = 10.0  # seconds: the promise (docs/SERVICE.md) that every worker serves a published checkpoint
-
-
-def publish(source: Path, target: Path, step: int) -> None:
-    """`source`'s model with its weights scaled by a step-dependent factor, published as `target`: written under
-    a temporary name in the same directory, then renamed over it (save_checkpoint does both)."""
-    ckpt = load_checkpoint(source)
-    model = ckpt.build_model()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.mul_(1.0 + step / 1000)
-    save_checkpoint(target, model, ckpt.vocab, {"step": step})
 
 
 def drop_broken(target: Path) -> None:
