@@ -209,23 +209,6 @@ static inline void tail_columns(int K, int N, const float *x, const void *W, int
     }
 }
 
-/* y (n, N) += x (n, K; row stride ldx) @ W (K, N): groups of four rows by 4 x 16 blocks (their last
-   columns one at a time), the other rows streamed. */
-static inline __attribute__((always_inline)) void matmul_rows(int n, int K, int N, const float *x, int ldx,
-                                                              const void *W, const void *panels, int half, float *y) {
-    const int four = n & ~3;
-    for (int r = 0; r < four; r += 4) {
-        for (int j = 0; j + 16 <= N; j += 16)
-            block4x16(K, N, x + (size_t)r * ldx, ldx, W, panels, half, y + (size_t)r * N, j);
-        for (int i = 0; i < 4; i++) tail_columns(K, N, x + (size_t)(r + i) * ldx, W, half, y + (size_t)(r + i) * N, N & ~15);
-    }
-    if (four < n) (half ? stream_h : stream_f)(n - four, K, N, x + (size_t)four * ldx, ldx, W, y + (size_t)four * N);
-}
-
-/* The head's product (the recurrent layers' go through matmul_shared, below, in the same blocks). */
-static void matmul_batch(int n, int K, int N, const float *x, int ldx, const float *W, const void *panels, float *y) {
-    matmul_rows(n, K, N, x, ldx, W, panels, 0, y);
-}
 #else
 /* y (n, N) += x (n, K; row stride ldx) @ W (K, N): four rows of W per pass, each row of y stays in L1.
    (The portable build, for CPUs without AVX2/FMA/F16C; its sums run in another order than the fold above.) */
@@ -296,6 +279,7 @@ struct Shared {
     const float *x;
     const void *W, *panels;
     float *y;
+    float *h; /* the gates' units (step_gates): x the gates, y the cells, h the new h (row stride ldx) */
 };
 
 static void shared_work(Shared *job) {
@@ -402,8 +386,8 @@ static void run_shared(Shared *job) {
 
 /* float32 (or float16-stored) products: unit 0 streams the rows past the last full group of four (all
    columns; nothing when n is a multiple of 4), then unit 1 + p * groups + g is 4-row group g by
-   16-column panel p, and a last panel per group for the N % 16 columns. The same blocks, in the same
-   folds, as matmul_rows: a row's result is the same bits shared or not. */
+   16-column panel p, and a last panel per group for the N % 16 columns (one at a time). Every element is
+   the fold above whichever unit computes it: a row's result is the same bits shared or not. */
 static inline __attribute__((always_inline)) void f32_unit(const Shared *s, int u, int half) {
     const int four = 4 * s->groups;
     if (u == 0) {
@@ -426,12 +410,13 @@ static inline __attribute__((always_inline)) void f32_unit(const Shared *s, int 
 static void f32_unit_h(const Shared *s, int u) { f32_unit(s, u, 1); }
 static void f32_unit_f(const Shared *s, int u) { f32_unit(s, u, 0); }
 
-/* matmul_batch(_h) of the recurrent layers, shared with the helpers. */
+/* y (n, N) += x (n, K; row stride ldx) @ W (K, N) in float32 (float16-stored where `half`), shared with the
+   helpers: the recurrent layers' products and the head's. */
 static void matmul_shared(int n, int K, int N, const float *x, int ldx, const void *W, const void *panels, int half,
                           float *y) {
     const int groups = n / 4, per_group = N / 16 + (N % 16 != 0);
     Shared job = {half ? f32_unit_h : f32_unit_f, 1 + groups * per_group, 0, 0, n, K, N, ldx, groups, per_group,
-                  x, W, panels, y};
+                  x, W, panels, y, NULL};
     run_shared(&job);
 }
 #else
@@ -622,10 +607,10 @@ static void matmul_bf16(const Net *net, int n, int K, int N, const float *x, int
         for (int k = 0; k < K; k++) xb[(size_t)r * K + k] = to_bf16(x[(size_t)r * ldx + k]);
 #if CHARRNN_AMX
     const int groups = (n + 15) / 16;
-    Shared job = {amx_unit, groups * (N / 32), 0, 0, n, K, N, K, groups, N / 32, (const float *)xb, NULL, panels, y};
+    Shared job = {amx_unit, groups * (N / 32), 0, 0, n, K, N, K, groups, N / 32, (const float *)xb, NULL, panels, y, NULL};
 #else
     const int groups = (n + 7) / 8;
-    Shared job = {bf16_unit, groups * (N / 32), 0, 0, n, K, N, K, groups, N / 32, (const float *)xb, NULL, panels, y};
+    Shared job = {bf16_unit, groups * (N / 32), 0, 0, n, K, N, K, groups, N / 32, (const float *)xb, NULL, panels, y, NULL};
 #endif
     run_shared(&job);
 }
@@ -710,7 +695,7 @@ static void matmul_int8(const Net *net, int l, int n, int K, int N, const float 
     }
     const Int8Product product = {xq, net->qpanels[l], net->qscale[l], net->qcorr[l]};
     const int groups = (n + 7) / 8;
-    Shared job = {int8_unit, groups * (N / 32), 0, 0, n, K, N, K, groups, N / 32, NULL, NULL, &product, y};
+    Shared job = {int8_unit, groups * (N / 32), 0, 0, n, K, N, K, groups, N / 32, NULL, NULL, &product, y, NULL};
     run_shared(&job);
 }
 #else
@@ -792,12 +777,54 @@ static inline void gates8(const float *g, int H, float *c, float *h) {
 }
 
 /* Eight units at a time (the compiler left the scalar loop scalar, and it took half of a bfloat16
-   step); the last H % 8 through the same code on a padded copy, so every unit is computed alike. */
+   step), sixteen where the build has AVX-512 (gates16: the same operations lane by lane, so the same bits);
+   the last H % 8 through the same code on a padded copy, so every unit is computed alike. */
+#if defined(__AVX512F__)
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+    const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                           _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+    const __m512 z = _mm512_mul_ps(x, x);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_add_ps(_mm512_fmadd_ps(y, z, x), _mm512_set1_ps(1.0f));
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(bits));
+}
+
+static inline __m512 sigmoid16(__m512 x) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+static inline __m512 tanh16(__m512 x) {
+    const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f);
+    return _mm512_sub_ps(_mm512_div_ps(two, _mm512_add_ps(one, exp16(_mm512_mul_ps(_mm512_set1_ps(-2.0f), x)))), one);
+}
+
+static inline void gates16(const float *g, int H, float *c, float *h) {
+    const __m512 i = sigmoid16(_mm512_loadu_ps(g)), f = sigmoid16(_mm512_loadu_ps(g + H));
+    const __m512 o = sigmoid16(_mm512_loadu_ps(g + 2 * (size_t)H)), t = tanh16(_mm512_loadu_ps(g + 3 * (size_t)H));
+    const __m512 cn = _mm512_fmadd_ps(f, _mm512_loadu_ps(c), _mm512_mul_ps(i, t));
+    _mm512_storeu_ps(c, cn);
+    _mm512_storeu_ps(h, _mm512_mul_ps(o, tanh16(cn)));
+}
+#endif
+
 static void lstm_gates(int n, int H, const float *gates, float *c, float *h, int ldh) {
     for (int r = 0; r < n; r++) {
         const float *g = gates + (size_t)r * 4 * H;
         float *cr = c + (size_t)r * H, *hr = h + (size_t)r * ldh;
         int j = 0;
+#if defined(__AVX512F__)
+        for (; j + 16 <= H; j += 16) gates16(g + j, H, cr + j, hr + j);
+#endif
         for (; j + 8 <= H; j += 8) gates8(g + j, H, cr + j, hr + j);
         if (j < H) {
             float pad[4][8] = {{0}}, cp[8] = {0}, hp[8];
@@ -826,6 +853,27 @@ static void lstm_gates(int n, int H, const float *gates, float *c, float *h, int
 }
 #endif
 
+/* The gates of n rows, shared with the helper threads from GATE_SHARE_ROWS rows (fewer finish before
+   the helpers would wake): units of four rows, each row by lstm_gates' own code, so sharing changes no bit. */
+#define GATE_SHARE_ROWS 16
+#if CHARRNN_SHARE
+static void gates_unit(const Shared *s, int u) {
+    const int r = 4 * u, rows = s->n - r < 4 ? s->n - r : 4;
+    lstm_gates(rows, s->K, s->x + (size_t)r * s->N, s->y + (size_t)r * s->K, s->h + (size_t)r * s->ldx, s->ldx);
+}
+#endif
+
+static void step_gates(int n, int H, const float *gates, float *c, float *h, int ldh) {
+#if CHARRNN_SHARE
+    if (n >= GATE_SHARE_ROWS) {
+        Shared job = {gates_unit, (n + 3) / 4, 0, 0, n, H, 4 * H, ldh, 0, 0, gates, NULL, NULL, c, h};
+        run_shared(&job);
+        return;
+    }
+#endif
+    lstm_gates(n, H, gates, c, h, ldh);
+}
+
 void charrnn_lstm_step(const Net *net, int n, const int64_t *ids) {
 #ifdef CHARRNN_TEST_TRAP
     __builtin_trap(); /* a build that dies on its first step (SIGILL on x86), for the loader's tests */
@@ -833,14 +881,19 @@ void charrnn_lstm_step(const Net *net, int n, const int64_t *ids) {
     const int H = net->hidden, L = net->layers, G = 4 * H, ld = L * H;
     for (int r = 0; r < n; r++) memcpy(net->gates + (size_t)r * G, net->table + (size_t)ids[r] * G, G * sizeof(float));
     recurrent_acc(net, 0, n, H, net->hs, ld, net->gates);
-    lstm_gates(n, H, net->gates, net->cs, net->hs, ld);
+    step_gates(n, H, net->gates, net->cs, net->hs, ld);
     for (int l = 1; l < L; l++) {
         for (int r = 0; r < n; r++) memcpy(net->gates + (size_t)r * G, net->b[l], G * sizeof(float));
         recurrent_acc(net, l, n, 2 * H, net->hs + (size_t)(l - 1) * H, ld, net->gates);
-        lstm_gates(n, H, net->gates, net->cs + (size_t)l * net->capacity * H, net->hs + (size_t)l * H, ld);
+        step_gates(n, H, net->gates, net->cs + (size_t)l * net->capacity * H, net->hs + (size_t)l * H, ld);
     }
     for (int r = 0; r < n; r++) memcpy(net->logits + (size_t)r * net->vocab, net->head_b, net->vocab * sizeof(float));
-    matmul_batch(n, H, net->vocab, net->hs + (size_t)(L - 1) * H, ld, net->head_w, NULL, net->logits);
+    const float *top = net->hs + (size_t)(L - 1) * H;
+#if CHARRNN_SHARE
+    matmul_shared(n, H, net->vocab, top, ld, net->head_w, NULL, 0, net->logits);
+#else
+    matmul_batch(n, H, net->vocab, top, ld, net->head_w, NULL, net->logits);
+#endif
 }
 
 /* The draw torch.multinomial(softmax(z / t), 1) makes from exponential noise q:
