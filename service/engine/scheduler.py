@@ -64,6 +64,23 @@ def wake_interval(streams: int) -> float:
     return min(MAX_WAKE_INTERVAL, max(WAKE_INTERVAL, streams / WAKES_PER_SECOND))
 
 
+def fill_holes(running: list[int]) -> list[int]:
+    """The rows to keep (`running`, ascending) in the order that moves the fewest: each row that stays below
+    the new end keeps its place, and the rows past it fill the places of the rows that left. A batch's keep
+    then copies one row per job that left, not every row after the first to leave (half of 128 rows' state,
+    most steps); a row's arithmetic does not depend on its place in the batch."""
+    kept = len(running)
+    movers = [row for row in running if row >= kept]
+    if not movers:
+        return running
+    order = list(range(kept))
+    staying = set(running)
+    holes = (row for row in range(kept) if row not in staying)
+    for hole, row in zip(holes, movers, strict=True):  # as many holes below `kept` as rows past it
+        order[hole] = row
+    return order
+
+
 class QueueFullError(Exception):
     """The bounded queue is full; try again after `retry_after` seconds (HTTP 429)."""
 
@@ -519,9 +536,10 @@ class Engine:
                 else:
                     self._finish(job, ready, job.sample.finish_reason)
             if len(running) < len(batch.jobs):
+                running = fill_holes(running)
                 batch.keep(running)
             if batch.jobs:
-                batch.step([ids[row] for row in running])
+                batch.step([ids[row] for row in running])  # in the batch's new order
             self.last_step_ok_at[loaded.name] = time.monotonic()
         except Exception:
             log.exception("batch step failed; failing its %d jobs", len(batch.jobs))
@@ -542,7 +560,7 @@ class Engine:
             else:
                 self._finish(job, [], reason)
         if len(running) < len(batch.jobs):
-            batch.keep(running)
+            batch.keep(fill_holes(running))
 
     def _finish(self, job: Job, tokens: list[Token], reason: str) -> None:
         self._active -= 1  # before readers can see the job finished

@@ -16,7 +16,7 @@ from charrnn.model.decoding import SamplingError, SamplingParams, Token
 from charrnn.model.generation import generate
 from charrnn.service.engine.batch import describe_batch
 from charrnn.service.engine.loading import LoadedModel
-from charrnn.service.engine.scheduler import Engine, EngineClosedError, JobSpec, QueueFullError
+from charrnn.service.engine.scheduler import Engine, EngineClosedError, JobSpec, QueueFullError, fill_holes
 from tests.helpers import MIXED_PARAMS, tiny_model
 
 LONG = 1_000_000  # max_new_chars for a job that is stopped some other way
@@ -340,3 +340,19 @@ def test_bf16_texts_do_not_depend_on_the_batch(bf16_kernel: object) -> None:
             assert job.result(timeout=60)[0] == want  # the same characters and the same logprob bits
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize(
+    ("running", "order"),
+    [
+        ([0, 1, 2], [0, 1, 2]),  # nobody left
+        ([0, 1], [0, 1]),  # the last row left: nothing moves
+        ([0, 2, 3], [0, 3, 2]),  # row 1 left: the last row takes its place
+        ([1, 3, 4, 6], [4, 1, 6, 3]),  # rows 0, 2 and 5 left: 4 and 6 fill places 0 and 2
+        ([], []),
+    ],
+)
+def test_rows_that_stay_keep_their_place_and_the_last_fill_the_holes(running: list[int], order: list[int]) -> None:
+    assert fill_holes(running) == order
+    assert sorted(order) == running
+    assert all(order[place] == row for place, row in enumerate(order) if row < len(running))
