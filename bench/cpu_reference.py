@@ -26,7 +26,7 @@ Printed, every number from this run, with the shipped default model (LSTM 2 x 51
                  jobs, with the engine's default precision: whether the text is identical
 
 With --build, the engine, the service and the checks use that kernel build (CHARRNN_KERNEL_BUILD); with
---precision, that arithmetic (CHARRNN_PRECISION: auto, fp32 or int8).
+--precision, that arithmetic (CHARRNN_PRECISION: auto, int8, bf16 or fp32).
 """
 
 from __future__ import annotations

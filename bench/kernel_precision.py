@@ -8,7 +8,7 @@ Printed, every number from this run, with the shipped default model (2 x 512 LST
                  256 characters from a zero state, as every quality figure here) of the model module
                  (PyTorch, float32), the kernel in float32 and the kernel in bfloat16, each window a row
                  of one batch stepped a character at a time, and the difference bf16 - module
-    batch        seeded jobs through an Engine with precision "auto" (bf16 where the CPU has it): each
+    batch        seeded jobs through an Engine with precision "bf16" (where the CPU has it): each
                  alone, then all of them together with 31 other jobs; whether each text is the same
     speed        the kernel alone (one thread, `NativeLSTMBatch.step` in a loop), characters/s per batch
                  size, float32 and bfloat16, and their ratio
@@ -69,7 +69,7 @@ def batch_independence(loaded: LoadedModel, seeds: int) -> list[bool]:
     """For each seed: the text of its job alone equals its text among 31 other jobs."""
 
     def run(jobs: list[JobSpec]) -> list[str]:
-        engine = Engine({loaded.name: loaded}, max_batch=64, precision="auto")
+        engine = Engine({loaded.name: loaded}, max_batch=64, precision="bf16")
         engine.start()
         try:
             running = [engine.submit(spec) for spec in jobs]

@@ -15,8 +15,8 @@ settings (temperature, top_k, top_p, penalties, logit bias, constraint, max_char
 same arithmetic and PyTorch version. Here, as in `charrnn sample`, that is the PyTorch module in float32
 (on the CPU unless `load` names another device), so both give the same text. The HTTP service gives it
 too when it computes in float32 (CHARRNN_PRECISION=fp32, or a CPU without AVX512-BF16), except after a
-rare near-tie between two characters (about once in 10^5 to 10^6 characters). Its default bfloat16 kernel
-gives other texts, reproducible on the same kind of CPU. In the service a row's text never depends on
+rare near-tie between two characters (about once in 10^5 to 10^6 characters). Its default int8 or bfloat16
+kernel gives other texts, reproducible on the same kind of CPU. In the service a row's text never depends on
 what else shares its batch. docs/SERVICE.md ("Seeds") has the details.
 """
 

@@ -40,9 +40,10 @@ DEFAULT_MAX_QUEUE = 256  # generations waiting for a batch slot
 DEFAULT_PROMPT_CACHE_BYTES = 64 << 20  # recurrent states of recently seen prompts
 KERNEL_PRECISIONS = (
     "auto",
-    "fp32",
     "int8",
-)  # the serving kernel's arithmetic (ServiceConfig.precision), not training's
+    "bf16",
+    "fp32",
+)  # the serving kernel's arithmetic (ServiceConfig.precision, service/engine/batch.precision_flags), not training's
 # the C kernel's builds (service/engine/lstm_kernel.py VARIANTS), fastest first; "auto": the best this CPU passes
 KERNEL_BUILDS = ("auto", "amx", "bf16", "avx2", "portable")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -125,7 +126,8 @@ class ServiceConfig:
     torch_threads: int | None = _setting(None, 1)
     native: bool = True  # step LSTM batches with the C kernel where it can be built (false: PyTorch only)
     kernel_dir: Path | None = None  # where compiled kernels are kept; None: ~/.cache/charrnn/kernels
-    # the kernel's arithmetic: auto, bfloat16 dot products where the CPU has them (AVX512-BF16); fp32 never
+    # the kernel's arithmetic: auto (int8 where the CPU has AVX512-VNNI, but bfloat16 tiles in the AMX build;
+    # else bfloat16 where it has AVX512-BF16; else float32), int8, bf16 or fp32 (service/engine/batch.precision_flags)
     precision: str = _setting("auto", choices=KERNEL_PRECISIONS)
     # which build of the kernel: auto (the best this CPU runs and that passes its check), or one by name
     kernel_build: str = _setting("auto", choices=KERNEL_BUILDS)

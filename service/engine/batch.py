@@ -306,6 +306,22 @@ def _exact_in_half(weights: torch.Tensor) -> bool:
     return bool(torch.equal(weights.half().float(), weights))
 
 
+def precision_flags(precision: str, lib: Any) -> tuple[bool, bool]:
+    """What a precision setting (service.config.KERNEL_PRECISIONS) asks of make_batch: (bf16, int8).
+
+    "auto" is the fastest arithmetic the kernel and the CPU have whose validation loss is that of float32:
+    int8 where the CPU has AVX512-VNNI (the shipped model's loss 1.46509 against float32's 1.46513, and at
+    128 rows 1.8x the bfloat16 step on an AMD EPYC; docs/BENCHMARKS.md), except in the AMX build, whose
+    tiles multiply bfloat16 at several times the rate of VNNI's int8 (there "auto" is bfloat16; int8 still
+    makes one stream the fastest); then bfloat16; then float32. Each asks only: make_batch falls back to what
+    the kernel, the CPU and the model allow.
+    """
+    if precision == "auto":
+        amx = lib is not None and lib.charrnn_build().decode() == "amx"
+        return True, not amx
+    return precision in ("bf16", "int8"), precision == "int8"
+
+
 def make_batch(
     model: CharRNN, capacity: int, lib: Any = None, bf16: bool = False, int8: bool = False
 ) -> RecurrentBatch:

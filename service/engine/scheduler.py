@@ -39,7 +39,7 @@ from charrnn.model.generation import PREFILL_CHUNK, prefill_chunks, start_ids
 from charrnn.model.network import CharRNN, state_tensors
 from charrnn.service.config import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PROMPT_CACHE_BYTES, KERNEL_PRECISIONS
 from charrnn.service.engine import lstm_kernel
-from charrnn.service.engine.batch import RecurrentBatch, describe_batch, make_batch
+from charrnn.service.engine.batch import RecurrentBatch, describe_batch, make_batch, precision_flags
 from charrnn.service.engine.loading import LoadedModel
 from charrnn.service.engine.prompt_cache import PromptCache
 
@@ -230,7 +230,7 @@ class Engine:
         self.prompt_cache = PromptCache(prompt_cache_bytes)
         self.native = native  # step and draw with the C kernel when it can be built
         self.kernel_dir = kernel_dir  # where that kernel is kept; None: the kernel loader's default
-        # "auto": the kernel steps in bfloat16 where it and the CPU can (service/batch.bf16_capable)
+        # "auto": the kernel's fastest arithmetic where it and the CPU can (service/engine/batch.precision_flags)
         self.precision = precision
         self._decoders: dict[str, Decoder] = {}  # by LoadedModel.key, as _batches
         self._slots = max_batch if batching else 1
@@ -498,9 +498,8 @@ class Engine:
             batch = self._batches.get(loaded.key)
             if batch is None:
                 lib = lstm_kernel.load(directory=self.kernel_dir) if self.native else None
-                batch = make_batch(
-                    loaded.model, self.max_batch, lib, bf16=self.precision != "fp32", int8=self.precision == "int8"
-                )
+                bf16, int8 = precision_flags(self.precision, lib)
+                batch = make_batch(loaded.model, self.max_batch, lib, bf16=bf16, int8=int8)
                 fast = None if lib is None else lstm_kernel.KernelDraw(lib, len(loaded.vocab))
                 # a model's batch and decoder are kept together or not at all: a step reads both
                 self._decoders[loaded.key] = Decoder(loaded.vocab, fast)

@@ -1,8 +1,9 @@
 """The generation engine: batched text equals `model.generation.generate`, whatever shares the batch.
 
 Every engine here computes in float32 (precision="fp32"), which is what matches `generate`; the
-kernel's bfloat16 arithmetic (precision "auto" on a CPU with AVX512-BF16) is checked for what it
-promises instead, a text independent of its batch, in test_bf16_texts_do_not_depend_on_the_batch."""
+kernel's bfloat16 arithmetic (precision "bf16" on a CPU with AVX512-BF16) is checked for what it
+promises instead, a text independent of its batch, in test_bf16_texts_do_not_depend_on_the_batch (and the
+int8 arithmetic in tests/engine/test_kernel_builds.py)."""
 
 from __future__ import annotations
 
@@ -326,10 +327,10 @@ def test_streams_keep_stepping_while_a_long_prompt_is_read(loaded: LoadedModel, 
 
 
 def test_bf16_texts_do_not_depend_on_the_batch(bf16_kernel: object) -> None:
-    """With the kernel's bfloat16 arithmetic (precision "auto" on this CPU), a seeded job gives the same
+    """With the kernel's bfloat16 arithmetic (precision "bf16" on this CPU), a seeded job gives the same
     text alone as among other jobs of every kind, joining mid-batch or not."""
     loaded = tiny_model("lstm")
-    engine = Engine({loaded.name: loaded}, max_batch=16, max_queue=64)  # precision "auto"
+    engine = Engine({loaded.name: loaded}, max_batch=16, max_queue=64, precision="bf16")
     engine.start()
     try:
         specs = mixed_specs(loaded, 12)

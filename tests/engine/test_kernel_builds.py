@@ -85,7 +85,7 @@ def test_the_float32_builds_with_avx2_agree_bit_for_bit(rows: int, kernels: Path
     assert all(torch.equal(results[0], other) for other in results[1:])
 
 
-@pytest.mark.parametrize("precision", ["auto", "fp32", "int8"])
+@pytest.mark.parametrize("precision", ["auto", "fp32", "bf16", "int8"])
 @pytest.mark.parametrize("build", BUILDS_HERE)
 def test_a_seeded_job_is_the_same_text_alone_and_in_any_batch_per_build(
     build: str, precision: str, kernels: Path, monkeypatch: pytest.MonkeyPatch, fresh: None
@@ -216,8 +216,10 @@ def test_int8_rows_are_exact_sums_the_same_in_any_batch_and_on_any_thread(kernel
 def test_the_engine_names_each_models_arithmetic(kernels: Path, fresh: None, caplog: pytest.LogCaptureFixture) -> None:
     lib = lstm_kernel.chosen(directory=kernels).library
     loaded = tiny_model(hidden=48)
-    expected = {"fp32": "float32", "auto": "bfloat16" if bf16_capable(loaded.model, lib) else "float32"}
-    expected["int8"] = "int8" if int8_capable(loaded.model, lib) else expected["auto"]
+    expected = {"fp32": "float32", "bf16": "bfloat16" if bf16_capable(loaded.model, lib) else "float32"}
+    expected["int8"] = "int8" if int8_capable(loaded.model, lib) else expected["bf16"]
+    # "auto": int8 where the CPU has VNNI, but bfloat16 by tiles in the AMX build (batch.precision_flags)
+    expected["auto"] = expected["bf16"] if lib.charrnn_build().decode() == "amx" else expected["int8"]
     for precision, arithmetic in expected.items():
         engine = Engine({loaded.name: loaded}, max_batch=4, kernel_dir=kernels, precision=precision)
         engine.start()

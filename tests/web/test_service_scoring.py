@@ -45,12 +45,13 @@ def test_score_without_context_starts_after_a_newline_like_generation(client: Fl
     assert all(c["top"] == [] for c in body["logprobs"])
 
 
-@pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 1e-5), ("auto", 5e-3)])
+@pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 1e-5), ("bf16", 5e-3), ("int8", 5e-3), ("auto", 5e-3)])
 def test_scores_of_generated_text_are_the_logprobs_generation_reported(
     make_app: Callable[..., Flask], precision: str, tolerance: float
 ) -> None:
-    """/score reads in float32; generation in float32 reports the same figures. In bfloat16 (precision
-    "auto" on a CPU with AVX512-BF16) it reports those of the arithmetic that drew the text: close, not equal."""
+    """/score reads in float32; generation in float32 reports the same figures. In bfloat16 or int8 (and
+    "auto", one of them where the CPU has AVX512-BF16 or VNNI) it reports those of the arithmetic that drew the
+    text: close, not equal."""
     client = make_app(PRECISION=precision).test_client()
     generated = client.post(
         "/generate", json={"prompt": "the ", "max_new_chars": 40, "seed": 3, "logprobs": True}

@@ -67,7 +67,8 @@ int64_t charrnn_draw(const float *z, int V, float temperature, const float *q, f
 void charrnn_draw_rows(int n, int V, const float *logits, const float *temps, const float *const *noise,
                        int64_t *ids, float *logprobs);
 
-/* Threads that share the recurrent layers' products of a step from 4 rows up: this one and threads - 1
+/* Threads that share a step from 4 rows up (the recurrent layers' products and the head's; the gates from
+   16 rows): this one and threads - 1
    helpers, started now (the helpers never end; a later call with fewer keeps them). Returns how many
    there are; 1 in the portable build, which steps on the calling thread alone. */
 int charrnn_set_threads(int threads);
