@@ -114,6 +114,27 @@ def save_checkpoint(
 def load_checkpoint(path: str | Path, with_training_state: bool = False) -> Checkpoint:
     """Read and validate a checkpoint; any problem raises CheckpointError saying what it is."""
     path = Path(path)
+    data, meta, config, vocab = _read_checked(path)
+    try:
+        tensors = st_load(data)
+    except Exception as exc:  # safetensors raises its own error types; all mean "bad file"
+        raise CheckpointError(path, f"safetensors could not read the tensors ({exc})") from None
+    weights = {k[len(MODEL_PREFIX) :]: v.float() for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+    if not all(torch.isfinite(w).all() for w in weights.values()):
+        raise CheckpointError(path, "weights contain NaN or infinity")
+    extra = {k: v for k, v in tensors.items() if not k.startswith(MODEL_PREFIX)} if with_training_state else {}
+    return Checkpoint(path, meta, config, vocab, weights, extra)
+
+
+def check_checkpoint(path: str | Path) -> ModelConfig:
+    """Read a checkpoint and check all but its tensors' values (header, metadata, weight names and shapes),
+    computing nothing (shapes come from the meta device): what Gunicorn's master may do before it forks
+    (service/web/warm_start.py); CheckpointError as load_checkpoint raises it."""
+    return _read_checked(Path(path))[2]
+
+
+def _read_checked(path: Path) -> tuple[bytes, dict[str, Any], ModelConfig, Vocab]:
+    """The file's bytes, its metadata, config and vocabulary, all checked with its tensor header; no weight is read."""
     data, header = _read(path)
     meta = _parse_meta(path, header.pop("__metadata__", None))
     try:
@@ -126,15 +147,7 @@ def load_checkpoint(path: str | Path, with_training_state: bool = False) -> Chec
     if any(0xD800 <= ord(c) <= 0xDFFF for c in vocab.chars):
         raise CheckpointError(path, "bad metadata: vocab holds a lone surrogate, which is not a character")
     _check_weight_entries(path, header, config)
-    try:
-        tensors = st_load(data)
-    except Exception as exc:  # safetensors raises its own error types; all mean "bad file"
-        raise CheckpointError(path, f"safetensors could not read the tensors ({exc})") from None
-    weights = {k[len(MODEL_PREFIX) :]: v.float() for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
-    if not all(torch.isfinite(w).all() for w in weights.values()):
-        raise CheckpointError(path, "weights contain NaN or infinity")
-    extra = {k: v for k, v in tensors.items() if not k.startswith(MODEL_PREFIX)} if with_training_state else {}
-    return Checkpoint(path, meta, config, vocab, weights, extra)
+    return data, meta, config, vocab
 
 
 def _read(path: Path) -> tuple[bytes, dict[str, Any]]:

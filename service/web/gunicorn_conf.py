@@ -20,7 +20,7 @@ from pathlib import Path
 
 from charrnn.service.config import ConfigError, describe, load_config, variable
 from charrnn.service.reload_signal import make_signal_file, raise_signal
-from charrnn.service.web import drain
+from charrnn.service.web import drain, warm_start
 from charrnn.service.web.logs import logging_config
 
 try:
@@ -82,8 +82,9 @@ keepalive = 5
 # -- process lifecycle ----------------------------------------------------------------------------
 
 # Never load the app in the master: PyTorch's thread pools do not survive fork(), and a worker forked
-# from a master that used torch can hang at its first inference. Each worker imports and builds the
-# app (and loads the models) itself, after fork.
+# from a master that used torch can hang at its first inference. Each worker builds the app (and loads the
+# models) itself, after fork. What is slow and fork-safe (imports, checkpoint checks) the master does before
+# it listens (on_starting, service/web/warm_start.py), so that no connection waits in the backlog for it.
 preload_app = False
 
 # env CHARRNN_MAX_REQUESTS: restart a worker after this many requests (plus up to 10% jitter, so
@@ -155,7 +156,10 @@ def _torch_threads() -> int:
 
 
 def on_starting(server):
-    """In the master, before any worker: no metrics left over from an earlier run; SIGHUP checks the models."""
+    """In the master, before it listens: the workers' imports and checkpoint checks done here (warm start),
+    no metrics left over from an earlier run; SIGHUP checks the models."""
+    seconds = warm_start.prepare(settings.model_dir)
+    server.log.info("warm start: torch and the app imported, checkpoints checked in %.1f s, before listening", seconds)
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if directory and os.path.isdir(directory):
         for name in os.listdir(directory):

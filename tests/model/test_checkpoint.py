@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from charrnn.model.atomic import TMP_MARKER
-from charrnn.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from charrnn.model.checkpoint import CheckpointError, check_checkpoint, load_checkpoint, save_checkpoint
 from charrnn.model.config import ModelConfig
 from charrnn.model.network import CharRNN
 from charrnn.model.vocab import Vocab
@@ -113,6 +113,14 @@ def test_invalid_files_are_refused_with_a_specific_message(tmp_path: Path, corru
     path.write_bytes(corrupt(_valid_bytes(tmp_path)))
     with pytest.raises(CheckpointError, match=message):
         load_checkpoint(path)
+    with pytest.raises(CheckpointError, match=message):  # all of them header checks: the master's too
+        check_checkpoint(path)
+
+
+def test_the_check_without_tensors_passes_a_good_checkpoint_and_names_its_config(tmp_path: Path) -> None:
+    path = tmp_path / "ok.safetensors"
+    save_checkpoint(path, make_model(), VOCAB, {})
+    assert check_checkpoint(path) == load_checkpoint(path).config
 
 
 def test_failed_save_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(

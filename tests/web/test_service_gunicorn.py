@@ -167,6 +167,21 @@ def test_sigterm_lets_streams_in_flight_finish(start_server: Callable[..., Gunic
         Client(server.url, timeout=5).health()
 
 
+def test_the_master_imports_and_checks_the_models_before_listening(start_server: Callable[..., GunicornServer]) -> None:
+    """service/web/warm_start.py: no connection waits for the imports. The worker that replaces a dead one is
+    forked from that master too, and generates with a torch thread pool of its own."""
+    server = start_server(CHARRNN_TORCH_THREADS="2")  # one worker
+    log = server.log()
+    assert log.index("warm start: torch and the app imported") < log.index("Listening at") < log.index("Booting worker")
+    api = Client(server.url)
+    first = api.models()["worker"]
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: server.log().count("Booting worker") == 2, 60, lambda: f"a new worker:\n{server.log()}")
+    wait_until(lambda: Client(server.url).models()["worker"] != first, 60, "the new worker to answer")
+    assert api.generate("the", max_new_chars=20, seed=1)["usage"]["generated_chars"] == 20
+    assert "torch uses 2 threads" in server.log()
+
+
 def test_charrnn_serve_runs_the_service(model_dir: Path, start_server: Callable[..., GunicornServer]) -> None:
     # The flags win over the environment the fixture sets (its CHARRNN_MODEL_DIR points elsewhere).
     port = free_port()
