@@ -184,6 +184,21 @@ def test_compose_waits_for_streams_longer_than_gunicorn_lets_them_run(compose: d
     assert grace > graceful and f"-t {grace}" in commands.STOP
 
 
+def test_compose_replaces_its_two_replicas_one_after_the_other(compose: dict) -> None:
+    """`serve-2` is `serve` (one definition), replaced only once a new `serve` is healthy; the proxy sends to both,
+    and a stopping replica drains longer than the proxy takes to see it (every 2 s, 2 s to answer)."""
+    serve, second = compose["services"]["serve"], compose["services"]["serve-2"]
+    assert {k: v for k, v in second.items() if k not in ("depends_on", "profiles")} == {
+        k: v for k, v in serve.items() if k != "ports"
+    }
+    assert "ports" not in second and second["profiles"] == compose["services"]["proxy"]["profiles"]
+    assert second["depends_on"] == {"serve": {"condition": "service_healthy"}}
+    assert "/health'" in " ".join(serve["healthcheck"]["test"])  # readiness, not /health/live
+    assert compose["services"]["proxy"]["environment"]["CHARRNN_UPSTREAM"] == "serve:8000,serve-2:8000"
+    drain = int(serve["environment"]["CHARRNN_DRAIN_SECONDS"].split(":-")[1].rstrip("}"))
+    assert drain > 2 + 2
+
+
 def test_the_proxy_serves_deploy_nginx_conf_whose_body_limit_is_the_services(compose: dict) -> None:
     proxy = compose["services"]["proxy"]
     assert proxy["build"] == {
@@ -191,7 +206,7 @@ def test_the_proxy_serves_deploy_nginx_conf_whose_body_limit_is_the_services(com
         "dockerfile": "proxy/Dockerfile",
         "args": {"DEBIAN_IMAGE": "${DEBIAN_IMAGE:-debian:bookworm-slim}"},
     }
-    assert proxy["depends_on"] == ["serve"]  # the list form, which `docker stack deploy` reads too
+    assert proxy["depends_on"] == ["serve", "serve-2"]  # started after both; not recreated with them
     assert (
         "COPY nginx.conf /etc/charrnn/charrnn.conf.template" in (ROOT / "deploy" / "proxy" / "Dockerfile").read_text()
     )

@@ -26,6 +26,10 @@ COMPOSE_TRAIN = (
 )
 COMPOSE_UP = "docker-compose up -d --no-build serve"
 COMPOSE_STOP = "docker-compose stop serve"
+# Two replicas behind the proxy, and their updates that lose no request: after a new image (`up` replaces what
+# changed), and with the same image (`--force-recreate`, the replicas only: a recreated proxy refuses connections).
+COMPOSE_PROXY_UP = "docker-compose --profile proxy up -d --no-build"
+COMPOSE_RECREATE = "docker-compose --profile proxy up -d --no-build --force-recreate serve serve-2"
 
 # What the README writes where a test uses its own port, names and temporary paths.
 README_VALUES = {
@@ -39,7 +43,19 @@ README_VALUES = {
     "texts": '"$PWD/texts"',
 }
 
-ALL = (BUILD_BASE, TORCH_INDEX, BUILD, RUN_DEFAULT, RUN_MODELS, STOP, COMPOSE_TRAIN, COMPOSE_UP, COMPOSE_STOP)
+ALL = (
+    BUILD_BASE,
+    TORCH_INDEX,
+    BUILD,
+    RUN_DEFAULT,
+    RUN_MODELS,
+    STOP,
+    COMPOSE_TRAIN,
+    COMPOSE_UP,
+    COMPOSE_STOP,
+    COMPOSE_PROXY_UP,
+    COMPOSE_RECREATE,
+)
 
 
 def argv(template: str, **values: object) -> list[str]:
