@@ -6,8 +6,8 @@
 # ${CHARRNN_APP_PORT_PREFIX}NN (NN up to CHARRNN_MAX_SLOTS), where deploy/stack.yml's replicas listen.
 #
 # Open-source nginx has no active health checks, so this script is one. Every CHARRNN_PROBE_INTERVAL
-# seconds (2) it looks the names up again and asks each replica's /health, all at once, each with
-# CHARRNN_PROBE_TIMEOUT seconds (2). A replica that does not answer in time (hung, stopped, still loading:
+# seconds (2) it looks the names up again and asks each replica's /health (unless CHARRNN_PROBE=off), all
+# at once, each with CHARRNN_PROBE_TIMEOUT seconds (2). A replica that does not answer in time (hung, stopped, still loading:
 # a starting Gunicorn's first connections wait in its backlog), refuses, or answers 5xx (503: draining
 # after SIGTERM, or a model that does not generate) is marked `down`: nginx sends it no new request. Any
 # other answer (200; a 4xx such as a Host that CHARRNN_ALLOWED_HOSTS refuses) is up. When every replica
@@ -26,13 +26,15 @@ timeout=${CHARRNN_PROBE_TIMEOUT:-2}
 work=/tmp/nginx/probe
 mkdir -p /tmp/nginx "$work"
 
-# The candidate replicas, one host:port a line (IPv6 addresses in brackets), sorted.
+# The candidate replicas, one host:port a line (IPv6 addresses in brackets): each name's addresses, sorted,
+# in CHARRNN_UPSTREAM's order. A name given twice is listed twice (deploy/k8s/proxy.yaml lists a Service
+# three times, so that nginx has another `server` to retry on).
 candidates() {
     if [ -n "${CHARRNN_UPSTREAM:-}" ]; then
         for address in $(echo "$CHARRNN_UPSTREAM" | tr ',' ' '); do
-            getent ahosts "${address%:*}" | awk -v port="${address##*:}" '
+            getent ahosts "${address%:*}" | awk '{ print $1 }' | sort -u | awk -v port="${address##*:}" '
                 $1 ~ /:/ { print "[" $1 "]:" port; next } { print $1 ":" port }'
-        done | sort -u
+        done
     else
         slot=1
         while [ "$slot" -le "$CHARRNN_MAX_SLOTS" ]; do
@@ -42,8 +44,15 @@ candidates() {
     fi
 }
 
-# Each candidate with its /health status code (000: no answer in time, or refused), "address code" a line.
+# Each candidate with its /health status code (000: no answer in time, or refused), "address code" a line;
+# with CHARRNN_PROBE=off, "address -" (all up: behind a Kubernetes Service, whose readiness probes decide).
 probe_all() {
+    if [ "${CHARRNN_PROBE:-on}" = off ]; then
+        for address in $1; do
+            echo "$address -"
+        done
+        return
+    fi
     pids=""
     n=0
     for address in $1; do

@@ -79,7 +79,7 @@ def report(outcomes: list[Outcome], phases: list[str], frozen_at: float | None) 
     failed, cut = 0, 0
     for phase in phases:
         done = [o for o in outcomes if o.phase == phase]
-        cut_here = [o for o in done if o.error and frozen_at and o.answered_at and o.answered_at < frozen_at]
+        cut_here = [o for o in done if o.error and frozen_at and cut_by_the_freeze(o, frozen_at)]
         failed_here = [o for o in done if o.error and o not in cut_here]
         failed, cut = failed + len(failed_here), cut + len(cut_here)
         stream = p99([o.first_char for o in done if o.kind == "stream" and o.first_char is not None])
@@ -89,6 +89,14 @@ def report(outcomes: list[Outcome], phases: list[str], frozen_at: float | None) 
             + (f"  ({len(cut_here)} streams already answering from the frozen replica, cut)" if cut_here else "")
         )
     return lines, failed, cut
+
+
+def cut_by_the_freeze(outcome: Outcome, frozen_at: float) -> bool:
+    """Whether a failed request may be a stream the frozen replica was answering: a stream that had characters,
+    sent before the freeze took hold (a replica frozen since cannot have answered it; when its answer reached
+    the client says less: on busy cores the client may read it a tenth of a second late) and still running then."""
+    ended = outcome.ended_at if outcome.ended_at is not None else float("inf")
+    return outcome.kind == "stream" and outcome.chars > 0 and outcome.start < frozen_at <= ended
 
 
 def seconds(value: float | None) -> str:
