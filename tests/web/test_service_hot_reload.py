@@ -180,6 +180,8 @@ def two_workers(models: Path, tmp_path: Path) -> Iterator[GunicornServer]:
         CHARRNN_PRECISION="fp32",
         CHARRNN_MAX_NEW_CHARS="50000",
     )
+    # /health answered from one worker; the other may still be loading, and would read what a test changes next.
+    worker_listings(server)
     yield server
     server.stop(signal.SIGKILL)
 
