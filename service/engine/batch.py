@@ -124,7 +124,8 @@ class FastLSTMBatch(RecurrentBatch):
 
     @property
     def logits(self) -> torch.Tensor:  # type: ignore[override]  # a view, (batch, vocab)
-        return self.out[: len(self.jobs)]
+        n = len(self.jobs)
+        return (self._views.get(n) or self._make_views(n))[-1]  # out[:n], made once per n (a slice costs us)
 
     def add(self, job: Any, logits: torch.Tensor, state: Sequence[torch.Tensor]) -> None:
         row, hidden = len(self.jobs), self.model.config.hidden

@@ -14,6 +14,7 @@ to its final name (model/atomic.py does this); the service never reads a tempora
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -75,9 +76,9 @@ class LoadedModel:
     # tells this load from any other of the same name (the engine's batches and prompt cache keep them apart)
     serial: int = field(default_factory=lambda: next(_serials), compare=False)
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
-        """Unique to this load: "name#serial"."""
+        """Unique to this load: "name#serial" (made once: the scheduler asks at every step)."""
         return f"{self.name}#{self.serial}"
 
 

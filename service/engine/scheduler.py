@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import threading
 import time
 import uuid
@@ -237,6 +238,9 @@ class Engine:
         self._wake = threading.Condition()
         self._queue: deque[Job] = deque()
         self._batches: dict[str, RecurrentBatch] = {}
+        # per batch, no job's deadline comes before this (a bound: lowered as jobs join, raised when a step
+        # finds it passed), so that a step looks at each job's deadline only when one may have come
+        self._deadline_bound: dict[str, float] = {}
         self._closing = False
         self._abort = False
         self._thread: threading.Thread | None = None
@@ -407,6 +411,7 @@ class Engine:
     def _drop_batch(self, key: str) -> None:
         """Forget the (empty) batch and decoder of a model no longer served."""
         del self._batches[key], self._decoders[key]
+        self._deadline_bound.pop(key, None)
         log.info("model %s: its batch is gone (the model is no longer served)", key)
 
     def _next_admissions(self) -> list[Job] | None:
@@ -511,6 +516,9 @@ class Engine:
             )
             job.admitted = time.monotonic()
             batch.add(job, entry[0], entry[1])
+            if job.deadline is not None:
+                key = loaded.key
+                self._deadline_bound[key] = min(self._deadline_bound.get(key, math.inf), job.deadline)
         except Exception:
             log.exception("job %s failed to start", job.id)
             self._active -= 1
@@ -548,9 +556,10 @@ class Engine:
             batch.keep([])
 
     def _drop_stopped(self, batch: RecurrentBatch) -> None:
-        if not any(job.cancel_requested or job.deadline is not None for job in batch.jobs):
-            return
+        key = batch.jobs[0].loaded.key
         now = time.monotonic()
+        if now < self._deadline_bound.get(key, math.inf) and not any(job.cancel_requested for job in batch.jobs):
+            return
         running = []
         for row, job in enumerate(batch.jobs):
             reason = _stop_reason(job, now)
@@ -558,6 +567,8 @@ class Engine:
                 running.append(row)
             else:
                 self._finish(job, [], reason)
+        kept = [batch.jobs[row].deadline for row in running]
+        self._deadline_bound[key] = min((d for d in kept if d is not None), default=math.inf)
         if len(running) < len(batch.jobs):
             batch.keep(fill_holes(running))
 
