@@ -134,7 +134,8 @@ def check_checkpoint(path: str | Path) -> ModelConfig:
 
 
 def _read_checked(path: Path) -> tuple[bytes, dict[str, Any], ModelConfig, Vocab]:
-    """The file's bytes, its metadata, config and vocabulary, all checked with its tensor header; no weight is read."""
+    """The file's bytes, its metadata, config and vocabulary, all checked with its tensor header; no tensor is
+    decoded (the file is read whole, which leaves it in the page cache for a worker's load after a warm start)."""
     data, header = _read(path)
     meta = _parse_meta(path, header.pop("__metadata__", None))
     try:

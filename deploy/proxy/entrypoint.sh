@@ -9,8 +9,10 @@
 # seconds (2) it looks the names up again and asks each replica's /health (unless CHARRNN_PROBE=off), all
 # at once, each with CHARRNN_PROBE_TIMEOUT seconds (2). A replica that does not answer in time (hung, stopped, still loading:
 # a starting Gunicorn's first connections wait in its backlog), refuses, or answers 5xx (503: draining
-# after SIGTERM, or a model that does not generate) is marked `down`: nginx sends it no new request. Any
-# other answer (200; a 4xx such as a Host that CHARRNN_ALLOWED_HOSTS refuses) is up. When every replica
+# after SIGTERM, or a model that does not generate) is marked `down`: nginx sends it no new request. No
+# answer counts from the second probe in a row, so that a replica slow to answer once under load does not
+# flap in and out (each change is a reload); a 5xx counts at once. Any other answer is up (/health answers
+# whatever the Host). When every replica
 # is down, all are listed as up: nginx then tries them in turn, and a request waits for a slow replica
 # rather than getting a 502 at once. When the list changes, nginx reloads gracefully: requests and
 # streams in flight finish on the old workers, and nginx still retries what got no byte on another replica
@@ -71,6 +73,15 @@ probe_all() {
     rm -f "$work"/*
 }
 
+# probe_all's lines with a "no answer" that the previous probe ($2, its lines) did not also see counted as
+# up: a replica that does not answer is down from the second probe in a row (a 5xx is down at once).
+confirmed() {
+    printf '%s\n' "$2" >"$work.previous"
+    echo "$1" | awk -v previous="$work.previous" '
+        BEGIN { while ((getline line < previous) > 0) { split(line, f, " "); before[f[1]] = f[2] } }
+        NF == 2 { print $1, ($2 == "000" && before[$1] != "000") ? "200" : $2 }'
+}
+
 # nginx's `server` lines from probe_all's lines: up, or `down`; all up when none is.
 servers() {
     healthy=$(echo "$1" | awk 'NF == 2 && $2 != "000" && $2 !~ /^5/' | wc -l)
@@ -104,10 +115,13 @@ nginx -c "$conf" &
 nginx_pid=$!
 trap 'kill -QUIT "$nginx_pid"; wait "$nginx_pid"; exit 0' QUIT
 trap 'kill -TERM "$nginx_pid"; wait "$nginx_pid"; exit 0' TERM INT
+probed=$state
 while kill -0 "$nginx_pid" 2>/dev/null; do
     sleep "$interval" &
     wait $!
-    state=$(probe_all "$(candidates)")
+    previous=$probed
+    probed=$(probe_all "$(candidates)")
+    state=$(confirmed "$probed" "$previous")
     render "$(servers "$state")" "$rendered.new"
     if cmp -s "$rendered.new" "$rendered"; then
         continue
@@ -116,7 +130,7 @@ while kill -0 "$nginx_pid" 2>/dev/null; do
     mv "$rendered.new" "$rendered"
     if nginx -t -q -c "$conf" 2>/dev/null; then
         echo "charrnn-proxy: upstreams now $(describe "$state"); reloading nginx" >&2
-        nginx -s reload -c "$conf"
+        nginx -s reload -c "$conf" || echo "charrnn-proxy: nginx -s reload failed; nginx goes on as it was" >&2
     else
         echo "charrnn-proxy: the new upstream list fails nginx -t; keeping the old one" >&2
         mv "$rendered.old" "$rendered"

@@ -311,11 +311,11 @@ def precision_flags(precision: str, lib: Any) -> tuple[bool, bool]:
     """What a precision setting (service.config.KERNEL_PRECISIONS) asks of make_batch: (bf16, int8).
 
     "auto" is the fastest arithmetic the kernel and the CPU have whose validation loss is that of float32:
-    int8 where the CPU has AVX512-VNNI (the shipped model's loss 1.46509 against float32's 1.46513, and at
-    128 rows 1.8x the bfloat16 step on an AMD EPYC; docs/BENCHMARKS.md), except in the AMX build, whose
-    tiles multiply bfloat16 at several times the rate of VNNI's int8 (there "auto" is bfloat16; int8 still
-    makes one stream the fastest); then bfloat16; then float32. Each asks only: make_batch falls back to what
-    the kernel, the CPU and the model allow.
+    int8 where the kernel's bf16 build runs (AVX512-BF16 and VNNI; the shipped model's loss 1.46509 against
+    float32's 1.46513, and 1.7-1.8x the bfloat16 step at 8-128 rows on an AMD EPYC; docs/BENCHMARKS.md),
+    except in the AMX build, whose tiles multiply bfloat16 at several times the rate of VNNI's int8 (there
+    "auto" is bfloat16; int8 still makes one stream the fastest); float32 in the other builds. Each asks
+    only: make_batch falls back to what the kernel, the CPU and the model allow.
     """
     if precision == "auto":
         amx = lib is not None and lib.charrnn_build().decode() == "amx"

@@ -17,8 +17,11 @@ threads: a fraction of a second. Timings: docs/SCALING.md.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def prepare(model_dir: Path) -> float:
@@ -27,15 +30,18 @@ def prepare(model_dir: Path) -> float:
     A checkpoint that fails its check is left for the workers, which report it (log, /models) as ever.
     """
     start = time.monotonic()
-    # What every worker imports first: the app factory's module brings torch, Flask and the whole service.
-    from charrnn.model.checkpoint import CheckpointError, check_checkpoint
-    from charrnn.service.engine.loading import find_checkpoints
-    from charrnn.service.web import app  # noqa: F401
+    try:
+        # What every worker imports first: the app factory's module brings torch, Flask and the whole service.
+        from charrnn.model.checkpoint import check_checkpoint
+        from charrnn.service.engine.loading import find_checkpoints
+        from charrnn.service.web import app  # noqa: F401
 
-    if model_dir.is_dir():
-        for _name, path in find_checkpoints(model_dir):
-            try:
-                check_checkpoint(path)
-            except (CheckpointError, OSError):
-                pass  # the worker's load says what is wrong with it
+        if model_dir.is_dir():
+            for _name, path in find_checkpoints(model_dir):
+                try:
+                    check_checkpoint(path)
+                except Exception:  # the worker's load says what is wrong with it, as ever
+                    pass
+    except Exception:  # an optimisation only: a worker that fails the same way reports it, and the master lives
+        log.exception("warm start failed; the workers start cold")
     return time.monotonic() - start

@@ -44,14 +44,22 @@ def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
     return False
 
 
+# Answered whatever the Host: a load balancer's health probe names the replica by its address (nginx's probe
+# in deploy/proxy, a Kubernetes probe), and a rebinding page learns nothing from a health status.
+HOST_FREE_PATHS = frozenset({"/health", "/health/live"})
+
+
 def check_hosts(app: Flask, config: ServiceConfig) -> None:
-    """Refuse (400, JSON body) a request whose Host header names none of the allowed hosts."""
+    """Refuse (400, JSON body) a request whose Host header names none of the allowed hosts (health checks
+    excepted: HOST_FREE_PATHS)."""
     allowed = allowed_hosts(config)
     if "*" in allowed:
         return
 
     @app.before_request
     def _check_host() -> None:
+        if request.path in HOST_FREE_PATHS:
+            return
         host = request.headers.get("Host") or request.environ.get("SERVER_NAME", "")
         if not host_allowed(host, allowed):
             raise ApiError(

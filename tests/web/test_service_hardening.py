@@ -233,6 +233,8 @@ def test_allowed_hosts_default_depends_on_the_bind_address(
     client = make_app(HOST=bind, ALLOWED_HOSTS=allowed).test_client()
     response = client.get("/models", headers={"Host": host})
     assert response.status_code == (200 if answered else 400)
+    # a health probe names the replica by its address, whatever the allowed names (deploy/proxy's probe)
+    assert client.get("/health/live", headers={"Host": host}).status_code == 200
 
 
 # --- item 9d: the prompt cache's memory ---------------------------------------------------------
