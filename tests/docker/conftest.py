@@ -93,7 +93,19 @@ def image(base_image: str, torch_index: int, figures: dict[str, str]) -> str:
 
 
 @pytest.fixture(scope="session")
-def start_container(image: str) -> Iterator[Callable[..., Container]]:
+def default_bridge(docker_engine: None) -> None:
+    """The engine's default bridge network, through which `docker run -p` publishes a port. An engine started
+    with --bridge=none has none: its containers start, but their ports never answer (the stack tier, on the
+    host's network, does not need it)."""
+    if run(["docker", "network", "inspect", "bridge"], check=False).returncode != 0:
+        unavailable(
+            "the Docker engine has no default bridge network (dockerd --bridge=none?), so `docker run -p` cannot"
+            " publish a port; start dockerd without --bridge=none, as .ci/run does"
+        )
+
+
+@pytest.fixture(scope="session")
+def start_container(image: str, default_bridge: None) -> Iterator[Callable[..., Container]]:
     """Runs `docker run` from a README template on a free port; removes the containers after the session."""
     names: list[str] = []
 
