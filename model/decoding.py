@@ -272,14 +272,8 @@ class Noise:
         return self.block[self._take()]
 
     def pointer(self) -> int:
-        """The address of the next unused row of noise (vocab float32 values), for an accelerated draw.
-
-        `_take` written out: this runs once per stream per character."""
-        if self._next == self._rows:
-            self.block.exponential_(1, generator=self.generator)
-            self._next = 0
-        self._next += 1
-        return self._address + (self._next - 1) * self._row_bytes
+        """The address of the next unused row of noise (vocab float32 values), for an accelerated draw."""
+        return self._address + self._take() * self._row_bytes
 
 
 class DryPenalty:
