@@ -81,17 +81,37 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of the forward pass, or None for plain float32 (see TrainConfig.precision)."""
+    """The autocast dtype of the forward pass, or None for plain float32 (see TrainConfig.precision).
+
+    "bf16" on a CPU whose oneDNN has no bfloat16 (no AVX-512: an AVX2-only CPU) is refused with a clear
+    message: PyTorch's LSTM under bfloat16 autocast would fail there at the first step ("could not create
+    a primitive descriptor for the LSTM forward propagation primitive")."""
     if name == "fp32":
         return None
+    if name == "bf16" and device.type == "cpu" and not cpu_runs_bf16():
+        raise TrainingError(
+            "--precision bf16: this CPU has no bfloat16 in PyTorch's oneDNN (it needs AVX-512; this one has"
+            f" {cpu_simd()}), where PyTorch's recurrent layers cannot run in bfloat16: use --precision fp32"
+            " (or auto, which is fp32 here)"
+        )
     if name == "bf16" or device.type == "cuda" or cpu_has_native_bf16():
         return torch.bfloat16
     return None
 
 
+def cpu_runs_bf16() -> bool:
+    """Whether PyTorch's oneDNN runs bfloat16 on this CPU at all (AVX-512 or newer), natively or not."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cpu_simd() -> str:
+    """This CPU's vector instructions as PyTorch names them (DEFAULT, AVX2, AVX512...), for messages."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX, which oneDNN's bf16 kernels need to be faster than float32 (Linux flags)."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and cpu_runs_bf16()
 
 
 def learning_rate(cfg: TrainConfig, progress: float) -> float:
@@ -121,7 +141,6 @@ class Trainer:
         self._check_same_corpus()
         self.device = self.dist.device if self.dist.enabled else resolve_device(cfg.device)
         self.show_progress = progress and self.dist.is_main
-        self.autocast_dtype = resolve_precision(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)
         self.model = CharRNN(model_cfg).to(self.device)
         self.wrapped: nn.Module = self.dist.wrap(self.model)
@@ -165,6 +184,8 @@ class Trainer:
             self._check_out_dir_is_free()
             if init_from is not None:
                 self._start_from(init_from)
+        # after --resume's check of the recipe, so that a changed --precision is named as a change first
+        self.autocast_dtype = resolve_precision(cfg.precision, self.device)
         if self.dist.is_main:
             stats, size = corpus_stats(corpus, cfg.val_fraction), self.model.num_parameters()
             for warning in text_warnings(stats, size, fine_tuning=self.parent is not None):

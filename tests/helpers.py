@@ -27,13 +27,18 @@ from charrnn.model.config import PRESETS, ModelConfig, TrainConfig, split_settin
 from charrnn.model.data import Corpus
 from charrnn.model.decoding import SamplingParams
 from charrnn.model.network import CharRNN
-from charrnn.model.train import Trainer
+from charrnn.model.train import Trainer, cpu_runs_bf16
 from charrnn.model.vocab import Vocab
 from charrnn.service.engine.loading import LoadedModel
 from charrnn.service.web.schemas import ErrorResponse
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
+# Training in bfloat16 needs PyTorch's oneDNN to have it (AVX-512 or newer); on an AVX2-only CPU the trainer
+# refuses --precision bf16 (model.train.resolve_precision), so such tests skip there, in CI too.
+needs_cpu_bf16 = pytest.mark.skipif(
+    not cpu_runs_bf16(), reason=f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no bfloat16 in oneDNN"
+)
 
 # -- generated texts ----------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from charrnn.model.checkpoint import BEST, LAST, load_checkpoint
 from charrnn.model.data import load_corpus
 from charrnn.model.evaluate import windowed_loss
 from charrnn.model.train import Trainer, TrainingError, learning_rate, resolve_precision
-from tests.helpers import tiny_configs
+from tests.helpers import needs_cpu_bf16, tiny_configs
 
 
 def test_training_writes_checkpoints_metrics_and_a_loss_curve(trained_run: Path) -> None:
@@ -52,7 +52,12 @@ def test_warmup_then_cosine_schedule() -> None:
 
 @pytest.mark.parametrize(
     ("cell", "precision", "weight_drop"),
-    [("lstm", "fp32", 0.0), ("gru", "fp32", 0.0), ("lstm", "bf16", 0.0), ("lstm", "bf16", 0.3)],
+    [
+        ("lstm", "fp32", 0.0),
+        ("gru", "fp32", 0.0),
+        pytest.param("lstm", "bf16", 0.0, marks=needs_cpu_bf16),
+        pytest.param("lstm", "bf16", 0.3, marks=needs_cpu_bf16),
+    ],
 )
 def test_resumed_run_is_identical_to_an_unbroken_one(
     text_file: Path, tmp_path: Path, cell: str, precision: str, weight_drop: float
@@ -86,8 +91,9 @@ def test_resumed_run_is_identical_to_an_unbroken_one(
 def test_precision_setting_picks_the_autocast_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_precision("fp32", cpu) is None and resolve_precision("fp32", cuda) is None
+    monkeypatch.setattr("charrnn.model.train.cpu_runs_bf16", lambda: True)
     assert resolve_precision("bf16", cpu) is torch.bfloat16
-    assert resolve_precision("auto", cuda) is torch.bfloat16
+    assert resolve_precision("auto", cuda) is torch.bfloat16 and resolve_precision("bf16", cuda) is torch.bfloat16
     monkeypatch.setattr("charrnn.model.train.cpu_has_native_bf16", lambda: False)
     assert resolve_precision("auto", cpu) is None
     monkeypatch.setattr("charrnn.model.train.cpu_has_native_bf16", lambda: True)
@@ -96,6 +102,16 @@ def test_precision_setting_picks_the_autocast_dtype(monkeypatch: pytest.MonkeyPa
         tiny_configs(10, precision="fp8")
 
 
+def test_bf16_is_refused_with_a_reason_on_a_cpu_whose_onednn_has_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An AVX2-only CPU (AMD EPYC Zen 1 here): PyTorch's LSTM under bfloat16 autocast fails at the first step.
+    monkeypatch.setattr("charrnn.model.train.cpu_runs_bf16", lambda: False)
+    monkeypatch.setattr("charrnn.model.train.cpu_has_native_bf16", lambda: False)
+    with pytest.raises(TrainingError, match=r"--precision bf16: .*use --precision fp32"):
+        resolve_precision("bf16", torch.device("cpu"))
+    assert resolve_precision("auto", torch.device("cpu")) is None  # auto stays float32 there
+
+
+@needs_cpu_bf16
 def test_bf16_training_learns_like_fp32_and_saves_float32_weights(text_file: Path, tmp_path: Path) -> None:
     corpus = load_corpus(text_file, cache_dir=tmp_path / "cache")
     losses = {}
