@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from charrnn.model.cpu import has_bf16_dot, has_int8_dot
+from charrnn.model.cpu import has_bf16_dot
 from charrnn.model.network import CharRNN, state_from_tensors, state_tensors
 from charrnn.service.engine import lstm_kernel
 
@@ -228,7 +228,8 @@ class NativeLSTMBatch(FastLSTMBatch):
         # int8 arithmetic: every recurrent layer's weights quantized per column and packed (lstm_step.h)
         self.int8 = int8
         self.quantized = [_int8_panels(w) for w in self.weights] if int8 else []
-        self.xq = torch.zeros(capacity, 2 * model.config.hidden, dtype=torch.uint8) if int8 else None
+        # room for int16 inputs (the AVX2 build's; the VNNI build's bytes use half of it)
+        self.xq = torch.zeros(capacity, 2 * model.config.hidden, dtype=torch.int16) if int8 else None
         for layer, (panels, scale, corr) in enumerate(self.quantized):
             net.qpanels[layer], net.qscale[layer], net.qcorr[layer] = (
                 panels.data_ptr(),
@@ -276,12 +277,12 @@ def _int8_panels(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 
 
 def int8_capable(model: CharRNN, lib: Any) -> bool:
-    """Whether `lib` can step this model in int8: the kernel was built with AVX512-VNNI and this CPU runs it,
-    and the panels fit (4H a multiple of 32 and every K a multiple of 4: hidden a multiple of 8)."""
+    """Whether `lib` can step this model in int8: the kernel build has int8 products (AVX512-VNNI's or AVX2's;
+    a build is loaded only where this CPU runs it), and the panels fit (4H a multiple of 32 and every K a
+    multiple of 4: hidden a multiple of 8)."""
     return (
         lib is not None
         and bool(lib.charrnn_has_int8())
-        and has_int8_dot()
         and model.config.cell == "lstm"
         and model.config.hidden % 8 == 0
         and model.config.layers <= lstm_kernel.MAX_LAYERS
@@ -311,11 +312,13 @@ def precision_flags(precision: str, lib: Any) -> tuple[bool, bool]:
     """What a precision setting (service.config.KERNEL_PRECISIONS) asks of make_batch: (bf16, int8).
 
     "auto" is the fastest arithmetic the kernel and the CPU have whose validation loss is that of float32:
-    int8 where the kernel's bf16 build runs (AVX512-BF16 and VNNI; the shipped model's loss 1.46509 against
-    float32's 1.46513, and 1.7-1.8x the bfloat16 step at 8-128 rows on an AMD EPYC; docs/BENCHMARKS.md),
-    except in the AMX build, whose tiles multiply bfloat16 at several times the rate of VNNI's int8 (there
-    "auto" is bfloat16; int8 still makes one stream the fastest); float32 in the other builds. Each asks
-    only: make_batch falls back to what the kernel, the CPU and the model allow.
+    int8 where the kernel build has int8 products, the bf16 build's (AVX512-VNNI's vpdpbusd) and the AVX2
+    build's (vpmaddwd), which sum the same integers exactly and so give the same bits (the shipped model's
+    loss 1.46509 against float32's 1.46513; int8 steps 1.7-1.8x bfloat16 at 8-128 rows on an AMD EPYC Zen 5,
+    and 1.2-1.3x float32 at 8-128 rows, 2.1x at one, on an AVX2-only AMD EPYC; docs/BENCHMARKS.md), except
+    in the AMX build, whose tiles multiply bfloat16 at several times the rate of VNNI's int8 (there "auto"
+    is bfloat16; int8 still makes one stream the fastest); float32 in the portable build. Each asks only:
+    make_batch falls back to what the kernel, the CPU and the model allow.
     """
     if precision == "auto":
         amx = lib is not None and lib.charrnn_build().decode() == "amx"

@@ -6,16 +6,16 @@ is as much as the arithmetic itself, and MKL's one-row sgemm reads the weights s
 machine can. One C call does a whole step (and one the draw), with the GIL released.
 
 The source is service/engine/kernels/lstm_step.c with its header lstm_step.h (the layouts and the
-functions this module binds), shipped as package data. It is compiled on first use with the
-system's C compiler (`cc`, -O3; AVX2/FMA/F16C when the CPU has them, AVX512-BF16 and AVX512-VNNI when
-it has those too, and AMX tiles on top where it has AMX: see `VARIANTS` and `cpu_variants`) into a cache
-directory, keyed by a hash of the source files' bytes and the flags; a kernel already there is used
-without a compiler (the Docker image's, built in its build stage). `chosen()` picks the build (the
-CHARRNN_KERNEL_BUILD setting, or the fastest this CPU's flags allow), runs its self test in a child
-process before this process first steps with it (`check_build`: a build that crashes or answers wrong
-there gives way to the next), and logs which build and why. If there is none, or `CHARRNN_NATIVE=0`,
-`load()` returns None and the engine uses its PyTorch step; a compiler that fails has its command
-and output logged as a warning.
+functions this module binds), shipped as package data. It is compiled on first use with the system's C
+compiler (`cc`, -O3; AVX2/FMA/F16C when the CPU has them (float32, and int8 by vpmaddwd), AVX512-BF16
+and AVX512-VNNI when it has those too, and AMX tiles on top where it has AMX: see `VARIANTS` and
+`cpu_variants`) into a cache directory, keyed by a hash of the source files' bytes and the flags; a
+kernel already there is used without a compiler (the Docker image's, built in its build stage).
+`chosen()` picks the build (the CHARRNN_KERNEL_BUILD setting, or the fastest this CPU's flags allow),
+runs its self test in a child process before this process first steps with it (`check_build`: a build
+that crashes or answers wrong there gives way to the next), and logs which build and why. If there is
+none, or `CHARRNN_NATIVE=0`, `load()` returns None and the engine uses its PyTorch step; a compiler that
+fails has its command and output logged as a warning.
 
 Loading a shared library runs its code, and the cache path is computable by anyone, so a kernel is
 loaded only from what this user (or root) could have written: the directory and the file must be
@@ -411,7 +411,7 @@ VARIANTS = {
 BUILD_NAMES = {
     "amx": "AMX tiles for bfloat16 products",
     "bf16": "AVX512-BF16 dot products",
-    "avx2": "AVX2/FMA, float32",
+    "avx2": "AVX2/FMA: float32, int8 by vpmaddwd",
     "portable": "portable C, float32",
 }
 

@@ -195,13 +195,28 @@ def test_the_amx_tile_code_keeps_a_rows_result_whatever_its_batch(emulated_amx: 
     assert torch.equal(some[20], many[20])
 
 
+@pytest.mark.parametrize("rows", [1, 9, 21])
+def test_the_int8_builds_agree_bit_for_bit(rows: int, kernels: Path, fresh: None) -> None:
+    """AVX2's int8 (vpmaddwd on int16) and the bfloat16 build's (vpdpbusd on bytes) sum the same integers
+    exactly and finish with the same float operations: the same bits, so int8 text is one text on both."""
+    fast = [build for build in BUILDS_HERE if build in ("avx2", "bf16", "amx")]
+    if len(fast) < 2:
+        pytest.skip(f"this CPU runs only {BUILDS_HERE}")
+    loaded = tiny_model(hidden=48)
+    with torch.inference_mode():
+        libraries = [lstm_kernel.chosen(directory=kernels, build=b).library for b in fast]
+        assert all(int8_capable(loaded.model, library) for library in libraries)
+        results = [logits_after(NativeLSTMBatch(loaded.model, rows, lib, int8=True), rows, 4) for lib in libraries]
+    assert all(torch.equal(results[0], other) for other in results[1:])
+
+
 def test_int8_rows_are_exact_sums_the_same_in_any_batch_and_on_any_thread(kernels: Path, fresh: None) -> None:
     """int8 products are exact int32 sums: a row's logits are the same bits alone, among 9 or 37 rows, on
     one thread or two."""
     lib = lstm_kernel.chosen(directory=kernels).library
     loaded = tiny_model(hidden=48)
     if not int8_capable(loaded.model, lib):
-        pytest.skip("this CPU or build has no int8 step (AVX512-VNNI)")
+        pytest.skip("this CPU or build has no int8 step (AVX512-VNNI or AVX2)")
     results = []
     with torch.inference_mode():
         for threads in (1, 2):

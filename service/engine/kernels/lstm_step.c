@@ -616,12 +616,15 @@ static void matmul_bf16(const Net *net, int n, int K, int N, const float *x, int
 }
 #endif
 
-/* int8 products (Net.qpanels) by vpdpbusd: exact int32 sums, so the order of k does not matter at all,
-   then one multiply-add per element into y. */
+/* int8 products (Net.qpanels): exact int32 sums, so the order of k does not matter at all, then one
+   multiply-add per element into y, y += qscale * (sum_k (xq - 128) q): the same int32 sum and the same
+   float operations in both builds that have int8, so the same bits in y. */
 #if CHARRNN_SHARE && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
 #define CHARRNN_INT8 1
+#define QROWS 8    /* rows per unit */
+#define XQ_BYTES 1 /* per input in xq */
 
-/* Rows 0 .. R - 1 (R <= 8) of y, the 32 columns of one panel: each quad of weights loaded once for R rows. */
+/* By vpdpbusd: the inputs stored plus 128 (unsigned bytes, 1 .. 255), qcorr taken off the sums. */
 static inline __attribute__((always_inline)) void qblock(const int R, int K4, int N, const uint8_t *xq, int ldxq,
                                                          const int8_t *panel, const float *scale,
                                                          const int32_t *corr, float *y) {
@@ -648,18 +651,90 @@ static inline __attribute__((always_inline)) void qblock(const int R, int K4, in
     }
 }
 
+/* Row r of x into xq: round(127 x) + 128, to nearest even (as lrintf), clamped to 1 .. 255. */
+static void quantize_row(const float *xr, int K, void *xq, int r) {
+    uint8_t *qr = (uint8_t *)xq + (size_t)r * K;
+    const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f), by = _mm512_set1_ps(127.0f);
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(xr + k), by), lo), hi);
+        const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(v), _mm512_set1_epi32(128));
+        _mm_storeu_si128((__m128i *)(qr + k), _mm512_cvtepi32_epi8(q));
+    }
+    for (; k < K; k++) qr[k] = (uint8_t)(lrintf(fminf(fmaxf(xr[k] * 127.0f, -127.0f), 127.0f)) + 128);
+}
+
+#elif CHARRNN_SHARE && defined(__AVX2__) && defined(__FMA__)
+#define CHARRNN_INT8 1
+#define QROWS 4    /* rows per unit: 4 rows x 8 columns of int32 pair sums fill 8 of the 16 registers */
+#define XQ_BYTES 2 /* per input in xq */
+
+/* Without VNNI, by vpmaddwd: the inputs stored as round(127 x) in int16 (-127 .. 127), a quad of weights
+   sign-extended to int16, pairs of products summed exactly into int32 (|sum| <= 2 x 127 x 127), two sums per
+   column per quad folded at the end. Each sum is vpdpbusd's less qcorr, exactly. */
+static inline __attribute__((always_inline)) void qblock(const int R, int K4, int N, const uint8_t *xq, int ldxq,
+                                                         const int8_t *panel, const float *scale,
+                                                         const int32_t *corr, float *y) {
+    (void)corr;
+    const int16_t *xs = (const int16_t *)(const void *)xq;
+    for (int c = 0; c < 32; c += 8) {
+        __m256i a[4][2];
+        for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm256_setzero_si256();
+        for (int k = 0; k < K4; k++) {
+            const int8_t *quads = panel + (size_t)k * 128 + 4 * c; /* columns c .. c + 7, four weights each */
+            const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)quads));
+            const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(quads + 16)));
+            for (int r = 0; r < R; r++) {
+                int64_t quad;
+                memcpy(&quad, xs + (size_t)r * ldxq + 4 * k, sizeof quad);
+                const __m256i b = _mm256_set1_epi64x(quad);
+                a[r][0] = _mm256_add_epi32(a[r][0], _mm256_madd_epi16(w0, b));
+                a[r][1] = _mm256_add_epi32(a[r][1], _mm256_madd_epi16(w1, b));
+            }
+        }
+        const __m256 s = _mm256_loadu_ps(scale + c);
+        for (int r = 0; r < R; r++) {
+            /* hadd: columns c, c+1, c+4, c+5 | c+2, c+3, c+6, c+7; the permute puts them in order */
+            const __m256i sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(a[r][0], a[r][1]), 0xD8);
+            float *yr = y + (size_t)r * N + c;
+            _mm256_storeu_ps(yr, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(sums), _mm256_loadu_ps(yr)));
+        }
+    }
+}
+
+/* Row r of x into xq, as int16: round(127 x) to nearest even (as lrintf), clamped to -127 .. 127. */
+static void quantize_row(const float *xr, int K, void *xq, int r) {
+    int16_t *qr = (int16_t *)xq + (size_t)r * K;
+    const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f), by = _mm256_set1_ps(127.0f);
+    int k = 0;
+    for (; k + 8 <= K; k += 8) {
+        const __m256i q = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + k), by), lo), hi));
+        _mm_storeu_si128((__m128i *)(qr + k), _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)));
+    }
+    for (; k < K; k++) qr[k] = (int16_t)lrintf(fminf(fmaxf(xr[k] * 127.0f, -127.0f), 127.0f));
+}
+#else
+#define CHARRNN_INT8 0
+#endif
+
+#if CHARRNN_INT8
 #define QBLOCK(R)                                                                                                \
     static __attribute__((noinline)) void qblock##R(int K4, int N, const uint8_t *xq, int ldxq, const int8_t *panel, \
                                                     const float *scale, const int32_t *corr, float *y) {         \
         qblock(R, K4, N, xq, ldxq, panel, scale, corr, y);                                                       \
     }
+#if QROWS == 8
 QBLOCK(1) QBLOCK(2) QBLOCK(3) QBLOCK(4) QBLOCK(5) QBLOCK(6) QBLOCK(7) QBLOCK(8)
-#undef QBLOCK
-
-static void (*const qblocks[9])(int, int, const uint8_t *, int, const int8_t *, const float *, const int32_t *,
-                                float *) = {
+static void (*const qblocks[QROWS + 1])(int, int, const uint8_t *, int, const int8_t *, const float *,
+                                        const int32_t *, float *) = {
     NULL, qblock1, qblock2, qblock3, qblock4, qblock5, qblock6, qblock7, qblock8,
 };
+#else
+QBLOCK(1) QBLOCK(2) QBLOCK(3) QBLOCK(4)
+static void (*const qblocks[QROWS + 1])(int, int, const uint8_t *, int, const int8_t *, const float *,
+                                        const int32_t *, float *) = {NULL, qblock1, qblock2, qblock3, qblock4};
+#endif
+#undef QBLOCK
 
 /* The int8 product's panels, scales and corrections for one call (Shared has room for one pointer). */
 typedef struct {
@@ -669,37 +744,25 @@ typedef struct {
     const int32_t *corr;
 } Int8Product;
 
-/* Unit u: 32-column panel u / groups by 8-row group u % groups (the last group what is left). */
+/* Unit u: 32-column panel u / groups by QROWS-row group u % groups (the last group what is left). xq's rows
+   are K values apart (bytes in the VNNI build, int16 in the AVX2 one: qblock scales the offset). */
 static void int8_unit(const Shared *s, int u) {
     const Int8Product *p = s->panels;
-    const int j = (u / s->groups) * 32, r = (u % s->groups) * 8, R = s->n - r < 8 ? s->n - r : 8;
-    qblocks[R](s->K / 4, s->N, p->xq + (size_t)r * s->K, s->K, p->panels + (size_t)j * s->K, p->scale + j,
+    const int j = (u / s->groups) * 32, r = (u % s->groups) * QROWS, R = s->n - r < QROWS ? s->n - r : QROWS;
+    const size_t row_bytes = XQ_BYTES * (size_t)s->K;
+    qblocks[R](s->K / 4, s->N, p->xq + (size_t)r * row_bytes, s->K, p->panels + (size_t)j * s->K, p->scale + j,
                p->corr + j, s->y + (size_t)r * s->N + j);
 }
 
 /* y (n, N) += layer l's int8 product of x (n, K; row stride ldx): x quantized into xq (a fixed scale: every
    input is an h, in (-1, 1)), then the units panel by panel, as matmul_bf16 does. */
 static void matmul_int8(const Net *net, int l, int n, int K, int N, const float *x, int ldx, float *y) {
-    uint8_t *xq = net->xq;
-    const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f), by = _mm512_set1_ps(127.0f);
-    for (int r = 0; r < n; r++) {
-        const float *xr = x + (size_t)r * ldx;
-        uint8_t *qr = xq + (size_t)r * K;
-        int k = 0;
-        for (; k + 16 <= K; k += 16) { /* round to nearest even, as lrintf below */
-            const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(xr + k), by), lo), hi);
-            const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(v), _mm512_set1_epi32(128));
-            _mm_storeu_si128((__m128i *)(qr + k), _mm512_cvtepi32_epi8(q));
-        }
-        for (; k < K; k++) qr[k] = (uint8_t)(lrintf(fminf(fmaxf(xr[k] * 127.0f, -127.0f), 127.0f)) + 128);
-    }
-    const Int8Product product = {xq, net->qpanels[l], net->qscale[l], net->qcorr[l]};
-    const int groups = (n + 7) / 8;
+    for (int r = 0; r < n; r++) quantize_row(x + (size_t)r * ldx, K, net->xq, r);
+    const Int8Product product = {net->xq, net->qpanels[l], net->qscale[l], net->qcorr[l]};
+    const int groups = (n + QROWS - 1) / QROWS;
     Shared job = {int8_unit, groups * (N / 32), 0, 0, n, K, N, K, groups, N / 32, NULL, NULL, &product, y, NULL};
     run_shared(&job);
 }
-#else
-#define CHARRNN_INT8 0
 #endif
 
 int charrnn_has_int8(void) { return CHARRNN_INT8; }
@@ -991,7 +1054,7 @@ const char *charrnn_self_test(void) {
     static int8_t qpanel[ST_K * ST_N];
     static float qscale[ST_N];
     static int32_t qcorr[ST_N];
-    static uint8_t xq[ST_ROWS * ST_K];
+    static int16_t xq[ST_ROWS * ST_K]; /* room for int16 inputs (the AVX2 build's) */
     for (int c = 0; c < ST_N; c++) {
         float most = 0.0f;
         for (int k = 0; k < ST_K; k++) most = fmaxf(most, fabsf(W[k * ST_N + c]));
@@ -1004,7 +1067,7 @@ const char *charrnn_self_test(void) {
         }
         qscale[c] = scale / 127.0f, qcorr[c] = 128 * sum;
     }
-    net.qpanels[0] = qpanel, net.qscale[0] = qscale, net.qcorr[0] = qcorr, net.xq = xq;
+    net.qpanels[0] = qpanel, net.qscale[0] = qscale, net.qcorr[0] = qcorr, net.xq = (uint8_t *)xq;
     problem = st_check(&net, x, y0, ref, 0.1, "int8 products differ from a float64 reference",
                        "int8: a row alone differs from the same row in a batch");
     if (problem) return problem;

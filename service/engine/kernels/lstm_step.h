@@ -40,14 +40,16 @@ typedef struct {
        xb (capacity, 2H) holds the rows of x rounded to bfloat16 while a layer is multiplied. */
     const uint16_t *bpanels[CHARRNN_MAX_LAYERS];
     uint16_t *xb;
-    /* int8 arithmetic (a kernel built with AVX512-VNNI, where the CPU has it; see charrnn_has_int8):
+    /* int8 arithmetic (a kernel built with AVX512-VNNI or AVX2, where the CPU has it; see charrnn_has_int8):
        w[l] quantized per column c, q = round(w / s_c) with s_c = max_k |w[k][c]| / 127, packed in panels of
        32 columns by quads of k,
            qpanels[l][((j / 32) * (K / 4) + k / 4) * 128 + 4 * c + k % 4] = q[k][j + c],
        qscale[l][c] = s_c / 127 and qcorr[l][c] = 128 * sum_k q[k][c]. The rows of x (every h, in (-1, 1))
-       are quantized to round(127 x) + 128 into xq (capacity, 2H) while a layer is multiplied, so that one
-       vpdpbusd multiplies 4 of x by 4 rows for 16 columns, summed exactly in int32:
-           y[r][c] += qscale[c] * (sum_k xq[r][k] q[k][c] - qcorr[c])
+       are quantized to round(127 x) while a layer is multiplied, into xq (room for capacity x 2H int16):
+       the VNNI build stores them plus 128 as bytes, so that one vpdpbusd multiplies 4 of x by 4 rows for 16
+       columns, and takes qcorr off; the AVX2 build stores int16 and multiplies pairs by vpmaddwd. Both sum
+       exactly in int32, so both give the same bits:
+           y[r][c] += qscale[c] * (sum_k round(127 x[r][k]) q[k][c])
        Set for every layer or for none (NULL: float or bfloat16 arithmetic); needs 4H a multiple of 32 and
        K a multiple of 4 (the loader checks). */
     const int8_t *qpanels[CHARRNN_MAX_LAYERS];
