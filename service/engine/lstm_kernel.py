@@ -567,6 +567,7 @@ KERNEL_FUNCTIONS = (
     "charrnn_init",
     "charrnn_has_int8",
     "charrnn_self_test",
+    "charrnn_small_products_shared",
 )
 
 
@@ -611,4 +612,6 @@ def _bind(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL:
     lib.charrnn_self_test.restype = ctypes.c_char_p
     lib.charrnn_set_threads.argtypes = [ctypes.c_int]
     lib.charrnn_set_threads.restype = ctypes.c_int
+    lib.charrnn_small_products_shared.argtypes = []
+    lib.charrnn_small_products_shared.restype = ctypes.c_int
     return lib

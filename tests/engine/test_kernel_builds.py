@@ -228,6 +228,26 @@ def test_int8_rows_are_exact_sums_the_same_in_any_batch_and_on_any_thread(kernel
     assert all(torch.equal(results[0], other) for other in results[1:])
 
 
+def test_one_row_shares_its_products_only_as_measured_and_the_bits_stay(kernels: Path, fresh: None) -> None:
+    """Products of 1-3 rows are shared with the helper thread or not as the kernel measured on this CPU (the
+    first 64 products of 1M multiply-adds or more alternate); every step, either way, gives the bits that one
+    thread alone gives."""
+    lib = lstm_kernel.chosen(directory=kernels).library
+    if lib.charrnn_build().decode() == "portable":
+        pytest.skip("the portable build has no helper threads")
+    loaded = tiny_model(hidden=512)  # layer 0's product: 512 x 2048, 1M multiply-adds a row
+    arithmetics = [{}, {"int8": True}] if int8_capable(loaded.model, lib) else [{}]
+    with torch.inference_mode():
+        for options in arithmetics:
+            results = []
+            for threads in (1, 2):
+                batch = NativeLSTMBatch(loaded.model, 1, lib, **options)
+                lib.charrnn_set_threads(threads)
+                results.append(logits_after(batch, 1, 50))  # 100 products of a row: past the trials
+            assert torch.equal(results[0], results[1])
+    assert lib.charrnn_small_products_shared() in (0, 1)
+
+
 def test_the_engine_names_each_models_arithmetic(kernels: Path, fresh: None, caplog: pytest.LogCaptureFixture) -> None:
     lib = lstm_kernel.chosen(directory=kernels).library
     loaded = tiny_model(hidden=48)

@@ -13,6 +13,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 #if defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
@@ -360,28 +361,73 @@ static int set_threads(int threads) {
     return total;
 }
 
-/* Run every unit of `job`: with the helpers from SHARE_ROWS rows (below that a step is too short to pay
-   for waking them), else on this thread alone. */
+/* Products of fewer than SHARE_ROWS rows: sharing them pays where one row's product is long (an AVX2-only
+   AMD EPYC, whose L2 holds none of the default model's weights: a one-row int8 step 0.32 -> 0.22 ms) and
+   not where it is shorter than waking the helpers. So it is measured: the first SMALL_TRIALS such products
+   of at least SMALL_WORK multiply-adds alternate between this thread alone and the helpers, each timed per
+   multiply-add, and the way with the least time is kept for the rest of the process. Both ways compute
+   every element alike: the same bits. */
+#define SMALL_WORK (1 << 20)
+#define SMALL_TRIALS 64
+static struct {
+    pthread_mutex_t lock;
+    int started, timed;
+    double best[2];    /* the least ns per multiply-add: alone, shared */
+    atomic_int choice; /* -1 until decided, then 0 (alone) or 1 (shared) */
+} small = {PTHREAD_MUTEX_INITIALIZER, 0, 0, {1e30, 1e30}, -1};
+
+static double now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec * 1e9 + (double)t.tv_nsec;
+}
+
+static int small_trial_way(void) {
+    pthread_mutex_lock(&small.lock);
+    const int way = small.started++ % 2;
+    pthread_mutex_unlock(&small.lock);
+    return way;
+}
+
+static void small_timed(int way, double ns_per_mac) {
+    pthread_mutex_lock(&small.lock);
+    if (ns_per_mac < small.best[way]) small.best[way] = ns_per_mac;
+    if (++small.timed >= SMALL_TRIALS && small.best[0] < 1e30 && small.best[1] < 1e30)
+        atomic_store_explicit(&small.choice, small.best[1] < small.best[0], memory_order_relaxed);
+    pthread_mutex_unlock(&small.lock);
+}
+
+/* Run every unit of `job`: with the helpers from SHARE_ROWS rows, and below that as measured (`small`);
+   else on this thread alone. */
 #define SHARE_ROWS 4
 static void run_shared(Shared *job) {
-    const int share = job->n >= SHARE_ROWS && job->units > 1 && atomic_load_explicit(&pool.helpers, memory_order_relaxed) > 0
-                      && atomic_load_explicit(&pool.owner, memory_order_relaxed) == getpid()
-                      && !atomic_flag_test_and_set_explicit(&pool.busy, memory_order_acquire);
+    const int helpers = job->units > 1 && atomic_load_explicit(&pool.helpers, memory_order_relaxed) > 0
+                        && atomic_load_explicit(&pool.owner, memory_order_relaxed) == getpid();
+    const double work = (double)job->n * job->K * job->N;
+    int want = job->n >= SHARE_ROWS, timing = -1;
+    if (!want && helpers && work >= SMALL_WORK) {
+        const int choice = atomic_load_explicit(&small.choice, memory_order_relaxed);
+        want = choice >= 0 ? choice : (timing = small_trial_way());
+    }
+    const int share = want && helpers && !atomic_flag_test_and_set_explicit(&pool.busy, memory_order_acquire);
+    if (timing != share) timing = -1; /* the way not taken (the pool busy): not timed */
+    const double start = timing >= 0 ? now_ns() : 0.0;
     if (!share) {
         shared_work(job);
-        return;
+    } else {
+        pthread_mutex_lock(&pool.lock);
+        pool.job = job;
+        pool.generation++;
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.lock);
+        shared_work(job);
+        pthread_mutex_lock(&pool.lock);
+        pool.job = NULL;
+        while (job->attached) pthread_cond_wait(&pool.left, &pool.lock);
+        pthread_mutex_unlock(&pool.lock);
+        atomic_flag_clear_explicit(&pool.busy, memory_order_release);
     }
-    pthread_mutex_lock(&pool.lock);
-    pool.job = job;
-    pool.generation++;
-    pthread_cond_broadcast(&pool.wake);
-    pthread_mutex_unlock(&pool.lock);
-    shared_work(job);
-    pthread_mutex_lock(&pool.lock);
-    pool.job = NULL;
-    while (job->attached) pthread_cond_wait(&pool.left, &pool.lock);
-    pthread_mutex_unlock(&pool.lock);
-    atomic_flag_clear_explicit(&pool.busy, memory_order_release);
+    if (timing >= 0) small_timed(timing, (now_ns() - start) / work);
 }
 
 /* float32 (or float16-stored) products: unit 0 streams the rows past the last full group of four (all
@@ -766,6 +812,15 @@ static void matmul_int8(const Net *net, int l, int n, int K, int N, const float 
 #endif
 
 int charrnn_has_int8(void) { return CHARRNN_INT8; }
+
+/* 1: products of fewer than SHARE_ROWS rows are shared (measured: run_shared); 0: not; -1: not decided yet. */
+int charrnn_small_products_shared(void) {
+#if CHARRNN_SHARE
+    return atomic_load_explicit(&small.choice, memory_order_relaxed);
+#else
+    return 0;
+#endif
+}
 
 int charrnn_set_threads(int threads) {
 #if CHARRNN_SHARE
