@@ -90,9 +90,9 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
         return None
     if name == "bf16" and device.type == "cpu" and not cpu_runs_bf16():
         raise TrainingError(
-            "--precision bf16: this CPU has no bfloat16 in PyTorch's oneDNN (it needs AVX-512; this one has"
-            f" {cpu_simd()}), where PyTorch's recurrent layers cannot run in bfloat16: use --precision fp32"
-            " (or auto, which is fp32 here)"
+            "--precision bf16: this CPU has no bfloat16 in PyTorch's oneDNN (on x86 it needs AVX-512; this one"
+            f" has {cpu_simd()}), where PyTorch's LSTM cannot run in bfloat16 (and nothing gains from it): use"
+            " --precision fp32 (or auto, which is fp32 here)"
         )
     if name == "bf16" or device.type == "cuda" or cpu_has_native_bf16():
         return torch.bfloat16

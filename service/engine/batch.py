@@ -267,7 +267,8 @@ def _int8_panels(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     """weights (K, N) quantized per column (q = round(w / s), s = max |w| / 127) and packed as the kernel's
     qpanels (service/engine/kernels/lstm_step.h): N / 32 panels, each K / 4 quads of rows of 32 columns, a
     column's four weights side by side; with qscale (N,) = s / 127 (the inputs are round(127 h)) and
-    qcorr (N,) = 128 * sum_k q (the inputs are stored plus 128, unsigned)."""
+    qcorr (N,) = 128 * sum_k q (the VNNI build stores the inputs plus 128, unsigned; the AVX2 build, as
+    int16, needs no correction)."""
     rows, columns = weights.shape
     scale = weights.abs().amax(0).clamp_min(1e-30) / 127
     q = torch.round(weights / scale).clamp(-127, 127).to(torch.int8)
@@ -315,7 +316,7 @@ def precision_flags(precision: str, lib: Any) -> tuple[bool, bool]:
     int8 where the kernel build has int8 products, the bf16 build's (AVX512-VNNI's vpdpbusd) and the AVX2
     build's (vpmaddwd), which sum the same integers exactly and so give the same bits (the shipped model's
     loss 1.46509 against float32's 1.46513; int8 steps 1.7-1.8x bfloat16 at 8-128 rows on an AMD EPYC Zen 5,
-    and 1.2-1.3x float32 at 8-128 rows, 2.1x at one, on an AVX2-only AMD EPYC; docs/BENCHMARKS.md), except
+    and 1.2x float32 at 8-128 rows, 3.1x at one, on an AVX2-only AMD EPYC; docs/BENCHMARKS.md), except
     in the AMX build, whose tiles multiply bfloat16 at several times the rate of VNNI's int8 (there "auto"
     is bfloat16; int8 still makes one stream the fastest); float32 in the portable build. Each asks only:
     make_batch falls back to what the kernel, the CPU and the model allow.

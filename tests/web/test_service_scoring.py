@@ -50,7 +50,7 @@ def test_scores_of_generated_text_are_the_logprobs_generation_reported(
     make_app: Callable[..., Flask], precision: str, tolerance: float
 ) -> None:
     """/score reads in float32; generation in float32 reports the same figures. In bfloat16 or int8 (and
-    "auto", one of them where the CPU has AVX512-BF16 or VNNI) it reports those of the arithmetic that drew the
+    "auto", one of them in the AVX2, AVX512-BF16 and AMX builds) it reports those of the arithmetic that drew the
     text: close, not equal."""
     client = make_app(PRECISION=precision).test_client()
     generated = client.post(

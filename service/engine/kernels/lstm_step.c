@@ -325,6 +325,7 @@ static void *helper_main(void *unused) {
 }
 
 static void pool_after_fork(void);
+static void small_after_fork(void);
 static void register_fork_handler(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
 
 /* In a forked child: no helpers, and the lock and conditions new (a helper may have held the lock at the fork). */
@@ -335,6 +336,7 @@ static void pool_after_fork(void) {
     pool.job = NULL;
     atomic_store_explicit(&pool.helpers, 0, memory_order_relaxed);
     atomic_flag_clear(&pool.busy);
+    small_after_fork();
 }
 
 static int set_threads(int threads) {
@@ -362,19 +364,25 @@ static int set_threads(int threads) {
 }
 
 /* Products of fewer than SHARE_ROWS rows: sharing them pays where one row's product is long (an AVX2-only
-   AMD EPYC, whose L2 holds none of the default model's weights: a one-row int8 step 0.32 -> 0.22 ms) and
-   not where it is shorter than waking the helpers. So it is measured: the first SMALL_TRIALS such products
-   of at least SMALL_WORK multiply-adds alternate between this thread alone and the helpers, each timed per
-   multiply-add, and the way with the least time is kept for the rest of the process. Both ways compute
+   AMD EPYC, whose L2 holds none of the default model's weights: a one-row int8 step 0.29-0.31 -> 0.21 ms)
+   and not where it is shorter than waking the helpers. So it is measured: such products of at least
+   SMALL_WORK multiply-adds are timed, each shape (rows x K x N) alternately alone and shared, until
+   SMALL_TRIALS have been timed; then the way whose best times, summed over the shapes timed both ways,
+   are the least is kept for the rest of the process (a forked child measures anew). Both ways compute
    every element alike: the same bits. */
 #define SMALL_WORK (1 << 20)
 #define SMALL_TRIALS 64
+#define SMALL_SHAPES 16
+typedef struct {
+    int n, K, N, started;
+    double best[2]; /* the least ns of one product: alone, shared */
+} SmallShape;
 static struct {
     pthread_mutex_t lock;
-    int started, timed;
-    double best[2];    /* the least ns per multiply-add: alone, shared */
+    int shapes, timed;
+    SmallShape shape[SMALL_SHAPES];
     atomic_int choice; /* -1 until decided, then 0 (alone) or 1 (shared) */
-} small = {PTHREAD_MUTEX_INITIALIZER, 0, 0, {1e30, 1e30}, -1};
+} small = {PTHREAD_MUTEX_INITIALIZER, 0, 0, {{0}}, -1};
 
 static double now_ns(void) {
     struct timespec t;
@@ -382,19 +390,46 @@ static double now_ns(void) {
     return (double)t.tv_sec * 1e9 + (double)t.tv_nsec;
 }
 
-static int small_trial_way(void) {
+/* The shape's entry (made on first sight; NULL when the table is full: that product is not timed). */
+static SmallShape *small_shape(int n, int K, int N) {
+    for (int i = 0; i < small.shapes; i++)
+        if (small.shape[i].n == n && small.shape[i].K == K && small.shape[i].N == N) return &small.shape[i];
+    if (small.shapes == SMALL_SHAPES) return NULL;
+    SmallShape *entry = &small.shape[small.shapes++];
+    *entry = (SmallShape){n, K, N, 0, {1e30, 1e30}};
+    return entry;
+}
+
+/* The way to time this product (0 alone, 1 shared), or -1: not timed. */
+static int small_trial_way(int n, int K, int N) {
     pthread_mutex_lock(&small.lock);
-    const int way = small.started++ % 2;
+    SmallShape *entry = small_shape(n, K, N);
+    const int way = entry ? entry->started++ % 2 : -1;
     pthread_mutex_unlock(&small.lock);
     return way;
 }
 
-static void small_timed(int way, double ns_per_mac) {
+static void small_timed(int n, int K, int N, int way, double ns) {
     pthread_mutex_lock(&small.lock);
-    if (ns_per_mac < small.best[way]) small.best[way] = ns_per_mac;
-    if (++small.timed >= SMALL_TRIALS && small.best[0] < 1e30 && small.best[1] < 1e30)
-        atomic_store_explicit(&small.choice, small.best[1] < small.best[0], memory_order_relaxed);
+    SmallShape *entry = small_shape(n, K, N);
+    if (entry && ns < entry->best[way]) entry->best[way] = ns;
+    double total[2] = {0.0, 0.0};
+    int both = 0;
+    for (int i = 0; i < small.shapes; i++)
+        if (small.shape[i].best[0] < 1e30 && small.shape[i].best[1] < 1e30) {
+            total[0] += small.shape[i].best[0], total[1] += small.shape[i].best[1];
+            both++;
+        }
+    if (++small.timed >= SMALL_TRIALS && both)
+        atomic_store_explicit(&small.choice, total[1] < total[0], memory_order_relaxed);
     pthread_mutex_unlock(&small.lock);
+}
+
+/* In a forked child (pool_after_fork): the lock new, nothing measured. */
+static void small_after_fork(void) {
+    pthread_mutex_init(&small.lock, NULL);
+    small.shapes = small.timed = 0;
+    atomic_store_explicit(&small.choice, -1, memory_order_relaxed);
 }
 
 /* Run every unit of `job`: with the helpers from SHARE_ROWS rows, and below that as measured (`small`);
@@ -407,7 +442,7 @@ static void run_shared(Shared *job) {
     int want = job->n >= SHARE_ROWS, timing = -1;
     if (!want && helpers && work >= SMALL_WORK) {
         const int choice = atomic_load_explicit(&small.choice, memory_order_relaxed);
-        want = choice >= 0 ? choice : (timing = small_trial_way());
+        want = choice >= 0 ? choice : (timing = small_trial_way(job->n, job->K, job->N)) == 1;
     }
     const int share = want && helpers && !atomic_flag_test_and_set_explicit(&pool.busy, memory_order_acquire);
     if (timing != share) timing = -1; /* the way not taken (the pool busy): not timed */
@@ -427,7 +462,7 @@ static void run_shared(Shared *job) {
         pthread_mutex_unlock(&pool.lock);
         atomic_flag_clear_explicit(&pool.busy, memory_order_release);
     }
-    if (timing >= 0) small_timed(timing, (now_ns() - start) / work);
+    if (timing >= 0) small_timed(job->n, job->K, job->N, timing, now_ns() - start);
 }
 
 /* float32 (or float16-stored) products: unit 0 streams the rows past the last full group of four (all

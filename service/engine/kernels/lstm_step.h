@@ -70,10 +70,16 @@ void charrnn_draw_rows(int n, int V, const float *logits, const float *temps, co
                        int64_t *ids, float *logprobs);
 
 /* Threads that share a step from 4 rows up (the recurrent layers' products and the head's; the gates from
-   16 rows): this one and threads - 1
-   helpers, started now (the helpers never end; a later call with fewer keeps them). Returns how many
-   there are; 1 in the portable build, which steps on the calling thread alone. */
+   16 rows; the products of 1-3 rows where the kernel measured sharing them faster, see
+   charrnn_small_products_shared): this one and threads - 1 helpers, started now (the helpers never end; a
+   later call with fewer keeps them). Returns how many there are; 1 in the portable build, which steps on
+   the calling thread alone. */
 int charrnn_set_threads(int threads);
+
+/* Whether the products of 1-3 rows (1M multiply-adds or more, in panels: bfloat16 and int8) are shared with
+   the helpers: 1 yes, 0 no, -1 not decided yet. Their first 64 are timed, alone and shared alternately for
+   each shape, and the faster way is kept for the process; either way gives the same bits. */
+int charrnn_small_products_shared(void);
 
 /* This library's build: "amx", "bf16", "avx2" or "portable" (lstm_kernel.VARIANTS). */
 const char *charrnn_build(void);
@@ -89,7 +95,7 @@ int charrnn_init(void);
    was wrong. A build whose instructions this CPU lacks dies here instead (SIGILL). */
 const char *charrnn_self_test(void);
 
-/* 1 if this library was built with the int8 step (AVX512-VNNI), else 0. */
+/* 1 if this library was built with the int8 step (AVX512-VNNI's vpdpbusd or AVX2's vpmaddwd: the same bits), else 0. */
 int charrnn_has_int8(void);
 
 /* 1 if this library was built with the bfloat16 step (AVX512-BF16 and AVX512-VL), else 0. */
