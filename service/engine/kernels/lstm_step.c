@@ -804,17 +804,17 @@ static void quantize_row(const float *xr, int K, void *xq, int r) {
                                                     const float *scale, const int32_t *corr, float *y) {         \
         qblock(R, K4, N, xq, ldxq, panel, scale, corr, y);                                                       \
     }
+QBLOCK(1) QBLOCK(2) QBLOCK(3) QBLOCK(4)
 #if QROWS == 8
-QBLOCK(1) QBLOCK(2) QBLOCK(3) QBLOCK(4) QBLOCK(5) QBLOCK(6) QBLOCK(7) QBLOCK(8)
+QBLOCK(5) QBLOCK(6) QBLOCK(7) QBLOCK(8)
+#endif
 static void (*const qblocks[QROWS + 1])(int, int, const uint8_t *, int, const int8_t *, const float *,
                                         const int32_t *, float *) = {
-    NULL, qblock1, qblock2, qblock3, qblock4, qblock5, qblock6, qblock7, qblock8,
-};
-#else
-QBLOCK(1) QBLOCK(2) QBLOCK(3) QBLOCK(4)
-static void (*const qblocks[QROWS + 1])(int, int, const uint8_t *, int, const int8_t *, const float *,
-                                        const int32_t *, float *) = {NULL, qblock1, qblock2, qblock3, qblock4};
+    NULL, qblock1, qblock2, qblock3, qblock4,
+#if QROWS == 8
+    qblock5, qblock6, qblock7, qblock8,
 #endif
+};
 #undef QBLOCK
 
 /* The int8 product's panels, scales and corrections for one call (Shared has room for one pointer). */
