@@ -275,7 +275,7 @@ struct Shared {
     void (*unit)(const Shared *, int);
     int units;
     atomic_int next;
-    int attached; /* helpers working on it; under pool.lock */
+    atomic_int attached; /* helpers working on it; changed under pool.lock */
     int n, K, N, ldx, groups, per_group;
     const float *x;
     const void *W, *panels;
@@ -300,26 +300,52 @@ static struct {
     pthread_mutex_t lock;
     pthread_cond_t wake, left;
     Shared *job;
-    unsigned long generation;
+    atomic_ulong generation; /* changed under the lock, watched without it by a helper between products */
     atomic_int helpers; /* written under the lock, read without it by run_shared */
     atomic_int owner;   /* the pid whose helpers they are */
     atomic_flag busy;
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0, 0, 0, ATOMIC_FLAG_INIT};
 
+static double now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec * 1e9 + (double)t.tv_nsec;
+}
+
+/* How long a helper that has finished a product watches for the next one before it sleeps, and a caller for
+   its helpers to finish theirs. Within a step the next product comes microseconds after the last (a layer's
+   gates between), and a thread asleep in a futex takes tens of microseconds to wake (more on a virtual
+   machine): as long as a one-row product on an AVX2-only EPYC, which then gained nothing from sharing.
+   Between steps (the draw, in Python) a helper watches for at most this long, then sleeps. */
+#define WATCH_NS 100000.0
+
+/* Waits while *value == seen, at most WATCH_NS; whether it changed. */
+static int watch(const atomic_ulong *value, unsigned long seen) {
+    const double until = now_ns() + WATCH_NS;
+    while (atomic_load_explicit(value, memory_order_acquire) == seen) {
+        for (int i = 0; i < 32; i++) _mm_pause();
+        if (now_ns() > until) return 0;
+    }
+    return 1;
+}
+
 static void *helper_main(void *unused) {
     (void)unused;
     unsigned long seen = 0;
-    pthread_mutex_lock(&pool.lock);
     for (;;) {
-        while (pool.generation == seen) pthread_cond_wait(&pool.wake, &pool.lock);
-        seen = pool.generation;
+        watch(&pool.generation, seen);
+        pthread_mutex_lock(&pool.lock);
+        while (atomic_load_explicit(&pool.generation, memory_order_relaxed) == seen)
+            pthread_cond_wait(&pool.wake, &pool.lock);
+        seen = atomic_load_explicit(&pool.generation, memory_order_relaxed);
         Shared *job = pool.job;
-        if (!job) continue;
-        job->attached++;
+        if (job) atomic_fetch_add_explicit(&job->attached, 1, memory_order_relaxed);
         pthread_mutex_unlock(&pool.lock);
+        if (!job) continue;
         shared_work(job);
         pthread_mutex_lock(&pool.lock);
-        if (--job->attached == 0) pthread_cond_signal(&pool.left);
+        if (atomic_fetch_sub_explicit(&job->attached, 1, memory_order_release) == 1) pthread_cond_signal(&pool.left);
+        pthread_mutex_unlock(&pool.lock);
     }
     return NULL;
 }
@@ -366,29 +392,26 @@ static int set_threads(int threads) {
 /* Products of fewer than SHARE_ROWS rows: sharing them pays where one row's product is long (an AVX2-only
    AMD EPYC, whose L2 holds none of the default model's weights: a one-row int8 step 0.29-0.31 -> 0.21 ms)
    and not where it is shorter than waking the helpers. So it is measured: such products of at least
-   SMALL_WORK multiply-adds are timed, each shape (rows x K x N) alternately alone and shared, until
-   SMALL_TRIALS have been timed; then the way whose best times, summed over the shapes timed both ways,
-   are the least is kept for the rest of the process (a forked child measures anew). Both ways compute
-   every element alike: the same bits. */
+   SMALL_WORK multiply-adds are timed, SMALL_RUN products in a row alone, then SMALL_RUN shared, and so on
+   until SMALL_TRIALS have been timed; then the way whose best times per shape (rows x K x N), summed over
+   the shapes timed both ways, are the least is kept for the rest of the process (a forked child measures
+   anew). Runs rather than turns: the products of one step (a layer's, then the next's) are timed the same
+   way, so that a shared one finds the helpers as awake as it would every step (a step alternating between
+   the ways would find them asleep). Both ways compute every element alike: the same bits. */
 #define SMALL_WORK (1 << 20)
-#define SMALL_TRIALS 64
+#define SMALL_TRIALS 128
+#define SMALL_RUN 16
 #define SMALL_SHAPES 16
 typedef struct {
-    int n, K, N, started;
+    int n, K, N;
     double best[2]; /* the least ns of one product: alone, shared */
 } SmallShape;
 static struct {
     pthread_mutex_t lock;
-    int shapes, timed;
+    int shapes, started, timed;
     SmallShape shape[SMALL_SHAPES];
     atomic_int choice; /* -1 until decided, then 0 (alone) or 1 (shared) */
-} small = {PTHREAD_MUTEX_INITIALIZER, 0, 0, {{0}}, -1};
-
-static double now_ns(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec * 1e9 + (double)t.tv_nsec;
-}
+} small = {PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, {{0}}, -1};
 
 /* The shape's entry (made on first sight; NULL when the table is full: that product is not timed). */
 static SmallShape *small_shape(int n, int K, int N) {
@@ -396,7 +419,7 @@ static SmallShape *small_shape(int n, int K, int N) {
         if (small.shape[i].n == n && small.shape[i].K == K && small.shape[i].N == N) return &small.shape[i];
     if (small.shapes == SMALL_SHAPES) return NULL;
     SmallShape *entry = &small.shape[small.shapes++];
-    *entry = (SmallShape){n, K, N, 0, {1e30, 1e30}};
+    *entry = (SmallShape){n, K, N, {1e30, 1e30}};
     return entry;
 }
 
@@ -404,7 +427,7 @@ static SmallShape *small_shape(int n, int K, int N) {
 static int small_trial_way(int n, int K, int N) {
     pthread_mutex_lock(&small.lock);
     SmallShape *entry = small_shape(n, K, N);
-    const int way = entry ? entry->started++ % 2 : -1;
+    const int way = entry ? small.started++ / SMALL_RUN % 2 : -1;
     pthread_mutex_unlock(&small.lock);
     return way;
 }
@@ -428,7 +451,7 @@ static void small_timed(int n, int K, int N, int way, double ns) {
 /* In a forked child (pool_after_fork): the lock new, nothing measured. */
 static void small_after_fork(void) {
     pthread_mutex_init(&small.lock, NULL);
-    small.shapes = small.timed = 0;
+    small.shapes = small.started = small.timed = 0;
     atomic_store_explicit(&small.choice, -1, memory_order_relaxed);
 }
 
@@ -452,14 +475,20 @@ static void run_shared(Shared *job) {
     } else {
         pthread_mutex_lock(&pool.lock);
         pool.job = job;
-        pool.generation++;
+        atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
         pthread_cond_broadcast(&pool.wake);
         pthread_mutex_unlock(&pool.lock);
         shared_work(job);
         pthread_mutex_lock(&pool.lock);
-        pool.job = NULL;
-        while (job->attached) pthread_cond_wait(&pool.left, &pool.lock);
+        pool.job = NULL; /* a helper that looks from now on finds nothing */
         pthread_mutex_unlock(&pool.lock);
+        const double until = now_ns() + WATCH_NS;
+        while (atomic_load_explicit(&job->attached, memory_order_acquire) && now_ns() < until) _mm_pause();
+        if (atomic_load_explicit(&job->attached, memory_order_acquire)) {
+            pthread_mutex_lock(&pool.lock);
+            while (atomic_load_explicit(&job->attached, memory_order_acquire)) pthread_cond_wait(&pool.left, &pool.lock);
+            pthread_mutex_unlock(&pool.lock);
+        }
         atomic_flag_clear_explicit(&pool.busy, memory_order_release);
     }
     if (timing >= 0) small_timed(job->n, job->K, job->N, timing, now_ns() - start);
@@ -758,27 +787,32 @@ static inline __attribute__((always_inline)) void qblock(const int R, int K4, in
                                                          const int32_t *corr, float *y) {
     (void)corr;
     const int16_t *xs = (const int16_t *)(const void *)xq;
-    for (int c = 0; c < 32; c += 8) {
-        __m256i a[4][2];
-        for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm256_setzero_si256();
+    /* P groups of 8 columns a pass, as many as 8 accumulators allow: a row alone reads the panel once, in
+       order (4 groups), two rows in two passes, more rows in four */
+    const int P = R == 1 ? 4 : R == 2 ? 2 : 1;
+    for (int c = 0; c < 32; c += 8 * P) {
+        __m256i a[4][8];
+        for (int r = 0; r < R; r++)
+            for (int g = 0; g < 2 * P; g++) a[r][g] = _mm256_setzero_si256();
         for (int k = 0; k < K4; k++) {
-            const int8_t *quads = panel + (size_t)k * 128 + 4 * c; /* columns c .. c + 7, four weights each */
-            const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)quads));
-            const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(quads + 16)));
+            const int8_t *quads = panel + (size_t)k * 128 + 4 * c; /* columns c .. c + 8P - 1, four weights each */
+            __m256i w[8];
+            for (int g = 0; g < 2 * P; g++) w[g] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(quads + 16 * g)));
             for (int r = 0; r < R; r++) {
                 int64_t quad;
                 memcpy(&quad, xs + (size_t)r * ldxq + 4 * k, sizeof quad);
                 const __m256i b = _mm256_set1_epi64x(quad);
-                a[r][0] = _mm256_add_epi32(a[r][0], _mm256_madd_epi16(w0, b));
-                a[r][1] = _mm256_add_epi32(a[r][1], _mm256_madd_epi16(w1, b));
+                for (int g = 0; g < 2 * P; g++) a[r][g] = _mm256_add_epi32(a[r][g], _mm256_madd_epi16(w[g], b));
             }
         }
-        const __m256 s = _mm256_loadu_ps(scale + c);
-        for (int r = 0; r < R; r++) {
-            /* hadd: columns c, c+1, c+4, c+5 | c+2, c+3, c+6, c+7; the permute puts them in order */
-            const __m256i sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(a[r][0], a[r][1]), 0xD8);
-            float *yr = y + (size_t)r * N + c;
-            _mm256_storeu_ps(yr, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(sums), _mm256_loadu_ps(yr)));
+        for (int g = 0; g < P; g++) {
+            const __m256 s = _mm256_loadu_ps(scale + c + 8 * g);
+            for (int r = 0; r < R; r++) {
+                /* hadd: columns c, c+1, c+4, c+5 | c+2, c+3, c+6, c+7; the permute puts them in order */
+                const __m256i sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(a[r][2 * g], a[r][2 * g + 1]), 0xD8);
+                float *yr = y + (size_t)r * N + c + 8 * g;
+                _mm256_storeu_ps(yr, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(sums), _mm256_loadu_ps(yr)));
+            }
         }
     }
 }
