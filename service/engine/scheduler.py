@@ -134,10 +134,12 @@ class Job:
         self._tokens: list[Token] = []
         # An RLock, because Condition checks ownership of one in C but of a plain Lock in Python.
         self._lock = threading.RLock()  # taken directly where no waiting is involved
-        self._changed = threading.Condition(self._lock)
+        self._changed = threading.Condition(self._lock)  # new tokens (chunks() readers)
+        self._finished = threading.Condition(self._lock)  # the end (result() waiters: tokens alone do not matter)
         self._wake = wake
         self._woken = 0.0
-        self._waiting = 0  # readers blocked in chunks() or result(); no one to wake: no notify
+        self._waiting = 0  # readers blocked in chunks(); no one to wake: no notify
+        self._waiting_end = 0  # waiters blocked in result()
         self.cancel_requested = False
         # Set and used by the scheduler thread only.
         self.admitted: float | None = None  # time.monotonic() when it joined a batch
@@ -176,17 +178,17 @@ class Job:
 
     def result(self, timeout: float | None = None) -> tuple[list[Token], str]:
         """Wait for the end: (all tokens, finish_reason). TimeoutError if `timeout` passes first."""
-        with self._changed:
-            self._waiting += 1
-            finished = self._changed.wait_for(lambda: self.finish_reason is not None, timeout)
-            self._waiting -= 1
+        with self._finished:
+            self._waiting_end += 1
+            finished = self._finished.wait_for(lambda: self.finish_reason is not None, timeout)
+            self._waiting_end -= 1
             if not finished:
                 raise TimeoutError(f"job {self.id} still running after {timeout} s")
             return list(self._tokens), self.finish_reason  # type: ignore[return-value]
 
     def publish(self, tokens: list[Token], finish_reason: str | None = None, interval: float = WAKE_INTERVAL) -> None:
-        """Scheduler side: append tokens and, if given, finish; wakes every reader (while the job runs, at
-        most every `interval` seconds)."""
+        """Scheduler side: append tokens and, if given, finish; wakes the chunks() readers (while the job runs,
+        at most every `interval` seconds) and, at the end, the result() waiters."""
         with self._lock:
             if self.finish_reason is not None:
                 return  # finished already (a failing step fails its whole batch)
@@ -199,6 +201,8 @@ class Job:
                 if finish_reason is not None or now - self._woken >= interval:
                     self._woken = now
                     self._changed.notify_all()
+            if finish_reason is not None and self._waiting_end:
+                self._finished.notify_all()
         if finish_reason is not None and self.on_finish is not None:
             self.on_finish(self)
 
@@ -465,7 +469,8 @@ class Engine:
             self._join_batch(job, entry)
 
     def _prefill_step(self) -> None:
-        """Read one chunk of the oldest prefilling prompt; a prompt read whole joins its batch."""
+        """Read one chunk of the oldest prefilling prompt; a prompt read whole joins its batch, and so does every
+        other job waiting to read the same prompt (a burst of one prompt is read once, not once a job)."""
         pending = self._prefilling[0]
         reason = _stop_reason(pending.job, time.monotonic())
         try:
@@ -485,6 +490,11 @@ class Engine:
         if pending.key[0] in self._live_keys:  # a retired model's prompt would stay until evicted
             self.prompt_cache.put(pending.key, entry)
         self._join_batch(pending.job, entry)
+        if any(other.key == pending.key for other in self._prefilling):
+            same = [other for other in self._prefilling if other.key == pending.key]
+            self._prefilling = deque(other for other in self._prefilling if other.key != pending.key)
+            for other in same:  # a cancelled or expired one leaves at the batch's next step
+                self._join_batch(other.job, entry)
 
     def _prepare_kernel(self) -> None:
         """Build, check and load the C kernel as the thread starts (lstm_kernel.chosen: a compile and a check in

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
+import charrnn.model.generation as generation
 from charrnn.model.decoding import SamplingError, SamplingParams, Token
 from charrnn.model.generation import generate
 from charrnn.service.engine.batch import describe_batch
@@ -230,6 +232,59 @@ def test_prompt_cache_hit_gives_the_same_text(engine: Engine, loaded: LoadedMode
     second = engine.submit(s).result(timeout=60)
     assert engine.prompt_cache.hits == hits + 1
     assert first == second
+
+
+def test_a_burst_of_one_prompt_reads_it_once(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jobs waiting to read the same prompt all join when the first has read it, even with no prompt cache; each
+    gives its own seed's text, and one cancelled meanwhile still ends cancelled."""
+    reads: list[tuple[int, ...]] = []
+    reading = generation.prefill_chunks
+
+    def counted(model, ids, state=None):
+        reads.append(tuple(ids))
+        yield from reading(model, ids, state)
+
+    monkeypatch.setattr("charrnn.service.engine.scheduler.prefill_chunks", counted)
+    engine = Engine({loaded.name: loaded}, precision="fp32", max_batch=8, prompt_cache_bytes=0)
+    specs = [spec(loaded, "one prompt for all", n=30, seed=i) for i in range(6)]
+    jobs = [engine.submit(s) for s in specs]  # queued before the scheduler starts: admitted together
+    jobs[2].cancel()
+    engine.start()
+    try:
+        for i, (job, s) in enumerate(zip(jobs, specs, strict=True)):
+            tokens, reason = job.result(timeout=60)
+            if i == 2:
+                assert reason == "cancelled"
+            else:
+                assert_same(tokens, reference(loaded, s)[0])
+        assert len(reads) == 1
+    finally:
+        engine.close(timeout=5)
+
+
+def test_result_waiters_sleep_until_the_end(loaded: LoadedModel) -> None:
+    """A thread in result() is woken once, at the end, not at each publish of tokens (as a chunks() reader is)."""
+    engine = Engine({loaded.name: loaded}, precision="fp32")  # not started: the test publishes itself
+    job = engine.submit(spec(loaded))
+    wakes = []
+
+    class Counting(threading.Condition):
+        def wait(self, timeout: float | None = None) -> bool:
+            woken = super().wait(timeout)
+            wakes.append(woken)
+            return woken
+
+    job._finished = Counting(job._lock)
+    waiter = threading.Thread(target=job.result, args=(30,))
+    waiter.start()
+    while not job._waiting_end:
+        time.sleep(0.001)
+    for _ in range(50):
+        job.publish([Token("a", -1.0)], interval=0.0)
+    job.publish([], "length")
+    waiter.join(30)
+    assert not waiter.is_alive() and wakes == [True]
+    engine.close()
 
 
 def test_prompt_cache_stays_within_its_bytes(loaded: LoadedModel) -> None:
