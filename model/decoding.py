@@ -388,6 +388,7 @@ class Sample:
         "_matcher",
         "_offset_active",
         "constraint",
+        "draws_plainly",
         "dry",
         "finish_reason",
         "generator",
@@ -437,6 +438,9 @@ class Sample:
                 raise ValueError("a DRY sample needs the vocabulary's characters (its breakers are strings)")
             self.dry = DryPenalty(params, chars, prompt_ids)
         self.has_steering = params.has_steering  # penalties, bias or a constraint: see steer() and advance()
+        # a plain draw, nothing steered, no alternatives reported: all a draw needs is the logits, the temperature
+        # and the noise (an engine may draw such rows and step at once: service/engine/batch.draw_and_step)
+        self.draws_plainly = plain and not self.has_steering and not top_logprobs
         self.constraint = params.constraint
         self.state = 0  # the constraint's automaton state
         self.matched = False  # the constraint's automaton accepts and no character may follow
@@ -602,6 +606,11 @@ class Decoder:
             for i, row in enumerate(rows)
         ]
         return ids, tokens
+
+    def plain_tokens(self, ids: Sequence[int], logprobs: Sequence[float]) -> list[Token]:
+        """The Tokens of characters drawn plainly (`Sample.draws_plainly`): no alternatives to report."""
+        chars = self.chars
+        return [Token(chars[i], logprob) for i, logprob in zip(ids, logprobs, strict=True)]
 
     def _draw_one(self, logits: torch.Tensor, row: Sample) -> tuple[list[int], list[Token]]:
         """`draw` for a batch of one row, logits (vocab,): the same rule without gathering rows."""

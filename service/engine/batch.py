@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from charrnn.model.cpu import has_bf16_dot
+from charrnn.model.decoding import Sample
 from charrnn.model.network import CharRNN, state_from_tensors, state_tensors
 from charrnn.service.engine import lstm_kernel
 
@@ -44,6 +45,13 @@ class RecurrentBatch:
     def step(self, ids: list[int]) -> None:
         """Feed one id per row; logits and state move on by one character."""
         raise NotImplementedError
+
+    def draw_and_step(self, rows: Sequence[Sample]) -> tuple[list[int], list[float]] | None:
+        """For rows that draw plainly (every one `Sample.draws_plainly`, row i with rows[i]): the character each
+        draws from the logits, as `model.decoding.Decoder.draw` would, and its log-probability, then the step
+        with those ids, in one go; (ids, logprobs). None where this batch cannot (the caller draws, then
+        steps), and then nothing has changed."""
+        return None
 
 
 class ModuleBatch(RecurrentBatch):
@@ -198,6 +206,13 @@ class NativeLSTMBatch(FastLSTMBatch):
         bf16 = bf16 and not int8  # int8 replaces the bfloat16 products
         self.lib = lib
         self._ids_np = self.ids.numpy()
+        self._ids_address = self.ids.data_ptr()
+        # draw_and_step's rows: temperatures, noise rows (addresses) and the log-probabilities drawn
+        self.temperatures = torch.zeros(capacity)
+        self.logprobs = torch.zeros(capacity)
+        self._temperatures_np, self._logprobs_np = self.temperatures.numpy(), self.logprobs.numpy()
+        self._temperatures_address, self._logprobs_address = self.temperatures.data_ptr(), self.logprobs.data_ptr()
+        self._noise = (ctypes.c_void_p * capacity)()
         net = lstm_kernel.Net(layers=model.config.layers, hidden=model.config.hidden)
         net.vocab, net.capacity = model.config.vocab_size, capacity
         net.table, net.head_w, net.head_b = self.table.data_ptr(), self.head_w.data_ptr(), self.head_b.data_ptr()
@@ -244,7 +259,20 @@ class NativeLSTMBatch(FastLSTMBatch):
     def step(self, ids: list[int]) -> None:
         n = len(ids)
         self._ids_np[:n] = ids
-        self.lib.charrnn_lstm_step(self.net, n, self.ids.data_ptr())
+        self.lib.charrnn_lstm_step(self.net, n, self._ids_address)
+
+    def draw_and_step(self, rows: Sequence[Sample]) -> tuple[list[int], list[float]]:
+        """The draw and the step in one call to the kernel (charrnn_draw_step), which holds no lock of Python's:
+        the scheduler thread lets the others run once a step, not twice."""
+        n = len(rows)
+        temperatures, noise = self._temperatures_np, self._noise
+        for r, row in enumerate(rows):
+            temperatures[r] = row.temperature
+            noise[r] = row.noise.pointer()  # type: ignore[union-attr]  # a plain row has noise
+        self.lib.charrnn_draw_step(
+            self.net, n, self._temperatures_address, noise, self._ids_address, self._logprobs_address
+        )
+        return self._ids_np[:n].tolist(), self._logprobs_np[:n].tolist()
 
 
 def _panels(weights: torch.Tensor) -> torch.Tensor | None:

@@ -558,6 +558,7 @@ KERNEL_FUNCTIONS = (
     "charrnn_lstm_step",
     "charrnn_draw",
     "charrnn_draw_rows",
+    "charrnn_draw_step",
     "charrnn_half_to_float",
     "charrnn_has_bf16",
     "charrnn_max_layers",
@@ -598,6 +599,8 @@ def _bind(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL:
     lib.charrnn_draw.restype = ctypes.c_int64
     lib.charrnn_draw_rows.argtypes = [ctypes.c_int, ctypes.c_int, *[ctypes.c_void_p] * 5]
     lib.charrnn_draw_rows.restype = None
+    lib.charrnn_draw_step.argtypes = [ctypes.POINTER(Net), ctypes.c_int, *[ctypes.c_void_p] * 4]
+    lib.charrnn_draw_step.restype = None
     lib.charrnn_half_to_float.argtypes = [ctypes.c_uint16]
     lib.charrnn_half_to_float.restype = ctypes.c_float
     lib.charrnn_has_bf16.argtypes = []

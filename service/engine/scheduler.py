@@ -9,7 +9,8 @@ network. Each scheduler iteration:
     -> drop cancelled / expired jobs
     -> draw one character for every running job (model.decoding's Decoder: row i with job i's own
        generator, stop strings and length), publish; jobs that finished leave the batch
-    -> one recurrent step of the whole batch, (batch, 1) ids -> (batch, vocab) logits
+    -> one recurrent step of the whole batch, (batch, 1) ids -> (batch, vocab) logits (a C-kernel batch whose
+       rows all draw plainly draws and steps in one call, before the jobs that finished leave it)
 
 Jobs join and leave at any iteration (continuous batching). See docs/ENGINE_INTERFACE.md.
 
@@ -541,7 +542,13 @@ class Engine:
             if not batch.jobs:
                 return
             loaded = batch.jobs[0].loaded
-            ids, tokens = self._decoders[loaded.key].draw(batch.logits, [job.sample for job in batch.jobs])
+            decoder, samples = self._decoders[loaded.key], [job.sample for job in batch.jobs]
+            # every row plain (the usual batch): drawn and stepped in one call where the batch can
+            drawn = batch.draw_and_step(samples) if all(sample.draws_plainly for sample in samples) else None
+            if drawn is None:
+                ids, tokens = decoder.draw(batch.logits, samples)
+            else:
+                ids, tokens = drawn[0], decoder.plain_tokens(*drawn)
             running = []
             interval = wake_interval(self._active)
             for row, (job, token) in enumerate(zip(batch.jobs, tokens, strict=True)):
@@ -555,7 +562,7 @@ class Engine:
             if len(running) < len(batch.jobs):
                 running = fill_holes(running)
                 batch.keep(running)
-            if batch.jobs:
+            if batch.jobs and drawn is None:
                 batch.step([ids[row] for row in running])  # in the batch's new order
             self.last_step_ok_at[loaded.name] = time.monotonic()
         except Exception:

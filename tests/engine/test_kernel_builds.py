@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from charrnn.model.decoding import SamplingParams
+from charrnn.model.decoding import Decoder, SamplingParams
 from charrnn.service.config import ConfigError
 from charrnn.service.engine import lstm_kernel
 from charrnn.service.engine.batch import FastLSTMBatch, NativeLSTMBatch, bf16_capable, int8_capable
@@ -266,3 +266,36 @@ def test_the_engine_names_each_models_arithmetic(kernels: Path, fresh: None, cap
         build = lib.charrnn_build().decode()
         assert f"steps with the C kernel ({build} build), {arithmetic} arithmetic" in caplog.text
         caplog.clear()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_drawing_and_stepping_in_one_call_is_the_draw_then_the_step(precision: str, kernels: Path, fresh: None) -> None:
+    """A batch whose rows all draw plainly is drawn and stepped by one kernel call (the engine's usual step):
+    the same ids, log-probabilities, logits and state, bit for bit, as the decoder's draw and then the step;
+    rows with top alternatives or steering are not such rows."""
+    lib = lstm_kernel.chosen(directory=kernels).library
+    loaded = tiny_model(hidden=64)
+    options = {"int8": True} if precision == "int8" and int8_capable(loaded.model, lib) else {}
+    decoder = Decoder(loaded.vocab, lstm_kernel.KernelDraw(lib, len(loaded.vocab)))
+
+    def batch_and_rows() -> tuple[NativeLSTMBatch, list]:
+        batch = NativeLSTMBatch(loaded.model, 8, lib, **options)
+        logits_after(batch, 6, 3)  # 6 rows of random state
+        temperatures = (0.5, 0.8, 1.0, 1.3, 0.8, 2.0)
+        rows = [decoder.new_sample(SamplingParams(temperature=t), 40 + i, 100) for i, t in enumerate(temperatures)]
+        return batch, rows
+
+    with torch.inference_mode():
+        apart, apart_rows = batch_and_rows()
+        fused, fused_rows = batch_and_rows()
+        for _ in range(20):
+            ids, tokens = decoder.draw(apart.logits, apart_rows)
+            apart.step(ids)
+            fused_ids, logprobs = fused.draw_and_step(fused_rows)
+            assert fused_ids == ids
+            assert decoder.plain_tokens(fused_ids, logprobs) == tokens
+            assert torch.equal(fused.logits, apart.logits) and torch.equal(fused.hs, apart.hs)
+    assert all(row.draws_plainly for row in fused_rows)
+    assert not decoder.new_sample(SamplingParams(temperature=0.8), 1, 10, top_logprobs=2).draws_plainly
+    assert not decoder.new_sample(SamplingParams(temperature=0.8, presence_penalty=0.5), 1, 10).draws_plainly
+    assert not decoder.new_sample(SamplingParams(temperature=0.0), 1, 10).draws_plainly

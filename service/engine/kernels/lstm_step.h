@@ -69,6 +69,10 @@ int64_t charrnn_draw(const float *z, int V, float temperature, const float *q, f
 void charrnn_draw_rows(int n, int V, const float *logits, const float *temps, const float *const *noise,
                        int64_t *ids, float *logprobs);
 
+/* charrnn_draw_rows on net->logits (rows 0 .. n - 1, every one plain), then charrnn_lstm_step with the ids drawn. */
+void charrnn_draw_step(const Net *net, int n, const float *temps, const float *const *noise, int64_t *ids,
+                       float *logprobs);
+
 /* Threads that share a step from 4 rows up (the recurrent layers' products and the head's; the gates from
    16 rows; the products of 1-3 rows where the kernel measured sharing them faster, see
    charrnn_small_products_shared): this one and threads - 1 helpers, started now (the helpers never end; a
