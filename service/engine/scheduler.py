@@ -10,7 +10,7 @@ network. Each scheduler iteration:
     -> draw one character for every running job (model.decoding's Decoder: row i with job i's own
        generator, stop strings and length), publish; jobs that finished leave the batch
     -> one recurrent step of the whole batch, (batch, 1) ids -> (batch, vocab) logits (a C-kernel batch whose
-       rows all draw plainly draws and steps in one call, before the jobs that finished leave it)
+       rows all draw plainly draws and steps in one call, then publishes; the jobs that finished leave after)
 
 Jobs join and leave at any iteration (continuous batching). See docs/ENGINE_INTERFACE.md.
 
@@ -494,8 +494,14 @@ class Engine:
         if any(other.key == pending.key for other in self._prefilling):
             same = [other for other in self._prefilling if other.key == pending.key]
             self._prefilling = deque(other for other in self._prefilling if other.key != pending.key)
-            for other in same:  # a cancelled or expired one leaves at the batch's next step
-                self._join_batch(other.job, entry)
+            now = time.monotonic()
+            for other in same:
+                reason = _stop_reason(other.job, now)
+                if reason is None:
+                    self._join_batch(other.job, entry)
+                else:  # as if its own read had ended it: not a finished job (`completed`, the mean job time)
+                    self._active -= 1
+                    other.job.publish([], reason)
 
     def _prepare_kernel(self) -> None:
         """Build, check and load the C kernel as the thread starts (lstm_kernel.chosen: a compile and a check in

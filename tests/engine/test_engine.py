@@ -236,19 +236,19 @@ def test_prompt_cache_hit_gives_the_same_text(engine: Engine, loaded: LoadedMode
 
 def test_a_burst_of_one_prompt_reads_it_once(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
     """Jobs waiting to read the same prompt all join when the first has read it, even with no prompt cache; each
-    gives its own seed's text, and one cancelled meanwhile still ends cancelled."""
+    gives its own seed's text, and one cancelled while the prompt was read ends cancelled, not counted as done."""
     reads: list[tuple[int, ...]] = []
     reading = generation.prefill_chunks
 
     def counted(model, ids, state=None):
         reads.append(tuple(ids))
+        jobs[2].cancel()  # admitted with the others, waiting for this read
         yield from reading(model, ids, state)
 
     monkeypatch.setattr("charrnn.service.engine.scheduler.prefill_chunks", counted)
     engine = Engine({loaded.name: loaded}, precision="fp32", max_batch=8, prompt_cache_bytes=0)
     specs = [spec(loaded, "one prompt for all", n=30, seed=i) for i in range(6)]
     jobs = [engine.submit(s) for s in specs]  # queued before the scheduler starts: admitted together
-    jobs[2].cancel()
     engine.start()
     try:
         for i, (job, s) in enumerate(zip(jobs, specs, strict=True)):
@@ -258,6 +258,7 @@ def test_a_burst_of_one_prompt_reads_it_once(loaded: LoadedModel, monkeypatch: p
             else:
                 assert_same(tokens, reference(loaded, s)[0])
         assert len(reads) == 1
+        assert engine.completed == 5
     finally:
         engine.close(timeout=5)
 

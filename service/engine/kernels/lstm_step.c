@@ -323,7 +323,7 @@ static double now_ns(void) {
 #define WATCH_NS 100000.0
 
 /* Waits while *value == seen, at most WATCH_NS; whether it changed. */
-static int watch(const atomic_ulong *value, unsigned long seen) {
+static int watch(atomic_ulong *value, unsigned long seen) {
     const double until = now_ns() + WATCH_NS;
     while (atomic_load_explicit(value, memory_order_acquire) == seen) {
         for (int i = 0; i < 32; i++) _mm_pause();
