@@ -207,12 +207,7 @@ class NativeLSTMBatch(FastLSTMBatch):
         self.lib = lib
         self._ids_np = self.ids.numpy()
         self._ids_address = self.ids.data_ptr()
-        # draw_and_step's rows: temperatures, noise rows (addresses) and the log-probabilities drawn
-        self.temperatures = torch.zeros(capacity)
-        self.logprobs = torch.zeros(capacity)
-        self._temperatures_np, self._logprobs_np = self.temperatures.numpy(), self.logprobs.numpy()
-        self._temperatures_address, self._logprobs_address = self.temperatures.data_ptr(), self.logprobs.data_ptr()
-        self._noise = (ctypes.c_void_p * capacity)()
+        self._draws = lstm_kernel.KernelDraw(lib, model.config.vocab_size)  # draw_and_step's rows, as the draw's
         net = lstm_kernel.Net(layers=model.config.layers, hidden=model.config.hidden)
         net.vocab, net.capacity = model.config.vocab_size, capacity
         net.table, net.head_w, net.head_b = self.table.data_ptr(), self.head_w.data_ptr(), self.head_b.data_ptr()
@@ -264,15 +259,12 @@ class NativeLSTMBatch(FastLSTMBatch):
     def draw_and_step(self, rows: Sequence[Sample]) -> tuple[list[int], list[float]]:
         """The draw and the step in one call to the kernel (charrnn_draw_step), which holds no lock of Python's:
         the scheduler thread lets the others run once a step, not twice."""
-        n = len(rows)
-        temperatures, noise = self._temperatures_np, self._noise
-        for r, row in enumerate(rows):
-            temperatures[r] = row.temperature
-            noise[r] = row.noise.pointer()  # type: ignore[union-attr]  # a plain row has noise
+        draws = self._draws
+        n = draws.fill(rows)
         self.lib.charrnn_draw_step(
-            self.net, n, self._temperatures_address, noise, self._ids_address, self._logprobs_address
+            self.net, n, draws.temperatures.data_ptr(), draws.noise, self._ids_address, draws.logprobs.data_ptr()
         )
-        return self._ids_np[:n].tolist(), self._logprobs_np[:n].tolist()
+        return self._ids_np[:n].tolist(), draws.logprobs[:n].tolist()
 
 
 def _panels(weights: torch.Tensor) -> torch.Tensor | None:

@@ -114,7 +114,8 @@ class KernelDraw:
         self.ids = torch.zeros(capacity, dtype=torch.long)
         self.logprobs = torch.zeros(capacity)
 
-    def draw(self, logits: torch.Tensor, rows: Sequence[Sample]) -> tuple[list[int], list[float]]:
+    def fill(self, rows: Sequence[Sample]) -> int:
+        """Each row's temperature and next noise row (a plain row's) into the buffers the kernel reads; how many."""
         n = len(rows)
         if n > self.capacity:
             self._grow(max(n, 2 * self.capacity))
@@ -122,6 +123,10 @@ class KernelDraw:
             self._temperatures[r] = row.temperature
             if row.noise is not None:
                 self.noise[r] = row.noise.pointer()
+        return n
+
+    def draw(self, logits: torch.Tensor, rows: Sequence[Sample]) -> tuple[list[int], list[float]]:
+        n = self.fill(rows)
         logits = logits if logits.dtype == torch.float32 and logits.is_contiguous() else logits.float().contiguous()
         self.lib.charrnn_draw_rows(
             n,

@@ -491,8 +491,8 @@ class Engine:
         if pending.key[0] in self._live_keys:  # a retired model's prompt would stay until evicted
             self.prompt_cache.put(pending.key, entry)
         self._join_batch(pending.job, entry)
-        if any(other.key == pending.key for other in self._prefilling):
-            same = [other for other in self._prefilling if other.key == pending.key]
+        same = [other for other in self._prefilling if other.key == pending.key]
+        if same:
             self._prefilling = deque(other for other in self._prefilling if other.key != pending.key)
             now = time.monotonic()
             for other in same:
