@@ -35,7 +35,7 @@ from charrnn.model.stops import StopMatcher
 from charrnn.model.vocab import Vocab
 
 MAX_TEMPERATURE = 5.0
-NOISE_FLOATS = 4096  # per plain row, exponential noise drawn ahead (see Noise)
+NOISE_FLOATS = 16384  # per plain row, at most, exponential noise drawn ahead (see Noise)
 
 
 class SamplingError(ValueError):
@@ -248,11 +248,15 @@ class Noise:
 
     A block of k rows takes from the generator exactly what k one-row draws take in turn (checked by
     `block_draws_are_sequential`; where it is not so, a block is one row), so the text is the same
-    with one generator call per k characters instead of one per character.
+    with one generator call per k characters instead of one per character. A block holds the rows
+    the sample can take (`draws`, its characters), up to NOISE_FLOATS floats: a 200-character sample
+    of a 65-character vocabulary makes one call, and no noise is drawn that no character uses. Each
+    call lets the GIL go twice, and the engine's scheduler thread waits to take it back (batch.py).
     """
 
-    def __init__(self, vocab_size: int, generator: torch.Generator):
+    def __init__(self, vocab_size: int, generator: torch.Generator, draws: int | None = None):
         rows = max(1, NOISE_FLOATS // vocab_size) if block_draws_are_sequential() else 1
+        rows = rows if draws is None else max(1, min(rows, draws))
         self.block = torch.empty(rows, vocab_size)  # (rows, vocab)
         self.generator = generator
         self._row_bytes = vocab_size * self.block.element_size()
@@ -418,7 +422,7 @@ class Sample:
         self.generator = torch.Generator().manual_seed(seed)
         plain = params.plain
         self.temperature = max(params.temperature, 1e-6) if plain else 0.0  # > 0: a plain row
-        self.noise = Noise(vocab_size, self.generator) if plain else None
+        self.noise = Noise(vocab_size, self.generator, max_new_chars) if plain else None
         self.top_logprobs = top_logprobs
         self.left = max_new_chars
         self.finish_reason: str | None = None  # "stop" or "length" once the sample has ended

@@ -117,6 +117,9 @@ class ServiceConfig:
     max_batch: int = _setting(DEFAULT_MAX_BATCH, 1)  # generations stepped together by the engine
     max_queue: int = _setting(DEFAULT_MAX_QUEUE, 1)  # generations waiting for a batch slot; beyond this, 429
     batching: bool = True  # step concurrent generations as one batch
+    # request threads run under SCHED_BATCH (Linux): on waking they do not preempt the engine's threads
+    # (service/web/request_threads.py)
+    request_threads_yield: bool = True
     # memory for the recurrent states of recently seen prompts (0: off)
     prompt_cache_bytes: int = _setting(DEFAULT_PROMPT_CACHE_BYTES, 0)
     # seconds a generation may run; then it ends with finish_reason "deadline"

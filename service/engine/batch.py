@@ -19,6 +19,14 @@ from charrnn.model.decoding import Sample
 from charrnn.model.network import CharRNN, state_from_tensors, state_tensors
 from charrnn.service.engine import lstm_kernel
 
+# memmove called with the GIL held (PYFUNCTYPE; ctypes.memmove lets it go). On the scheduler thread every letting go
+# of the GIL is a wait to get it back while the request threads run: under 32 streams, each cost ~0.5 ms and the
+# thread spent a quarter of its time waiting. A row of a few KB copies in far less; a torch copy_ of one lets the
+# GIL go five times (twice more to make and free the views it needs), a numpy fancy-indexed copy three.
+_copy_bytes = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)(
+    ctypes._memmove_addr  # type: ignore[attr-defined]  # what ctypes.memmove calls
+)
+
 
 class RecurrentBatch:
     """Rows of recurrent state and next-character logits, one per job (what every kind of batch offers).
@@ -124,6 +132,9 @@ class FastLSTMBatch(RecurrentBatch):
         self.ids = torch.zeros(capacity, dtype=torch.long)
         self._views: dict[int, tuple] = {}
         self._arrays = (self.hs.numpy(), self.cs.numpy(), self.out.numpy())  # the same memory, for keep()
+        # where hs, cs and out start, and the bytes of one row of each (cs: of one layer), for add() and keep()
+        self._addresses = (self.hs.data_ptr(), self.cs.data_ptr(), self.out.data_ptr())
+        self._row_bytes = (4 * cfg.layers * hidden, 4 * hidden, 4 * cfg.vocab_size)
 
     @property
     def state(self) -> list[torch.Tensor]:  # type: ignore[override]  # views, (layers, batch, hidden) each
@@ -140,20 +151,37 @@ class FastLSTMBatch(RecurrentBatch):
         if row == self.capacity:
             raise RuntimeError("batch is full")
         h, c = state  # (layers, 1, hidden)
-        self.hs[row].view(-1, hidden).copy_(h[:, 0])
-        self.cs[:, row].copy_(c[:, 0])
-        self.out[row].copy_(logits)
+        hs_row, cs_row, out_row = self._row_bytes
+        sizes = (hs_row, hs_row, out_row)  # the bytes each of h, c and logits must hold to be copied whole
+        if all(t.is_cpu and t.dtype == torch.float32 and t.is_contiguous() and 4 * t.numel() == size
+               for t, size in zip((h, c, logits), sizes, strict=True)):  # fmt: skip
+            _copy_bytes(self._row_address(0, row), h.data_ptr(), hs_row)  # every layer's h, side by side
+            for layer in range(self.model.config.layers):
+                _copy_bytes(self._row_address(1, row, layer), c.data_ptr() + layer * cs_row, cs_row)
+            _copy_bytes(self._row_address(2, row), logits.data_ptr(), out_row)
+        else:
+            self.hs[row].view(-1, hidden).copy_(h[:, 0])
+            self.cs[:, row].copy_(c[:, 0])
+            self.out[row].copy_(logits)
         self.jobs.append(job)
 
     def keep(self, rows: list[int]) -> None:
         moved = [i for i, row in enumerate(rows) if row != i]  # only the rows that change place are copied
-        if moved:
-            # numpy views of the buffers: three fancy-indexed copies cost a few microseconds, where three
-            # torch index_selects cost ~10 % of the scheduler thread at 32 streams
-            hs, cs, out = self._arrays
-            sources = [rows[i] for i in moved]
+        sources = [rows[i] for i in moved]
+        if moved and set(sources).isdisjoint(moved):  # always so for scheduler.fill_holes's orders
+            for place, row in zip(moved, sources, strict=True):  # no copy reads a row another has written
+                for buffer, layers in ((0, 1), (1, self.model.config.layers), (2, 1)):
+                    for layer in range(layers):
+                        to, source = self._row_address(buffer, place, layer), self._row_address(buffer, row, layer)
+                        _copy_bytes(to, source, self._row_bytes[buffer])
+        elif moved:
+            hs, cs, out = self._arrays  # numpy views of the buffers: reads every source before it writes
             hs[moved], cs[:, moved], out[moved] = hs[sources], cs[:, sources], out[sources]
         self.jobs = [self.jobs[r] for r in rows]
+
+    def _row_address(self, buffer: int, row: int, layer: int = 0) -> int:
+        """Where row `row` (of layer `layer`, for cs) starts in buffer 0 (hs), 1 (cs) or 2 (out)."""
+        return self._addresses[buffer] + (layer * self.capacity + row) * self._row_bytes[buffer]
 
     def step(self, ids: list[int]) -> None:
         n = len(ids)
@@ -264,7 +292,7 @@ class NativeLSTMBatch(FastLSTMBatch):
         self.lib.charrnn_draw_step(
             self.net, n, draws.temperatures.data_ptr(), draws.noise, self._ids_address, draws.logprobs.data_ptr()
         )
-        return self._ids_np[:n].tolist(), draws.logprobs[:n].tolist()
+        return self._ids_np[:n].tolist(), draws.drawn_logprobs(n)
 
 
 def _panels(weights: torch.Tensor) -> torch.Tensor | None:

@@ -113,6 +113,9 @@ class KernelDraw:
         self.noise = (ctypes.c_void_p * capacity)()
         self.ids = torch.zeros(capacity, dtype=torch.long)
         self.logprobs = torch.zeros(capacity)
+        # read back through numpy: a torch slice is a tensor made and freed, and each lets the GIL go (batch.py)
+        self._ids = self.ids.numpy()
+        self._logprobs = self.logprobs.numpy()
 
     def fill(self, rows: Sequence[Sample]) -> int:
         """Each row's temperature and next noise row (a plain row's) into the buffers the kernel reads; how many."""
@@ -137,7 +140,11 @@ class KernelDraw:
             self.ids.data_ptr(),
             self.logprobs.data_ptr(),
         )
-        return self.ids[:n].tolist(), self.logprobs[:n].tolist()
+        return self._ids[:n].tolist(), self.drawn_logprobs(n)
+
+    def drawn_logprobs(self, n: int) -> list[float]:
+        """The log-probabilities of the characters the last call drew for the first n rows."""
+        return self._logprobs[:n].tolist()
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from charrnn.service.web.errors import register_error_handlers
 from charrnn.service.web.logs import configure_logging
 from charrnn.service.web.metrics import Metrics, instrument
 from charrnn.service.web.request_id import init_request_ids
+from charrnn.service.web.request_threads import init_request_threads
 from charrnn.service.web.routes import register_blueprints
 from charrnn.service.web.slots import init_slots
 from charrnn.service.web.state import Service, default_model
@@ -101,6 +102,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     _check_default(config, loaded)
     app.extensions["charrnn"] = service
     init_request_ids(app)  # first: whatever refuses the request below answers (and logs) with its id
+    init_request_threads(app, config.request_threads_yield)
     instrument(app, service.metrics)
     add_security_headers(app)
     check_hosts(app, config)  # before the key check: a refused Host gets 400, not 401

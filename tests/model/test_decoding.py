@@ -91,11 +91,13 @@ def test_the_core_not_the_kernel_decides_which_rows_are_plain(
     assert drawn == []
 
 
-def test_noise_drawn_ahead_is_the_noise_drawn_one_row_at_a_time() -> None:
+@pytest.mark.parametrize("draws", [None, 1, 7, 300])
+def test_noise_drawn_ahead_is_the_noise_drawn_one_row_at_a_time(draws: int | None) -> None:
     assert decoding.block_draws_are_sequential()
-    noise = Noise(29, torch.Generator().manual_seed(5))
+    noise = Noise(29, torch.Generator().manual_seed(5), draws)
+    assert len(noise.block) == min(draws or 10**9, decoding.NOISE_FLOATS // 29)  # what the sample can use, at most
     one_by_one = torch.Generator().manual_seed(5)
-    for step in range(300):  # several refills of the block
+    for step in range(1500):  # several refills of the block (past `draws` too: a block is refilled as needed)
         expected = torch.empty(29).exponential_(1, generator=one_by_one)
         if step % 2:
             assert torch.equal(noise.row(), expected)

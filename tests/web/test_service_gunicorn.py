@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -245,3 +246,30 @@ def test_a_stream_cut_off_by_a_dying_server_is_a_client_error(start_server: Call
         for _ in events:
             pass
     assert caught.value.code in ("connection_error", "incomplete_stream")
+
+
+def _thread_policies(pid: int) -> dict[int, int]:
+    """The CPU scheduling policy of each thread of process `pid` (field 41 of /proc/PID/task/TID/stat)."""
+    policies = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            stat = (task / "stat").read_text()
+            policies[int(task.name)] = int(stat[stat.rindex(")") + 2 :].split()[38])
+    return policies
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+@pytest.mark.parametrize("give_way", [True, False])
+def test_request_threads_give_way_to_the_engine(start_server: Callable[..., GunicornServer], give_way: bool) -> None:
+    server = start_server(CHARRNN_REQUEST_THREADS_YIELD=str(give_way).lower(), CHARRNN_THREADS="4")
+    client = Client(server.url)
+    with ThreadPoolExecutor(4) as pool:  # several request threads, each answering a stream
+        texts = list(pool.map(lambda seed: "".join(client.stream("the", max_new_chars=200, seed=seed)), range(8)))
+    assert all(len(text) == 200 for text in texts)
+    master = server.process.pid
+    (worker,) = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    policies = _thread_policies(int(worker))
+    batch = [tid for tid, policy in policies.items() if policy == os.SCHED_BATCH]
+    assert policies[int(worker)] == os.SCHED_OTHER  # the main thread: Gunicorn's accept loop
+    assert sum(policy == os.SCHED_OTHER for policy in policies.values()) >= 2  # and at least the engine's thread
+    assert (len(batch) >= 1) if give_way else not batch
