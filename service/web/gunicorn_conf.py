@@ -53,8 +53,10 @@ workers = settings.workers or min(2, _cores())
 
 # gthread: each worker answers up to `threads` requests at once. A streamed response holds a thread
 # for as long as it runs; the default `sync` worker would serve one request at a time and be killed
-# by the heartbeat timeout in the middle of a long stream.
-worker_class = "gthread"
+# by the heartbeat timeout in the middle of a long stream. Gunicorn's gthread worker, except that a
+# connection that ends lingers for its client's close on a thread of its own, not on the loop that
+# accepts every other connection (Gunicorn 26+ waits up to 2 s there: service/web/worker.py).
+worker_class = "charrnn.service.web.worker.ThreadWorker"
 
 # env CHARRNN_THREADS: concurrent requests per worker (streams included). Generation itself runs on
 # the engine's one scheduler thread, which steps up to CHARRNN_MAX_BATCH generations together, so the
