@@ -279,6 +279,10 @@ class Noise:
         """The address of the next unused row of noise (vocab float32 values), for an accelerated draw."""
         return self._address + self._take() * self._row_bytes
 
+    def available(self) -> int:
+        """How many rows `pointer` gives before a refill overwrites the block (the whole block if the next does)."""
+        return self._rows - self._next or self._rows
+
 
 class DryPenalty:
     """One row's DRY penalty (llama.cpp's `llama_sampler_dry`): its parameters, the characters read so far

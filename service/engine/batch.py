@@ -54,11 +54,13 @@ class RecurrentBatch:
         """Feed one id per row; logits and state move on by one character."""
         raise NotImplementedError
 
-    def draw_and_step(self, rows: Sequence[Sample]) -> tuple[list[int], list[float]] | None:
+    def draw_and_step(self, rows: Sequence[Sample], steps: int = 1) -> tuple[list[int], list[float]] | None:
         """For rows that draw plainly (every one `Sample.draws_plainly`, row i with rows[i]): the character each
         draws from the logits, as `model.decoding.Decoder.draw` would, and its log-probability, then the step
-        with those ids, in one go; (ids, logprobs). None where this batch cannot (the caller draws, then
-        steps), and then nothing has changed."""
+        with those ids, `steps` times in one go; (ids, logprobs), step s's row i at s * len(rows) + i. A row with
+        fewer characters left draws its last with its own noise, then spare noise (lstm_kernel.KernelDraw.fill);
+        every other must have `steps` rows of noise `available`. None where this batch cannot (the caller draws,
+        then steps), and then nothing has changed."""
         return None
 
 
@@ -284,15 +286,14 @@ class NativeLSTMBatch(FastLSTMBatch):
         self._ids_np[:n] = ids
         self.lib.charrnn_lstm_step(self.net, n, self._ids_address)
 
-    def draw_and_step(self, rows: Sequence[Sample]) -> tuple[list[int], list[float]]:
-        """The draw and the step in one call to the kernel (charrnn_draw_step), which holds no lock of Python's:
-        the scheduler thread lets the others run once a step, not twice."""
+    def draw_and_step(self, rows: Sequence[Sample], steps: int = 1) -> tuple[list[int], list[float]]:
+        """The draws and the steps in one call to the kernel (charrnn_draw_step), which holds no lock of Python's:
+        the scheduler thread lets the others run once every `steps` steps, not twice a step."""
         draws = self._draws
-        n = draws.fill(rows)
-        self.lib.charrnn_draw_step(
-            self.net, n, draws.temperatures.data_ptr(), draws.noise, self._ids_address, draws.logprobs.data_ptr()
-        )
-        return self._ids_np[:n].tolist(), draws.drawn_logprobs(n)
+        n = draws.fill(rows, steps)
+        temperatures, ids, logprobs = (t.data_ptr() for t in (draws.temperatures, draws.ids, draws.logprobs))
+        self.lib.charrnn_draw_step(self.net, n, steps, temperatures, draws.noise, ids, logprobs)
+        return draws.drawn_ids(steps * n), draws.drawn_logprobs(steps * n)
 
 
 def _panels(weights: torch.Tensor) -> torch.Tensor | None:

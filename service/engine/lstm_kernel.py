@@ -104,6 +104,8 @@ class KernelDraw:
     def __init__(self, lib: ctypes.CDLL, vocab_size: int):
         self.lib = lib
         self.vocab_size = vocab_size
+        self._spare = torch.ones(vocab_size)  # the noise of steps after a row's end (see fill)
+        self._spare_address = self._spare.data_ptr()
         self._grow(8)
 
     def _grow(self, capacity: int) -> None:
@@ -117,15 +119,22 @@ class KernelDraw:
         self._ids = self.ids.numpy()
         self._logprobs = self.logprobs.numpy()
 
-    def fill(self, rows: Sequence[Sample]) -> int:
-        """Each row's temperature and next noise row (a plain row's) into the buffers the kernel reads; how many."""
+    def fill(self, rows: Sequence[Sample], steps: int = 1) -> int:
+        """Each row's temperature and its next `steps` noise rows (a plain row's; step s's at s * n + r) into the
+        buffers the kernel reads; how many rows. A row with fewer characters `left` than `steps` gets noise for
+        those, and a spare row of noise for the steps after its end (what they draw is never used); the others
+        must have the noise `available` (a refill in between would overwrite the rows handed out before it)."""
         n = len(rows)
-        if n > self.capacity:
-            self._grow(max(n, 2 * self.capacity))
+        if steps * n > self.capacity:
+            self._grow(max(steps * n, 2 * self.capacity))
         for r, row in enumerate(rows):
             self._temperatures[r] = row.temperature
             if row.noise is not None:
-                self.noise[r] = row.noise.pointer()
+                drawn = min(steps, row.left)
+                for s in range(drawn):
+                    self.noise[s * n + r] = row.noise.pointer()
+                for s in range(drawn, steps):
+                    self.noise[s * n + r] = self._spare_address
         return n
 
     def draw(self, logits: torch.Tensor, rows: Sequence[Sample]) -> tuple[list[int], list[float]]:
@@ -140,10 +149,14 @@ class KernelDraw:
             self.ids.data_ptr(),
             self.logprobs.data_ptr(),
         )
-        return self._ids[:n].tolist(), self.drawn_logprobs(n)
+        return self.drawn_ids(n), self.drawn_logprobs(n)
+
+    def drawn_ids(self, n: int) -> list[int]:
+        """The characters the last call drew for its first n rows (or n steps x rows)."""
+        return self._ids[:n].tolist()
 
     def drawn_logprobs(self, n: int) -> list[float]:
-        """The log-probabilities of the characters the last call drew for the first n rows."""
+        """The log-probabilities of the characters the last call drew for its first n rows (or n steps x rows)."""
         return self._logprobs[:n].tolist()
 
 
@@ -611,7 +624,7 @@ def _bind(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL:
     lib.charrnn_draw.restype = ctypes.c_int64
     lib.charrnn_draw_rows.argtypes = [ctypes.c_int, ctypes.c_int, *[ctypes.c_void_p] * 5]
     lib.charrnn_draw_rows.restype = None
-    lib.charrnn_draw_step.argtypes = [ctypes.POINTER(Net), ctypes.c_int, *[ctypes.c_void_p] * 4]
+    lib.charrnn_draw_step.argtypes = [ctypes.POINTER(Net), ctypes.c_int, ctypes.c_int, *[ctypes.c_void_p] * 4]
     lib.charrnn_draw_step.restype = None
     lib.charrnn_half_to_float.argtypes = [ctypes.c_uint16]
     lib.charrnn_half_to_float.restype = ctypes.c_float

@@ -15,11 +15,19 @@ from collections.abc import Iterator
 import pytest
 
 import charrnn.model.generation as generation
+from charrnn.model import decoding
 from charrnn.model.decoding import SamplingError, SamplingParams, Token
 from charrnn.model.generation import generate
 from charrnn.service.engine.batch import describe_batch
 from charrnn.service.engine.loading import LoadedModel
-from charrnn.service.engine.scheduler import Engine, EngineClosedError, JobSpec, QueueFullError, fill_holes
+from charrnn.service.engine.scheduler import (
+    STEPS_PER_CALL,
+    Engine,
+    EngineClosedError,
+    JobSpec,
+    QueueFullError,
+    fill_holes,
+)
 from tests.helpers import MIXED_PARAMS, tiny_model
 
 LONG = 1_000_000  # max_new_chars for a job that is stopped some other way
@@ -94,6 +102,31 @@ def test_jobs_give_the_same_text_as_generate(
         assert reason == want_reason == "length"
         assert job.generated_chars == s.max_new_chars
     engine.close()
+
+
+def test_plain_rows_stepped_several_at_a_call_give_the_same_text_as_generate(
+    native_kernel: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plain rows are drawn and stepped STEPS_PER_CALL steps a kernel call: rows that end within a call (lengths
+    that are no multiple of it, stop strings) and rows whose noise block runs out within one (blocks of 10
+    rows here) give what `charrnn sample` gives."""
+    loaded = tiny_model("lstm")
+    monkeypatch.setattr(decoding, "NOISE_FLOATS", 10 * len(loaded.vocab))  # a block of 10 rows of noise
+    plain = SamplingParams(temperature=0.9)
+    specs = [spec(loaded, "the", n=n, seed=n, params=plain) for n in (1, 2, 3, 5, 6, 7, 9, 13)]
+    specs += [spec(loaded, "a", n=37, seed=5, params=plain), spec(loaded, "", n=40, seed=3, stop=("e",))]
+    engine = Engine({loaded.name: loaded}, precision="fp32", max_batch=16)
+    jobs = [engine.submit(s) for s in specs]  # queued before the start: one batch from the first step
+    engine.start()
+    try:
+        for job, s in zip(jobs, specs, strict=True):
+            tokens, reason = job.result(timeout=120)
+            want, want_reason = reference(loaded, s)
+            assert_same(tokens, want)
+            assert reason == want_reason
+    finally:
+        engine.close()
+    assert STEPS_PER_CALL > 1
 
 
 def test_the_first_token_is_bitwise_equal_to_generate(loaded: LoadedModel) -> None:

@@ -269,14 +269,15 @@ def test_the_engine_names_each_models_arithmetic(kernels: Path, fresh: None, cap
         caplog.clear()
 
 
+@pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("rows", [1, 6])
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_drawing_and_stepping_in_one_call_is_the_draw_then_the_step(
-    precision: str, rows: int, kernels: Path, fresh: None
+    precision: str, rows: int, steps: int, kernels: Path, fresh: None
 ) -> None:
-    """A batch whose rows all draw plainly is drawn and stepped by one kernel call (the engine's usual step):
-    the same ids, log-probabilities, logits and state, bit for bit, as the decoder's draw and then the step;
-    rows with top alternatives or steering are not such rows."""
+    """A batch whose rows all draw plainly is drawn and stepped by one kernel call, one step or several (the
+    engine's usual step): the same ids, log-probabilities, logits and state, bit for bit, as the decoder's draw
+    and then the step, step after step; rows with top alternatives or steering are not such rows."""
     lib = lstm_kernel.chosen(directory=kernels).library
     loaded = tiny_model(hidden=64)
     if precision == "int8" and not int8_capable(loaded.model, lib):
@@ -288,18 +289,21 @@ def test_drawing_and_stepping_in_one_call_is_the_draw_then_the_step(
         batch = NativeLSTMBatch(loaded.model, 8, lib, **options)
         logits_after(batch, rows, 3)  # rows of random state
         temperatures = (0.5, 0.8, 1.0, 1.3, 0.8, 2.0)[:rows]
-        samples = [decoder.new_sample(SamplingParams(temperature=t), 40 + i, 100) for i, t in enumerate(temperatures)]
+        samples = [decoder.new_sample(SamplingParams(temperature=t), 40 + i, 21) for i, t in enumerate(temperatures)]
         return batch, samples
 
     with torch.inference_mode():
         apart, apart_rows = batch_and_rows()
         fused, fused_rows = batch_and_rows()
-        for _ in range(20):
-            ids, tokens = decoder.draw(apart.logits, apart_rows)
-            apart.step(ids)
-            fused_ids, logprobs = fused.draw_and_step(fused_rows)
-            assert fused_ids == ids
-            assert decoder.plain_tokens(fused_ids, logprobs) == tokens
+        for _ in range(63 // steps):  # refills of the noise blocks too (sized to the samples' 21 characters)
+            assert min(row.noise.available() for row in fused_rows) >= steps
+            fused_ids, logprobs = fused.draw_and_step(fused_rows, steps)
+            fused_tokens = decoder.plain_tokens(fused_ids, logprobs)
+            for step in range(steps):
+                ids, tokens = decoder.draw(apart.logits, apart_rows)
+                apart.step(ids)
+                assert fused_ids[step * rows : (step + 1) * rows] == ids
+                assert fused_tokens[step * rows : (step + 1) * rows] == tokens
             assert torch.equal(fused.logits, apart.logits) and torch.equal(fused.hs, apart.hs)
     assert all(row.draws_plainly for row in fused_rows)
     assert not decoder.new_sample(SamplingParams(temperature=0.8), 1, 10, top_logprobs=2).draws_plainly

@@ -1118,12 +1118,16 @@ void charrnn_draw_rows(int n, int V, const float *logits, const float *temps, co
         if (temps[r] > 0) ids[r] = charrnn_draw(logits + (size_t)r * V, V, temps[r], noise[r], logprobs + r);
 }
 
-/* A character for every row of the batch, drawn from the net's logits (every row plain: temps[r] > 0), then
-   the step that reads them: one call for what the draw and the step do apart. */
-void charrnn_draw_step(const Net *net, int n, const float *temps, const float *const *noise, int64_t *ids,
+/* `steps` times: a character for every row of the batch, drawn from the net's logits (every row plain:
+   temps[r] > 0), then the step that reads them: one call for what the draw and the step do apart, and for
+   several steps. Step s reads noise[s * n + r] and writes ids[s * n + r] and logprobs[s * n + r]. */
+void charrnn_draw_step(const Net *net, int n, int steps, const float *temps, const float *const *noise, int64_t *ids,
                        float *logprobs) {
-    charrnn_draw_rows(n, net->vocab, net->logits, temps, noise, ids, logprobs);
-    charrnn_lstm_step(net, n, ids);
+    for (int s = 0; s < steps; s++) {
+        const size_t at = (size_t)s * (size_t)n;
+        charrnn_draw_rows(n, net->vocab, net->logits, temps, noise + at, ids + at, logprobs + at);
+        charrnn_lstm_step(net, n, ids + at);
+    }
 }
 
 /* ---- charrnn_self_test: this build's first run, in a child process of the loader ---------------------- */

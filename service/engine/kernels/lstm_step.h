@@ -69,8 +69,9 @@ int64_t charrnn_draw(const float *z, int V, float temperature, const float *q, f
 void charrnn_draw_rows(int n, int V, const float *logits, const float *temps, const float *const *noise,
                        int64_t *ids, float *logprobs);
 
-/* charrnn_draw_rows on net->logits (rows 0 .. n - 1, every one plain), then charrnn_lstm_step with the ids drawn. */
-void charrnn_draw_step(const Net *net, int n, const float *temps, const float *const *noise, int64_t *ids,
+/* `steps` times: charrnn_draw_rows on net->logits (rows 0 .. n - 1, every one plain), then charrnn_lstm_step
+   with the ids drawn; step s reads noise[s * n .. s * n + n - 1] and writes ids and logprobs there. */
+void charrnn_draw_step(const Net *net, int n, int steps, const float *temps, const float *const *noise, int64_t *ids,
                        float *logprobs);
 
 /* Threads that share a step from 4 rows up (the recurrent layers' products and the head's; the gates from
