@@ -24,7 +24,7 @@ from charrnn.service.engine import lstm_kernel
 # thread spent a quarter of its time waiting. A row of a few KB copies in far less; a torch copy_ of one lets the
 # GIL go five times (twice more to make and free the views it needs), a numpy fancy-indexed copy three.
 _copy_bytes = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)(
-    ctypes._memmove_addr  # type: ignore[attr-defined]  # what ctypes.memmove calls
+    ctypes._memmove_addr  # type: ignore[attr-defined]  # what ctypes.memmove wraps (there since Python 2.5)
 )
 
 
@@ -168,6 +168,9 @@ class FastLSTMBatch(RecurrentBatch):
         self.jobs.append(job)
 
     def keep(self, rows: list[int]) -> None:
+        jobs = self.jobs
+        if any(not 0 <= row < len(jobs) for row in rows):  # checked before any raw copy
+            raise IndexError(f"keep({rows}) names rows outside 0 .. {len(jobs) - 1}")
         moved = [i for i, row in enumerate(rows) if row != i]  # only the rows that change place are copied
         sources = [rows[i] for i in moved]
         if moved and set(sources).isdisjoint(moved):  # always so for scheduler.fill_holes's orders
@@ -179,7 +182,7 @@ class FastLSTMBatch(RecurrentBatch):
         elif moved:
             hs, cs, out = self._arrays  # numpy views of the buffers: reads every source before it writes
             hs[moved], cs[:, moved], out[moved] = hs[sources], cs[:, sources], out[sources]
-        self.jobs = [self.jobs[r] for r in rows]
+        self.jobs = [jobs[r] for r in rows]
 
     def _row_address(self, buffer: int, row: int, layer: int = 0) -> int:
         """Where row `row` (of layer `layer`, for cs) starts in buffer 0 (hs), 1 (cs) or 2 (out)."""

@@ -130,7 +130,7 @@ class KernelDraw:
         for r, row in enumerate(rows):
             self._temperatures[r] = row.temperature
             if row.noise is not None:
-                drawn = min(steps, row.left)
+                drawn = min(steps, row.left) if steps > 1 else 1  # one step: always the row's own noise
                 for s in range(drawn):
                     self.noise[s * n + r] = row.noise.pointer()
                 for s in range(drawn, steps):

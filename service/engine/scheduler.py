@@ -10,7 +10,8 @@ network. Each scheduler iteration:
     -> draw one character for every running job (model.decoding's Decoder: row i with job i's own
        generator, stop strings and length), publish; jobs that finished leave the batch
     -> one recurrent step of the whole batch, (batch, 1) ids -> (batch, vocab) logits (a C-kernel batch whose
-       rows all draw plainly draws and steps in one call, then publishes; the jobs that finished leave after)
+       rows all draw plainly draws and steps in one call, up to STEPS_PER_CALL steps, then publishes; the jobs
+       that finished leave after)
 
 Jobs join and leave at any iteration (continuous batching). See docs/ENGINE_INTERFACE.md.
 

@@ -10,13 +10,17 @@ test_service_gunicorn.py), and under load every close waited for the client's ow
 
 Here the same close (the FIN at once, then the lingering read, at most LINGER_SECONDS and MAX_DRAIN_BYTES) runs
 on one closer thread per worker that watches every closing socket with a selector, so the main loop goes on at
-once. Everything else is Gunicorn's own ThreadWorker; the subclass relies on its `finish_request(conn, fs)`
-(so pyproject.toml asks for Gunicorn 24 to 27, whose workers have it; this one was tested with 27).
+once. At most `worker_connections` sockets linger (Gunicorn's bound on a worker's connections; a lingering one
+holds a descriptor); past that a connection is closed at once, as Gunicorn before 26 did. A stopping worker
+waits for the lingering closes (LINGER_SECONDS at most) before its process ends. Everything else is Gunicorn's
+own ThreadWorker; the subclass repeats the choice its `finish_request(conn, fs)` makes between keeping a
+connection and closing it, as Gunicorn 27 makes it (pyproject.toml asks for 27.x).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import selectors
 import socket
@@ -27,6 +31,8 @@ from concurrent.futures import Future
 from typing import Any
 
 from gunicorn.workers import gthread
+
+log = logging.getLogger(__name__)
 
 LINGER_SECONDS = 2.0  # Gunicorn's own bound on the wait for the client's close
 MAX_DRAIN_BYTES = 65536  # and on what is read meanwhile
@@ -41,9 +47,12 @@ class Closer:
         self._selector = selectors.DefaultSelector()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)  # a full pipe has woken the thread already
         self._selector.register(self._wake_read, selectors.EVENT_READ)
         self._incoming: deque[socket.socket] = deque()  # handed over by close(), taken by the thread
         self._closing: dict[socket.socket, list[float]] = {}  # socket -> [deadline, bytes drained]
+        self._count = 0  # sockets handed over and not closed yet
+        self._counted = threading.Condition()  # guards _count; notified when it reaches 0
         threading.Thread(target=self._run, name="charrnn-closer", daemon=True).start()
 
     def close(self, sock: socket.socket) -> None:
@@ -54,26 +63,40 @@ class Closer:
         except OSError:  # the peer has gone already
             sock.close()
             return
+        with self._counted:
+            self._count += 1
         self._incoming.append(sock)
-        os.write(self._wake_write, b"\0")
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_write, b"\0")
 
     @property
     def lingering(self) -> int:
-        """Sockets sent their FIN and not closed yet (those just handed over included)."""
-        return len(self._closing) + len(self._incoming)
+        """Sockets sent their FIN and not closed yet."""
+        return self._count
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until no socket lingers, at most `timeout` seconds; whether none does."""
+        with self._counted:
+            return self._counted.wait_for(lambda: self._count == 0, timeout)
 
     def _run(self) -> None:
         while True:
-            deadlines = [deadline for deadline, _ in self._closing.values()]
-            timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-            for key, _ in self._selector.select(timeout):
-                if key.fileobj == self._wake_read:
-                    self._take_incoming()
-                else:
-                    self._drain(key.fileobj)  # type: ignore[arg-type]
-            now = time.monotonic()
-            for sock in [s for s, (deadline, _) in self._closing.items() if deadline <= now]:
-                self._finish(sock)
+            try:
+                self._turn()
+            except Exception:  # a socket the thread cannot handle must not end the thread (and leak every later one)
+                log.exception("the connection closer failed; it goes on")
+
+    def _turn(self) -> None:
+        deadlines = [deadline for deadline, _ in self._closing.values()]
+        timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+        for key, _ in self._selector.select(timeout):
+            if key.fileobj == self._wake_read:
+                self._take_incoming()
+            else:
+                self._drain(key.fileobj)  # type: ignore[arg-type]
+        now = time.monotonic()
+        for sock in [s for s, (deadline, _) in self._closing.items() if deadline <= now]:
+            self._finish(sock)
 
     def _take_incoming(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -97,9 +120,14 @@ class Closer:
             self._finish(sock)
 
     def _finish(self, sock: socket.socket) -> None:
-        self._selector.unregister(sock)
         del self._closing[sock]
+        with contextlib.suppress(KeyError, ValueError):  # ValueError: a socket closed meanwhile (fd -1)
+            self._selector.unregister(sock)
         sock.close()
+        with self._counted:
+            self._count -= 1
+            if not self._count:
+                self._counted.notify_all()
 
 
 class ThreadWorker(gthread.ThreadWorker):
@@ -108,6 +136,10 @@ class ThreadWorker(gthread.ThreadWorker):
     def init_process(self) -> None:
         self.closer = Closer()  # in the worker process, after the fork: its thread is this process's
         super().init_process()
+
+    def run(self) -> None:
+        super().run()  # returns when the worker stops
+        self.closer.wait(LINGER_SECONDS)  # the closes under way end as they would have, not as the process does
 
     def finish_request(self, conn: Any, fs: Future) -> None:
         try:
@@ -118,4 +150,7 @@ class ThreadWorker(gthread.ThreadWorker):
             super().finish_request(conn, fs)
             return
         self.nr_conns -= 1
-        self.closer.close(conn.sock)
+        if self.closer.lingering < self.worker_connections:
+            self.closer.close(conn.sock)
+        else:  # as many lingering as the worker may hold connections: no more descriptors for them
+            conn.close()

@@ -90,7 +90,7 @@ def test_clients_that_keep_their_sockets_open_stall_no_one(start_server: Callabl
     master = server.process.pid
     (worker,) = Path(f"/proc/{master}/task/{master}/children").read_text().split()
     host, port = server.url.removeprefix("http://").split(":")
-    holders = [socket.create_connection((host, int(port))) for _ in range(3)]
+    holders = [socket.create_connection((host, int(port))) for _ in range(2)]
     ports = {holder.getsockname()[1] for holder in holders}
     try:
         for holder in holders:  # each reads its whole answer (to the FIN) and keeps its socket open
@@ -98,10 +98,20 @@ def test_clients_that_keep_their_sockets_open_stall_no_one(start_server: Callabl
             assert read_to_eof(holder).startswith(b"HTTP/1.0 200")
         with requests.get(f"{server.url}/health/live", headers={"Connection": "close"}, timeout=30) as answer:
             assert answer.status_code == 200
-        # answered while the three still linger: nothing waited for them (Gunicorn's own close had the second
-        # holder's FIN wait for the first's 2 s, and this request for all three)
+        # answered while both still linger: nothing waited for them (Gunicorn's own close had the second
+        # holder's FIN wait for the first's 2 s, and this request for both)
         assert ports <= _peers(int(worker))
         wait_until(lambda: not ports & _peers(int(worker)), 30, "the worker to close the lingering sockets")
     finally:
         for holder in holders:
             holder.close()
+
+
+def test_a_stopping_worker_waits_for_the_lingering_closes(pair: tuple[socket.socket, socket.socket]) -> None:
+    client, server = pair
+    closer = Closer(linger=60)
+    closer.close(server)
+    assert not closer.wait(0.01)  # the client has not closed: the socket lingers
+    client.close()
+    assert closer.wait(30)  # and once it has, nothing does
+    assert closer.lingering == 0
