@@ -637,9 +637,10 @@ class _Prefill:
 
 
 def _steps_per_call(samples: list[Sample]) -> int:
-    """STEPS_PER_CALL, or fewer where a row would need more noise than its block holds before a refill (a row
-    with fewer characters left ends within the call: its steps after that are drawn with spare noise)."""
-    steps = STEPS_PER_CALL
+    """STEPS_PER_CALL, or fewer where every row ends sooner, or where a row would need more noise than its block
+    holds before a refill (a row with fewer characters left ends within the call: its steps after that are
+    drawn with spare noise)."""
+    steps = min(STEPS_PER_CALL, max(sample.left for sample in samples))
     for sample in samples:
         available = sample.noise.available()  # type: ignore[union-attr]  # plain rows have noise
         if available < min(steps, sample.left):
