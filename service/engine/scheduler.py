@@ -57,10 +57,11 @@ FINISH_REASONS = ("length", "stop", "cancelled", "deadline", "error")
 # (bench/throughput.py: 7,700 against 10,600-11,200 characters/s at 30-60 ms). 2,000 rather than 1,000:
 # at 32 streams 16 ms rather than 32, which a long prompt's chunk adds to (bench/long_prompt_gap.py).
 # A person reading cannot tell 10 ms chunks from 50 ms ones; the first character is not delayed.
-# Steps one kernel call makes for a batch of plain rows (RecurrentBatch.draw_and_step), fewer where a row has
-# fewer characters left (or noise drawn ahead): the scheduler thread takes the GIL back once per call, and in
-# the service that waits for the request threads (~0.3-0.5 ms a step at 32 streams on 2 cores before); jobs
-# join, leave, stop and are cancelled between calls, so a call is short (4 steps of 128 rows: ~20 ms).
+# Steps one kernel call makes for a batch of plain rows (RecurrentBatch.draw_and_step), fewer where every row
+# ends sooner or a row's noise block would need a refill (_steps_per_call): the scheduler thread takes the GIL
+# back once per call, and in the service that waits for the request threads (~0.3-0.5 ms a step at 32 streams
+# on 2 cores before); jobs join, leave, stop and are cancelled between calls, so a call is short (4 steps of
+# 128 rows: ~20 ms).
 STEPS_PER_CALL = 4
 WAKE_INTERVAL = 0.01  # the least interval (few streams)
 MAX_WAKE_INTERVAL = 0.05  # the most (many streams)

@@ -139,7 +139,7 @@ class ThreadWorker(gthread.ThreadWorker):
 
     def run(self) -> None:
         super().run()  # returns when the worker stops
-        self.closer.wait(LINGER_SECONDS)  # the closes under way end as they would have, not as the process does
+        self.closer.wait(self.closer.linger)  # the closes under way end as they would have, not as the process does
 
     def finish_request(self, conn: Any, fs: Future) -> None:
         try:
