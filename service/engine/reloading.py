@@ -40,6 +40,7 @@ from charrnn.service.engine.loading import (
     load_one,
 )
 from charrnn.service.engine.scheduler import Engine
+from charrnn.service.engine.thread_names import name_os_thread
 from charrnn.service.reload_signal import raise_signal, read_signal, sender
 
 log = logging.getLogger(__name__)
@@ -199,6 +200,7 @@ class Watcher:
                 log.error("could not ask the other workers to check the model directory (%s): %s", path, exc)
 
     def _run(self, wake_r: int) -> None:
+        name_os_thread()
         events = _Events.open(self.directory.path, [p.parent for p in self.signal_files], wake_r)
         self.inotify = events is not None
         log.info(

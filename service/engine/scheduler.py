@@ -45,6 +45,7 @@ from charrnn.service.engine import lstm_kernel
 from charrnn.service.engine.batch import RecurrentBatch, describe_batch, make_batch, precision_flags
 from charrnn.service.engine.loading import LoadedModel
 from charrnn.service.engine.prompt_cache import PromptCache
+from charrnn.service.engine.thread_names import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -386,6 +387,7 @@ class Engine:
     # --- the scheduler thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        name_os_thread()  # charrnn-engine in top -H and /proc
         torch.set_grad_enabled(False)
         self._prepare_kernel()
         with torch.inference_mode():

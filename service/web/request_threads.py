@@ -1,4 +1,5 @@
-"""Request threads give way to the engine's: from its first request each runs under SCHED_BATCH (Linux).
+"""Request threads give way to the engine's: from its first request each runs under SCHED_BATCH (Linux),
+and is named charrnn-request for the OS (top -H, /proc; service/engine/thread_names.py).
 
 A worker's engine steps every stream on two threads, its scheduler and the kernel's helper, one a core on
 a two-core machine; its request threads wake for every request and for every piece of every stream (about
@@ -25,23 +26,29 @@ import threading
 
 from flask import Flask
 
+from charrnn.service.engine.thread_names import name_os_thread
+
 log = logging.getLogger(__name__)
+
+REQUEST_THREAD_NAME = "charrnn-request"
 
 
 def init_request_threads(app: Flask, give_way: bool) -> None:
-    """With `give_way`, every request thread but the main one switches to SCHED_BATCH before its first request."""
-    policy = getattr(os, "SCHED_BATCH", None)
-    if not give_way or policy is None:
-        return
+    """Every request thread but the main one is named charrnn-request before its first request and, with
+    `give_way`, switches to SCHED_BATCH."""
+    policy = getattr(os, "SCHED_BATCH", None) if give_way else None
     seen = threading.local()
     refused = threading.Event()  # logged once a process
 
     @app.before_request
-    def _give_way_to_the_engine() -> None:
+    def _first_request_of_this_thread() -> None:
         if getattr(seen, "done", False):
             return
         seen.done = True
         if threading.current_thread() is threading.main_thread():
+            return
+        name_os_thread(REQUEST_THREAD_NAME)
+        if policy is None:
             return
         try:
             os.sched_setscheduler(0, policy, os.sched_param(0))  # 0: this thread (Linux: a thread's own policy)

@@ -32,6 +32,8 @@ from typing import Any
 
 from gunicorn.workers import gthread
 
+from charrnn.service.engine.thread_names import name_os_thread
+
 log = logging.getLogger(__name__)
 
 LINGER_SECONDS = 2.0  # Gunicorn's own bound on the wait for the client's close
@@ -80,6 +82,7 @@ class Closer:
             return self._counted.wait_for(lambda: self._count == 0, timeout)
 
     def _run(self) -> None:
+        name_os_thread()
         while True:
             try:
                 self._turn()

@@ -248,19 +248,24 @@ def test_a_stream_cut_off_by_a_dying_server_is_a_client_error(start_server: Call
     assert caught.value.code in ("connection_error", "incomplete_stream")
 
 
-def _thread_policies(pid: int) -> dict[int, int]:
-    """The CPU scheduling policy of each thread of process `pid` (field 41 of /proc/PID/task/TID/stat)."""
-    policies = {}
+def _threads(pid: int) -> dict[int, tuple[str, int]]:
+    """The OS name and CPU scheduling policy (field 41 of /proc/PID/task/TID/stat) of each thread of `pid`."""
+    threads = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
             stat = (task / "stat").read_text()
-            policies[int(task.name)] = int(stat[stat.rindex(")") + 2 :].split()[38])
-    return policies
+            threads[int(task.name)] = (
+                (task / "comm").read_text().strip(),
+                int(stat[stat.rindex(")") + 2 :].split()[38]),
+            )
+    return threads
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
 @pytest.mark.parametrize("give_way", [True, False])
 def test_request_threads_give_way_to_the_engine(start_server: Callable[..., GunicornServer], give_way: bool) -> None:
+    """Request threads are named charrnn-request (and, by default, run under SCHED_BATCH); the main thread
+    and the engine's keep the usual policy."""
     server = start_server(CHARRNN_REQUEST_THREADS_YIELD=str(give_way).lower(), CHARRNN_THREADS="4")
     client = Client(server.url)
     with ThreadPoolExecutor(4) as pool:  # several request threads, each answering a stream
@@ -268,8 +273,10 @@ def test_request_threads_give_way_to_the_engine(start_server: Callable[..., Guni
     assert all(len(text) == 200 for text in texts)
     master = server.process.pid
     (worker,) = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-    policies = _thread_policies(int(worker))
-    batch = [tid for tid, policy in policies.items() if policy == os.SCHED_BATCH]
-    assert policies[int(worker)] == os.SCHED_OTHER  # the main thread: Gunicorn's accept loop
-    assert sum(policy == os.SCHED_OTHER for policy in policies.values()) >= 2  # and at least the engine's thread
-    assert (len(batch) >= 1) if give_way else not batch
+    threads = _threads(int(worker))
+    requests = {tid for tid, (name, _) in threads.items() if name == "charrnn-request"}
+    batch = {tid for tid, (_, policy) in threads.items() if policy == os.SCHED_BATCH}
+    assert requests and int(worker) not in requests
+    assert threads[int(worker)][1] == os.SCHED_OTHER  # the main thread: Gunicorn's accept loop
+    assert [policy for name, policy in threads.values() if name == "charrnn-engine"] == [os.SCHED_OTHER]
+    assert batch == (requests if give_way else set())

@@ -16,6 +16,9 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
 #if defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -335,6 +338,9 @@ static int watch(atomic_ulong *value, unsigned long seen) {
 
 static void *helper_main(void *unused) {
     (void)unused;
+#ifdef __linux__
+    prctl(PR_SET_NAME, "charrnn-kernel", 0, 0, 0); /* top -H, /proc: service/engine/thread_names.py */
+#endif
     unsigned long seen = 0;
     for (;;) {
         watch(&pool.generation, seen);
