@@ -173,7 +173,7 @@ class Watcher:
         """Start watching (idempotent; a stopped watcher stays stopped)."""
         if self._thread is None and not self._stop.is_set():
             wake_r, self._wake_w = os.pipe()  # made here, so that a watcher never started holds no descriptor
-            self._thread = threading.Thread(target=self._run, args=(wake_r,), name="charrnn-model-watcher", daemon=True)
+            self._thread = threading.Thread(target=self._run, args=(wake_r,), name="charrnn-watcher", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:

@@ -3,8 +3,9 @@
 Python 3.11 names its threads only for itself: `top -H`, `ps -L`, perf and /proc/PID/task/*/comm show every
 thread of a worker as `python`. The service's threads give the kernel their names (charrnn-engine, the
 scheduler; charrnn-kernel, the C kernel's helpers, named in lstm_step.c; charrnn-request, Gunicorn's request
-threads; charrnn-closer; charrnn-model-watcher), so that whoever looks at a busy worker sees which does what
-(bench/service_threads.py reads them to split the CPU by role). Linux only; elsewhere nothing changes.
+threads; charrnn-closer; charrnn-watcher, the model directory's), so that whoever looks at a busy worker
+sees which does what (bench/service_threads.py reads them to split the CPU by role). Linux keeps 15 bytes
+of a name. Linux only; elsewhere nothing changes.
 """
 
 from __future__ import annotations
