@@ -207,21 +207,12 @@ def child_exit(server, worker):
         multiprocess.mark_process_dead(worker.pid)
 
 
-# A thread that waits for the GIL asks its holder to let it go after this many seconds (Python's default:
-# 0.005). The engine's scheduler thread takes the GIL back after every kernel call, and while it waits the
-# kernel's helper has nothing to do: 1 ms instead of 5 bounds the wait when a request thread holds the GIL.
-# bench/service_ab.py, AVX2 Zen 3 (docs/BENCHMARKS.md): +4 % at 8 and 128 streams, even at 32, in two runs.
-GIL_SWITCH_INTERVAL = 0.001
-
-
 def post_fork(server, worker):
-    """In each new worker, before the app is built: torch threads so workers do not fight over cores, and the
-    GIL's switch interval."""
+    """In each new worker, before the app is built: torch threads so workers do not fight over cores."""
     import torch
 
     threads = settings.torch_threads or _torch_threads()
     torch.set_num_threads(threads)
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     server.log.info("worker %s: torch uses %d threads", worker.pid, threads)
 
 
