@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/NAME.py`
 
 from bench._common import cpu_name
-from bench.engine_service import free_port, percentile, run_clients, start_gunicorn, stop_server
+from bench.engine_service import free_port, percentile, run_clients, start_gunicorn, stop_server, streaming_settings
 from bench.throughput import DEFAULT_MODEL, engine_alone
 from charrnn.model.checkpoint import load_checkpoint
 from charrnn.model.cpu import cpu_flags
@@ -146,16 +146,7 @@ def serving(clients: list[int], threads: int) -> Iterator[int]:
         model_dir = Path(tmp)
         (model_dir / "shakespeare.safetensors").symlink_to(DEFAULT_MODEL)
         port = free_port()
-        server = start_gunicorn(
-            model_dir,
-            port,
-            threads=str(max(clients) + 16),
-            max_batch="128",
-            max_queue="1024",
-            max_client_jobs="0",  # every client comes from loopback: no per-client share
-            max_requests="0",
-            torch_threads=str(threads),
-        )
+        server = start_gunicorn(model_dir, port, **streaming_settings(max(clients), torch_threads=str(threads)))
         try:
             yield port
         finally:

@@ -63,12 +63,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_gunicorn(model_dir: Path, port: int, **settings: str) -> subprocess.Popen:
+def start_gunicorn(
+    model_dir: Path, port: int, *, cwd: Path | None = None, env: dict[str, str] | None = None, **settings: str
+) -> subprocess.Popen:
     """Gunicorn (1 worker) with the service's own config, as `charrnn serve` runs it, and CHARRNN_*
-    settings (`max_batch="16"` sets CHARRNN_MAX_BATCH); returns once /health answers 200."""
-    env = os.environ | {"CHARRNN_MODEL_DIR": str(model_dir), "CHARRNN_PORT": str(port), "CHARRNN_WORKERS": "1"}
-    env |= {f"CHARRNN_{name.upper()}": value for name, value in settings.items()}
-    server = subprocess.Popen(gunicorn_command(), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    settings (`max_batch="16"` sets CHARRNN_MAX_BATCH), started in `cwd` with `env` on top of this process's
+    environment; returns once /health answers 200."""
+    environment = os.environ | (env or {})
+    environment |= {"CHARRNN_MODEL_DIR": str(model_dir), "CHARRNN_PORT": str(port), "CHARRNN_WORKERS": "1"}
+    environment |= {f"CHARRNN_{name.upper()}": value for name, value in settings.items()}
+    server = subprocess.Popen(
+        gunicorn_command(), cwd=cwd, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -81,18 +87,19 @@ def start_gunicorn(model_dir: Path, port: int, **settings: str) -> subprocess.Po
     raise RuntimeError("the server did not become ready in 180 s")
 
 
-def start_server(model_dir: Path, port: int, batching: bool, threads: int, torch_threads: int) -> subprocess.Popen:
+def streaming_settings(clients: int, **settings: str) -> dict[str, str]:
+    """The service's settings for a bench of up to `clients` streaming clients: a request thread for each and
+    16 more, a batch and a queue with room for all, no per-client share (every client comes from loopback),
+    no worker recycling; `settings` on top."""
+    room = {"threads": str(clients + 16), "max_batch": "128", "max_queue": "1024", "max_client_jobs": "0"}
+    return room | {"max_requests": "0"} | settings
+
+
+def start_server(model_dir: Path, port: int, batching: bool, clients: int, torch_threads: int) -> subprocess.Popen:
     """The service as this bench measures it: batching on or off, room for every client."""
+    batch = "true" if batching else "false"
     return start_gunicorn(
-        model_dir,
-        port,
-        threads=str(threads),
-        batching="true" if batching else "false",
-        max_batch="128",
-        max_queue="1024",
-        max_client_jobs="0",  # every client comes from loopback: no per-client share
-        max_requests="0",
-        torch_threads=str(torch_threads),
+        model_dir, port, **streaming_settings(clients, batching=batch, torch_threads=str(torch_threads))
     )
 
 
@@ -188,7 +195,7 @@ def main() -> None:
         base = None
         for batching in (True, False):
             port = free_port()
-            server = start_server(model_dir, port, batching, max(args.clients) + 16, args.torch_threads)
+            server = start_server(model_dir, port, batching, max(args.clients), args.torch_threads)
             try:
                 for clients in args.clients:
                     tally, elapsed = asyncio.run(run_clients(port, clients, args.seconds, args.max_new_chars))

@@ -13,9 +13,11 @@ their best, B / A of the medians, and the median p99 time to the first character
 Why turns: on a small shared machine the service's rate moves by 10-30 % from run to run (other work, the
 CPU's clocks), more than most changes; runs taken in turn meet the same conditions, and medians of several
 rounds keep one unlucky run from deciding. A checkout runs under this interpreter and its packages, with
-the checkout's own `charrnn` package first on the path (a temporary directory holding a `charrnn` link to it),
-so both sides share every dependency and differ only in the project's code; each builds its own C kernel
-(the kernel cache is keyed by the source's hash).
+the checkout's own `charrnn` package first on the path (a temporary directory laid out as pyproject installs
+the checkout: charrnn/, and model/, service/, corpora/ inside it) and an empty working directory, so both
+sides share every dependency and differ only in the project's code; before the first round each side is
+checked to import its engine from its own checkout. Each builds its own C kernel (the kernel cache is
+keyed by the source's hash).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import argparse
 import asyncio
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/NAME.py`
 
 from bench._common import cpu_name
-from bench.engine_service import free_port, percentile, run_clients, start_gunicorn, stop_server
+from bench.engine_service import free_port, percentile, run_clients, start_gunicorn, stop_server, streaming_settings
 from bench.throughput import DEFAULT_MODEL
 
 HERE = Path(__file__).resolve().parents[1]
@@ -47,13 +50,28 @@ def settings(pairs: list[str], parser: argparse.ArgumentParser) -> dict[str, str
     return found
 
 
-def shim(checkout: Path, directory: Path) -> str:
-    """A PYTHONPATH on which `charrnn` is `checkout` (the other entries of this one's kept after it)."""
+def shim(checkout: Path, directory: Path) -> Path:
+    """A directory that, first on the path, makes `charrnn` the package `checkout` installs as (pyproject's
+    package-dir: charrnn/ itself, and model/, service/ and corpora/ as charrnn.model, .service, .corpora)."""
     if not (checkout / "service" / "engine" / "scheduler.py").is_file():
         raise SystemExit(f"service_ab: {checkout} is not a checkout of this project")
-    directory.mkdir()
-    (directory / "charrnn").symlink_to(checkout.resolve(), target_is_directory=True)
-    return os.pathsep.join(filter(None, [str(directory), os.environ.get("PYTHONPATH")]))
+    package = directory / "charrnn"
+    package.mkdir(parents=True)
+    for entry in (checkout / "charrnn").iterdir():
+        if entry.name != "__pycache__":
+            (package / entry.name).symlink_to(entry.resolve())
+    for folder in ("model", "service", "corpora"):
+        (package / folder).symlink_to((checkout / folder).resolve(), target_is_directory=True)
+    return directory
+
+
+def served_from(env: dict[str, str], cwd: Path) -> Path:
+    """Where a server started with `env` in `cwd` imports the engine from (so that a side runs what it says)."""
+    probe = "import charrnn.service.engine.scheduler as s; print(s.__file__)"
+    out = subprocess.run([sys.executable, "-c", probe], env=os.environ | env, cwd=cwd, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"service_ab: the checkout does not import: {out.stderr.strip().splitlines()[-1:]}")
+    return Path(out.stdout.strip()).resolve().parents[2]
 
 
 def main() -> None:
@@ -71,42 +89,34 @@ def main() -> None:
         parser.error("--clients, --seconds, --rounds and --chars must be positive")
     envs = {"a": settings(args.a_env, parser), "b": settings(args.b_env, parser)}
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; {args.chars}-char streams, {args.seconds:g} s runs")
-    for side in "ab":
-        extra = " ".join(f"{k}={v}" for k, v in envs[side].items())
-        print(f"{side.upper()}: {getattr(args, side).resolve()} {extra}".rstrip())
     rates: dict[tuple[str, int], list[float]] = {(s, c): [] for s in "ab" for c in args.clients}
     p99s: dict[tuple[str, int], list[float]] = {(s, c): [] for s in "ab" for c in args.clients}
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / "models"
+        model_dir, empty = Path(tmp) / "models", Path(tmp) / "cwd"  # the servers run in an empty directory
         model_dir.mkdir()
+        empty.mkdir()
         (model_dir / DEFAULT_MODEL.name).symlink_to(DEFAULT_MODEL)
-        paths = {side: shim(getattr(args, side), Path(tmp) / f"path-{side}") for side in "ab"}
+        sides = {}
+        for side in "ab":
+            checkout = getattr(args, side).resolve()
+            path = os.pathsep.join(
+                filter(None, [str(shim(checkout, Path(tmp) / f"path-{side}")), os.environ.get("PYTHONPATH")])
+            )
+            env = {"PYTHONPATH": path} | {k: v for k, v in envs[side].items() if not k.startswith("CHARRNN_")}
+            service = streaming_settings(max(args.clients))
+            service |= {
+                k.removeprefix("CHARRNN_").lower(): v for k, v in envs[side].items() if k.startswith("CHARRNN_")
+            }
+            if (found := served_from(env, empty)) != checkout:
+                raise SystemExit(f"service_ab: {side.upper()} would run {found}, not {checkout}")
+            sides[side] = (env, service)
+            extra = " ".join(f"{k}={v}" for k, v in envs[side].items())
+            print(f"{side.upper()}: {checkout} (its engine imported from there) {extra}".rstrip())
         for round_ in range(args.rounds):
             for side in "ab" if round_ % 2 == 0 else "ba":
                 port = free_port()
-                service = {
-                    "threads": str(max(args.clients) + 16),
-                    "max_batch": "128",
-                    "max_queue": "1024",
-                    "max_client_jobs": "0",  # every client comes from loopback: no per-client share
-                    "max_requests": "0",
-                }
-                others = {"PYTHONPATH": paths[side]}
-                for name, value in envs[side].items():
-                    if name.startswith("CHARRNN_"):
-                        service[name.removeprefix("CHARRNN_").lower()] = value
-                    else:
-                        others[name] = value
-                saved = {name: os.environ.get(name) for name in others}
-                os.environ.update(others)  # the server's environment: this process has imported what it needs
-                try:
-                    server = start_gunicorn(model_dir, port, **service)
-                finally:
-                    for name, value in saved.items():
-                        if value is None:
-                            os.environ.pop(name, None)
-                        else:
-                            os.environ[name] = value
+                env, service = sides[side]
+                server = start_gunicorn(model_dir, port, cwd=empty, env=env, **service)
                 try:
                     asyncio.run(run_clients(port, max(args.clients), 2, args.chars))  # warm
                     for clients in args.clients:

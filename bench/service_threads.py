@@ -33,14 +33,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/NAME.py`
 
 from bench._common import cpu_name
-from bench.engine_service import free_port, run_clients, start_gunicorn, stop_server
+from bench.engine_service import free_port, run_clients, start_gunicorn, stop_server, streaming_settings
 from bench.throughput import DEFAULT_MODEL, engine_alone
 from charrnn.model.checkpoint import load_checkpoint
 from charrnn.service.engine.loading import LoadedModel
+from charrnn.service.engine.scheduler import Job
+from charrnn.service.engine.thread_names import ENGINE_THREAD, KERNEL_THREAD, REQUEST_THREAD
 
 TICKS = os.sysconf("SC_CLK_TCK")
-ENGINE_ROLES = ("charrnn-engine", "charrnn-kernel")
-ROLES = (*ENGINE_ROLES, "charrnn-request", "worker, other", "this process", "idle")
+ENGINE_ROLES = (ENGINE_THREAD, KERNEL_THREAD)
+ROLES = (*ENGINE_ROLES, REQUEST_THREAD, "worker, other", "this process", "idle")
 
 
 @dataclass
@@ -77,7 +79,8 @@ def idle_ticks() -> int:
 
 
 class Watch:
-    """Per-role CPU of `pid` (named threads; the rest of the worker as one), of this process, and idle."""
+    """Per-role CPU of `worker` (named threads; the rest of the worker as one), of this process (the engine's
+    threads by name where the engine runs here: `worker` None), and idle."""
 
     def __init__(self, worker: int | None):
         self.worker = worker
@@ -101,7 +104,7 @@ class Watch:
         for tid, (name, now) in worker1.items():
             add(name if name in ROLES else "worker, other", worker0, tid, now)
         for tid, (name, now) in own1.items():  # the engine alone runs here: its threads by name
-            add(name if name in ENGINE_ROLES else "this process", own0, tid, now)
+            add(name if name in ENGINE_ROLES and self.worker is None else "this process", own0, tid, now)
         totals["idle"].ticks = idle1 - idle0
         return totals
 
@@ -129,22 +132,32 @@ def report(label: str, chars_per_s: float, roles: dict[str, Usage], seconds: flo
 
 
 def alone_watched(loaded: LoadedModel, jobs: int, seconds: float, chars: int) -> tuple[float, dict[str, Usage], float]:
-    """The engine alone for 1 + `seconds` + 1 s, its threads watched for the middle `seconds` (its scheduler
-    thread ends with the run, and /proc forgets an ended thread's time): (chars/s, roles, seconds watched)."""
-    result: list[float] = []
+    """The engine alone for 1 + `seconds` + 1 s, watched for the middle `seconds` (its scheduler thread ends
+    with the run, and /proc forgets an ended thread's time): (characters/s published in that window, roles,
+    seconds watched)."""
+    published = [0]
+    publish = Job.publish
+
+    def counted(job: Job, tokens: list, *args: object, **kwargs: object) -> None:
+        published[0] += len(tokens)
+        publish(job, tokens, *args, **kwargs)
 
     def run() -> None:
         with torch.inference_mode():
-            result.append(engine_alone(loaded, jobs, seconds + 2, chars)[0])
+            engine_alone(loaded, jobs, seconds + 2, chars)
 
-    runner = threading.Thread(target=run, name="bench-engine")
-    runner.start()
-    time.sleep(1)
-    watch = Watch(None)
-    time.sleep(seconds)
-    roles, watched = watch.roles(), watch.seconds()
-    runner.join()
-    return result[0], roles, watched
+    Job.publish = counted  # type: ignore[method-assign]
+    try:
+        runner = threading.Thread(target=run, name="bench-engine")
+        runner.start()
+        time.sleep(1)
+        watch, before = Watch(None), published[0]
+        time.sleep(seconds)
+        roles, watched, made = watch.roles(), watch.seconds(), published[0] - before
+        runner.join()
+    finally:
+        Job.publish = publish  # type: ignore[method-assign]
+    return made / watched, roles, watched
 
 
 def main() -> None:
@@ -159,7 +172,6 @@ def main() -> None:
     if not Path("/proc/self/task").is_dir():
         sys.exit("service_threads: needs Linux's /proc")
     torch.set_num_threads(args.threads)
-    threading.current_thread().name = "bench"
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; torch threads {args.threads}; {args.chars}-char streams")
     print("cores used by each kind of thread (1.00 = one core), then voluntary and involuntary switches a second")
     checkpoint = load_checkpoint(DEFAULT_MODEL)
@@ -168,14 +180,7 @@ def main() -> None:
         (Path(tmp) / "shakespeare.safetensors").symlink_to(DEFAULT_MODEL)
         port = free_port()
         server = start_gunicorn(
-            Path(tmp),
-            port,
-            threads=str(max(args.clients) + 16),
-            max_batch="128",
-            max_queue="1024",
-            max_client_jobs="0",
-            max_requests="0",
-            torch_threads=str(args.threads),
+            Path(tmp), port, **streaming_settings(max(args.clients), torch_threads=str(args.threads))
         )
         try:
             worker = worker_of(server.pid)

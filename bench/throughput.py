@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/NAME.py`
 
 from bench._common import matmul_flops
-from bench.engine_service import free_port, percentile, run_clients, start_gunicorn, stop_server
+from bench.engine_service import free_port, percentile, run_clients, start_gunicorn, stop_server, streaming_settings
 from charrnn.model.checkpoint import load_checkpoint
 from charrnn.model.decoding import SamplingParams
 from charrnn.service.engine.loading import LoadedModel
@@ -116,18 +116,13 @@ def main() -> None:
         runs = [(True, 1), *((True, workers) for workers in args.workers if workers != 1), (False, 1)]
         for batching, workers in runs:
             port = free_port()
-            server = start_gunicorn(
-                model_dir,
-                port,
+            settings = streaming_settings(
+                max(args.jobs),
                 workers=str(workers),
-                threads=str(max(args.jobs) + 16),
                 batching="true" if batching else "false",
-                max_batch="128",
-                max_queue="1024",
-                max_client_jobs="0",  # every client comes from loopback: no per-client share
-                max_requests="0",
                 torch_threads=str(args.threads),
             )
+            server = start_gunicorn(model_dir, port, **settings)
             try:
                 for jobs in args.jobs:
                     tally, elapsed = asyncio.run(run_clients(port, jobs, args.seconds, args.chars))

@@ -40,7 +40,7 @@ from charrnn.service.engine.loading import (
     load_one,
 )
 from charrnn.service.engine.scheduler import Engine
-from charrnn.service.engine.thread_names import name_os_thread
+from charrnn.service.engine.thread_names import WATCHER_THREAD, name_os_thread
 from charrnn.service.reload_signal import raise_signal, read_signal, sender
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ class Watcher:
         """Start watching (idempotent; a stopped watcher stays stopped)."""
         if self._thread is None and not self._stop.is_set():
             wake_r, self._wake_w = os.pipe()  # made here, so that a watcher never started holds no descriptor
-            self._thread = threading.Thread(target=self._run, args=(wake_r,), name="charrnn-watcher", daemon=True)
+            self._thread = threading.Thread(target=self._run, args=(wake_r,), name=WATCHER_THREAD, daemon=True)
             self._thread.start()
 
     def stop(self) -> None:

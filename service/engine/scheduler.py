@@ -45,7 +45,7 @@ from charrnn.service.engine import lstm_kernel
 from charrnn.service.engine.batch import RecurrentBatch, describe_batch, make_batch, precision_flags
 from charrnn.service.engine.loading import LoadedModel
 from charrnn.service.engine.prompt_cache import PromptCache
-from charrnn.service.engine.thread_names import name_os_thread
+from charrnn.service.engine.thread_names import ENGINE_THREAD, name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ class Engine:
         """Start the scheduler thread (idempotent)."""
         with self._wake:
             if self._thread is None and not self._closing:
-                self._thread = threading.Thread(target=self._run, name="charrnn-engine", daemon=True)
+                self._thread = threading.Thread(target=self._run, name=ENGINE_THREAD, daemon=True)
                 self._thread.start()
 
     def submit(self, spec: JobSpec) -> Job:

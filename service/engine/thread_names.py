@@ -2,10 +2,10 @@
 
 Python 3.11 names its threads only for itself: `top -H`, `ps -L`, perf and /proc/PID/task/*/comm show every
 thread of a worker as `python`. The service's threads give the kernel their names (charrnn-engine, the
-scheduler; charrnn-kernel, the C kernel's helpers, named in lstm_step.c; charrnn-request, Gunicorn's request
-threads; charrnn-closer; charrnn-watcher, the model directory's), so that whoever looks at a busy worker
-sees which does what (bench/service_threads.py reads them to split the CPU by role). Linux keeps 15 bytes
-of a name. Linux only; elsewhere nothing changes.
+scheduler and the torch threads it starts; charrnn-kernel, the C kernel's helpers, named in lstm_step.c;
+charrnn-request, Gunicorn's request threads; charrnn-closer; charrnn-watcher, the model directory's), so
+that whoever looks at a busy worker sees which does what (bench/service_threads.py reads them to split the
+CPU by role). Linux keeps 15 bytes of a name. Linux only; elsewhere nothing changes.
 """
 
 from __future__ import annotations
@@ -18,6 +18,14 @@ from collections.abc import Callable
 
 PR_SET_NAME = 15  # <linux/prctl.h>
 NAME_BYTES = 15  # the kernel keeps 16 bytes, the last one the terminating zero
+
+# The names. A thread starts with its creator's OS name, so torch's own threads, started by the scheduler thread
+# the first time it runs a parallel torch operation, are charrnn-engine too.
+ENGINE_THREAD = "charrnn-engine"
+KERNEL_THREAD = "charrnn-kernel"  # also written in lstm_step.c
+REQUEST_THREAD = "charrnn-request"
+CLOSER_THREAD = "charrnn-closer"
+WATCHER_THREAD = "charrnn-watcher"
 
 
 @functools.cache

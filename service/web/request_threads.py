@@ -26,11 +26,9 @@ import threading
 
 from flask import Flask
 
-from charrnn.service.engine.thread_names import name_os_thread
+from charrnn.service.engine.thread_names import REQUEST_THREAD, name_os_thread
 
 log = logging.getLogger(__name__)
-
-REQUEST_THREAD_NAME = "charrnn-request"
 
 
 def init_request_threads(app: Flask, give_way: bool) -> None:
@@ -47,7 +45,7 @@ def init_request_threads(app: Flask, give_way: bool) -> None:
         seen.done = True
         if threading.current_thread() is threading.main_thread():
             return
-        name_os_thread(REQUEST_THREAD_NAME)
+        name_os_thread(REQUEST_THREAD)
         if policy is None:
             return
         try:

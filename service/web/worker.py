@@ -32,7 +32,7 @@ from typing import Any
 
 from gunicorn.workers import gthread
 
-from charrnn.service.engine.thread_names import name_os_thread
+from charrnn.service.engine.thread_names import CLOSER_THREAD, name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class Closer:
         self._closing: dict[socket.socket, list[float]] = {}  # socket -> [deadline, bytes drained]
         self._count = 0  # sockets handed over and not closed yet
         self._counted = threading.Condition()  # guards _count; notified when it reaches 0
-        threading.Thread(target=self._run, name="charrnn-closer", daemon=True).start()
+        threading.Thread(target=self._run, name=CLOSER_THREAD, daemon=True).start()
 
     def close(self, sock: socket.socket) -> None:
         """Send the FIN now; the socket is closed later, by the closer's thread."""

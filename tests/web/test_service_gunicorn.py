@@ -19,6 +19,7 @@ from charrnn.model.checkpoint import load_checkpoint
 from charrnn.model.decoding import SamplingParams
 from charrnn.model.generation import generate
 from charrnn.service.client import Client, ClientError
+from charrnn.service.engine.thread_names import ENGINE_THREAD, REQUEST_THREAD
 from tests.helpers import free_port, log_shows, start_gunicorn, wait_until
 
 if TYPE_CHECKING:
@@ -274,9 +275,10 @@ def test_request_threads_give_way_to_the_engine(start_server: Callable[..., Guni
     master = server.process.pid
     (worker,) = Path(f"/proc/{master}/task/{master}/children").read_text().split()
     threads = _threads(int(worker))
-    requests = {tid for tid, (name, _) in threads.items() if name == "charrnn-request"}
+    requests = {tid for tid, (name, _) in threads.items() if name == REQUEST_THREAD}
     batch = {tid for tid, (_, policy) in threads.items() if policy == os.SCHED_BATCH}
     assert requests and int(worker) not in requests
     assert threads[int(worker)][1] == os.SCHED_OTHER  # the main thread: Gunicorn's accept loop
-    assert [policy for name, policy in threads.values() if name == "charrnn-engine"] == [os.SCHED_OTHER]
+    engine = [policy for name, policy in threads.values() if name == ENGINE_THREAD]  # and torch's threads it started
+    assert engine and set(engine) == {os.SCHED_OTHER}
     assert batch == (requests if give_way else set())

@@ -339,7 +339,7 @@ static int watch(atomic_ulong *value, unsigned long seen) {
 static void *helper_main(void *unused) {
     (void)unused;
 #ifdef __linux__
-    prctl(PR_SET_NAME, "charrnn-kernel", 0, 0, 0); /* top -H, /proc: service/engine/thread_names.py */
+    prctl(PR_SET_NAME, "charrnn-kernel", 0UL, 0UL, 0UL); /* top -H, /proc: service/engine/thread_names.py */
 #endif
     unsigned long seen = 0;
     for (;;) {
