@@ -14,7 +14,7 @@ import pytest
 from charrnn.model.decoding import SamplingParams
 from charrnn.service.engine.scheduler import Engine, JobSpec
 from charrnn.service.engine.thread_names import ENGINE_THREAD, KERNEL_THREAD, name_os_thread, os_thread_name
-from tests.helpers import tiny_model, wait_until
+from tests.helpers import tiny_model
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names in the OS: Linux")
 
@@ -58,8 +58,19 @@ def test_the_scheduler_thread_is_named_charrnn_engine() -> None:
         engine.close(timeout=5)
 
 
-def test_the_kernels_helper_threads_are_named_charrnn_kernel(native_kernel: Any) -> None:
+def test_the_kernels_helper_threads_are_named_charrnn_kernel_as_they_are_made(native_kernel: Any) -> None:
     if native_kernel.charrnn_set_threads(2) < 2:
         pytest.skip("the portable kernel (no AVX2/FMA/F16C) has no helper threads")
-    # a helper names itself when it starts running, a moment after charrnn_set_threads has made it
-    wait_until(lambda: KERNEL_THREAD in os_thread_names(), 30, f"no thread named {KERNEL_THREAD}: {os_thread_names()}")
+    assert KERNEL_THREAD in os_thread_names()
+    # A forked child has no helpers: the one charrnn_set_threads makes there has its name when the call returns.
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            before = os_thread_names()
+            made = native_kernel.charrnn_set_threads(2)
+            code = 0 if KERNEL_THREAD not in before and made == 2 and KERNEL_THREAD in os_thread_names() else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -7,6 +7,9 @@
    instead multiply the recurrent layers in bfloat16 (Net.bpanels): weights and h rounded to bfloat16,
    pairs of products summed into float32. In every build and arithmetic, each element of a product is
    one fold over k, the same whichever rows share the batch and whichever thread computes it. */
+#ifdef __linux__
+#define _GNU_SOURCE /* pthread_setname_np */
+#endif
 #include "lstm_step.h"
 
 #include <math.h>
@@ -16,9 +19,6 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
-#ifdef __linux__
-#include <sys/prctl.h>
-#endif
 #if defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -336,11 +336,18 @@ static int watch(atomic_ulong *value, unsigned long seen) {
     return 1;
 }
 
+/* A helper's name for the OS (top -H, /proc: service/engine/thread_names.py), given by its creator before
+   set_threads returns: no one sees a helper under its creator's name (charrnn-engine) for a moment. */
+static void name_helper(pthread_t thread) {
+#ifdef __linux__
+    pthread_setname_np(thread, "charrnn-kernel"); /* fails only for a name over 15 bytes */
+#else
+    (void)thread;
+#endif
+}
+
 static void *helper_main(void *unused) {
     (void)unused;
-#ifdef __linux__
-    prctl(PR_SET_NAME, "charrnn-kernel", 0UL, 0UL, 0UL); /* top -H, /proc: service/engine/thread_names.py */
-#endif
     unsigned long seen = 0;
     for (;;) {
         watch(&pool.generation, seen);
@@ -392,6 +399,7 @@ static int set_threads(int threads) {
         const int failed = pthread_create(&thread, &attr, helper_main, NULL);
         pthread_attr_destroy(&attr);
         if (failed) break;
+        name_helper(thread);
         atomic_store_explicit(&pool.helpers, ++helpers, memory_order_relaxed);
     }
     const int total = helpers + 1;
