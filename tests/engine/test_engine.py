@@ -8,6 +8,7 @@ int8 arithmetic in tests/engine/test_kernel_builds.py)."""
 from __future__ import annotations
 
 import itertools
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -319,6 +320,21 @@ def test_result_waiters_sleep_until_the_end(loaded: LoadedModel) -> None:
     waiter.join(30)
     assert not waiter.is_alive() and wakes == [True]
     engine.close()
+
+
+def test_a_running_stream_is_read_a_piece_at_a_time(engine: Engine, loaded: LoadedModel) -> None:
+    """A reader of a long job gets piece after piece while it runs (the kernel's path and torch's), not its
+    first tokens and then nothing until the end."""
+    job = engine.submit(spec(loaded, n=LONG))
+    chunks: queue.Queue[list[Token]] = queue.Queue()
+    reader = threading.Thread(target=lambda: [chunks.put(chunk) for chunk in job.chunks()])
+    reader.start()
+    try:
+        pieces = [chunks.get(timeout=30) for _ in range(4)]
+        assert all(pieces) and job.finish_reason is None
+    finally:
+        job.cancel()
+        reader.join(30)
 
 
 def test_prompt_cache_stays_within_its_bytes(loaded: LoadedModel) -> None:
