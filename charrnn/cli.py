@@ -203,7 +203,14 @@ def _add_sample(commands: Any) -> None:
     )
     p.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint, or a run directory (uses best)")
     p.add_argument("--prompt", default="", help="text to continue (default: empty)")
-    p.add_argument("--length", type=number(int, 1, 1_000_000), default=500, help="characters to generate")
+    p.add_argument(
+        "--length",
+        "--max-new-chars",  # the service's name for it
+        dest="length",
+        type=number(int, 1, 1_000_000),
+        default=500,
+        help="characters to generate (--max-new-chars, as /generate names it, is the same)",
+    )
     p.add_argument("--temperature", type=number(float, 0.0, 5.0), default=0.8, help="0 = greedy, up to 5")
     p.add_argument("--top-k", type=number(int, 1), help="sample only from the k likeliest characters")
     p.add_argument("--top-p", type=number(float, 1e-9, 1.0), default=1.0, help="nucleus sampling mass (0, 1]")

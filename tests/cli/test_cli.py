@@ -14,6 +14,10 @@ def test_sample_prints_prompt_and_continuation_reproducibly(trained_run: Path, c
         capsys, "sample", str(trained_run / "best.safetensors"), "--prompt", "The ", "--length", "40", "--seed", "7"
     )
     assert first == second
+    _, third, _ = run_cli(  # the service's name for the length
+        capsys, "sample", str(trained_run), "--prompt", "The ", "--max-new-chars", "40", "--seed", "7"
+    )
+    assert third == first
 
 
 def test_eval_prints_nats_then_bits_then_carried(trained_run: Path, text_file: Path, capsys) -> None:
