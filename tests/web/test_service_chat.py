@@ -143,6 +143,9 @@ def test_the_openai_package_raises_on_a_bad_conversation(openai_client: openai.O
     with pytest.raises(openai.UnprocessableEntityError) as caught:  # "The" and ":": not the tiny model's
         openai_client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "the cat"}])
     assert caught.value.body["code"] == "unknown_characters" and caught.value.body["param"] == "messages"
+    message = caught.value.body["message"]  # the client's words are fine: the template is not the model's
+    assert "chat template (transcript, user 'User', assistant 'Assistant')" in message
+    assert "':', 'A', 'U'" in message and "unknown_chars" in message and "--chat-template" in message
 
 
 @pytest.mark.slow

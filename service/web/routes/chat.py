@@ -71,7 +71,7 @@ def chat_completions() -> Response:
     prompt, stop = _render(loaded, body, service.config.max_prompt_chars)
     plan = Plan(
         model=loaded,
-        prompt_ids=encode_prompt(loaded, prompt, body.unknown_chars, "messages"),
+        prompt_ids=_encode(loaded, body, prompt),
         max_new_chars=body.length(),
         params=request_params(body, loaded, guided_constraint(loaded, body)),
         seed=choose_seed(body.seed),
@@ -112,6 +112,27 @@ def _render(loaded: LoadedModel, body: ChatCompletionRequest, max_chars: int) ->
         message = f"the conversation renders to a prompt of {len(prompt)} characters; at most {max_chars} on this "
         raise ApiError(422, "invalid_value", message + "server (CHARRNN_MAX_PROMPT_CHARS)", "messages")
     return prompt, stop
+
+
+def _encode(loaded: LoadedModel, body: ChatCompletionRequest, prompt: str) -> tuple[int, ...]:
+    """The rendered conversation's ids; a 422 on `messages` for characters the vocabulary lacks, which says so
+    when the template's own text holds some (a model without a card, whose default transcript writes "User: "
+    and "Assistant: "): no message the client can send would do then."""
+    try:
+        return encode_prompt(loaded, prompt, body.unknown_chars, "messages")
+    except ApiError:
+        vocab, sent = loaded.vocab, {char for _, text in body.conversation() for char in text}
+        template_only = sorted({char for char in prompt if char not in vocab and char not in sent})
+        if not template_only:
+            raise
+        shown = ", ".join(repr(char) for char in template_only[:20])
+        template = _template(loaded)
+        message = (
+            f"model {loaded.name!r}'s chat template ({template.kind}, user {template.user!r}, assistant "
+            f'{template.assistant!r}) writes characters its vocabulary lacks: {shown}; send "unknown_chars": '
+            '"drop", or give the model a template in its own characters (charrnn export --chat-template)'
+        )
+        raise ApiError(422, "unknown_characters", message, "messages") from None
 
 
 def _template(loaded: LoadedModel) -> ChatTemplate:
