@@ -361,21 +361,20 @@ def _exact_in_half(weights: torch.Tensor) -> bool:
     return bool(torch.equal(weights.half().float(), weights))
 
 
-def precision_flags(precision: str, lib: Any) -> tuple[bool, bool]:
+def precision_flags(precision: str) -> tuple[bool, bool]:
     """What a precision setting (service.config.KERNEL_PRECISIONS) asks of make_batch: (bf16, int8).
 
     "auto" is the fastest arithmetic the kernel and the CPU have whose validation loss is that of float32:
-    int8 where the kernel build has int8 products, the bf16 build's (AVX512-VNNI's vpdpbusd) and the AVX2
-    build's (vpmaddwd), which sum the same integers exactly and so give the same bits (the shipped model's
-    loss 1.46509 against float32's 1.46513; int8 steps 1.7-1.8x bfloat16 at 8-128 rows on an AMD EPYC Zen 5,
-    and 1.2x float32 at 8-128 rows, 3.1x at one, on an AVX2-only AMD EPYC; docs/BENCHMARKS.md), except
-    in the AMX build, whose tiles multiply bfloat16 at several times the rate of VNNI's int8 (there "auto"
-    is bfloat16; int8 still makes one stream the fastest); float32 in the portable build. Each asks only:
-    make_batch falls back to what the kernel, the CPU and the model allow.
+    int8 where the kernel build has int8 products, which every build that has them sums as the same exact
+    integers (AMX's tiles from 8 rows, AVX512-VNNI's vpdpbusd, AVX2's vpmaddwd) and finishes with the same
+    float operations, so the same bits on any of them and in any batch (the shipped model's loss 1.46509
+    against float32's 1.46513); on the Intel Xeon with AMX of docs/BENCHMARKS.md, int8 steps 1.3-2.2x the
+    AMX build's bfloat16 at 1-128 rows, 1.7-1.8x bfloat16 at 8-128 rows on an AMD EPYC Zen 5, 1.2x float32
+    at 8-128 rows, 3.1x at one on an AVX2-only AMD EPYC; bfloat16 where a build has no int8; float32 in the
+    portable build. Each asks only: make_batch falls back to what the kernel, the CPU and the model allow.
     """
     if precision == "auto":
-        amx = lib is not None and lib.charrnn_build().decode() == "amx"
-        return True, not amx
+        return True, True
     return precision in ("bf16", "int8"), precision == "int8"
 
 

@@ -427,14 +427,15 @@ _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
 # + bfloat16 dot products (vdpbf16ps) and int8 ones (vpdpbusd): every CPU with AVX512-BF16 has AVX512-VNNI
 _BF16 = [*_AVX2, "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512bf16", "-mavx512vnni"]
 VARIANTS = {
-    "amx": [*_BF16, "-mamx-tile", "-mamx-bf16"],  # the bfloat16 products by AMX tiles (_tile_dpbf16ps)
+    # the bfloat16 and int8 products of many rows by AMX tiles (_tile_dpbf16ps, _tile_dpbusd)
+    "amx": [*_BF16, "-mamx-tile", "-mamx-bf16", "-mamx-int8"],
     "bf16": _BF16,
     "avx2": _AVX2,
     "portable": [],
 }
 # What each build does, for the log.
 BUILD_NAMES = {
-    "amx": "AMX tiles for bfloat16 products",
+    "amx": "AMX tiles for bfloat16 and int8 products",
     "bf16": "AVX512-BF16 dot products",
     "avx2": "AVX2/FMA: float32, int8 by vpmaddwd",
     "portable": "portable C, float32",
@@ -446,8 +447,9 @@ def _cpu_has_avx2() -> bool:
 
 
 def _cpu_has_amx() -> bool:
-    """AMX tiles with bfloat16 (amx_tile, amx_bf16 in /proc/cpuinfo); Linux must still grant the tile state."""
-    return {"amx_tile", "amx_bf16"} <= cpu_flags()
+    """AMX tiles with bfloat16 and int8 (amx_tile, amx_bf16, amx_int8 in /proc/cpuinfo); Linux must still grant
+    the tile state."""
+    return {"amx_tile", "amx_bf16", "amx_int8"} <= cpu_flags()
 
 
 def cpu_variants() -> list[str]:
@@ -468,7 +470,7 @@ def _cpu_lacks(build: str) -> str | None:
     if build != "avx2" and not has_int8_dot():
         return "no AVX512-VNNI (avx512_vnni in /proc/cpuinfo)"
     if build == "amx" and not _cpu_has_amx():
-        return "no AMX tiles (amx_tile, amx_bf16 in /proc/cpuinfo)"
+        return "no AMX tiles (amx_tile, amx_bf16, amx_int8 in /proc/cpuinfo)"
     return None
 
 
@@ -592,6 +594,7 @@ KERNEL_FUNCTIONS = (
     "charrnn_build",
     "charrnn_init",
     "charrnn_has_int8",
+    "charrnn_set_int8_tile_rows",
     "charrnn_self_test",
     "charrnn_small_products_shared",
 )
@@ -636,6 +639,8 @@ def _bind(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL:
     lib.charrnn_init.restype = ctypes.c_int
     lib.charrnn_has_int8.argtypes = []
     lib.charrnn_has_int8.restype = ctypes.c_int
+    lib.charrnn_set_int8_tile_rows.argtypes = [ctypes.c_int]
+    lib.charrnn_set_int8_tile_rows.restype = ctypes.c_int
     lib.charrnn_self_test.argtypes = []
     lib.charrnn_self_test.restype = ctypes.c_char_p
     lib.charrnn_set_threads.argtypes = [ctypes.c_int]

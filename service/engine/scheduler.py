@@ -529,7 +529,7 @@ class Engine:
             batch = self._batches.get(loaded.key)
             if batch is None:
                 lib = lstm_kernel.load(directory=self.kernel_dir) if self.native else None
-                bf16, int8 = precision_flags(self.precision, lib)
+                bf16, int8 = precision_flags(self.precision)
                 batch = make_batch(loaded.model, self.max_batch, lib, bf16=bf16, int8=int8)
                 fast = None if lib is None else lstm_kernel.KernelDraw(lib, len(loaded.vocab))
                 # a model's batch and decoder are kept together or not at all: a step reads both

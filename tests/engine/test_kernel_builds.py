@@ -195,10 +195,38 @@ def test_the_amx_tile_code_keeps_a_rows_result_whatever_its_batch(emulated_amx: 
     assert torch.equal(some[20], many[20])
 
 
-@pytest.mark.parametrize("rows", [1, 9, 21])
+def int8_by_tiles_and_by_vpdpbusd(lib: object) -> None:
+    """The AMX build's int8 products by tiles (every product, from 1 row) give the bits of its vpdpbusd code
+    (no product by tiles), whole tiles of k or not, in groups of 16 and 32 rows or not."""
+    before = lib.charrnn_set_int8_tile_rows(1)
+    try:
+        for hidden in (48, 64, 80):  # K = 48: a k-tail only; 96, 64, 128: whole tiles and tails; 80, 160: both
+            loaded = tiny_model(hidden=hidden)
+            for rows in (1, 9, 21, 37):
+                with torch.inference_mode():
+                    lib.charrnn_set_int8_tile_rows(1)
+                    tiles = logits_after(NativeLSTMBatch(loaded.model, rows, lib, int8=True), rows, 3)
+                    lib.charrnn_set_int8_tile_rows(0)
+                    vnni = logits_after(NativeLSTMBatch(loaded.model, rows, lib, int8=True), rows, 3)
+                assert torch.equal(tiles, vnni), (hidden, rows)
+    finally:
+        lib.charrnn_set_int8_tile_rows(before)
+
+
+@pytest.mark.skipif("amx" not in BUILDS_HERE, reason="this CPU has no AMX tiles")
+def test_the_amx_int8_tiles_give_the_bits_of_vpdpbusd(kernels: Path, fresh: None) -> None:
+    int8_by_tiles_and_by_vpdpbusd(lstm_kernel.chosen(directory=kernels, build="amx").library)
+
+
+def test_the_amx_int8_tile_code_gives_the_bits_of_vpdpbusd(emulated_amx: object) -> None:
+    int8_by_tiles_and_by_vpdpbusd(emulated_amx)
+
+
+@pytest.mark.parametrize("rows", [1, 9, 21, 37])
 def test_the_int8_builds_agree_bit_for_bit(rows: int, kernels: Path, fresh: None) -> None:
-    """AVX2's int8 (vpmaddwd on int16) and the bfloat16 build's (vpdpbusd on bytes) sum the same integers
-    exactly and finish with the same float operations: the same bits, so int8 text is one text on both."""
+    """AVX2's int8 (vpmaddwd on int16), the bfloat16 build's (vpdpbusd on bytes) and the AMX build's (tiles
+    from 8 rows) sum the same integers exactly and finish with the same float operations: the same bits, so
+    int8 text is one text on each."""
     fast = [build for build in BUILDS_HERE if build in ("avx2", "bf16", "amx")]
     if len(fast) < 2:
         pytest.skip(f"this CPU runs only {BUILDS_HERE}")
@@ -255,8 +283,7 @@ def test_the_engine_names_each_models_arithmetic(kernels: Path, fresh: None, cap
     loaded = tiny_model(hidden=48)
     expected = {"fp32": "float32", "bf16": "bfloat16" if bf16_capable(loaded.model, lib) else "float32"}
     expected["int8"] = "int8" if int8_capable(loaded.model, lib) else expected["bf16"]
-    # "auto": int8 where the build has it (AVX2, VNNI), but bfloat16 by tiles in the AMX build (precision_flags)
-    expected["auto"] = expected["bf16"] if lib.charrnn_build().decode() == "amx" else expected["int8"]
+    expected["auto"] = expected["int8"]  # int8 wherever the build has it (AVX2, VNNI, AMX tiles: precision_flags)
     for precision, arithmetic in expected.items():
         engine = Engine({loaded.name: loaded}, max_batch=4, kernel_dir=kernels, precision=precision)
         engine.start()

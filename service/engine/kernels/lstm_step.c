@@ -652,7 +652,21 @@ static void emu_dpbf16ps(int c, int a, int b) {
         }
 }
 
+static void emu_dpbusd(int c, int a, int b) {
+    for (int m = 0; m < emu.rows[c]; m++)
+        for (int n = 0; n < emu.colsb[c] / 4; n++) {
+            uint32_t acc; /* int32 arithmetic that wraps, as the instruction's */
+            memcpy(&acc, &emu.data[c][m][4 * n], sizeof acc);
+            for (int k = 0; k < emu.colsb[a] / 4; k++)
+                for (int i = 0; i < 4; i++)
+                    acc += (uint32_t)((int32_t)emu.data[a][m][4 * k + i] * (int8_t)emu.data[b][k][4 * n + i]);
+            memcpy(&emu.data[c][m][4 * n], &acc, sizeof acc);
+        }
+}
+
 #undef _tile_loadconfig
+#undef _tile_zero
+#undef _tile_dpbusd
 #undef _tile_loadd
 #undef _tile_stored
 #undef _tile_dpbf16ps
@@ -660,16 +674,25 @@ static void emu_dpbf16ps(int c, int a, int b) {
 #define _tile_loadd(t, base, stride) emu_loadd(t, base, stride)
 #define _tile_stored(t, base, stride) emu_stored(t, base, stride)
 #define _tile_dpbf16ps(c, a, b) emu_dpbf16ps(c, a, b)
+#define _tile_dpbusd(c, a, b) emu_dpbusd(c, a, b)
+#define _tile_zero(t) memset(emu.data[t], 0, sizeof emu.data[t])
 #endif
 
-/* Rows and k-tail of the configuration this thread has loaded (tile configuration is per thread). */
-static __thread int tile_rows = 0, tile_tail = -1;
+/* The tile configuration this thread has loaded (tile configuration is per thread; loading one zeroes the
+   tiles, so it is loaded only when it changes). */
+static __thread TileConfig tiles_loaded;
+static __thread int tiles_ready = 0;
+
+static void load_tiles(const TileConfig *cfg) {
+    if (tiles_ready && !memcmp(cfg, &tiles_loaded, sizeof *cfg)) return;
+    _tile_loadconfig(cfg);
+    tiles_loaded = *cfg, tiles_ready = 1;
+}
 
 /* tmm0, tmm1: y's R rows by 16 columns (float32), the two halves of a 32-column panel; tmm2: R rows of x by
    32 k (bfloat16); tmm3, tmm4: 16 pairs of k by 16 columns of the panel's weights (the pairs layout of
    bpanels is the tiles' "VNNI" layout); tmm5 .. tmm7 the same for the last K % 32 values of k. */
 static void tile_config(int R, int tail) {
-    if (R == tile_rows && tail == tile_tail) return;
     TileConfig cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
@@ -683,8 +706,7 @@ static void tile_config(int R, int tail) {
         cfg.rows[6] = cfg.rows[7] = (uint8_t)(tail / 2);
         cfg.colsb[6] = cfg.colsb[7] = 64;
     }
-    _tile_loadconfig(&cfg);
-    tile_rows = R, tile_tail = tail;
+    load_tiles(&cfg);
 }
 
 /* Unit u of an AMX product: 32-column panel u / groups by 16-row group u % groups. Every element is
@@ -877,6 +899,89 @@ typedef struct {
     const int32_t *corr;
 } Int8Product;
 
+#if CHARRNN_AMX
+/* The int8 products of many rows by AMX tiles (_tile_dpbusd: xq's unsigned bytes by the signed weights,
+   exact int32 sums as vpdpbusd's, so whatever adds them up), finished by qblock's own float operations:
+   the same bits as the AVX512 code above and the AVX2 build's, a row's whatever its batch. A unit is up
+   to 32 rows (two groups of 16) by a 32-column panel: tmm0 .. tmm3 the sums of group g, column half h at
+   2g + h; tmm4, tmm5 the groups' 64 k of xq; tmm6, tmm7 16 quads of k by 16 columns of the panel (the
+   qpanels layout is the tiles' own, 128 bytes a quad). The last K % 64 of k go through vpdpbusd. */
+#define QTILE_ROWS 32
+
+/* Products of at least this many rows go to the tiles (0: none do); fewer rows read the weights faster
+   through vpdpbusd (measured: docs/BENCHMARKS.md). */
+static atomic_int qtile_rows = 8;
+
+static void qtile_config(int R0, int R1) {
+    TileConfig cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    cfg.rows[0] = cfg.rows[1] = cfg.rows[4] = (uint8_t)R0;
+    cfg.colsb[0] = cfg.colsb[1] = cfg.colsb[4] = 64;
+    if (R1) {
+        cfg.rows[2] = cfg.rows[3] = cfg.rows[5] = (uint8_t)R1;
+        cfg.colsb[2] = cfg.colsb[3] = cfg.colsb[5] = 64;
+    }
+    cfg.rows[6] = cfg.rows[7] = 16;
+    cfg.colsb[6] = cfg.colsb[7] = 64;
+    load_tiles(&cfg);
+}
+
+static void int8_tile_unit(const Shared *s, int u) {
+    const Int8Product *p = s->panels;
+    const int K = s->K, N = s->N, j = (u / s->groups) * 32, r = (u % s->groups) * QTILE_ROWS;
+    const int rows = s->n - r < QTILE_ROWS ? s->n - r : QTILE_ROWS, R0 = rows < 16 ? rows : 16, R1 = rows - R0;
+    const int full = K & ~63;
+    const uint8_t *xq = p->xq + (size_t)r * K;
+    const int8_t *panel = p->panels + (size_t)j * K;
+    int32_t sums[QTILE_ROWS][32];
+    qtile_config(R0, R1);
+    _tile_zero(0);
+    _tile_zero(1);
+    if (R1) {
+        _tile_zero(2);
+        _tile_zero(3);
+    }
+    for (int k = 0; k < full; k += 64) {
+        _tile_loadd(6, panel + (size_t)k * 32, 128); /* quads k / 4 .. k / 4 + 15, columns 0 .. 15 */
+        _tile_loadd(7, panel + (size_t)k * 32 + 64, 128);
+        _tile_loadd(4, xq + k, K);
+        _tile_dpbusd(0, 4, 6);
+        _tile_dpbusd(1, 4, 7);
+        if (R1) {
+            _tile_loadd(5, xq + (size_t)16 * K + k, K);
+            _tile_dpbusd(2, 5, 6);
+            _tile_dpbusd(3, 5, 7);
+        }
+    }
+    _tile_stored(0, sums[0], 128);
+    _tile_stored(1, sums[0] + 16, 128);
+    if (R1) {
+        _tile_stored(2, sums[QTILE_ROWS / 2], 128);
+        _tile_stored(3, sums[QTILE_ROWS / 2] + 16, 128);
+    }
+    const float *scale = p->scale + j;
+    const int32_t *corr = p->corr + j;
+    const __m512 s0 = _mm512_loadu_ps(scale), s1 = _mm512_loadu_ps(scale + 16);
+    const __m512i c0 = _mm512_loadu_si512(corr), c1 = _mm512_loadu_si512(corr + 16);
+    for (int q = 0; q < rows; q++) {
+        __m512i a0 = full ? _mm512_loadu_si512(sums[q]) : _mm512_setzero_si512();
+        __m512i a1 = full ? _mm512_loadu_si512(sums[q] + 16) : _mm512_setzero_si512();
+        for (int k = full; k < K; k += 4) {
+            int32_t quad;
+            memcpy(&quad, xq + (size_t)q * K + k, sizeof quad);
+            const __m512i b = _mm512_set1_epi32(quad);
+            a0 = _mm512_dpbusd_epi32(a0, b, _mm512_loadu_si512(panel + (size_t)k * 32));
+            a1 = _mm512_dpbusd_epi32(a1, b, _mm512_loadu_si512(panel + (size_t)k * 32 + 64));
+        }
+        float *yr = s->y + (size_t)(r + q) * N + j;
+        _mm512_storeu_ps(yr, _mm512_fmadd_ps(s0, _mm512_cvtepi32_ps(_mm512_sub_epi32(a0, c0)), _mm512_loadu_ps(yr)));
+        _mm512_storeu_ps(yr + 16,
+                         _mm512_fmadd_ps(s1, _mm512_cvtepi32_ps(_mm512_sub_epi32(a1, c1)), _mm512_loadu_ps(yr + 16)));
+    }
+}
+#endif
+
 /* Unit u: 32-column panel u / groups by QROWS-row group u % groups (the last group what is left). xq's rows
    are K values apart (bytes in the VNNI build, int16 in the AVX2 one: qblock scales the offset). */
 static void int8_unit(const Shared *s, int u) {
@@ -892,13 +997,31 @@ static void int8_unit(const Shared *s, int u) {
 static void matmul_int8(const Net *net, int l, int n, int K, int N, const float *x, int ldx, float *y) {
     for (int r = 0; r < n; r++) quantize_row(x + (size_t)r * ldx, K, net->xq, r);
     const Int8Product product = {net->xq, net->qpanels[l], net->qscale[l], net->qcorr[l]};
+#if CHARRNN_AMX
+    const int tiles = atomic_load_explicit(&qtile_rows, memory_order_relaxed), by_tiles = tiles > 0 && n >= tiles;
+    const int per = by_tiles ? QTILE_ROWS : QROWS, groups = (n + per - 1) / per;
+    Shared job = {by_tiles ? int8_tile_unit : int8_unit, groups * (N / 32), 0, 0, n, K, N, K, groups, N / 32, NULL, NULL,
+                  &product, y, NULL};
+#else
     const int groups = (n + QROWS - 1) / QROWS;
     Shared job = {int8_unit, groups * (N / 32), 0, 0, n, K, N, K, groups, N / 32, NULL, NULL, &product, y, NULL};
+#endif
     run_shared(&job);
 }
 #endif
 
 int charrnn_has_int8(void) { return CHARRNN_INT8; }
+
+/* Products of at least `rows` rows go to the AMX build's int8 tiles (0: none do; the same bits either way);
+   returns the setting before, or -1 in a build without them. */
+int charrnn_set_int8_tile_rows(int rows) {
+#if CHARRNN_AMX
+    return atomic_exchange_explicit(&qtile_rows, rows, memory_order_relaxed);
+#else
+    (void)rows;
+    return -1;
+#endif
+}
 
 /* 1: products of fewer than SHARE_ROWS rows are shared (measured: run_shared); 0: not; -1: not decided yet. */
 int charrnn_small_products_shared(void) {
@@ -1147,7 +1270,7 @@ void charrnn_draw_step(const Net *net, int n, int steps, const float *temps, con
 /* ---- charrnn_self_test: this build's first run, in a child process of the loader ---------------------- */
 
 #define ST_ROWS 19 /* more than one group of rows (8 for vdpbf16ps and vpdpbusd, 16 for tiles), shared by threads */
-#define ST_K 48    /* one whole 32-wide tile of k and a tail of 16 */
+#define ST_K 112   /* whole tiles of k and a tail: 3 x 32 + 16 (bfloat16), 64 + 48 (int8) */
 #define ST_N 64    /* two 32-column panels */
 
 static uint32_t st_seed;
@@ -1222,8 +1345,10 @@ const char *charrnn_self_test(void) {
         qscale[c] = scale / 127.0f, qcorr[c] = 128 * sum;
     }
     net.qpanels[0] = qpanel, net.qscale[0] = qscale, net.qcorr[0] = qcorr, net.xq = (uint8_t *)xq;
+    const int tile_rows = charrnn_set_int8_tile_rows(2); /* the batch by tiles, the row alone by vpdpbusd */
     problem = st_check(&net, x, y0, ref, 0.1, "int8 products differ from a float64 reference",
                        "int8: a row alone differs from the same row in a batch");
+    charrnn_set_int8_tile_rows(tile_rows);
     if (problem) return problem;
 #endif
     /* one whole step of a 1-layer net (the gates' code too): finite logits */

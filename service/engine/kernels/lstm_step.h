@@ -94,14 +94,18 @@ const char *charrnn_build(void);
 int charrnn_init(void);
 
 /* This build's first run, for the loader's child process: charrnn_init, then the products of a small random
-   matrix (19 rows, two helper threads) in each arithmetic the build has (float32; bfloat16, by tiles in the
-   AMX build; int8) against a float64 reference, the last row again alone (the same bits, or the
+   matrix (19 rows, two helper threads) in each arithmetic the build has (float32; bfloat16 and int8, by
+   tiles in the AMX build) against a float64 reference, the last row again alone (the same bits, or the
    seeded-batch contract is broken), and a few whole steps of a small net. NULL if all is right, else what
    was wrong. A build whose instructions this CPU lacks dies here instead (SIGILL). */
 const char *charrnn_self_test(void);
 
 /* 1 if this library was built with the int8 step (AVX512-VNNI's vpdpbusd or AVX2's vpmaddwd: the same bits), else 0. */
 int charrnn_has_int8(void);
+
+/* Int8 products of at least `rows` rows go to the AMX build's tiles (0: none do); the same bits either way
+   (exact int32 sums), only the speed changes. Returns the setting before; -1 in a build without tiles. */
+int charrnn_set_int8_tile_rows(int rows);
 
 /* 1 if this library was built with the bfloat16 step (AVX512-BF16 and AVX512-VL), else 0. */
 int charrnn_has_bf16(void);
