@@ -216,6 +216,14 @@ def post_fork(server, worker):
     server.log.info("worker %s: torch uses %d threads", worker.pid, threads)
 
 
+def post_worker_init(worker):
+    """In each worker, once its app (the engine, the models) is built: the garbage collector freezes all
+    that and collects the young less often (service/engine/collector.py)."""
+    from charrnn.service.engine.collector import settle_for_serving
+
+    settle_for_serving()
+
+
 def worker_exit(server, worker):
     """When a worker stops (after finishing its requests): let its engine finish and stop."""
     service = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("charrnn")

@@ -16,7 +16,7 @@ from flask import Flask
 import charrnn.model.config
 from charrnn.service import config
 from charrnn.service.config import ConfigError, ServiceConfig, load_config
-from charrnn.service.engine import batch
+from charrnn.service.engine import batch, collector
 from charrnn.service.engine.batch import FastLSTMBatch
 from charrnn.service.web import schemas
 from charrnn.service.web.openapi import openapi_document
@@ -108,6 +108,14 @@ def test_a_new_worker_gets_its_torch_threads(monkeypatch: pytest.MonkeyPatch) ->
     finally:
         torch.set_num_threads(threads)
     assert [args[1:] for args in logged] == [(123, want)]
+
+
+def test_a_worker_settles_its_garbage_collector_once_its_app_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = run_gunicorn_conf(monkeypatch)
+    calls: list[None] = []
+    monkeypatch.setattr(collector, "settle_for_serving", lambda: calls.append(None))
+    conf["post_worker_init"](SimpleNamespace(pid=123))
+    assert len(calls) == 1
 
 
 def test_gunicorn_with_a_bad_value_exits_with_a_message_not_a_traceback(model_dir: Path) -> None:
