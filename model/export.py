@@ -29,9 +29,9 @@ SAMPLE = {"prompt": "ROMEO:\n", "length": 400, "temperature": 0.8, "seed": 1}
 SAMPLE_ARITHMETIC = (
     "charrnn sample's text: PyTorch, float32. The service gives it for this seed with CHARRNN_PRECISION=fp32"
     " in any build of its C kernel (AMX, AVX512-BF16, AVX2: the same bits; portable C: the same text but for"
-    " a draw within rounding of a tie). Its default arithmetic (int8 on a CPU with AVX2 or AVX512-VNNI, the"
-    " same bits in both; bfloat16 by AMX tiles on an AMX CPU) gives a text of its own for the same seed, per"
-    " build and precision"
+    " a draw within rounding of a tie). Its default arithmetic (int8 on a CPU with AVX2, AVX512-VNNI or AMX:"
+    " exact integer sums, the same bits on each) gives a text of its own for the same seed, per build and"
+    " precision"
     " (CHARRNN_PRECISION=int8, bf16 or fp32 picks one); every build and precision keeps a seed's text"
     " whatever shares the batch."
 )

@@ -129,8 +129,8 @@ class ServiceConfig:
     torch_threads: int | None = _setting(None, 1)
     native: bool = True  # step LSTM batches with the C kernel where it can be built (false: PyTorch only)
     kernel_dir: Path | None = None  # where compiled kernels are kept; None: ~/.cache/charrnn/kernels
-    # the kernel's arithmetic: auto (int8 in the AVX512-BF16 and AVX2 builds, the same bits in both, but
-    # bfloat16 tiles in the AMX build; float32 in the portable one), int8, bf16 or fp32 (batch.precision_flags)
+    # the kernel's arithmetic: auto (int8 in the AMX, AVX512-BF16 and AVX2 builds, the same bits in each;
+    # float32 in the portable one), int8, bf16 or fp32 (batch.precision_flags)
     precision: str = _setting("auto", choices=KERNEL_PRECISIONS)
     # which build of the kernel: auto (the best this CPU runs and that passes its check), or one by name
     kernel_build: str = _setting("auto", choices=KERNEL_BUILDS)
