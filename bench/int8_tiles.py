@@ -3,7 +3,8 @@
     python bench/int8_tiles.py [--rows 1 2 4 8 12 16 24 32 64 128] [--seconds 0.15] [--repeats 5]
 
 Printed, every number from this run: the CPU, then for each batch size the time of one step of the shipped
-default model (2 x 512 LSTM, `NativeLSTMBatch.step` in a loop on 2 threads, best of the repeats) and its
+default model (2 x 512 LSTM, `NativeLSTMBatch.step` in a loop, the kernel's threads as printed (2 on a
+2-core machine), best of the repeats) and its
 characters/s, in int8 with every product by AMX tiles (`charrnn_set_int8_tile_rows(1)`), in int8 with no
 product by tiles (vpdpbusd, as the bfloat16 build), and in bfloat16 by tiles; then the rows from which the
 build sends int8 products to the tiles. The two int8 columns give the same bits (tests/engine/
@@ -55,7 +56,8 @@ def main() -> None:
     default_rows = lib.charrnn_set_int8_tile_rows(0)
     lib.charrnn_set_int8_tile_rows(default_rows)
     model = load_checkpoint(DEFAULT_MODEL).build_model().eval()
-    print(f"CPU: {cpu_name()}; kernel build: {choice.build}; 2 threads; one step of the default model")
+    threads = lib.charrnn_set_threads(2)
+    print(f"CPU: {cpu_name()}; kernel build: {choice.build}; {threads} threads; one step of the default model")
     ways = (("int8 tiles", 1, False, True), ("int8 vpdpbusd", 0, False, True), ("bf16 tiles", 0, True, False))
     print(f"{'rows':>5} " + " ".join(f"{name + ' us':>17} {'chars/s':>9}" for name, *_ in ways))
     with torch.inference_mode():

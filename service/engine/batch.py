@@ -368,7 +368,7 @@ def precision_flags(precision: str) -> tuple[bool, bool]:
     int8 where the kernel build has int8 products, which every build that has them sums as the same exact
     integers (AMX's tiles from 8 rows, AVX512-VNNI's vpdpbusd, AVX2's vpmaddwd) and finishes with the same
     float operations, so the same bits on any of them and in any batch (the shipped model's loss 1.46509
-    against float32's 1.46513); on the Intel Xeon with AMX of docs/BENCHMARKS.md, int8 steps 1.3-2.2x the
+    against float32's 1.46513); on the Intel Xeon with AMX of docs/BENCHMARKS.md, int8 steps 1.4-2.9x the
     AMX build's bfloat16 at 1-128 rows, 1.7-1.8x bfloat16 at 8-128 rows on an AMD EPYC Zen 5, 1.2x float32
     at 8-128 rows, 3.1x at one on an AVX2-only AMD EPYC; bfloat16 where a build has no int8; float32 in the
     portable build. Each asks only: make_batch falls back to what the kernel, the CPU and the model allow.

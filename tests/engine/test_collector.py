@@ -13,11 +13,13 @@ CHILD = textwrap.dedent(
     """
     import gc, weakref
     from charrnn.service.engine.collector import YOUNG_THRESHOLD, settle_for_serving
+    from tests.helpers import tiny_model
 
     class Node:
         pass
 
     kept = [Node() for _ in range(1000)]
+    loaded = [tiny_model()]  # a model served from the start, replaced later (hot reload)
     settle_for_serving()
     assert gc.get_freeze_count() > len(kept)  # what existed is frozen: no longer walked by the collector
     assert not any(isinstance(thing, Node) for thing in gc.get_objects())
@@ -29,6 +31,10 @@ CHILD = textwrap.dedent(
     assert gone() is not None
     gc.collect()
     assert gone() is None
+    replaced = weakref.ref(loaded[0].model)
+    loaded[0] = tiny_model(seed=1)
+    gc.collect()
+    assert replaced() is None  # frozen, and still freed once nothing holds it
     print("ok")
     """
 )

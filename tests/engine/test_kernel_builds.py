@@ -200,7 +200,7 @@ def int8_by_tiles_and_by_vpdpbusd(lib: object) -> None:
     (no product by tiles), whole tiles of k or not, in groups of 16 and 32 rows or not."""
     before = lib.charrnn_set_int8_tile_rows(1)
     try:
-        for hidden in (48, 64, 80):  # K = 48: a k-tail only; 96, 64, 128: whole tiles and tails; 80, 160: both
+        for hidden in (48, 64, 80):  # K = 48: a k-tail only; 64 and 128: whole tiles only; 96, 80, 160: both
             loaded = tiny_model(hidden=hidden)
             for rows in (1, 9, 21, 37):
                 with torch.inference_mode():

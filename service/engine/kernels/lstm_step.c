@@ -27,8 +27,9 @@
 #else
 #define CHARRNN_BF16 0
 #endif
-/* The AMX build: the bfloat16 products by tiles (_tile_dpbf16ps) instead of vdpbf16ps. Compiled with
-   -mamx-tile -mamx-bf16 on top of the bfloat16 build's flags; everything else is that build's code.
+/* The AMX build: the bfloat16 products by tiles (_tile_dpbf16ps) instead of vdpbf16ps, and the int8 products
+   of 8 rows or more by tiles (_tile_dpbusd) instead of vpdpbusd. Compiled with -mamx-tile -mamx-bf16
+   -mamx-int8 on top of the bfloat16 build's flags; everything else is that build's code.
    -DCHARRNN_AMX_EMULATE (tests only) runs the same tile code on any AVX512-BF16 CPU, with the tile
    instructions done in C (below): it checks the layouts and loops, not the hardware. */
 #if CHARRNN_BF16 && defined(__linux__) && \
@@ -618,6 +619,14 @@ static __thread struct {
 
 static void emu_loadconfig(const TileConfig *cfg) {
     for (int t = 0; t < EMU_TILES; t++) emu.rows[t] = cfg->rows[t], emu.colsb[t] = cfg->colsb[t];
+    memset(emu.data, 0, sizeof emu.data); /* as the instruction does */
+}
+
+/* What the hardware checks of a product's tiles (a #UD there): C (M x N) += A (M x 4K bytes) . B (K x N). */
+static void emu_shapes(int c, int a, int b) {
+    if (!emu.rows[c] || emu.rows[a] != emu.rows[c] || emu.colsb[a] / 4 != emu.rows[b] || emu.colsb[b] != emu.colsb[c]
+        || c == a || c == b || a == b)
+        abort();
 }
 
 static void emu_loadd(int t, const void *base, long stride) {
@@ -637,6 +646,7 @@ static float emu_bf16(uint16_t b) {
 }
 
 static void emu_dpbf16ps(int c, int a, int b) {
+    emu_shapes(c, a, b);
     for (int m = 0; m < emu.rows[c]; m++)
         for (int n = 0; n < emu.colsb[c] / 4; n++) {
             float acc;
@@ -653,6 +663,7 @@ static void emu_dpbf16ps(int c, int a, int b) {
 }
 
 static void emu_dpbusd(int c, int a, int b) {
+    emu_shapes(c, a, b);
     for (int m = 0; m < emu.rows[c]; m++)
         for (int n = 0; n < emu.colsb[c] / 4; n++) {
             uint32_t acc; /* int32 arithmetic that wraps, as the instruction's */
@@ -688,6 +699,12 @@ static void load_tiles(const TileConfig *cfg) {
     _tile_loadconfig(cfg);
     tiles_loaded = *cfg, tiles_ready = 1;
 }
+
+/* The tile configuration is the caller's to save (the x86-64 ABI): whatever ran on this thread between two
+   calls into this library (oneDNN's AMX kernels in a torch operation, say) may have loaded its own or
+   released the tiles. So the calling thread loads its configuration afresh at each step; the helpers run
+   only this library's code and keep theirs. */
+static void forget_tiles(void) { tiles_ready = 0; }
 
 /* tmm0, tmm1: y's R rows by 16 columns (float32), the two halves of a 32-column panel; tmm2: R rows of x by
    32 k (bfloat16); tmm3, tmm4: 16 pairs of k by 16 columns of the panel's weights (the pairs layout of
@@ -899,7 +916,8 @@ typedef struct {
     const int32_t *corr;
 } Int8Product;
 
-#if CHARRNN_AMX
+#if CHARRNN_AMX && XQ_BYTES == 1 && (defined(__AMX_INT8__) || defined(CHARRNN_AMX_EMULATE))
+#define CHARRNN_AMX_INT8 1
 /* The int8 products of many rows by AMX tiles (_tile_dpbusd: xq's unsigned bytes by the signed weights,
    exact int32 sums as vpdpbusd's, so whatever adds them up), finished by qblock's own float operations:
    the same bits as the AVX512 code above and the AVX2 build's, a row's whatever its batch. A unit is up
@@ -997,7 +1015,7 @@ static void int8_unit(const Shared *s, int u) {
 static void matmul_int8(const Net *net, int l, int n, int K, int N, const float *x, int ldx, float *y) {
     for (int r = 0; r < n; r++) quantize_row(x + (size_t)r * ldx, K, net->xq, r);
     const Int8Product product = {net->xq, net->qpanels[l], net->qscale[l], net->qcorr[l]};
-#if CHARRNN_AMX
+#if CHARRNN_AMX_INT8
     const int tiles = atomic_load_explicit(&qtile_rows, memory_order_relaxed), by_tiles = tiles > 0 && n >= tiles;
     const int per = by_tiles ? QTILE_ROWS : QROWS, groups = (n + per - 1) / per;
     Shared job = {by_tiles ? int8_tile_unit : int8_unit, groups * (N / 32), 0, 0, n, K, N, K, groups, N / 32, NULL, NULL,
@@ -1009,13 +1027,16 @@ static void matmul_int8(const Net *net, int l, int n, int K, int N, const float 
     run_shared(&job);
 }
 #endif
+#ifndef CHARRNN_AMX_INT8
+#define CHARRNN_AMX_INT8 0
+#endif
 
 int charrnn_has_int8(void) { return CHARRNN_INT8; }
 
 /* Products of at least `rows` rows go to the AMX build's int8 tiles (0: none do; the same bits either way);
    returns the setting before, or -1 in a build without them. */
 int charrnn_set_int8_tile_rows(int rows) {
-#if CHARRNN_AMX
+#if CHARRNN_AMX_INT8
     return atomic_exchange_explicit(&qtile_rows, rows, memory_order_relaxed);
 #else
     (void)rows;
@@ -1206,6 +1227,9 @@ void charrnn_lstm_step(const Net *net, int n, const int64_t *ids) {
 #ifdef CHARRNN_TEST_TRAP
     __builtin_trap(); /* a build that dies on its first step (SIGILL on x86), for the loader's tests */
 #endif
+#if CHARRNN_AMX
+    forget_tiles();
+#endif
     const int H = net->hidden, L = net->layers, G = 4 * H, ld = L * H;
     for (int r = 0; r < n; r++) memcpy(net->gates + (size_t)r * G, net->table + (size_t)ids[r] * G, G * sizeof(float));
     recurrent_acc(net, 0, n, H, net->hs, ld, net->gates);
@@ -1269,7 +1293,8 @@ void charrnn_draw_step(const Net *net, int n, int steps, const float *temps, con
 
 /* ---- charrnn_self_test: this build's first run, in a child process of the loader ---------------------- */
 
-#define ST_ROWS 19 /* more than one group of rows (8 for vdpbf16ps and vpdpbusd, 16 for tiles), shared by threads */
+#define ST_ROWS 19 /* more than one group of rows (8 for vdpbf16ps and vpdpbusd, 16 for bfloat16 tiles; for int8
+                      tiles both 16-row halves of a 32-row unit), shared by threads */
 #define ST_K 112   /* whole tiles of k and a tail: 3 x 32 + 16 (bfloat16), 64 + 48 (int8) */
 #define ST_N 64    /* two 32-column panels */
 
@@ -1316,7 +1341,8 @@ const char *charrnn_self_test(void) {
     const char *problem = st_check(&net, x, y0, ref, 1e-4, "float32 products differ from a float64 reference",
                                    "float32: a row alone differs from the same row in a batch");
     if (problem) return problem;
-#if CHARRNN_BF16 /* bfloat16 weights and inputs: 8 bits of mantissa each, 48 products of up to 0.3 */
+#if CHARRNN_BF16 /* bfloat16 weights and inputs: 8 bits of mantissa each, ST_K products of up to 0.3 (errors
+                    of ~1e-3 each, summed at random: ~0.01) */
     static uint16_t bpanel[ST_K * ST_N], xb[ST_ROWS * ST_K];
     for (int k = 0; k < ST_K; k++)
         for (int c = 0; c < ST_N; c++)
