@@ -42,7 +42,13 @@ from charrnn.model.generation import PREFILL_CHUNK, prefill_chunks, start_ids
 from charrnn.model.network import CharRNN, state_tensors
 from charrnn.service.config import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PROMPT_CACHE_BYTES, KERNEL_PRECISIONS
 from charrnn.service.engine import lstm_kernel
-from charrnn.service.engine.batch import RecurrentBatch, describe_batch, make_batch, precision_flags
+from charrnn.service.engine.batch import (
+    NativeLSTMBatch,
+    RecurrentBatch,
+    describe_batch,
+    make_batch,
+    precision_flags,
+)
 from charrnn.service.engine.loading import LoadedModel
 from charrnn.service.engine.prompt_cache import PromptCache
 from charrnn.service.engine.thread_names import ENGINE_THREAD, name_os_thread
@@ -265,6 +271,7 @@ class Engine:
         self.last_step_ok_at: dict[str, float] = {}
         self._held: dict[str, int] = {}  # unfinished jobs per owner (a client); see submit_many
         self._held_lock = threading.Lock()  # a leaf lock: nothing else is taken while it is held
+        self._sharing_told = False  # whether the log has the kernel's choice for products of 1-3 rows
 
     @property
     def queue_depth(self) -> int:
@@ -550,6 +557,13 @@ class Engine:
             self._active -= 1
             job.publish([], "error")
 
+    def _tell_sharing(self, lib: Any) -> None:
+        """Logs the kernel's sharing choice for small products once it is made: one stream's speed depends on it."""
+        said = _sharing_choice(lib)
+        if said is not None:
+            log.info("C kernel: %s", said)
+            self._sharing_told = True
+
     def _advance(self, batch: RecurrentBatch) -> None:
         """One character for every job of the batch, then one recurrent step (a batch of plain rows: up to
         STEPS_PER_CALL of each in one call)."""
@@ -591,6 +605,8 @@ class Engine:
             if batch.jobs and drawn is None:
                 batch.step([ids[row] for row in running])  # in the batch's new order
             self.last_step_ok_at[loaded.name] = time.monotonic()
+            if not self._sharing_told and isinstance(batch, NativeLSTMBatch):
+                self._tell_sharing(batch.lib)
         except Exception:
             log.exception("batch step failed; failing its %d jobs", len(batch.jobs))
             self._active -= len(batch.jobs)
@@ -637,6 +653,15 @@ class _Prefill:
         self.last = next(self._chunks)
         self._left -= 1
         return self._left == 0
+
+
+def _sharing_choice(lib: Any) -> str | None:
+    """The kernel's choice for products of 1-3 rows, once it has measured both ways (lstm_step.c, run_shared)."""
+    choice = lib.charrnn_small_products_shared()
+    if choice < 0:
+        return None
+    way = "shared with the kernel's helper threads" if choice else "computed by the calling thread alone"
+    return f"products of 1-3 rows are {way} (the faster way as measured by this process's first ones)"
 
 
 def _steps_per_call(samples: list[Sample]) -> int:

@@ -278,6 +278,34 @@ def test_one_row_shares_its_products_only_as_measured_and_the_bits_stay(kernels:
     assert lib.charrnn_small_products_shared() in (0, 1)
 
 
+def test_the_engine_logs_once_how_the_kernel_takes_products_of_a_few_rows(
+    kernels: Path, fresh: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The kernel times products of 1-3 rows alone and shared, then keeps the faster way for the process: one
+    stream's speed turns on it, so the log says which it is, once (at once where an earlier test decided)."""
+    lib = lstm_kernel.chosen(directory=kernels).library
+    if lib.charrnn_build().decode() == "portable":
+        pytest.skip("the portable build has no helper threads")
+    loaded = tiny_model(hidden=512)  # 1M multiply-adds a row in layer 0: products that are timed
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a helper to share with (the batch gives the kernel torch's threads)
+    try:
+        with caplog.at_level(logging.INFO, logger="charrnn.service.engine.scheduler"):
+            engine = Engine({loaded.name: loaded}, max_batch=4, kernel_dir=kernels)
+            engine.start()
+            try:
+                for seed in (1, 2):  # 2 x 80 steps: more than the 128 products the trial times
+                    spec = JobSpec(loaded.name, tuple(loaded.vocab.encode("ab")), 80, SamplingParams(), seed)
+                    engine.submit(spec).result(timeout=120)
+            finally:
+                engine.close()
+    finally:
+        torch.set_num_threads(threads)
+    told = [r.getMessage() for r in caplog.records if r.getMessage().startswith("C kernel: products of 1-3 rows")]
+    way = "shared with the kernel's helper threads" if lib.charrnn_small_products_shared() else "the calling thread"
+    assert len(told) == 1 and way in told[0]
+
+
 def test_the_engine_names_each_models_arithmetic(kernels: Path, fresh: None, caplog: pytest.LogCaptureFixture) -> None:
     lib = lstm_kernel.chosen(directory=kernels).library
     loaded = tiny_model(hidden=48)
