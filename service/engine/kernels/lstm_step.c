@@ -413,14 +413,17 @@ static int set_threads(int threads) {
    and not where it is shorter than waking the helpers. So it is measured: such products of at least
    SMALL_WORK multiply-adds are timed, SMALL_RUN products in a row alone, then SMALL_RUN shared, and so on
    until SMALL_TRIALS have been timed; then the way whose best times per shape (rows x K x N), summed over
-   the shapes timed both ways, are the least is kept for the rest of the process (a forked child measures
-   anew). Runs rather than turns: the products of one step (a layer's, then the next's) are timed the same
+   the shapes timed both ways, are the least is taken, and timed again after every SMALL_RETRIAL such
+   products (a forked child measures anew): a trial that ran while the OS held the helpers back (a process
+   starting beside others) chose alone, and one stream then ran at the speed of one core (6,543 characters/s
+   against 8,100-10,900 shared, on an Intel Xeon with AMX) for the life of the process. Runs rather than turns: the products of one step (a layer's, then the next's) are timed the same
    way, so that a shared one finds the helpers as awake as it would every step (a step alternating between
    the ways would find them asleep). Both ways compute every element alike: the same bits. */
 #define SMALL_WORK (1 << 20)
 #define SMALL_TRIALS 128
 #define SMALL_RUN 16
 #define SMALL_SHAPES 16
+#define SMALL_RETRIAL (1L << 18) /* ~15 s of one stream's products, a trial (128 of them) ~0.05 % of that */
 typedef struct {
     int n, K, N;
     double best[2]; /* the least ns of one product: alone, shared */
@@ -429,8 +432,10 @@ static struct {
     pthread_mutex_t lock;
     int shapes, started, timed;
     SmallShape shape[SMALL_SHAPES];
-    atomic_int choice; /* -1 until decided, then 0 (alone) or 1 (shared) */
-} small = {PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, {{0}}, -1};
+    atomic_int choice; /* -1 until decided, then 0 (alone) or 1 (shared): the way taken between trials */
+    atomic_int trial;  /* 1 while products are timed */
+    atomic_long since; /* products taken the chosen way since the last trial */
+} small = {PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, {{0}}, -1, 1, 0};
 
 /* The shape's entry (made on first sight; NULL when the table is full: that product is not timed). */
 static SmallShape *small_shape(int n, int K, int N) {
@@ -462,9 +467,23 @@ static void small_timed(int n, int K, int N, int way, double ns) {
             total[0] += small.shape[i].best[0], total[1] += small.shape[i].best[1];
             both++;
         }
-    if (++small.timed >= SMALL_TRIALS && both)
+    if (atomic_load_explicit(&small.trial, memory_order_relaxed) && ++small.timed >= SMALL_TRIALS && both) {
         atomic_store_explicit(&small.choice, total[1] < total[0], memory_order_relaxed);
+        atomic_store_explicit(&small.since, 0, memory_order_relaxed);
+        atomic_store_explicit(&small.trial, 0, memory_order_relaxed);
+    }
     pthread_mutex_unlock(&small.lock);
+}
+
+/* The way to take a product outside trials (the choice), starting a new trial once SMALL_RETRIAL have been. */
+static int small_chosen_way(void) {
+    if (atomic_fetch_add_explicit(&small.since, 1, memory_order_relaxed) + 1 == SMALL_RETRIAL) {
+        pthread_mutex_lock(&small.lock);
+        small.shapes = small.started = small.timed = 0;
+        atomic_store_explicit(&small.trial, 1, memory_order_relaxed);
+        pthread_mutex_unlock(&small.lock);
+    }
+    return atomic_load_explicit(&small.choice, memory_order_relaxed);
 }
 
 /* In a forked child (pool_after_fork): the lock new, nothing measured. */
@@ -472,6 +491,8 @@ static void small_after_fork(void) {
     pthread_mutex_init(&small.lock, NULL);
     small.shapes = small.started = small.timed = 0;
     atomic_store_explicit(&small.choice, -1, memory_order_relaxed);
+    atomic_store_explicit(&small.trial, 1, memory_order_relaxed);
+    atomic_store_explicit(&small.since, 0, memory_order_relaxed);
 }
 
 /* Run every unit of `job`: with the helpers from SHARE_ROWS rows, and below that as measured (`small`);
@@ -483,8 +504,12 @@ static void run_shared(Shared *job) {
     const double work = (double)job->n * job->K * job->N;
     int want = job->n >= SHARE_ROWS, timing = -1;
     if (!want && helpers && work >= SMALL_WORK) {
-        const int choice = atomic_load_explicit(&small.choice, memory_order_relaxed);
-        want = choice >= 0 ? choice : (timing = small_trial_way(job->n, job->K, job->N)) == 1;
+        if (atomic_load_explicit(&small.trial, memory_order_relaxed)) {
+            timing = small_trial_way(job->n, job->K, job->N);
+            want = timing >= 0 ? timing : atomic_load_explicit(&small.choice, memory_order_relaxed) == 1;
+        } else {
+            want = small_chosen_way();
+        }
     }
     const int share = want && helpers && !atomic_flag_test_and_set_explicit(&pool.busy, memory_order_acquire);
     if (timing != share) timing = -1; /* the way not taken (the pool busy): not timed */
@@ -1044,7 +1069,8 @@ int charrnn_set_int8_tile_rows(int rows) {
 #endif
 }
 
-/* 1: products of fewer than SHARE_ROWS rows are shared (measured: run_shared); 0: not; -1: not decided yet. */
+/* 1: products of fewer than SHARE_ROWS rows are shared (measured: run_shared); 0: not; -1: not decided yet
+   (the last choice while they are timed again). */
 int charrnn_small_products_shared(void) {
 #if CHARRNN_SHARE
     return atomic_load_explicit(&small.choice, memory_order_relaxed);

@@ -83,7 +83,8 @@ int charrnn_set_threads(int threads);
 
 /* Whether the products of 1-3 rows (1M multiply-adds or more, in panels: bfloat16 and int8) are shared with
    the helpers: 1 yes, 0 no, -1 not decided yet. Their first 128 are timed, in runs of 16 alone and 16 shared,
-   and the way faster over the shapes timed both ways is kept for the process; either way gives the same bits. */
+   and the way faster over the shapes timed both ways is taken until 2^18 more have been, then they are timed
+   again; either way gives the same bits. */
 int charrnn_small_products_shared(void);
 
 /* This library's build: "amx", "bf16", "avx2" or "portable" (lstm_kernel.VARIANTS). */
