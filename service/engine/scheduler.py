@@ -74,6 +74,10 @@ WAKE_INTERVAL = 0.01  # the least interval (few streams)
 MAX_WAKE_INTERVAL = 0.05  # the most (many streams)
 WAKES_PER_SECOND = 2000
 
+# Products of fewer rows than this are shared between the kernel's threads or not as it measured (lstm_step.c,
+# SHARE_ROWS): the engine logs the choice once it is made.
+SMALL_ROWS = 4
+
 
 def wake_interval(streams: int) -> float:
     """Seconds between two wakes of one job's readers while `streams` jobs are being stepped."""
@@ -605,8 +609,8 @@ class Engine:
             if batch.jobs and drawn is None:
                 batch.step([ids[row] for row in running])  # in the batch's new order
             self.last_step_ok_at[loaded.name] = time.monotonic()
-            if not self._sharing_told and isinstance(batch, NativeLSTMBatch):
-                self._tell_sharing(batch.lib)
+            if not self._sharing_told and len(batch.jobs) < SMALL_ROWS and isinstance(batch, NativeLSTMBatch):
+                self._tell_sharing(batch.lib)  # only while the kernel may be timing them: a call costs ~1 us
         except Exception:
             log.exception("batch step failed; failing its %d jobs", len(batch.jobs))
             self._active -= len(batch.jobs)
