@@ -597,6 +597,8 @@ KERNEL_FUNCTIONS = (
     "charrnn_set_int8_tile_rows",
     "charrnn_self_test",
     "charrnn_small_products_shared",
+    "charrnn_small_trials",
+    "charrnn_set_small_retrial",
 )
 
 
@@ -647,4 +649,8 @@ def _bind(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL:
     lib.charrnn_set_threads.restype = ctypes.c_int
     lib.charrnn_small_products_shared.argtypes = []
     lib.charrnn_small_products_shared.restype = ctypes.c_int
+    lib.charrnn_small_trials.argtypes = []
+    lib.charrnn_small_trials.restype = ctypes.c_int
+    lib.charrnn_set_small_retrial.argtypes = [ctypes.c_long]
+    lib.charrnn_set_small_retrial.restype = ctypes.c_long
     return lib

@@ -278,6 +278,29 @@ def test_one_row_shares_its_products_only_as_measured_and_the_bits_stay(kernels:
     assert lib.charrnn_small_products_shared() in (0, 1)
 
 
+def test_small_products_are_timed_again_after_a_while(kernels: Path, fresh: None) -> None:
+    """A trial the OS spoiled must not hold for the process's life: after a number of products taken the chosen
+    way (2^18; 200 here), the kernel times both ways again and decides anew, and the bits never change."""
+    lib = lstm_kernel.chosen(directory=kernels).library
+    loaded = tiny_model(hidden=512)  # layer 0's product: 512 x 2048, 1M multiply-adds a row: timed
+    options = {"int8": True} if int8_capable(loaded.model, lib) else {"bf16": True}
+    if lib.charrnn_build().decode() == "portable" or not (options.get("int8") or bf16_capable(loaded.model, lib)):
+        pytest.skip("this build has no products of 1-3 rows to share")
+    lib.charrnn_set_threads(2)
+    before = lib.charrnn_set_small_retrial(200)
+    try:
+        decided = lib.charrnn_small_trials()
+        with torch.inference_mode():
+            alone = logits_after(NativeLSTMBatch(loaded.model, 1, lib, **options), 1, 600)  # 1,200 products
+        assert lib.charrnn_small_trials() >= decided + 2  # at most 128 + 200 + 128 + 200 + 128 products for 3
+        lib.charrnn_set_small_retrial(1 << 30)
+        with torch.inference_mode():
+            again = logits_after(NativeLSTMBatch(loaded.model, 1, lib, **options), 1, 600)
+    finally:
+        lib.charrnn_set_small_retrial(before)
+    assert torch.equal(alone, again) and lib.charrnn_small_products_shared() in (0, 1)
+
+
 def test_the_engine_logs_once_how_the_kernel_takes_products_of_a_few_rows(
     kernels: Path, fresh: None, caplog: pytest.LogCaptureFixture
 ) -> None:

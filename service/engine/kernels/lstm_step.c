@@ -424,18 +424,19 @@ static int set_threads(int threads) {
 #define SMALL_RUN 16
 #define SMALL_SHAPES 16
 #define SMALL_RETRIAL (1L << 18) /* ~15 s of one stream's products, a trial (128 of them) ~0.05 % of that */
+static atomic_long small_retrial = SMALL_RETRIAL; /* charrnn_set_small_retrial: the tests' */
 typedef struct {
     int n, K, N;
     double best[2]; /* the least ns of one product: alone, shared */
 } SmallShape;
 static struct {
     pthread_mutex_t lock;
-    int shapes, started, timed;
+    int shapes, started, timed, trials; /* trials: decided since the process started */
     SmallShape shape[SMALL_SHAPES];
     atomic_int choice; /* -1 until decided, then 0 (alone) or 1 (shared): the way taken between trials */
     atomic_int trial;  /* 1 while products are timed */
     atomic_long since; /* products taken the chosen way since the last trial */
-} small = {PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, {{0}}, -1, 1, 0};
+} small = {PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, 0, {{0}}, -1, 1, 0};
 
 /* The shape's entry (made on first sight; NULL when the table is full: that product is not timed). */
 static SmallShape *small_shape(int n, int K, int N) {
@@ -471,13 +472,15 @@ static void small_timed(int n, int K, int N, int way, double ns) {
         atomic_store_explicit(&small.choice, total[1] < total[0], memory_order_relaxed);
         atomic_store_explicit(&small.since, 0, memory_order_relaxed);
         atomic_store_explicit(&small.trial, 0, memory_order_relaxed);
+        small.trials++;
     }
     pthread_mutex_unlock(&small.lock);
 }
 
 /* The way to take a product outside trials (the choice), starting a new trial once SMALL_RETRIAL have been. */
 static int small_chosen_way(void) {
-    if (atomic_fetch_add_explicit(&small.since, 1, memory_order_relaxed) + 1 == SMALL_RETRIAL) {
+    if (atomic_fetch_add_explicit(&small.since, 1, memory_order_relaxed) + 1
+        >= atomic_load_explicit(&small_retrial, memory_order_relaxed)) { /* a trial from the next product on */
         pthread_mutex_lock(&small.lock);
         small.shapes = small.started = small.timed = 0;
         atomic_store_explicit(&small.trial, 1, memory_order_relaxed);
@@ -489,7 +492,7 @@ static int small_chosen_way(void) {
 /* In a forked child (pool_after_fork): the lock new, nothing measured. */
 static void small_after_fork(void) {
     pthread_mutex_init(&small.lock, NULL);
-    small.shapes = small.started = small.timed = 0;
+    small.shapes = small.started = small.timed = small.trials = 0;
     atomic_store_explicit(&small.choice, -1, memory_order_relaxed);
     atomic_store_explicit(&small.trial, 1, memory_order_relaxed);
     atomic_store_explicit(&small.since, 0, memory_order_relaxed);
@@ -1075,6 +1078,28 @@ int charrnn_small_products_shared(void) {
 #if CHARRNN_SHARE
     return atomic_load_explicit(&small.choice, memory_order_relaxed);
 #else
+    return 0;
+#endif
+}
+
+/* Trials of small products decided so far in this process; and how many products are taken the chosen way
+   before the next trial (2^18; returns the setting before; the tests shorten it). */
+int charrnn_small_trials(void) {
+#if CHARRNN_SHARE
+    pthread_mutex_lock(&small.lock);
+    const int trials = small.trials;
+    pthread_mutex_unlock(&small.lock);
+    return trials;
+#else
+    return 0;
+#endif
+}
+
+long charrnn_set_small_retrial(long products) {
+#if CHARRNN_SHARE
+    return atomic_exchange_explicit(&small_retrial, products, memory_order_relaxed);
+#else
+    (void)products;
     return 0;
 #endif
 }

@@ -87,6 +87,11 @@ int charrnn_set_threads(int threads);
    again; either way gives the same bits. */
 int charrnn_small_products_shared(void);
 
+/* How many of those trials have been decided in this process; and how many products are taken the chosen way
+   before they are timed again (2^18: returns the setting before; for the tests). */
+int charrnn_small_trials(void);
+long charrnn_set_small_retrial(long products);
+
 /* This library's build: "amx", "bf16", "avx2" or "portable" (lstm_kernel.VARIANTS). */
 const char *charrnn_build(void);
 
