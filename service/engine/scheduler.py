@@ -562,11 +562,14 @@ class Engine:
             job.publish([], "error")
 
     def _tell_sharing(self, lib: Any) -> None:
-        """Logs the kernel's sharing choice for small products once it is made: one stream's speed depends on it."""
-        said = _sharing_choice(lib)
-        if said is not None:
-            log.info("C kernel: %s", said)
-            self._sharing_told = True
+        """Logs the kernel's choice for products of 1-3 rows once it has measured both ways (lstm_step.c,
+        run_shared): one stream's speed depends on it."""
+        choice = lib.charrnn_small_products_shared()
+        if choice < 0:
+            return
+        way = "shared with the kernel's helper threads" if choice else "computed by the calling thread alone"
+        log.info("C kernel: products of 1-3 rows are %s (the faster way as measured; measured again every 2^18)", way)
+        self._sharing_told = True
 
     def _advance(self, batch: RecurrentBatch) -> None:
         """One character for every job of the batch, then one recurrent step (a batch of plain rows: up to
@@ -657,15 +660,6 @@ class _Prefill:
         self.last = next(self._chunks)
         self._left -= 1
         return self._left == 0
-
-
-def _sharing_choice(lib: Any) -> str | None:
-    """The kernel's choice for products of 1-3 rows, once it has measured both ways (lstm_step.c, run_shared)."""
-    choice = lib.charrnn_small_products_shared()
-    if choice < 0:
-        return None
-    way = "shared with the kernel's helper threads" if choice else "computed by the calling thread alone"
-    return f"products of 1-3 rows are {way} (the faster way as measured; measured again every 2^18 of them)"
 
 
 def _steps_per_call(samples: list[Sample]) -> int:

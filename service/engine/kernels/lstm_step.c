@@ -819,6 +819,17 @@ static void matmul_bf16(const Net *net, int n, int K, int N, const float *x, int
 #define QROWS 8    /* rows per unit */
 #define XQ_BYTES 1 /* per input in xq */
 
+/* Row y's 32 columns += scale * (sums - corr), sums (a0, a1) the exact int32 sums of the inputs stored plus 128:
+   the one finish of every int8 product in this build (vpdpbusd's and the AMX tiles'), so the same bits. */
+static inline __attribute__((always_inline)) void finish32(float *y, __m512i a0, __m512i a1, const float *scale,
+                                                           const int32_t *corr) {
+    const __m512i c0 = _mm512_loadu_si512(corr), c1 = _mm512_loadu_si512(corr + 16);
+    _mm512_storeu_ps(y, _mm512_fmadd_ps(_mm512_loadu_ps(scale), _mm512_cvtepi32_ps(_mm512_sub_epi32(a0, c0)),
+                                        _mm512_loadu_ps(y)));
+    _mm512_storeu_ps(y + 16, _mm512_fmadd_ps(_mm512_loadu_ps(scale + 16), _mm512_cvtepi32_ps(_mm512_sub_epi32(a1, c1)),
+                                             _mm512_loadu_ps(y + 16)));
+}
+
 /* By vpdpbusd: the inputs stored plus 128 (unsigned bytes, 1 .. 255), qcorr taken off the sums. */
 static inline __attribute__((always_inline)) void qblock(const int R, int K4, int N, const uint8_t *xq, int ldxq,
                                                          const int8_t *panel, const float *scale,
@@ -836,14 +847,7 @@ static inline __attribute__((always_inline)) void qblock(const int R, int K4, in
             a[r][1] = _mm512_dpbusd_epi32(a[r][1], b, w1);
         }
     }
-    const __m512 s0 = _mm512_loadu_ps(scale), s1 = _mm512_loadu_ps(scale + 16);
-    const __m512i c0 = _mm512_loadu_si512(corr), c1 = _mm512_loadu_si512(corr + 16);
-    for (int r = 0; r < R; r++) {
-        float *yr = y + (size_t)r * N;
-        _mm512_storeu_ps(yr, _mm512_fmadd_ps(s0, _mm512_cvtepi32_ps(_mm512_sub_epi32(a[r][0], c0)), _mm512_loadu_ps(yr)));
-        _mm512_storeu_ps(yr + 16,
-                         _mm512_fmadd_ps(s1, _mm512_cvtepi32_ps(_mm512_sub_epi32(a[r][1], c1)), _mm512_loadu_ps(yr + 16)));
-    }
+    for (int r = 0; r < R; r++) finish32(y + (size_t)r * N, a[r][0], a[r][1], scale, corr);
 }
 
 /* Row r of x into xq: round(127 x) + 128, to nearest even (as lrintf), clamped to 1 .. 255. */
@@ -1006,10 +1010,6 @@ static void int8_tile_unit(const Shared *s, int u) {
         _tile_stored(2, sums[QTILE_ROWS / 2], 128);
         _tile_stored(3, sums[QTILE_ROWS / 2] + 16, 128);
     }
-    const float *scale = p->scale + j;
-    const int32_t *corr = p->corr + j;
-    const __m512 s0 = _mm512_loadu_ps(scale), s1 = _mm512_loadu_ps(scale + 16);
-    const __m512i c0 = _mm512_loadu_si512(corr), c1 = _mm512_loadu_si512(corr + 16);
     for (int q = 0; q < rows; q++) {
         __m512i a0 = full ? _mm512_loadu_si512(sums[q]) : _mm512_setzero_si512();
         __m512i a1 = full ? _mm512_loadu_si512(sums[q] + 16) : _mm512_setzero_si512();
@@ -1020,10 +1020,7 @@ static void int8_tile_unit(const Shared *s, int u) {
             a0 = _mm512_dpbusd_epi32(a0, b, _mm512_loadu_si512(panel + (size_t)k * 32));
             a1 = _mm512_dpbusd_epi32(a1, b, _mm512_loadu_si512(panel + (size_t)k * 32 + 64));
         }
-        float *yr = s->y + (size_t)(r + q) * N + j;
-        _mm512_storeu_ps(yr, _mm512_fmadd_ps(s0, _mm512_cvtepi32_ps(_mm512_sub_epi32(a0, c0)), _mm512_loadu_ps(yr)));
-        _mm512_storeu_ps(yr + 16,
-                         _mm512_fmadd_ps(s1, _mm512_cvtepi32_ps(_mm512_sub_epi32(a1, c1)), _mm512_loadu_ps(yr + 16)));
+        finish32(s->y + (size_t)(r + q) * N + j, a0, a1, p->scale + j, p->corr + j);
     }
 }
 #endif
