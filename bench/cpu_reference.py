@@ -1,7 +1,7 @@
 """The service and the engine against what torch itself does with this CPU's arithmetic (issue 29's figures).
 
     python bench/cpu_reference.py [--clients 1 8 32 128] [--seconds 6] [--chars 200] [--threads 2]
-                                  [--skip-service] [--skip-loss] [--build NAME]
+                                  [--workers N] [--skip-service] [--skip-loss] [--build NAME]
 
 Printed, every number from this run, with the shipped default model (LSTM 2 x 512, embed 64, vocab 65):
 
@@ -12,10 +12,10 @@ Printed, every number from this run, with the shipped default model (LSTM 2 x 51
                  step of the matmuls among several hundred). It leaves out the gates, the draw, Python and HTTP: a
                  ceiling an ordinary torch program does not pass.
     clients      for each number of clients: the service's characters/s (that many streaming clients
-                 of --chars characters through `charrnn serve`'s Gunicorn, 1 worker, --threads torch
-                 threads), the engine alone (that many submitters to one Engine in this process), the
-                 reference fp32 and bf16 at R = clients rows, and the ratios service / engine and
-                 service / best reference; p99 time to the first character through the service; and the
+                 of --chars characters through `charrnn serve`'s Gunicorn, its workers and threads as it
+                 chooses them, or --workers of --threads torch threads each), the engine alone (that many
+                 submitters to one Engine in this process, --threads threads), the reference fp32 and
+                 bf16 at R = clients rows, and the ratios service / engine and service / best reference; p99 time to the first character through the service; and the
                  engine's characters per second of this process's CPU time (its threads' and the
                  kernel's), which other work on the machine moves far less than wall-clock figures. Each
                  figure is the best of --repeats runs taken in turn, so that the service and the engine
@@ -140,13 +140,16 @@ def quality(model: CharRNN, vocab: object) -> list[tuple[str, float]]:
 
 
 @contextlib.contextmanager
-def serving(clients: list[int], threads: int) -> Iterator[int]:
-    """`charrnn serve`'s Gunicorn (1 worker) serving the default model, room for every client; its port."""
+def serving(clients: list[int], threads: int, workers: int) -> Iterator[int]:
+    """`charrnn serve`'s Gunicorn serving the default model, room for every client; its port. `workers` 0: the
+    workers and threads the service chooses itself (2 workers from 2 cores, the C kernels sharing the cores
+    through a board); else that many workers of `threads` torch threads each."""
+    own = {"workers": str(workers), "torch_threads": str(threads)} if workers else {"workers": "", "torch_threads": ""}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp)
         (model_dir / "shakespeare.safetensors").symlink_to(DEFAULT_MODEL)
         port = free_port()
-        server = start_gunicorn(model_dir, port, **streaming_settings(max(clients), torch_threads=str(threads)))
+        server = start_gunicorn(model_dir, port, **streaming_settings(max(clients), **own))
         try:
             yield port
         finally:
@@ -168,6 +171,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each figure, alternated; the best is kept")
     parser.add_argument("--chars", type=int, default=200, help="characters each request asks for")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (reference, engine, service worker)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="the service's Gunicorn workers, each with --threads torch threads; 0 (default): as `charrnn serve`"
+        " chooses (2 from 2 cores, the kernels sharing the cores)",
+    )
     parser.add_argument("--skip-service", action="store_true", help="no service runs (engine and reference only)")
     parser.add_argument("--skip-loss", action="store_true", help="no validation losses")
     parser.add_argument("--build", choices=sorted(lstm_kernel.VARIANTS), help="the kernel build to use")
@@ -177,11 +187,20 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.clients) < 1 or args.seconds <= 0 or min(args.chars, args.threads, args.repeats) < 1:
         parser.error("--clients, --seconds, --chars, --threads and --repeats must be positive")
+    if args.workers < 0:
+        parser.error("--workers must be 0 (the service's choice) or more")
     if args.build:
         os.environ["CHARRNN_KERNEL_BUILD"] = args.build  # this process's engine and the server's
     os.environ["CHARRNN_PRECISION"] = args.precision  # the server's
     torch.set_num_threads(args.threads)
     print_machine(args.threads)
+    if not args.skip_service:
+        shown = (
+            f"{args.workers} worker(s) of {args.threads} torch threads"
+            if args.workers
+            else "as `charrnn serve` chooses"
+        )
+        print(f"service: Gunicorn workers and threads {shown}")
     checkpoint = load_checkpoint(DEFAULT_MODEL)
     model = checkpoint.build_model().eval()
     loaded = LoadedModel("shakespeare", model, checkpoint.vocab, {}, DEFAULT_MODEL)
@@ -190,7 +209,7 @@ def main() -> None:
 
     rows = {clients: {} for clients in args.clients}
     with contextlib.ExitStack() as stack:
-        port = None if args.skip_service else stack.enter_context(serving(args.clients, args.threads))
+        port = None if args.skip_service else stack.enter_context(serving(args.clients, args.threads, args.workers))
         for clients in args.clients:
             row = rows[clients]
             # Alternated, best of --repeats: other work on the machine only ever slows a run down, and the

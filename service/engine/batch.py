@@ -17,7 +17,7 @@ import torch
 from charrnn.model.cpu import has_bf16_dot
 from charrnn.model.decoding import Sample
 from charrnn.model.network import CharRNN, state_from_tensors, state_tensors
-from charrnn.service.engine import lstm_kernel
+from charrnn.service.engine import core_board, lstm_kernel
 
 # memmove called with the GIL held (PYFUNCTYPE; ctypes.memmove lets it go). On the scheduler thread every letting go
 # of the GIL is a wait to get it back while the request threads run: under 32 streams, each cost ~0.5 ms and the
@@ -262,7 +262,7 @@ class NativeLSTMBatch(FastLSTMBatch):
             net.panels[layer] = 0 if panels is None else panels.data_ptr()
         # bfloat16 arithmetic: every recurrent layer's weights rounded to bfloat16 and paired (lstm_step.h)
         self.bf16 = bf16
-        lib.charrnn_set_threads(torch.get_num_threads())  # threads share its products, as many as torch's here
+        core_board.set_threads(lib)  # threads share its products: torch's, or a server worker's share of the cores
         self.bpanels = [_bf16_panels(w) for w in self.weights] if bf16 else []
         self.xb = torch.zeros(capacity, 2 * model.config.hidden, dtype=torch.bfloat16) if bf16 else None
         for layer, panels in enumerate(self.bpanels):

@@ -599,6 +599,9 @@ KERNEL_FUNCTIONS = (
     "charrnn_small_products_shared",
     "charrnn_small_trials",
     "charrnn_set_small_retrial",
+    "charrnn_join_board",
+    "charrnn_board_share",
+    "charrnn_board_idle",
 )
 
 
@@ -653,4 +656,10 @@ def _bind(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL:
     lib.charrnn_small_trials.restype = ctypes.c_int
     lib.charrnn_set_small_retrial.argtypes = [ctypes.c_long]
     lib.charrnn_set_small_retrial.restype = ctypes.c_long
+    lib.charrnn_join_board.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    lib.charrnn_join_board.restype = ctypes.c_int
+    lib.charrnn_board_share.argtypes = []
+    lib.charrnn_board_share.restype = ctypes.c_int
+    lib.charrnn_board_idle.argtypes = []
+    lib.charrnn_board_idle.restype = None
     return lib

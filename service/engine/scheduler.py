@@ -41,7 +41,7 @@ from charrnn.model.decoding import Decoder, Sample, SamplingParams, Token, check
 from charrnn.model.generation import PREFILL_CHUNK, prefill_chunks, start_ids
 from charrnn.model.network import CharRNN, state_tensors
 from charrnn.service.config import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PROMPT_CACHE_BYTES, KERNEL_PRECISIONS
-from charrnn.service.engine import lstm_kernel
+from charrnn.service.engine import core_board, lstm_kernel
 from charrnn.service.engine.batch import (
     NativeLSTMBatch,
     RecurrentBatch,
@@ -452,6 +452,7 @@ class Engine:
                 admitted = [self._queue.popleft() for _ in range(min(free, len(self._queue)))]
                 if admitted or self._active or self._models_replaced:
                     return admitted
+                core_board.idle()  # a server's other workers may step on this one's cores meanwhile
                 self._wake.wait(self._next_queue_deadline())
 
     def _sweep_queue(self) -> None:

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from charrnn.service.config import ConfigError, describe, load_config, variable
+from charrnn.service.engine import core_board
 from charrnn.service.reload_signal import make_signal_file, raise_signal
 from charrnn.service.web import drain, warm_start
 from charrnn.service.web.logs import logging_config
@@ -118,6 +119,11 @@ if _own_reload_signal:
     os.environ[variable("reload_signal_file")] = str(make_signal_file(worker_tmp_dir))
 _reload_signal = os.environ[variable("reload_signal_file")]
 
+# The workers' C kernels share the cores (service/engine/core_board.py): each may step on all of them, and
+# shares its products with fewer helpers while others step too. A board in memory, made here, in the master;
+# not where CHARRNN_TORCH_THREADS is set (then each worker's kernel uses that many threads, as torch does).
+_core_board = core_board.make_board(worker_tmp_dir) if workers > 1 and settings.torch_threads is None else None
+
 # Shown by ps/top.
 proc_name = "charrnn"
 
@@ -190,13 +196,15 @@ def when_ready(server):
 
 
 def on_exit(server):
-    """In the master, at the very end: remove the drain marker, and the metrics and reload-signal directories
-    if this file made them."""
+    """In the master, at the very end: remove the drain marker, the core board, and the metrics and
+    reload-signal directories if this file made them."""
     drain.remove(_drain_file)
     if _own_metrics_dir:
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
     if _own_reload_signal:
         shutil.rmtree(os.path.dirname(_reload_signal), ignore_errors=True)
+    if _core_board is not None:
+        _core_board.unlink(missing_ok=True)
 
 
 def child_exit(server, worker):
@@ -213,7 +221,16 @@ def post_fork(server, worker):
 
     threads = settings.torch_threads or _torch_threads()
     torch.set_num_threads(threads)
-    server.log.info("worker %s: torch uses %d threads", worker.pid, threads)
+    if _core_board is None:
+        server.log.info("worker %s: torch uses %d threads", worker.pid, threads)
+    else:
+        core_board.share_cores(_core_board, _cores())
+        server.log.info(
+            "worker %s: torch uses %d threads, the C kernel up to %d (the cores, shared with the other workers)",
+            worker.pid,
+            threads,
+            _cores(),
+        )
 
 
 def post_worker_init(worker):

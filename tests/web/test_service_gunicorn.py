@@ -235,6 +235,38 @@ def test_with_two_workers_metrics_add_up_over_both(start_server: Callable[..., G
     assert server.stop() == 0
 
 
+def test_two_workers_share_the_cores_through_a_board_the_master_removes(
+    start_server: Callable[..., GunicornServer],
+) -> None:
+    # Torch's threads left to the service (the tests' servers otherwise pin them to one): each worker's C
+    # kernel may use every core, and shares them with the other worker through a board in memory.
+    server = start_server(CHARRNN_WORKERS="2", CHARRNN_TORCH_THREADS="")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    api = Client(server.url)
+    with ThreadPoolExecutor(4) as pool:
+        texts = list(
+            pool.map(lambda seed: api.generate("the", max_new_chars=40, seed=seed)["choices"][0]["text"], range(8))
+        )
+    assert all(len(text) == 40 for text in texts)
+    forked = wait_until(
+        lambda: (
+            (lines := [line for line in server.log().splitlines() if "the C kernel up to" in line])
+            and len(lines) == 2
+            and lines
+        ),
+        30,
+        server.log,
+    )
+    assert all(f"the C kernel up to {cores} (the cores, shared with the other workers)" in line for line in forked)
+    joined = wait_until(
+        lambda: [line for line in server.log().splitlines() if "sharing the cores with" in line], 30, server.log
+    )
+    board = Path(joined[0].rsplit("(", 1)[1].rstrip(")"))
+    assert board.is_file() and board.stat().st_size == 4096
+    assert server.stop() == 0
+    assert not board.exists()
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker through /proc (Linux)")
 def test_a_stream_cut_off_by_a_dying_server_is_a_client_error(start_server: Callable[..., GunicornServer]) -> None:
     server = start_server(CHARRNN_MAX_NEW_CHARS="1000000")  # far more than the socket buffers hold

@@ -12,12 +12,17 @@
 #endif
 #include "lstm_step.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <pthread.h>
+#include <signal.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <string.h>
 #include <time.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #if defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
@@ -286,6 +291,7 @@ struct Shared {
     const void *W, *panels;
     float *y;
     float *h; /* the gates' units (step_gates): x the gates, y the cells, h the new h (row stride ldx) */
+    int most; /* helpers that may attach (run_shared sets it: the core board's share) */
 };
 
 static void shared_work(Shared *job) {
@@ -357,6 +363,7 @@ static void *helper_main(void *unused) {
             pthread_cond_wait(&pool.wake, &pool.lock);
         seen = atomic_load_explicit(&pool.generation, memory_order_relaxed);
         Shared *job = pool.job;
+        if (job && atomic_load_explicit(&job->attached, memory_order_relaxed) >= job->most) job = NULL;
         if (job) atomic_fetch_add_explicit(&job->attached, 1, memory_order_relaxed);
         pthread_mutex_unlock(&pool.lock);
         if (!job) continue;
@@ -498,12 +505,81 @@ static void small_after_fork(void) {
     atomic_store_explicit(&small.since, 0, memory_order_relaxed);
 }
 
+/* The core board: the workers of one service (Gunicorn's processes, each with its own kernel and helpers)
+   share the machine's cores. Each worker may use all of them (one stream alone then steps on every core),
+   but where several are stepping at once, helpers beyond their share only take cores from the others' own
+   threads: a helper the OS puts aside in the middle of a unit holds up its caller until it runs again (at
+   32 streams over 2 workers of 2 threads on 2 cores: 47-48k characters/s, against 54k with 1 thread each).
+   So each worker stamps its slot of a board in shared memory at every step, and a worker shares its products
+   with cores / (workers that stepped in the last BOARD_BUSY_NS) - 1 helpers at most; a worker whose engine
+   has nothing left to step clears its stamp (charrnn_board_idle), so that one stream whose requests go to
+   one worker and then another is not taken for two. The board is a file the server's master made
+   (charrnn_join_board); without one, a process uses every helper it has. */
+#define BOARD_SLOTS 64
+#define BOARD_BUSY_NS 50e6
+typedef struct {
+    atomic_llong stamp; /* CLOCK_MONOTONIC ns of its last step; 0: idle */
+    atomic_int pid;     /* the worker's, 0 when free; a dead worker's slot is taken again */
+    char pad[64 - sizeof(atomic_llong) - sizeof(atomic_int)]; /* a cache line each: stamps do not collide */
+} BoardSlot;
+_Static_assert(sizeof(BoardSlot) == 64, "a board slot is one cache line (core_board.BOARD_BYTES)");
+static struct {
+    BoardSlot *slot;
+    int mine, cores;
+    atomic_int owner; /* the pid that joined; a forked child does not use its parent's slot */
+} board = {NULL, -1, 0, 0};
+static _Thread_local int step_helpers = 1 << 30; /* this step's share (board_share), read by run_shared */
+
+/* Whether `pid` is gone (its slot may be taken). */
+static int board_dead(int pid) { return pid != getpid() && kill(pid, 0) != 0 && errno == ESRCH; }
+
+static int join_board(const char *path, int cores) {
+    const int fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0) return -1;
+    struct stat info;
+    void *map = MAP_FAILED;
+    if (fstat(fd, &info) == 0 && info.st_size >= (off_t)(BOARD_SLOTS * sizeof(BoardSlot)))
+        map = mmap(NULL, BOARD_SLOTS * sizeof(BoardSlot), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (map == MAP_FAILED) return -1;
+    BoardSlot *slot = map;
+    const int me = getpid();
+    for (int i = 0; i < BOARD_SLOTS; i++) {
+        int seen = atomic_load_explicit(&slot[i].pid, memory_order_relaxed);
+        if ((seen == 0 || seen == me || board_dead(seen))
+            && atomic_compare_exchange_strong_explicit(&slot[i].pid, &seen, me, memory_order_acq_rel,
+                                                       memory_order_relaxed)) {
+            atomic_store_explicit(&slot[i].stamp, 0, memory_order_relaxed);
+            if (board.slot) munmap(board.slot, BOARD_SLOTS * sizeof(BoardSlot));
+            board.slot = slot, board.mine = i, board.cores = cores < 1 ? 1 : cores;
+            atomic_store_explicit(&board.owner, me, memory_order_release);
+            return i;
+        }
+    }
+    munmap(map, BOARD_SLOTS * sizeof(BoardSlot));
+    return -1;
+}
+
+/* At each step: this worker's stamp, and the helpers its products may use (all, without a board). */
+static int board_share(void) {
+    if (!board.slot || atomic_load_explicit(&board.owner, memory_order_acquire) != getpid()) return 1 << 30;
+    const long long now = (long long)now_ns();
+    atomic_store_explicit(&board.slot[board.mine].stamp, now, memory_order_relaxed);
+    int stepping = 1;
+    for (int i = 0; i < BOARD_SLOTS; i++)
+        if (i != board.mine && atomic_load_explicit(&board.slot[i].pid, memory_order_relaxed) != 0
+            && now - atomic_load_explicit(&board.slot[i].stamp, memory_order_relaxed) < BOARD_BUSY_NS)
+            stepping++;
+    return board.cores / stepping - 1;
+}
+
 /* Run every unit of `job`: with the helpers from SHARE_ROWS rows, and below that as measured (`small`);
    else on this thread alone. */
 #define SHARE_ROWS 4
 static void run_shared(Shared *job) {
     const int helpers = job->units > 1 && atomic_load_explicit(&pool.helpers, memory_order_relaxed) > 0
-                        && atomic_load_explicit(&pool.owner, memory_order_relaxed) == getpid();
+                        && atomic_load_explicit(&pool.owner, memory_order_relaxed) == getpid() && step_helpers > 0;
+    job->most = step_helpers;
     const double work = (double)job->n * job->K * job->N;
     int want = job->n >= SHARE_ROWS, timing = -1;
     if (!want && helpers && work >= SMALL_WORK) {
@@ -1101,6 +1177,35 @@ long charrnn_set_small_retrial(long products) {
 #endif
 }
 
+int charrnn_join_board(const char *path, int cores) {
+#if CHARRNN_SHARE
+    pthread_mutex_lock(&pool.lock);
+    const int slot = join_board(path, cores);
+    pthread_mutex_unlock(&pool.lock);
+    return slot;
+#else
+    (void)path, (void)cores;
+    return -1;
+#endif
+}
+
+void charrnn_board_idle(void) {
+#if CHARRNN_SHARE
+    if (board.slot && atomic_load_explicit(&board.owner, memory_order_acquire) == getpid())
+        atomic_store_explicit(&board.slot[board.mine].stamp, 0, memory_order_relaxed);
+#endif
+}
+
+int charrnn_board_share(void) {
+#if CHARRNN_SHARE
+    const int share = board_share();
+    const int helpers = atomic_load_explicit(&pool.helpers, memory_order_relaxed);
+    return share < helpers ? share : helpers;
+#else
+    return 0;
+#endif
+}
+
 int charrnn_set_threads(int threads) {
 #if CHARRNN_SHARE
     return set_threads(threads);
@@ -1277,6 +1382,9 @@ void charrnn_lstm_step(const Net *net, int n, const int64_t *ids) {
 #endif
 #if CHARRNN_AMX
     forget_tiles();
+#endif
+#if CHARRNN_SHARE
+    step_helpers = board_share();
 #endif
     const int H = net->hidden, L = net->layers, G = 4 * H, ld = L * H;
     for (int r = 0; r < n; r++) memcpy(net->gates + (size_t)r * G, net->table + (size_t)ids[r] * G, G * sizeof(float));

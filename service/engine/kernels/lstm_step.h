@@ -81,6 +81,19 @@ void charrnn_draw_step(const Net *net, int n, int steps, const float *temps, con
    the calling thread alone. */
 int charrnn_set_threads(int threads);
 
+/* Joins the core board at `path` (a file of 4 KiB, zeros at first, that every worker of one server opens):
+   from then on this process's steps share their products with at most cores / (workers on the board that
+   stepped in the last 50 ms) - 1 helpers, so that workers stepping at once do not put more threads on the
+   cores than there are (one worker alone still uses every helper). Returns this worker's slot, or -1 (no such
+   file, or the board full): then nothing changes. The portable build has no helpers and returns -1. */
+int charrnn_join_board(const char *path, int cores);
+
+/* This worker has nothing to step: the others may count on its cores (the engine calls it before it waits). */
+void charrnn_board_idle(void);
+
+/* The helpers a step would share its products with now (stamps this worker's slot, as a step does). */
+int charrnn_board_share(void);
+
 /* Whether the products of 1-3 rows (1M multiply-adds or more, in panels: bfloat16 and int8) are shared with
    the helpers: 1 yes, 0 no, -1 not decided yet. Their first 128 are timed, in runs of 16 alone and 16 shared,
    and the way faster over the shapes timed both ways is taken until 2^18 more have been, then they are timed
