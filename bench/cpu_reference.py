@@ -15,7 +15,8 @@ Printed, every number from this run, with the shipped default model (LSTM 2 x 51
                  of --chars characters through `charrnn serve`'s Gunicorn, its workers and threads as it
                  chooses them, or --workers of --threads torch threads each), the engine alone (that many
                  submitters to one Engine in this process, --threads threads), the reference fp32 and
-                 bf16 at R = clients rows, and the ratios service / engine and service / best reference; p99 time to the first character through the service; and the
+                 bf16 at R = clients rows, and the ratios service / engine and service / best reference;
+                 p99 time to the first character through the service; and the
                  engine's characters per second of this process's CPU time (its threads' and the
                  kernel's), which other work on the machine moves far less than wall-clock figures. Each
                  figure is the best of --repeats runs taken in turn, so that the service and the engine
