@@ -569,7 +569,7 @@ class Engine:
         if choice < 0:
             return
         way = "shared with the kernel's helper threads" if choice else "computed by the calling thread alone"
-        log.info("C kernel: products of 1-3 rows are %s (the faster way as measured; measured again every 2^18)", way)
+        log.info("C kernel: products of 1-3 rows are %s (the faster way as measured; measured again every 2^15)", way)
         self._sharing_told = True
 
     def _advance(self, batch: RecurrentBatch) -> None:

@@ -280,7 +280,7 @@ def test_one_row_shares_its_products_only_as_measured_and_the_bits_stay(kernels:
 
 def test_small_products_are_timed_again_after_a_while(kernels: Path, fresh: None) -> None:
     """A trial the OS spoiled must not hold for the process's life: after a number of products taken the chosen
-    way (2^18; 200 here), the kernel times both ways again and decides anew, and the bits never change."""
+    way (2^15; 200 here), the kernel times both ways again and decides anew, and the bits never change."""
     lib = lstm_kernel.chosen(directory=kernels).library
     loaded = tiny_model(hidden=512)  # layer 0's product: 512 x 2048, 1M multiply-adds a row: timed
     options = {"int8": True} if int8_capable(loaded.model, lib) else {"bf16": True}

@@ -430,7 +430,8 @@ static int set_threads(int threads) {
 #define SMALL_TRIALS 128
 #define SMALL_RUN 16
 #define SMALL_SHAPES 16
-#define SMALL_RETRIAL (1L << 18) /* ~15 s of one stream's products, a trial (128 of them) ~0.05 % of that */
+#define SMALL_RETRIAL (1L << 15) /* ~1.6 s of one stream's products; a trial (128 of them, half the slower way)
+                                    costs ~0.1 % of that (2^18, ~13 s, kept a spoiled trial past a 5 s bench run) */
 static atomic_long small_retrial = SMALL_RETRIAL; /* charrnn_set_small_retrial: the tests' */
 typedef struct {
     int n, K, N;
@@ -1156,7 +1157,7 @@ int charrnn_small_products_shared(void) {
 }
 
 /* Trials of small products decided so far in this process; and how many products are taken the chosen way
-   before the next trial (2^18; returns the setting before; the tests shorten it). */
+   before the next trial (2^15; returns the setting before; the tests shorten it). */
 int charrnn_small_trials(void) {
 #if CHARRNN_SHARE
     pthread_mutex_lock(&small.lock);

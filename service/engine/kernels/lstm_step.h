@@ -96,12 +96,12 @@ int charrnn_board_share(void);
 
 /* Whether the products of 1-3 rows (1M multiply-adds or more, in panels: bfloat16 and int8) are shared with
    the helpers: 1 yes, 0 no, -1 not decided yet. Their first 128 are timed, in runs of 16 alone and 16 shared,
-   and the way faster over the shapes timed both ways is taken until 2^18 more have been, then they are timed
+   and the way faster over the shapes timed both ways is taken until 2^15 more have been, then they are timed
    again; either way gives the same bits. */
 int charrnn_small_products_shared(void);
 
 /* How many of those trials have been decided in this process; and how many products are taken the chosen way
-   before they are timed again (2^18: returns the setting before; for the tests). */
+   before they are timed again (2^15: returns the setting before; for the tests). */
 int charrnn_small_trials(void);
 long charrnn_set_small_retrial(long products);
 
