@@ -80,7 +80,9 @@ def run_gunicorn_conf(monkeypatch: pytest.MonkeyPatch, **env: str) -> dict[str, 
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    return runpy.run_module(GUNICORN_CONF)
+    conf = runpy.run_module(GUNICORN_CONF)
+    conf["on_exit"](None)  # what it made for its workers (in /dev/shm), gone as after a server's stop
+    return conf
 
 
 def test_gunicorn_takes_its_settings_from_the_settings_object(monkeypatch: pytest.MonkeyPatch) -> None:
