@@ -602,6 +602,7 @@ KERNEL_FUNCTIONS = (
     "charrnn_join_board",
     "charrnn_board_share",
     "charrnn_board_idle",
+    "charrnn_helper_products",
 )
 
 
@@ -662,4 +663,6 @@ def _bind(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL:
     lib.charrnn_board_share.restype = ctypes.c_int
     lib.charrnn_board_idle.argtypes = []
     lib.charrnn_board_idle.restype = None
+    lib.charrnn_helper_products.argtypes = [ctypes.c_int]
+    lib.charrnn_helper_products.restype = ctypes.c_long
     return lib

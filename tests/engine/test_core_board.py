@@ -7,6 +7,7 @@ child process of their own; the checks in the child are plain asserts, its outpu
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -67,6 +68,8 @@ def test_a_worker_shares_with_fewer_helpers_while_another_worker_steps(sharing_b
         assert lib.charrnn_set_threads(2) == 2
         assert lib.charrnn_board_share() == 1  # no board: every helper
 
+        assert lib.charrnn_join_board(str(Path(sys.argv[1]) / "missing").encode(), 2) == -1
+        assert lib.charrnn_board_share() == 1  # still no board
         path = core_board.make_board(sys.argv[1])
         assert path.stat().st_size == core_board.BOARD_BYTES
         board = open_board(path)
@@ -84,12 +87,61 @@ def test_a_worker_shares_with_fewer_helpers_while_another_worker_steps(sharing_b
         put(board, 5, other, 0)
         assert lib.charrnn_board_share() == 1  # idle
         put(board, 5, other, time.monotonic_ns())
-        assert lib.charrnn_join_board(str(path).encode(), 4) == 0  # joined again: the same slot, 4 cores
+        assert lib.charrnn_join_board(str(path).encode(), 4) == 0  # joined again: the same slot, now 4 cores
         assert lib.charrnn_board_share() == 1  # 4 cores for 2 workers: one helper each (it has only one)
 
         lib.charrnn_board_idle()
         assert slot(board, 0)[1] == 0
-        assert lib.charrnn_join_board(str(Path(sys.argv[1]) / "missing").encode(), 2) == -1
+        print("ok")
+        """,
+        tmp_path,
+    )
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a helper needs a core of its own to join in")
+def test_a_crowded_board_keeps_the_helpers_out_of_a_step_and_the_bits_stay(sharing_build: str, tmp_path: Path) -> None:
+    run_child(
+        f"""
+        import sys
+        from pathlib import Path
+        import torch
+        from charrnn.service.engine import core_board, lstm_kernel
+        from charrnn.service.engine.batch import NativeLSTMBatch
+        from tests.helpers import tiny_model
+
+        torch.set_num_threads(2)
+        lib = lstm_kernel.open_kernel("{sharing_build}", Path(sys.argv[1]) / "kernels")
+        path = core_board.make_board(sys.argv[1])
+        board = open_board(path)
+        assert lib.charrnn_join_board(str(path).encode(), 2) == 0
+        model = tiny_model(hidden=512).model  # products long enough for the helper to join in
+        rows = 32  # shared products (4 rows and more), the gates too (16 and more)
+        ids = [(3 * row) % model.config.vocab_size for row in range(rows)]
+
+        def stepped(crowded):
+            batch = NativeLSTMBatch(model, rows, lib)
+            zeros = torch.zeros(model.config.layers, 1, model.config.hidden)
+            for row in range(rows):
+                batch.add(row, torch.zeros(model.config.vocab_size), (zeros, zeros))
+            before = [lib.charrnn_helper_products(helper) for helper in range(2)]
+            for _ in range(40):
+                put(board, 3, os.getppid(), time.monotonic_ns() if crowded else 0)  # another worker steps, or not
+                batch.step(ids)
+            return batch.logits[:rows].clone(), [lib.charrnn_helper_products(h) - b for h, b in enumerate(before)]
+
+        alone, helped = stepped(crowded=False)
+        crowded, kept_out = stepped(crowded=True)
+        assert helped[0] > 0, helped  # the helper takes part while the other worker is idle
+        assert kept_out == [0, 0], kept_out  # and not while it steps
+        assert torch.equal(alone, crowded)  # the same bits either way
+
+        # 4 cores, 2 helpers, 2 workers stepping: one helper each, the first; alone, both.
+        assert lib.charrnn_set_threads(3) == 3 and lib.charrnn_join_board(str(path).encode(), 4) == 0
+        both, two_helpers = stepped(crowded=False)
+        halved, one_helper = stepped(crowded=True)
+        assert two_helpers[0] > 0, two_helpers
+        assert one_helper[0] > 0 and one_helper[1] == 0, one_helper
+        assert torch.equal(alone, both) and torch.equal(alone, halved)
         print("ok")
         """,
         tmp_path,

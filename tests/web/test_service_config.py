@@ -112,6 +112,16 @@ def test_a_new_worker_gets_its_torch_threads(monkeypatch: pytest.MonkeyPatch) ->
     assert [args[1:] for args in logged] == [(123, want)]
 
 
+def test_a_core_board_is_made_for_several_workers_unless_torch_threads_are_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made = run_gunicorn_conf(monkeypatch, CHARRNN_WORKERS="2")["_core_board"]
+    assert made is not None and made.name.startswith("charrnn-cores-")
+    assert not made.exists()  # on_exit removed it (run_gunicorn_conf runs it, as a server's stop does)
+    assert run_gunicorn_conf(monkeypatch, CHARRNN_WORKERS="1")["_core_board"] is None
+    assert run_gunicorn_conf(monkeypatch, CHARRNN_WORKERS="2", CHARRNN_TORCH_THREADS="1")["_core_board"] is None
+
+
 def test_a_worker_settles_its_garbage_collector_once_its_app_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
     conf = run_gunicorn_conf(monkeypatch)
     calls: list[None] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -19,6 +20,7 @@ from charrnn.model.checkpoint import load_checkpoint
 from charrnn.model.decoding import SamplingParams
 from charrnn.model.generation import generate
 from charrnn.service.client import Client, ClientError
+from charrnn.service.engine import lstm_kernel
 from charrnn.service.engine.thread_names import ENGINE_THREAD, REQUEST_THREAD
 from tests.helpers import free_port, log_shows, start_gunicorn, wait_until
 
@@ -235,6 +237,10 @@ def test_with_two_workers_metrics_add_up_over_both(start_server: Callable[..., G
     assert server.stop() == 0
 
 
+@pytest.mark.skipif(
+    shutil.which("cc") is None or lstm_kernel.cpu_variants()[0] == "portable",
+    reason="no C kernel with helper threads here (no compiler, or the portable build)",
+)
 def test_two_workers_share_the_cores_through_a_board_the_master_removes(
     start_server: Callable[..., GunicornServer],
 ) -> None:

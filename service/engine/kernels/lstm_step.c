@@ -353,18 +353,29 @@ static void name_helper(pthread_t thread) {
 #endif
 }
 
-static void *helper_main(void *unused) {
-    (void)unused;
+#define COUNTED_HELPERS 64
+static atomic_long helper_products[COUNTED_HELPERS]; /* products each helper took part in (the tests') */
+
+/* Helper `index` (0, 1, ...) takes part in a product only if index < its `most` (the core board's share), and
+   one left out sleeps until the next product instead of watching: it would only take a core from the other
+   workers' threads. */
+static void *helper_main(void *arg) {
+    const int index = (int)(intptr_t)arg;
     unsigned long seen = 0;
+    int left_out = 0;
     for (;;) {
-        watch(&pool.generation, seen);
+        if (!left_out) watch(&pool.generation, seen);
         pthread_mutex_lock(&pool.lock);
         while (atomic_load_explicit(&pool.generation, memory_order_relaxed) == seen)
             pthread_cond_wait(&pool.wake, &pool.lock);
         seen = atomic_load_explicit(&pool.generation, memory_order_relaxed);
         Shared *job = pool.job;
-        if (job && atomic_load_explicit(&job->attached, memory_order_relaxed) >= job->most) job = NULL;
-        if (job) atomic_fetch_add_explicit(&job->attached, 1, memory_order_relaxed);
+        left_out = job && index >= job->most;
+        if (left_out) job = NULL;
+        if (job) {
+            atomic_fetch_add_explicit(&job->attached, 1, memory_order_relaxed);
+            if (index < COUNTED_HELPERS) atomic_fetch_add_explicit(&helper_products[index], 1, memory_order_relaxed);
+        }
         pthread_mutex_unlock(&pool.lock);
         if (!job) continue;
         shared_work(job);
@@ -404,7 +415,7 @@ static int set_threads(int threads) {
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        const int failed = pthread_create(&thread, &attr, helper_main, NULL);
+        const int failed = pthread_create(&thread, &attr, helper_main, (void *)(intptr_t)helpers);
         pthread_attr_destroy(&attr);
         if (failed) break;
         name_helper(thread);
@@ -525,8 +536,9 @@ typedef struct {
 } BoardSlot;
 _Static_assert(sizeof(BoardSlot) == 64, "a board slot is one cache line (core_board.BOARD_BYTES)");
 static struct {
-    BoardSlot *slot;
-    int mine, cores;
+    BoardSlot *slot; /* set once, before owner (a process joins once: a later join changes only cores) */
+    int mine;
+    atomic_int cores;
     atomic_int owner; /* the pid that joined; a forked child does not use its parent's slot */
 } board = {NULL, -1, 0, 0};
 static _Thread_local int step_helpers = 1 << 30; /* this step's share (board_share), read by run_shared */
@@ -535,6 +547,11 @@ static _Thread_local int step_helpers = 1 << 30; /* this step's share (board_sha
 static int board_dead(int pid) { return pid != getpid() && kill(pid, 0) != 0 && errno == ESRCH; }
 
 static int join_board(const char *path, int cores) {
+    const int me = getpid();
+    if (atomic_load_explicit(&board.owner, memory_order_acquire) == me) { /* joined already: the same slot */
+        atomic_store_explicit(&board.cores, cores < 1 ? 1 : cores, memory_order_relaxed);
+        return board.mine;
+    }
     const int fd = open(path, O_RDWR | O_CLOEXEC);
     if (fd < 0) return -1;
     struct stat info;
@@ -544,15 +561,14 @@ static int join_board(const char *path, int cores) {
     close(fd);
     if (map == MAP_FAILED) return -1;
     BoardSlot *slot = map;
-    const int me = getpid();
     for (int i = 0; i < BOARD_SLOTS; i++) {
         int seen = atomic_load_explicit(&slot[i].pid, memory_order_relaxed);
         if ((seen == 0 || seen == me || board_dead(seen))
             && atomic_compare_exchange_strong_explicit(&slot[i].pid, &seen, me, memory_order_acq_rel,
                                                        memory_order_relaxed)) {
             atomic_store_explicit(&slot[i].stamp, 0, memory_order_relaxed);
-            if (board.slot) munmap(board.slot, BOARD_SLOTS * sizeof(BoardSlot));
-            board.slot = slot, board.mine = i, board.cores = cores < 1 ? 1 : cores;
+            board.slot = slot, board.mine = i; /* a forked child's join leaves its parent's mapping, unused */
+            atomic_store_explicit(&board.cores, cores < 1 ? 1 : cores, memory_order_relaxed);
             atomic_store_explicit(&board.owner, me, memory_order_release);
             return i;
         }
@@ -563,7 +579,7 @@ static int join_board(const char *path, int cores) {
 
 /* At each step: this worker's stamp, and the helpers its products may use (all, without a board). */
 static int board_share(void) {
-    if (!board.slot || atomic_load_explicit(&board.owner, memory_order_acquire) != getpid()) return 1 << 30;
+    if (atomic_load_explicit(&board.owner, memory_order_acquire) != getpid()) return 1 << 30;
     const long long now = (long long)now_ns();
     atomic_store_explicit(&board.slot[board.mine].stamp, now, memory_order_relaxed);
     int stepping = 1;
@@ -571,7 +587,7 @@ static int board_share(void) {
         if (i != board.mine && atomic_load_explicit(&board.slot[i].pid, memory_order_relaxed) != 0
             && now - atomic_load_explicit(&board.slot[i].stamp, memory_order_relaxed) < BOARD_BUSY_NS)
             stepping++;
-    return board.cores / stepping - 1;
+    return atomic_load_explicit(&board.cores, memory_order_relaxed) / stepping - 1;
 }
 
 /* Run every unit of `job`: with the helpers from SHARE_ROWS rows, and below that as measured (`small`);
@@ -1192,8 +1208,18 @@ int charrnn_join_board(const char *path, int cores) {
 
 void charrnn_board_idle(void) {
 #if CHARRNN_SHARE
-    if (board.slot && atomic_load_explicit(&board.owner, memory_order_acquire) == getpid())
+    if (atomic_load_explicit(&board.owner, memory_order_acquire) == getpid())
         atomic_store_explicit(&board.slot[board.mine].stamp, 0, memory_order_relaxed);
+#endif
+}
+
+long charrnn_helper_products(int helper) {
+#if CHARRNN_SHARE
+    return helper >= 0 && helper < COUNTED_HELPERS ? atomic_load_explicit(&helper_products[helper], memory_order_relaxed)
+                                                   : 0;
+#else
+    (void)helper;
+    return 0;
 #endif
 }
 

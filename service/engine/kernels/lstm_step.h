@@ -85,11 +85,15 @@ int charrnn_set_threads(int threads);
    from then on this process's steps share their products with at most cores / (workers on the board that
    stepped in the last 50 ms) - 1 helpers, so that workers stepping at once do not put more threads on the
    cores than there are (one worker alone still uses every helper). Returns this worker's slot, or -1 (no such
-   file, or the board full): then nothing changes. The portable build has no helpers and returns -1. */
+   file, or the board full): then nothing changes. A process joins once: a later call changes only `cores`
+   (and returns the same slot). The portable build has no helpers and returns -1. */
 int charrnn_join_board(const char *path, int cores);
 
 /* This worker has nothing to step: the others may count on its cores (the engine calls it before it waits). */
 void charrnn_board_idle(void);
+
+/* How many products helper `helper` (0 for the first started) has taken part in (for the tests). */
+long charrnn_helper_products(int helper);
 
 /* The helpers a step would share its products with now (stamps this worker's slot, as a step does). */
 int charrnn_board_share(void);
