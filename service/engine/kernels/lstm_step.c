@@ -208,15 +208,23 @@ static __attribute__((noinline)) void stream_f(int n, int K, int N, const float 
     rows_stream(n, K, N, x, ldx, W, 0, y);
 }
 
-/* One row, columns from .. N - 1, one at a time (the same fold, by fmaf). */
-static inline void tail_columns(int K, int N, const float *x, const void *W, int half, float *y, int from) {
+/* Four rows (x and y at row strides ldx and N), columns from .. N - 1 (the head's 65th), one at a time:
+   the same fold by fmaf, the four rows' chains interleaved. One row's chain of K dependent fmaf waits on
+   each one's latency (one row at a time, this column cost as much as the 64 before it in 4 x 16 blocks);
+   four independent chains keep the FMA units busy. */
+static inline void tail_columns4(int K, int N, const float *x, int ldx, const void *W, int half, float *y, int from) {
+    const float *x0 = x, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
     for (int c = from; c < N; c++) {
-        float acc = y[c];
+        float a0 = y[c], a1 = y[N + c], a2 = y[2 * (size_t)N + c], a3 = y[3 * (size_t)N + c];
         for (int k = 0; k < K; k++) {
             const size_t at = (size_t)k * N + c;
-            acc = fmaf(x[k], half ? half_to_float(((const uint16_t *)W)[at]) : ((const float *)W)[at], acc);
+            const float w = half ? half_to_float(((const uint16_t *)W)[at]) : ((const float *)W)[at];
+            a0 = fmaf(x0[k], w, a0);
+            a1 = fmaf(x1[k], w, a1);
+            a2 = fmaf(x2[k], w, a2);
+            a3 = fmaf(x3[k], w, a3);
         }
-        y[c] = acc;
+        y[c] = a0, y[N + c] = a1, y[2 * (size_t)N + c] = a2, y[3 * (size_t)N + c] = a3;
     }
 }
 
@@ -654,7 +662,7 @@ static inline __attribute__((always_inline)) void f32_unit(const Shared *s, int 
         block4x16(s->K, s->N, x, s->ldx, s->W, s->panels, half, y, 16 * p);
         return;
     }
-    for (int i = 0; i < 4; i++) tail_columns(s->K, s->N, x + (size_t)i * s->ldx, s->W, half, y + (size_t)i * s->N, 16 * p);
+    tail_columns4(s->K, s->N, x, s->ldx, s->W, half, y, 16 * p);
 }
 
 static void f32_unit_h(const Shared *s, int u) { f32_unit(s, u, 1); }
